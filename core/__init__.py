@@ -1,0 +1,1 @@
+"""Find, record and steer concepts in text-to-image diffusion models with sparse autoencoders."""

@@ -1,0 +1,184 @@
+"""The training CLI end to end on the tiny preset, in subprocesses as a user runs it."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.sae import SAEBank
+
+ROOT = Path(__file__).resolve().parents[1]
+MID = "mid_block.attentions.0"
+PROMPTS = ["a red cat", "a blue car", "a dog", "a green tree", "a boat", "a bird",
+           "a white horse", "a cup"]  # fmt: skip
+SMALL = ["--steps", "4", "--t", "1.0", "0.0", "--gen-batch", "2", "--batch-size", "32",
+         "--buffer-size", "64", "--num-latents", "128", "-k", "4", "--lr", "1e-3"]  # fmt: skip
+
+
+def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.train")):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, *launcher, *args]
+    if not wait:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    return subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, prompt_file) -> Path:
+    """An uninterrupted run, the reference for the others."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return {
+        f"{path.parent.relative_to(out)}/{name}": tensor
+        for path in sorted(out.glob("saes/**/sae.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
+def test_cli_trains_one_sae_per_block_t_and_branch(finished):
+    bank = SAEBank.from_pretrained(finished / "saes")
+    assert len(bank) == 3 * 2
+    sae = bank.get(MID, 0.9)
+    assert (sae.cfg.block, sae.cfg.t, sae.cfg.branch) == (MID, 1.0, "cond")
+    assert sae.cfg.model == "tiny" and sae.cfg.num_latents == 128 and sae.cfg.k == 4
+    assert sae.cfg.metrics["num_steps"] > 0
+    assert 0 < sae.cfg.metrics["explained_variance"] <= 1
+    # 8 prompts x 2x2 positions of the mid block = 32 rows at each t, all trained on.
+    assert sae.stats.num_samples == 32
+    assert (finished / "metrics.json").is_file()
+
+
+def test_help_describes_the_paper_defaults():
+    done = cli("--help")
+    assert done.returncode == 0
+    assert "--k-aux" in done.stdout and "default: 256" in done.stdout
+
+
+def run_until_checkpoint(prompt_file: Path, out: Path, sig: int) -> subprocess.Popen:
+    process = cli(
+        "--prompts", str(prompt_file), "--out", str(out), *SMALL, "--save-every", "1", wait=False
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "latest").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    tmp_path, prompt_file, finished, sig
+):
+    out = tmp_path / "run"
+    process = run_until_checkpoint(prompt_file, out, sig)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130
+        assert "--resume" in process.stdout.read()
+    assert not (out / "saes").exists()
+    resumed = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"resuming after round [1-9]", resumed.stderr)
+    expected, got = weights(finished), weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_refuses_changed_settings(tmp_path, prompt_file):
+    out = tmp_path / "run"
+    run_until_checkpoint(prompt_file, out, signal.SIGKILL)
+    changed = [a if a != "128" else "256" for a in SMALL]
+    done = cli("--prompts", str(prompt_file), "--out", str(out), *changed, "--resume")
+    assert done.returncode != 0
+    assert "--num-latents" in done.stderr and "cannot resume" in done.stderr
+
+
+def test_training_from_shards(tmp_path, prompt_file, finished):
+    shards = tmp_path / "shards"
+    first = cli(
+        "--prompts",
+        str(prompt_file),
+        "--out",
+        str(tmp_path / "a"),
+        *SMALL,
+        "--write-shards",
+        str(shards),
+    )
+    assert first.returncode == 0, first.stderr
+    again = cli("--from-shards", str(shards), "--out", str(tmp_path / "b"), *SMALL)
+    assert again.returncode == 0, again.stderr
+    a = SAEBank.from_pretrained(tmp_path / "a" / "saes")
+    b = SAEBank.from_pretrained(tmp_path / "b" / "saes")
+    for key in a:
+        assert a[key].stats.num_samples == b[key].stats.num_samples
+        assert a[key].cfg.metrics["num_steps"] == b[key].cfg.metrics["num_steps"]
+
+
+def test_two_processes_under_accelerate(tmp_path, prompt_file, finished):
+    launcher = ("-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m", "core.train")  # fmt: skip
+    done = cli(
+        "--prompts", str(prompt_file), "--out", str(tmp_path / "ddp"), *SMALL, launcher=launcher
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    parallel = SAEBank.from_pretrained(tmp_path / "ddp" / "saes")
+    alone = SAEBank.from_pretrained(finished / "saes")
+    assert parallel.keys() == alone.keys()
+    for key in alone:
+        # Each process generated half the prompts; together they saw every row once.
+        assert parallel[key].stats.num_samples == alone[key].stats.num_samples
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blocks", "mid_block.attention.0"], "valid ones are: down_blocks.0.attentions.0"),
+        (["--prompts", "EMPTY"], "has no prompts; write one prompt per line"),
+        (["--prompts", "MISSING"], "does not exist"),
+    ],
+)
+def test_bad_input_gets_one_clear_message(tmp_path, prompt_file, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    args = [{"EMPTY": str(empty), "MISSING": str(tmp_path / "nope.txt")}.get(a, a) for a in args]
+    if "--prompts" not in args:
+        args = ["--prompts", str(prompt_file), *args]
+    done = cli(*args, "--out", str(tmp_path / "out"), *SMALL)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, prompt_file, finished):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = weights(out)
+    done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL)
+    assert done.returncode != 0 and "--resume" in done.stderr and "--overwrite" in done.stderr
+    assert weights(out).keys() == before.keys()
