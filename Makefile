@@ -17,7 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m core.train --preset tiny --prompts assets/prompts/tiny.txt --out runs/tiny-demo --overwrite
+	$(PY) -m core.train --preset tiny --prompts assets/prompts/tiny.txt --out runs/tiny-demo \
+		--overwrite --batch-size 64 --buffer-size 256 --lr 1e-3
 
 test: $(STAMP)
 	$(PY) -m ruff check .

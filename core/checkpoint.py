@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 
 from accelerate import PartialState
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from core.distributed import average_gradients
-from core.sae import SAEKey, bank_subfolder
+from core.sae import SAEKey, bank_subfolder, read_safetensors
 from core.sae_training import SAETrainer
 
 
@@ -78,6 +78,6 @@ class Checkpointer:
             run.trainers[key] = SAETrainer.from_checkpoint(folder, device=self.state.device)
             run.trainers[key].grad_sync = average_gradients
         for key in map(lambda k: SAEKey(*k), saved["buffered"]):
-            tensors = load_file(str(mine / bank_subfolder(key) / "buffer.safetensors"))
+            tensors = read_safetensors(mine / bank_subfolder(key) / "buffer.safetensors")
             run.buffer(key, tensors["rows"].shape[1]).load_state_dict(tensors)
         run.next_round = saved["next_round"]

@@ -14,7 +14,8 @@ import json
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -258,13 +259,23 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.set)
 
     def set(self, signum, frame) -> None:
-        if self.raised:  # asked twice: stop now, keeping the last checkpoint
+        if self.raised:
             raise KeyboardInterrupt
         self.raised = True
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """A StopFlag wired to SIGINT and SIGTERM while the block runs."""
+    flag = StopFlag()
+    previous = {sig: signal.signal(sig, flag.set) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(args: argparse.Namespace) -> SAEBank | None:
@@ -281,34 +292,14 @@ def train(args: argparse.Namespace) -> SAEBank | None:
         checkpoints.load(run)
         if state.is_main_process:
             print(f"resuming after round {run.next_round} of {source.num_rounds}", file=sys.stderr)
-    writer = ShardWriter(args.write_shards, state.process_index) if args.write_shards else None
-    stop = StopFlag()
-    bar = tqdm(
-        total=source.num_rounds,
-        initial=run.next_round,
-        desc="rounds",
-        disable=not state.is_main_process,
-    )
-    for index, rows in source.rounds(run.next_round):
-        if writer:
-            writer.write(index, rows)
-        run.add(rows)
-        run.train_ready()
-        run.next_round = index + 1
-        bar.update(1)
-        bar.set_postfix(steps=sum(t.num_steps for t in run.trainers.values()))
-        interrupted = agree_sum(int(stop.raised)) > 0
-        if interrupted or run.steps_since_save >= args.save_every:
-            checkpoints.save(run)
-        if interrupted:
-            bar.close()
+    with stop_on_signals() as stop:
+        if not train_rounds(run, source, checkpoints, stop):
             print(
-                f"interrupted: saved a checkpoint after round {index + 1}; "
+                f"interrupted: saved a checkpoint after round {run.next_round}; "
                 "run again with --resume to continue",
                 file=sys.stderr,
             )
             return None
-    bar.close()
     run.train_ready(drain=True)
     bank = run.bank()
     if state.is_main_process:
@@ -317,11 +308,42 @@ def train(args: argparse.Namespace) -> SAEBank | None:
     return bank
 
 
+def train_rounds(run: Run, source, checkpoints: Checkpointer, stop: StopFlag) -> bool:
+    """Feed every remaining round to the buffers and train; False if stopped early."""
+    args = run.args
+    writer = ShardWriter(args.write_shards, run.state.process_index) if args.write_shards else None
+    tail_start = int(0.9 * source.num_rounds)
+    with tqdm(
+        total=source.num_rounds,
+        initial=run.next_round,
+        desc="rounds",
+        disable=not run.state.is_main_process,
+    ) as bar:
+        for index, rows in source.rounds(run.next_round):
+            if index == tail_start:  # report metrics of the last 10% of the data only
+                for trainer in run.trainers.values():
+                    trainer.mean_metrics(reset=True)
+            if writer:
+                writer.write(index, rows)
+            run.add(rows)
+            run.train_ready()
+            run.next_round = index + 1
+            bar.update(1)
+            bar.set_postfix(steps=sum(t.num_steps for t in run.trainers.values()))
+            interrupted = agree_sum(int(stop.raised)) > 0
+            if interrupted or run.steps_since_save >= args.save_every:
+                checkpoints.save(run)
+            if interrupted:
+                return False
+    return True
+
+
 def save_results(args: argparse.Namespace, run: Run, bank: SAEBank) -> None:
     out = Path(args.out)
     bank.save_pretrained(out / "saes")
     metrics = run.metrics()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("metrics over the last 10% of training (nMSE = normalised MSE, EV = explained variance)")
     print(f"{'SAE':60s} {'steps':>6s} {'nMSE':>6s} {'EV':>6s} {'L0':>6s} {'dead':>6s}")
     for name, m in metrics.items():
         print(

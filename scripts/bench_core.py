@@ -1,7 +1,7 @@
 """Benchmark the core engine; prints ratios measured side by side in one run.
 
-    python scripts/bench_core.py                 # tiny preset on this machine
-    python scripts/bench_core.py --unet sd14     # full-size SD v1.4 U-Net, random weights
+    python -m scripts.bench_core                 # tiny preset on this machine
+    python -m scripts.bench_core --unet sd14     # full-size SD v1.4 U-Net, random weights
 
 (a) generation while recording the three paper blocks at every step / plain generation;
 (b) activation collection throughput / plain generation throughput, same batch size;

@@ -182,3 +182,45 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, prompt_file, fin
     done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL)
     assert done.returncode != 0 and "--resume" in done.stderr and "--overwrite" in done.stderr
     assert weights(out).keys() == before.keys()
+
+
+@pytest.mark.parametrize("damaged", ["trainer.safetensors", "buffer.safetensors"])
+def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, prompt_file, damaged):
+    out = tmp_path / "run"
+    run_until_checkpoint(prompt_file, out, signal.SIGKILL)
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    target = next(latest.rglob(damaged))
+    target.write_bytes(target.read_bytes()[:100])
+    done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume")
+    assert done.returncode != 0
+    assert "corrupt or truncated" in done.stderr and "Traceback" not in done.stderr
+    assert target.exists() and (out / "checkpoints" / "latest").exists()
+
+
+def test_push_to_hub_uploads_the_bank(tmp_path, prompt_file, monkeypatch):
+    import huggingface_hub
+
+    from core.train import parse_args, train
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["created"] = (repo_id, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=""):
+            calls["files"] = sorted(
+                p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*.json")
+            )
+            calls["path_in_repo"] = path_in_repo
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = ["--prompts", str(prompt_file), "--out", str(tmp_path / "run"), *SMALL]
+    args += ["--blocks", MID, "--push-to-hub", "someone/tiny-saes"]
+    assert train(parse_args(args)) is not None
+    assert calls["created"] == ("someone/tiny-saes", True)
+    assert calls["path_in_repo"] is None
+    assert calls["files"] == [f"{MID}/t0.00/cond/cfg.json", f"{MID}/t1.00/cond/cfg.json"]

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from core.presets import SD14_BLOCKS, STAGES, ModelNotAvailableError, get_preset, load_pipeline
+from core.tiny import build_tiny_pipeline
+from tests.conftest import seeded
+
+
+def test_sd14_preset_follows_the_paper():
+    preset = get_preset("sd14")
+    assert preset.model == "CompVis/stable-diffusion-v1-4"
+    assert (preset.steps, preset.guidance_scale, preset.scheduler) == (50, 7.5, "ddim")
+    assert preset.hook_points == SD14_BLOCKS
+    assert preset.stages == {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
+    assert preset.stages == STAGES
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="sd14, sdxl-turbo, tiny"):
+        get_preset("sd15")
+
+
+def test_a_saved_pipeline_loads_through_from_pretrained(tmp_path):
+    built = build_tiny_pipeline()
+    built.save_pretrained(tmp_path)
+    loaded = load_pipeline(get_preset("sd14", model=str(tmp_path)), device="cpu")
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    kwargs = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
+    a = built("a red cat", generator=seeded(0), **kwargs).images
+    b = loaded("a red cat", generator=seeded(0), **kwargs).images
+    assert (a == b).all()
+
+
+def test_tiny_weights_depend_only_on_the_seed():
+    torch.manual_seed(123)
+    a = build_tiny_pipeline(seed=0).unet.state_dict()
+    b = build_tiny_pipeline(seed=0).unet.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_offline_hub_model_says_what_to_do():
+    with pytest.raises(ModelNotAvailableError) as error:
+        load_pipeline(get_preset("sd14"), device="cpu")
+    message = str(error.value)
+    assert "CompVis/stable-diffusion-v1-4" in message
+    assert "internet" in message and "tiny" in message
