@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from core.hooks import StepInfo, hooked, nearest_indices
+from core.hooks import StepInfo, as_floats, hooked, nearest_indices
 from core.sae import SAEKey
 
 Round = dict[SAEKey, Tensor]
@@ -117,7 +117,7 @@ class GenerationSource:
     def _stop_after_last_target(self, pipe, step_index: int, timestep, kwargs: dict) -> dict:
         """Skip the denoising steps after the last one any key needs."""
         n_train = pipe.scheduler.config.num_train_timesteps
-        schedule = [float(ts) for ts in pipe.scheduler.timesteps]
+        schedule = as_floats(pipe.scheduler.timesteps)
         if step_index >= max(nearest_indices(schedule, self.targets, n_train)):
             pipe._interrupt = True
         return kwargs

@@ -66,6 +66,13 @@ def resolve_blocks(unet: nn.Module, blocks: Iterable[str]) -> dict[str, nn.Modul
     return resolved
 
 
+def as_floats(timesteps: Sequence[float] | Tensor) -> list[float]:
+    """Timesteps as Python floats, read from the device in one transfer."""
+    if torch.is_tensor(timesteps):
+        return [float(ts) for ts in timesteps.tolist()]
+    return [float(ts) for ts in timesteps]
+
+
 def nearest_indices(timesteps: Sequence[float], targets_t: Iterable[float], n_train: int) -> set:
     """Indices of the timesteps nearest to each target t (ties go to the earlier step)."""
     chosen = set()
@@ -134,7 +141,7 @@ class _Session:
         timesteps = self.timesteps
         if timesteps is None:
             timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        return [] if timesteps is None else [float(ts) for ts in timesteps]
+        return [] if timesteps is None else as_floats(timesteps)
 
     def _uses_cfg(self) -> bool:
         if self.cfg is not None:
@@ -234,7 +241,8 @@ def record(
     recording = Recording()
 
     def keep(block: str, step: StepInfo, branch: str, delta: Tensor) -> None:
-        kept = delta.detach().clone() if device is None else delta.detach().to(device, copy=True)
+        # `delta` is computed afresh in the hook, so keeping it (or a view of it) is safe.
+        kept = delta.detach() if device is None else delta.detach().to(device)
         recording.records.append(DeltaRecord(step, block, branch, kept))
 
     with hooked(pipe, blocks, on_delta=keep, at_t=at_t, cfg=cfg):

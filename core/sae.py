@@ -7,8 +7,9 @@ entries, and reconstructs x from it:
     x_hat = W_dec^T z + b_dec
 
 The rows of W_dec have unit norm; they are the concept vectors: latent i adds z_i * W_dec[i]
-to the reconstruction. Checkpoints use EleutherAI sparsify's layout (cfg.json +
-sae.safetensors), and SDLens checkpoints (config.json + state_dict.pth) load as well.
+to the reconstruction. Training backpropagates through the kept latents only
+(core.sparse_ops). Checkpoints use EleutherAI sparsify's layout (cfg.json + sae.safetensors),
+and SDLens checkpoints (config.json + state_dict.pth) load as well.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from core.sparse_ops import encoder_acts_at
 
 CFG_FILE, WEIGHTS_FILE, STATS_FILE = "cfg.json", "sae.safetensors", "latent_stats.safetensors"
 SDLENS_CFG_FILE, SDLENS_WEIGHTS_FILE = "config.json", "state_dict.pth"
@@ -101,7 +104,7 @@ class EncoderOutput(NamedTuple):
     top_indices: Tensor
     """[N, k] indices of the kept latents."""
     pre_acts: Tensor
-    """[N, n] ReLU pre-activations of all latents, before TopK."""
+    """[N, n] ReLU pre-activations of all latents, before TopK; never carries a gradient."""
 
 
 class ForwardOutput(NamedTuple):
@@ -152,10 +155,29 @@ class TopKSAE(nn.Module):
             )
 
     def encode(self, x: Tensor) -> EncoderOutput:
+        """TopK code of x [N, d].
+
+        The dense pre-activations are computed without gradient, for selection only; with
+        gradients enabled, top_acts gets the gradient of the dense expression through the kept
+        latents alone (core.sparse_ops), which is much cheaper than differentiating [N, n].
+        """
         self.check_input(x)
-        pre_acts = F.relu(self.encoder(x.to(self.b_dec.dtype) - self.b_dec))
-        top_acts, top_indices = pre_acts.topk(self.cfg.k, dim=-1, sorted=False)
+        x = x.to(self.b_dec.dtype)
+        with torch.no_grad():
+            pre_acts = F.relu_(self.encoder(x - self.b_dec))
+            top_acts, top_indices = pre_acts.topk(self.cfg.k, dim=-1, sorted=False)
+        top_acts = self._with_encoder_grad(x, top_indices, top_acts)
         return EncoderOutput(top_acts, top_indices, pre_acts)
+
+    def _with_encoder_grad(self, x: Tensor, indices: Tensor, acts: Tensor) -> Tensor:
+        """acts, differentiable with respect to x and the encoder parameters, b_dec included.
+
+        Under torch.no_grad() (inference) acts is returned as is, without autograd machinery.
+        """
+        if not torch.is_grad_enabled():
+            return acts
+        W_enc, b_enc = self.encoder.weight, self.encoder.bias
+        return encoder_acts_at(x, W_enc, b_enc, self.b_dec, indices, acts)
 
     def encode_dense(self, x: Tensor) -> Tensor:
         """[N, n] latents: zero except the top k of each row."""
@@ -177,21 +199,24 @@ class TopKSAE(nn.Module):
         x_hat = self.decode(top_acts, top_indices)
         residual = x - x_hat
         fvu = residual.pow(2).sum() / _total_variance(x)
-        auxk_loss = self._auxk_loss(pre_acts, residual.detach(), dead_mask, k_aux)
+        auxk_loss = self._auxk_loss(x, pre_acts, residual.detach(), dead_mask, k_aux)
         return ForwardOutput(x_hat, top_acts, top_indices, fvu, auxk_loss)
 
     def _auxk_loss(
-        self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor | None, k_aux: int
+        self, x: Tensor, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor | None, k_aux: int
     ) -> Tensor:
         """AuxK (Gao et al. 2024): the k_aux most active dead latents reconstruct the residual.
 
-        This gives dead latents a gradient towards what the live ones miss, reviving them.
+        This gives dead latents a gradient towards what the live ones miss, reviving them; it
+        reaches their encoder rows through the same sparse backward as the main TopK.
         """
         if dead_mask is None or not dead_mask.any():
             return pre_acts.new_zeros(())
         dead = dead_mask.nonzero().squeeze(1)  # [N, num_dead] below is at most pre_acts' size
         aux_acts, aux_positions = pre_acts[:, dead].topk(min(k_aux, len(dead)), dim=-1)
-        residual_hat = _weighted_rows(self.W_dec, aux_acts, dead[aux_positions])
+        aux_indices = dead[aux_positions]
+        aux_acts = self._with_encoder_grad(x, aux_indices, aux_acts)
+        residual_hat = _weighted_rows(self.W_dec, aux_acts, aux_indices)
         return (residual - residual_hat).pow(2).sum() / _total_variance(residual)
 
     @torch.no_grad()

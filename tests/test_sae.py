@@ -8,11 +8,13 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 import core.sae
 from core.sae import LatentStats, SAEBank, SAEConfig, SAEKey, SAELoadError, TopKSAE
 from core.sae_training import SAETrainer, TrainConfig
+from core.sparse_ops import encoder_acts_at
 
 BLOCK = "unet.mid_block.attentions.0"
 
@@ -73,6 +75,82 @@ def test_auxk_reaches_dead_latents_only_when_some_are_dead():
     out.auxk_loss.backward()
     assert sae.W_dec.grad[32:].abs().sum() == 0  # only dead latents reconstruct the residual
     assert sae.W_dec.grad[:32].abs().sum() > 0
+    assert sae.encoder.weight.grad[32:].abs().sum() == 0  # and only their encoder rows learn
+    assert sae.encoder.weight.grad[:32].abs().sum() > 0
+
+
+def dense_reference_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int):
+    """fvu + auxk / 4 as plain autograd differentiates it, through all [N, n] pre-activations."""
+    pre = F.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+    top = pre.topk(sae.cfg.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    residual = x - (z @ sae.W_dec + sae.b_dec)
+    fvu = residual.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    aux = pre[:, dead].topk(k_aux, dim=1)
+    z_aux = torch.zeros_like(pre[:, dead]).scatter(1, aux.indices, aux.values)
+    r = residual.detach()
+    auxk = (r - z_aux @ sae.W_dec[dead]).pow(2).sum() / (r - r.mean(dim=0)).pow(2).sum()
+    return fvu + auxk / 4
+
+
+def test_sparse_backward_matches_dense_autograd():
+    sae = make_sae(d=12, n=48, k=6, seed=1).double()
+    with torch.no_grad():
+        sae.encoder.bias.sub_(0.8)  # few positive latents: rows keep some zeros (ReLU masks)
+    x = torch.randn(30, 12, dtype=torch.float64, requires_grad=True)
+    dead = torch.arange(48) % 3 == 0
+    out = sae(x, dead_mask=dead, k_aux=8)
+    assert (out.top_acts == 0).any() and (out.top_acts > 0).any()
+    (out.fvu + out.auxk_loss / 4).backward()
+    sparse_grads = [p.grad for p in (x, *sae.parameters())]
+
+    x.grad = None
+    sae.zero_grad()
+    expected = dense_reference_loss(sae, x, dead.nonzero().squeeze(1), k_aux=8)
+    expected.backward()
+    torch.testing.assert_close(out.fvu + out.auxk_loss / 4, expected)
+    for got, p in zip(sparse_grads, (x, *sae.parameters()), strict=True):
+        torch.testing.assert_close(got, p.grad)
+
+
+def test_sparse_encoder_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 4), (7, 4), (7,), (4,)]  # x, W_enc, b_enc, b_dec
+    inputs = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    indices = torch.rand(5, 7, generator=generator).argsort(dim=1)[:, :3]  # distinct per row
+
+    def pre_at_indices(x, weight, bias, b_dec):
+        return ((x - b_dec) @ weight.T + bias).gather(1, indices)
+
+    def acts_at(x, weight, bias, b_dec):
+        with torch.no_grad():
+            acts = pre_at_indices(x, weight, bias, b_dec).relu()
+        return encoder_acts_at(x, weight, bias, b_dec, indices, acts)
+
+    pre = pre_at_indices(*inputs)
+    assert (pre < 0).any() and (pre > 0).any() and pre.abs().min() > 1e-3  # off the ReLU kink
+    assert torch.autograd.gradcheck(acts_at, [t.requires_grad_() for t in inputs])
+
+
+def test_sparse_backward_in_bfloat16():
+    sae = make_sae().to(torch.bfloat16)
+    x = torch.randn(32, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = sae(x, dead_mask=torch.arange(64) < 32, k_aux=8)
+    (out.fvu + out.auxk_loss).backward()
+    for t in (x, *sae.parameters()):
+        assert t.grad.dtype == torch.bfloat16 and t.grad.isfinite().all()
+    assert sae.encoder.weight.grad.abs().sum() > 0
+
+
+def test_inference_builds_no_graph_and_pre_acts_carry_no_gradient():
+    sae, x = make_sae(), torch.randn(10, 16)
+    with torch.no_grad():
+        inference = sae.encode(x)
+    training = sae.encode(x)
+    assert inference.top_acts.grad_fn is None and training.top_acts.grad_fn is not None
+    assert not training.pre_acts.requires_grad
+    assert torch.equal(inference.top_acts, training.top_acts)
+    assert torch.equal(inference.top_indices, training.top_indices)
 
 
 def test_width_mismatch_names_both_widths():
