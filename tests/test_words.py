@@ -1,0 +1,96 @@
+import gensim.downloader
+import numpy as np
+import pytest
+from gensim.models import KeyedVectors
+
+from core.words import BUNDLED_GLOVE, WordVectors, cosine, load_word_vectors
+
+
+def small_vectors(words: dict[str, list[float]]) -> KeyedVectors:
+    keyed_vectors = KeyedVectors(vector_size=len(next(iter(words.values()))))
+    keyed_vectors.add_vectors(list(words), np.array(list(words.values()), dtype=np.float32))
+    return keyed_vectors
+
+
+@pytest.fixture(scope="module")
+def glove() -> WordVectors:
+    return load_word_vectors()
+
+
+def test_bundled_glove_is_real_and_cached(glove):
+    assert load_word_vectors(BUNDLED_GLOVE) is glove
+    assert glove.dim == 50
+    assert len(glove.keyed_vectors) == 400_000
+    cat, dog, car = (glove.vector(w) for w in ("cat", "dog", "car"))
+    assert cosine(cat, dog) > 0.8 > 0.5 > cosine(cat, car)
+    assert cosine(glove.vector("king"), glove.vector("queen")) > cosine(
+        glove.vector("king"), glove.vector("banana")
+    )
+
+
+def test_names_are_case_folded_and_multi_word_names_average_their_words(glove):
+    np.testing.assert_array_equal(glove.vector("Cat"), glove.vector("cat"))
+    expected = (glove.vector("teddy") + glove.vector("bear")) / 2
+    for name in ("teddy bear", "Teddy_Bear", "  teddy   bear "):
+        np.testing.assert_allclose(glove.vector(name), expected, rtol=1e-6)
+    assert glove.vector("t-shirt") is not None  # hyphenated words stay whole
+
+
+def test_lookup_reports_missing_and_partial_names(glove):
+    result = glove.lookup(["cat", "teddy bear", "qzxvw", "qzxvw bear", ""])
+    assert list(result.vectors) == ["cat", "teddy bear", "qzxvw bear"]
+    assert result.missing == ["qzxvw", ""]
+    assert result.partial == {"qzxvw bear": ["qzxvw"]}
+    np.testing.assert_array_equal(result.vectors["qzxvw bear"], glove.vector("bear"))
+    assert "qzxvw" not in glove and "cat" in glove
+
+
+def test_joined_forms_come_before_the_mean_of_words():
+    vectors = WordVectors(
+        small_vectors(
+            {
+                "traffic": [1, 0, 0],
+                "light": [0, 1, 0],
+                "traffic_light": [0, 0, 1],
+                "firetruck": [1, 1, 1],
+                "Paris": [2, 0, 0],
+            }
+        ),
+        "test",
+    )
+    np.testing.assert_array_equal(vectors.vector("Traffic light"), [0, 0, 1])
+    np.testing.assert_array_equal(vectors.vector("fire truck"), [1, 1, 1])
+    np.testing.assert_array_equal(vectors.vector("Paris"), [2, 0, 0])  # case-sensitive fallback
+
+
+def test_cosine_of_a_zero_vector_is_zero():
+    assert cosine(np.zeros(3), np.ones(3)) == 0.0
+    assert cosine(np.array([1.0, 0]), np.array([2.0, 0])) == pytest.approx(1.0)
+
+
+def test_local_files_in_every_format(tmp_path):
+    keyed_vectors = small_vectors({"cat": [1.0, 0.5], "dog": [0.25, 1.0]})
+    keyed_vectors.save_word2vec_format(str(tmp_path / "w2v.txt"))
+    keyed_vectors.save_word2vec_format(str(tmp_path / "w2v.bin"), binary=True)
+    keyed_vectors.save(str(tmp_path / "native.kv"))
+    (tmp_path / "glove.txt").write_text("cat 1.0 0.5\ndog 0.25 1.0\n")  # GloVe: no header
+    for name in ("w2v.txt", "w2v.bin", "native.kv", "glove.txt"):
+        loaded = load_word_vectors(str(tmp_path / name))
+        assert loaded.source == str(tmp_path / name)
+        np.testing.assert_array_equal(loaded.vector("dog"), [0.25, 1.0])
+
+
+def test_a_missing_local_file_says_what_to_use(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; use 'glove-6b-50d'"):
+        load_word_vectors(str(tmp_path / "nothing.txt"))
+
+
+def test_a_gensim_data_name_offline_says_what_to_use(monkeypatch):
+    def offline(name):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(gensim.downloader, "load", offline)
+    message = r"could not download word vectors 'word2vec-google-news-300' \(offline"
+    with pytest.raises(OSError, match=message) as error:
+        load_word_vectors("word2vec-google-news-300")
+    assert "use 'glove-6b-50d' (bundled) or a local file" in str(error.value)
