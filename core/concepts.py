@@ -143,6 +143,12 @@ class ConceptDictionary:
         }
         return cls.from_evidence(key, num_latents, evidence, word_vectors)
 
+    def to(self, device: str | torch.device) -> ConceptDictionary:
+        """Move the embeddings to `device` (in place), so concept maps there copy nothing."""
+        self.embeddings = self.embeddings.to(device)
+        self.has_embedding = self.has_embedding.to(device)
+        return self
+
     @property
     def embedding_dim(self) -> int:
         return self.embeddings.shape[1]
@@ -272,6 +278,29 @@ class ConceptDictionary:
             num_images=data["num_images"],
             thresholds=data["thresholds"],
         )
+
+
+def concept_cids(
+    dictionaries: Mapping[SAEKey, ConceptDictionary], word: str, block: str, branch: str = "cond"
+) -> dict[SAEKey, list[int]]:
+    """The CIDs labelled `word` in each dictionary of `block`/`branch` (what steering takes).
+
+    A t at which no concept carries the word maps to []: steps using that SAE are not
+    edited. No CIDs at any t is an error naming the labels that do exist.
+    """
+    mine = {
+        key: d for key, d in dictionaries.items() if key.block == block and key.branch == branch
+    }
+    if not mine:
+        raise ValueError(f"there is no concept dictionary for {block} on the {branch} branch")
+    found = {key: d.cids_for(word) for key, d in mine.items()}
+    if not any(found.values()):
+        known = sorted({label for d in mine.values() for label in d.vocabulary()[:5]})
+        raise ValueError(
+            f"no concept of {block} ({branch}) is labelled {word!r} at any t; try one of "
+            f"{', '.join(known) or 'none'}, or a CID"
+        )
+    return found
 
 
 def save_dictionaries(dictionaries: Iterable[ConceptDictionary], root: str | os.PathLike) -> None:

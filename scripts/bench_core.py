@@ -8,7 +8,9 @@
 (c) SAE training throughput (rows/s) for d=1280, n=5120, k=10: this project's TopK SAE
     against a naive dense TopK SAE, and as a fraction of the bound set by the one dense
     matrix product a step cannot avoid, timed on the same machine in the same run;
-(d) generation with a spatial intervention on the three paper blocks / plain generation.
+(d) generation with a spatial intervention on the three paper blocks / plain generation;
+(e) emergence analysis (record, SAE encode and concept map of the three paper blocks at
+    every step) / plain generation.
 Timings are medians over repetitions that alternate between the compared variants, so
 both see the same machine load.
 """
@@ -22,12 +24,15 @@ import torch
 from torch import nn
 
 from core.activations import GenerationSource
-from core.hooks import record
+from core.composition import concept_map
+from core.concepts import ConceptDictionary
+from core.hooks import hooked, record
 from core.presets import SD14_BLOCKS
 from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE
 from core.sae_training import SAETrainer, TrainConfig
 from core.steer import Intervention, intervene, quadrant_mask
 from core.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+from core.words import load_word_vectors
 
 
 def sync(device: torch.device) -> None:
@@ -161,6 +166,46 @@ def bench_steering(pipe, batch: int, steps: int, repeats: int) -> None:
     )
 
 
+def bench_emergence(pipe, batch: int, steps: int, repeats: int) -> None:
+    """(e) record + SAE encode + concept map of the 3 paper blocks at every step / plain."""
+    device = pipe.device
+    bank = paper_bank(pipe)
+    words = load_word_vectors()
+    names = ["cat", "dog", "car", "tree", "house", "sky", "table", "person"]
+    dictionaries = {
+        key: ConceptDictionary.from_labels(
+            key, sae.cfg.num_latents, {c: [names[c % len(names)]] for c in range(0, 64, 2)}, words
+        ).to(device)
+        for key, sae in bank.items()
+    }
+    prompts = ["a photo of a red cat on a table"] * batch
+
+    def plain():
+        pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            output_type="latent",
+            generator=torch.Generator(device).manual_seed(0),
+        )
+
+    def analysed():
+        def analyse(block, step, branch, delta):
+            if branch == "cond":
+                sae = bank.get(block, step.t, branch)
+                key = SAEKey(block, sae.cfg.t, branch)
+                concept_map(sae, dictionaries[key], delta)
+
+        with hooked(pipe, SD14_BLOCKS, on_delta=analyse):
+            plain()
+
+    t = alternate({"plain": plain, "analysed": analysed}, repeats, device)
+    print(
+        f"(e) emergence analysis (record + encode + concept maps, 3 blocks, every step): "
+        f"{t['analysed'] / t['plain']:.3f}x plain generation (target <= 1.10x)"
+    )
+
+
 def bench_sae(device: torch.device, batch: int, repeats: int) -> None:
     d, n, k = 1280, 5120, 10
     x = torch.randn(batch, d, device=device)
@@ -212,6 +257,7 @@ def main() -> None:
     )
     bench_generation(pipe, args.batch, args.steps, args.repeats)
     bench_steering(pipe, args.batch, args.steps, args.repeats)
+    bench_emergence(pipe, args.batch, args.steps, args.repeats)
     bench_sae(device, args.sae_batch, args.sae_repeats)
 
 

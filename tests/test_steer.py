@@ -155,3 +155,21 @@ def test_an_sae_for_another_block_is_refused(tiny_pipe):
     with pytest.raises(ValueError, match="reads width 32 but the block has 64 channels"):
         steer(tiny_pipe, narrow)
     assert hook_count(tiny_pipe) == 0
+
+
+def test_a_word_steers_through_each_dictionarys_cids(tiny_pipe, bank):
+    from core.concepts import ConceptDictionary, concept_cids
+    from core.words import load_word_vectors
+
+    words = load_word_vectors()
+    labels = {1.0: {3: ["cat"], 4: ["dog"]}, 0.5: {7: ["cat", "cat"]}, 0.0: {9: ["tree"]}}
+    dictionaries = {
+        key: ConceptDictionary.from_labels(key, 256, labels[key.t], words) for key in bank
+    }
+    cids = concept_cids(dictionaries, "cat", MID)
+    assert {key.t: v for key, v in cids.items()} == {1.0: [3], 0.5: [7], 0.0: []}
+    with pytest.raises(ValueError, match="labelled 'boat' at any t; try one of cat, dog, tree"):
+        concept_cids(dictionaries, "boat", MID)
+    plain = generate(tiny_pipe)
+    assert (steer(tiny_pipe, bank, cids=cids, window=(0.0, 0.1)) == plain).all()
+    assert not (steer(tiny_pipe, bank, cids=cids, window=(0.4, 0.6)) == plain).all()
