@@ -24,15 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from core.hub import local_or_snapshot
 from core.sae import SAEKey, TopKSAE, atomic_write, bank_subfolder, write_json
 from core.words import WordVectors
 
@@ -638,21 +637,10 @@ def _describe(key: SAEKey) -> str:
 
 
 def _resolve(path_or_repo_id: str | os.PathLike, patterns: list[str], revision: str | None) -> Path:
-    """A local folder as is, or else the snapshot of a Hub repo (only `patterns`)."""
-    local = Path(path_or_repo_id).expanduser()
-    if local.exists():
-        return local
     try:
-        huggingface_hub.utils.validate_repo_id(str(path_or_repo_id))
-    except HFValidationError as e:
-        raise DictionaryLoadError(f"the folder {str(local)!r} does not exist; {BUILD_HINT}") from e
-    try:
-        snapshot = huggingface_hub.snapshot_download(
-            str(path_or_repo_id), revision=revision, allow_patterns=patterns
-        )
-    except OSError as e:  # huggingface_hub's download and HTTP errors are OSErrors
-        raise DictionaryLoadError(
-            f"could not download concept dictionaries from {str(path_or_repo_id)!r} (offline or "
-            f"not found), and there is no local folder of that name; {BUILD_HINT}"
-        ) from e
-    return Path(snapshot)
+        root = local_or_snapshot(path_or_repo_id, patterns, revision)
+    except FileNotFoundError as e:
+        raise DictionaryLoadError(f"{e}; {BUILD_HINT}") from e
+    if not root.exists():
+        raise DictionaryLoadError(f"the folder {str(root)!r} does not exist; {BUILD_HINT}")
+    return root

@@ -26,11 +26,11 @@ from typing import NamedTuple
 import huggingface_hub
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from core.hub import local_or_snapshot
 from core.sparse_ops import encoder_acts_at
 
 CFG_FILE, WEIGHTS_FILE, STATS_FILE = "cfg.json", "sae.safetensors", "latent_stats.safetensors"
@@ -468,7 +468,7 @@ class SAEBank:
         blocks = list(blocks) if blocks is not None else None
         branches = list(branches) if branches is not None else None
         patterns = [f"{block}/*" for block in blocks] if blocks else None
-        root = _resolve(path_or_repo_id, patterns, revision, None)
+        root = _resolve(path_or_repo_id, patterns, revision)
         bank = cls()
         for folder in _checkpoint_folders(root):
             cfg = _read_config(folder)
@@ -558,31 +558,13 @@ def _resolve(
     path_or_repo_id: str | os.PathLike,
     allow_patterns: list[str] | None,
     revision: str | None,
-    subfolder: str | None,
+    subfolder: str | None = None,
 ) -> Path:
-    """A local folder as is, or else the snapshot folder of a Hub repo (only allow_patterns)."""
-    local = Path(path_or_repo_id).expanduser()
-    if local.exists() or not _is_repo_id(str(path_or_repo_id)):
-        return local
-    label = f"{path_or_repo_id}/{subfolder}" if subfolder else str(path_or_repo_id)
+    what = f"{path_or_repo_id}/{subfolder}" if subfolder else str(path_or_repo_id)
     try:
-        snapshot = huggingface_hub.snapshot_download(
-            str(path_or_repo_id), revision=revision, allow_patterns=allow_patterns
-        )
-    except OSError as e:  # huggingface_hub's download and HTTP errors are OSErrors
-        raise SAELoadError(
-            f"could not download {label} (offline or not found), and there is no local folder "
-            f"of that name; {TRAIN_HINT}"
-        ) from e
-    return Path(snapshot)
-
-
-def _is_repo_id(name: str) -> bool:
-    try:
-        huggingface_hub.utils.validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+        return local_or_snapshot(path_or_repo_id, allow_patterns, revision, what)
+    except FileNotFoundError as e:
+        raise SAELoadError(f"{e}; {TRAIN_HINT}") from e
 
 
 def _checkpoint_format(folder: Path) -> str | None:

@@ -59,18 +59,28 @@ def alternate(variants: dict[str, Callable[[], object]], repeats: int, device) -
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_generation(pipe, batch: int, steps: int, repeats: int) -> None:
-    device = pipe.device
+def plain_generation(pipe, batch: int, steps: int, **kwargs) -> Callable[[], object]:
+    """Generation of `batch` images with CFG 7.5, latents out (no VAE decode), fixed seed."""
     prompts = ["a photo of a red cat on a table"] * batch
 
-    def plain():
-        pipe(
+    def generate():
+        return pipe(
             prompts,
             num_inference_steps=steps,
             guidance_scale=7.5,
             output_type="latent",
-            generator=torch.Generator(device).manual_seed(0),
+            generator=torch.Generator(pipe.device).manual_seed(0),
+            **kwargs,
         )
+
+    return generate
+
+
+def bench_generation(pipe, batch: int, steps: int, repeats: int) -> None:
+    device = pipe.device
+    prompts = ["a photo of a red cat on a table"] * batch
+
+    plain = plain_generation(pipe, batch, steps)
 
     def recorded():
         with record(pipe, SD14_BLOCKS, device=None):
@@ -132,18 +142,8 @@ def bench_steering(pipe, batch: int, steps: int, repeats: int) -> None:
     bank = paper_bank(pipe)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     region = quadrant_mask("top_left", (side, side))
-    prompts = ["a photo of a red cat on a table"] * batch
 
-    def plain():
-        pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=7.5,
-            output_type="latent",
-            generator=torch.Generator(device).manual_seed(0),
-            height=side,
-            width=side,
-        )
+    plain = plain_generation(pipe, batch, steps, height=side, width=side)
 
     def steered(window):
         spec = Intervention("spatial", [1, 2, 3], 400.0, window, region=region)
@@ -178,16 +178,8 @@ def bench_emergence(pipe, batch: int, steps: int, repeats: int) -> None:
         ).to(device)
         for key, sae in bank.items()
     }
-    prompts = ["a photo of a red cat on a table"] * batch
 
-    def plain():
-        pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=7.5,
-            output_type="latent",
-            generator=torch.Generator(device).manual_seed(0),
-        )
+    plain = plain_generation(pipe, batch, steps)
 
     def analysed():
         def analyse(block, step, branch, delta):
