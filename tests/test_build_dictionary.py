@@ -1,0 +1,174 @@
+"""Dictionary building end to end on the tiny pipeline, with a fake annotator whose
+masks are known: it outlines where one chosen latent fires, so that latent must get the
+label, with IoU 1."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import build_dictionary
+from core.annotate import Annotator, ObjectAnnotation
+from core.build_dictionary import build_dictionaries, gather, load_spatial_means, select_keys
+from core.composition import latent_grid
+from core.concepts import load_dictionaries
+from core.hooks import record
+from core.presets import SD14_BLOCKS
+from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE
+from core.words import load_word_vectors
+
+PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
+STEPS, SEED, SIZE = 4, 3, 32
+UP = "up_blocks.1.attentions.0"
+KEY = SAEKey(UP, 0.0, "cond")
+
+
+def random_sae(block: str, t: float, seed: int, n: int = 32, k: int = 4) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(64, n, k, block=block, t=t))
+    with torch.no_grad():
+        sae.encoder.bias.uniform_(0.0, 0.5)  # every row keeps k positive latents
+    return sae
+
+
+def make_bank() -> SAEBank:
+    keys = [(b, t) for b in SD14_BLOCKS for t in (1.0, 0.0)]
+    return SAEBank(random_sae(b, t, i) for i, (b, t) in enumerate(keys))
+
+
+def firing_maps(pipe, bank: SAEBank, key: SAEKey) -> torch.Tensor:
+    """[prompts, H, W, n] activations of `key`'s SAE, recorded the way the builder does."""
+    maps = []
+    for i, prompt in enumerate(PROMPTS):
+        with record(pipe, [key.block], at_t=[key.t]) as rec:
+            generator = torch.Generator().manual_seed(SEED + i)
+            pipe(prompt, num_inference_steps=STEPS, generator=generator, output_type="latent")
+        grid = latent_grid(bank[key], rec.at(key.block, key.t, key.branch).delta)
+        maps.append(grid.dense(bank[key].cfg.num_latents)[0])
+    return torch.stack(maps)
+
+
+class OutlineAnnotator:
+    """Labels "cat" where latent `cid` is on (activation / max > 0.1) and "tree" on the
+    left half, for every prompt it was prepared for."""
+
+    def __init__(self, maps: torch.Tensor, cid: int):
+        self.masks = {}
+        for prompt, image_map in zip(PROMPTS, maps, strict=True):
+            acts = image_map[..., cid]
+            on = (acts / acts.max().clamp_min(1e-12) > 0.1).float()[None, None]
+            self.masks[prompt] = F.interpolate(on, (SIZE, SIZE))[0, 0].numpy() > 0.5
+        self.calls = []
+
+    def annotate(self, image, prompt=None) -> list[ObjectAnnotation]:
+        self.calls.append(prompt)
+        assert image.size == (SIZE, SIZE)
+        left = np.zeros((SIZE, SIZE), dtype=bool)
+        left[:, : SIZE // 2] = True
+        objects = [ObjectAnnotation("tree", left, 1.0)]
+        if self.masks[prompt].any():
+            objects.append(ObjectAnnotation("Cat", self.masks[prompt], 1.0))
+        return objects
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipe):
+    bank = make_bank()
+    maps = firing_maps(tiny_pipe, bank, KEY)
+    fired = maps > 0
+    # a latent that fires on part of the grid in as many images as possible
+    partial = (fired.any(dim=(1, 2)) & ~fired.all(dim=(1, 2))).sum(dim=0)
+    cid = int(partial.argmax())
+    assert partial[cid] >= 2
+    return bank, maps, cid
+
+
+def test_outlined_latent_gets_the_label_with_iou_one(tiny_pipe, setup):
+    bank, maps, cid = setup
+    annotator = OutlineAnnotator(maps, cid)
+    assert isinstance(annotator, Annotator)
+    dictionaries = build_dictionaries(
+        tiny_pipe, bank, PROMPTS, annotator, load_word_vectors(),
+        keys=[KEY], seed=SEED, gen_batch=2, steps=STEPS, guidance_scale=7.5,
+    )  # fmt: skip
+    assert annotator.calls == PROMPTS
+    dictionary = dictionaries[KEY]
+    assert dictionary.num_images == len(PROMPTS)
+    evidence = dictionary.evidence[cid]["cat"]
+    images_with_cat = sum(m.any() for m in annotator.masks.values())
+    assert evidence.count == images_with_cat
+    assert evidence.mean_iou == pytest.approx(1.0)
+    assert cid in dictionary.cids_for("cat")
+    assert dictionary.has_embedding[cid]
+    # every CID labelled "tree" is on (mostly) the left half in the images it matched
+    assert set(dictionary.vocabulary()) <= {"cat", "tree"}
+
+
+def test_spatial_means_match_a_direct_recomputation(tiny_pipe, setup):
+    bank, maps, _ = setup
+    gathered = gather(
+        tiny_pipe, bank, PROMPTS, OutlineAnnotator(maps, 0), keys=[KEY],
+        seed=SEED, gen_batch=3, steps=STEPS, guidance_scale=7.5,
+    )  # fmt: skip
+    torch.testing.assert_close(gathered.means(KEY), maps.mean(dim=(1, 2)), atol=1e-4, rtol=1e-4)
+
+
+def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, monkeypatch, capsys):
+    bank, maps, cid = setup
+    bank.save_pretrained(tmp_path / "saes")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    monkeypatch.setattr(
+        build_dictionary, "make_annotator", lambda n, a: OutlineAnnotator(maps, cid)
+    )
+    out = tmp_path / "dicts"
+    code = build_dictionary.main([
+        "--preset", "tiny", "--saes", str(tmp_path / "saes"), "--prompts", str(prompts),
+        "--out", str(out), "--blocks", UP, "--t", "0.0", "--steps", str(STEPS),
+        "--seed", str(SEED), "--gen-batch", "2", "--device", "cpu",
+    ])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "cohesion" in printed.out and "separab" in printed.out
+    loaded = load_dictionaries(out)
+    assert list(loaded) == [KEY]
+    assert loaded[KEY].evidence[cid]["cat"].mean_iou == pytest.approx(1.0)
+    means = load_spatial_means(out, KEY)
+    torch.testing.assert_close(means, maps.mean(dim=(1, 2)), atol=1e-4, rtol=1e-4)
+    examples = json.loads((out / "examples.json").read_text())
+    assert examples["prompts"] == PROMPTS
+    assert examples["seeds"] == [SEED + i for i in range(len(PROMPTS))]
+
+
+def test_select_keys_refuses_missing_blocks_and_times():
+    bank = make_bank()
+    assert len(select_keys(bank, None, ["cond"], None)) == 6
+    assert select_keys(bank, [UP], None, [0.0]) == [KEY]
+    with pytest.raises(ValueError, match="no SAE for down_blocks.0"):
+        select_keys(bank, ["down_blocks.0.attentions.0"], None, None)
+    with pytest.raises(ValueError, match=r"no SAE for up_blocks.1.attentions.0 \(t=0.5"):
+        select_keys(bank, [UP], None, [0.5])
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("empty", "has no prompts"),
+        ("block", "down_blocks.0.attentions.0"),
+        ("offline", "could not load the"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
+    make_bank().save_pretrained(tmp_path / "saes")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("" if case == "empty" else "a cat\n")
+    blocks = ["down_blocks.0.attentions.0"] if case == "block" else [UP]
+    code = build_dictionary.main([
+        "--preset", "tiny", "--saes", str(tmp_path / "saes"), "--prompts", str(prompts),
+        "--out", str(tmp_path / "out"), "--blocks", *blocks, "--device", "cpu",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
