@@ -37,6 +37,7 @@ from core.annotate import (
     PromptNounTagger,
     UnionTagger,
 )
+from core.cli import one_line_errors
 from core.composition import latent_grid
 from core.concepts import (
     ConceptDictionary,
@@ -46,8 +47,8 @@ from core.concepts import (
     separability,
 )
 from core.hooks import BRANCHES, record
-from core.presets import PRESETS, ModelNotAvailableError, get_preset, load_pipeline
-from core.sae import SAEBank, SAEKey, SAELoadError, bank_subfolder
+from core.presets import PRESETS, get_preset, load_pipeline
+from core.sae import SAEBank, SAEKey, bank_subfolder
 from core.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 
 SPATIAL_MEANS_FILE = "spatial_means.safetensors"
@@ -313,13 +314,12 @@ def run(args: argparse.Namespace) -> dict[SAEKey, ConceptDictionary]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         run(args)
-    except (ValueError, KeyError, OSError, ModelNotAvailableError, SAELoadError) as error:
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return one_line_errors(work)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,10 @@ from core.annotate_loading import (  # noqa: E402
     resolve_device_dtype,
 )
 from core.build_dictionary import ANNOTATORS, make_annotator  # noqa: E402
+from core.cli import one_line_errors
 from core.composition import DEFAULT_THRESHOLD, iou, predict_over_steps  # noqa: E402
 from core.concepts import (  # noqa: E402
     ConceptDictionary,
-    DictionaryLoadError,
     cohesion,
     concept_cids,
     load_dictionaries,
@@ -64,11 +64,10 @@ from core.hooks import BRANCHES, record  # noqa: E402
 from core.presets import (  # noqa: E402
     PRESETS,
     STAGES,
-    ModelNotAvailableError,
     get_preset,
     load_pipeline,  # noqa: E402
 )
-from core.sae import SAEBank, SAEKey, SAELoadError  # noqa: E402
+from core.sae import SAEBank, SAEKey  # noqa: E402
 from core.steer import (  # noqa: E402
     Intervention,
     default_strength,
@@ -694,20 +693,12 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         run(args)
-    except (
-        ValueError,
-        KeyError,
-        OSError,
-        ModelNotAvailableError,
-        SAELoadError,
-        DictionaryLoadError,
-    ) as error:
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return one_line_errors(work)
 
 
 if __name__ == "__main__":

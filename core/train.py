@@ -32,9 +32,10 @@ from core.activations import (
 )
 from core.buffer import ShuffleBuffer
 from core.checkpoint import Checkpointer
+from core.cli import one_line_errors
 from core.distributed import agree_min, agree_sum, average_gradients, combine_stats, gather_rows
 from core.hooks import BRANCHES, resolve_blocks
-from core.presets import PRESETS, ModelNotAvailableError, get_preset, load_pipeline
+from core.presets import PRESETS, get_preset, load_pipeline
 from core.sae import SAEBank, SAEKey
 from core.sae_training import SAETrainer, TrainConfig
 
@@ -358,12 +359,7 @@ def save_results(args: argparse.Namespace, run: Run, bank: SAEBank) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return 0 if train(args) is not None else 130
-    except (ValueError, KeyError, OSError, ModelNotAvailableError) as error:
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return one_line_errors(lambda: 0 if train(args) is not None else 130)
 
 
 if __name__ == "__main__":
