@@ -205,7 +205,8 @@ def _edit_fn(bank: SAEBank, block: str, intervention: Intervention):
     def apply(delta: Tensor, t: float, branch: str) -> Tensor | None:
         if branch not in intervention.branches or not low <= t <= high:
             return None
-        cids = _cids_for(intervention.cids, bank, block, t, branch)
+        sae = bank.get(block, t, branch)
+        cids = _cids_for(intervention.cids, sae)
         if not cids:
             return None
         inside = None
@@ -214,7 +215,6 @@ def _edit_fn(bank: SAEBank, block: str, intervention: Intervention):
             if grid not in regions:
                 regions[grid] = region_on_grid(intervention.region, grid)
             inside = regions[grid]
-        sae = bank.get(block, t, branch)
         kind, beta = intervention.kind, intervention.strength
         return delta + delta_change(kind, sae, delta, cids, beta, inside)
 
@@ -236,8 +236,8 @@ def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str]) -> Non
             )
 
 
-def _cids_for(cids: CIDs, bank: SAEBank, block: str, t: float, branch: str) -> list[int]:
+def _cids_for(cids: CIDs, sae: TopKSAE) -> list[int]:
+    """The concept's CIDs in the SAE in use at this step."""
     if not isinstance(cids, Mapping):
         return list(cids)
-    sae = bank.get(block, t, branch)
-    return list(cids.get(SAEKey(block, sae.cfg.t, branch), ()))
+    return list(cids.get(SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch), ()))
