@@ -6,12 +6,16 @@ a user with internet access would (`DiffusionPipeline.from_pretrained`), except 
 """
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from core.tiny import build_tiny_pipeline
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TOY_ASSETS = ASSETS / "toy"
+"""The embedded shapes-world model: `pipeline/`, `saes/` (SAEs and dictionaries), model card."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
 """Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
@@ -73,12 +77,22 @@ PRESETS: dict[str, Preset] = {
         word_vectors="word2vec-google-news-300",
         resolution=512,
     ),
+    "toy": Preset(
+        name="toy",
+        model=str(TOY_ASSETS / "pipeline"),
+        steps=50,
+        guidance_scale=4.0,
+        hook_points=SD14_BLOCKS,
+        sae_source=str(TOY_ASSETS / "saes"),
+        resolution=64,
+    ),
     "tiny": Preset(
         name="tiny",
         model="tiny",
         steps=10,
         guidance_scale=7.5,
         hook_points=SD14_BLOCKS,
+        sae_source=str(ASSETS / "tiny" / "saes"),
         resolution=32,
     ),
 }
@@ -89,6 +103,11 @@ def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def default_preset_name() -> str:
+    """`toy` when its weights are in assets/, else `tiny`: the offline default either way."""
+    return "toy" if (TOY_ASSETS / "pipeline" / "model_index.json").is_file() else "tiny"
 
 
 def default_device() -> str:

@@ -16,7 +16,7 @@ def test_sd14_preset_follows_the_paper():
 
 
 def test_unknown_preset_names_the_known_ones():
-    with pytest.raises(KeyError, match="sd14, sdxl-turbo, tiny"):
+    with pytest.raises(KeyError, match="sd14, sdxl-turbo, toy, tiny"):
         get_preset("sd15")
 
 
