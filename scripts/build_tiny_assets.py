@@ -1,0 +1,142 @@
+"""Build the `tiny` preset's SAEs, concept dictionaries and top-example index into assets/.
+
+    python -m scripts.build_tiny_assets
+
+1. Trains the 9 SAEs (the preset's 3 hook points x t in {1.0, 0.5, 0.0}, `cond`) with
+   `core.train`, on assets/prompts/tiny.txt, with the settings of the Makefile's demo run.
+2. Generates one image per dictionary prompt (new seeds, so new images), annotates it with
+   the shapes-world annotator and builds each SAE's concept dictionary, saved beside the
+   SAE with its `spatial_means` (the top-example index) and examples.json, as
+   `core.build_dictionary` does, except for the IoU threshold (IOU_THRESHOLD).
+3. Writes build.json: the settings and a fingerprint of the tiny pipeline's weights, which
+   the SAEs only make sense for (the weights are random, fixed by a seed and torch's
+   initialisers; a test compares the fingerprint).
+
+The tiny model has random weights, so its images are noise and its dictionaries sparse
+and arbitrary: they exist to exercise the app and the tools offline, not to mean anything.
+The mid block has a 2x2 grid at 32 pixels, so none of its latents matches an object and
+its dictionaries are empty. Takes a few minutes on a 2-core CPU and needs no network.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from core import train
+from core.activations import read_prompts
+from core.build_dictionary import Gathered, quality_lines, save_examples
+from core.composition import latent_grid
+from core.concepts import DictionaryBuilder, save_dictionaries
+from core.hooks import record
+from core.presets import ASSETS, get_preset, load_pipeline
+from core.sae import SAEBank
+from core.toy_annotate import ToyAnnotator
+from core.words import BUNDLED_GLOVE, load_word_vectors
+
+PROMPTS = ASSETS / "prompts" / "tiny.txt"
+OUT = ASSETS / "tiny" / "saes"
+BUILD_FILE = ASSETS / "tiny" / "build.json"
+TRAIN_ARGS = ["--batch-size", "64", "--buffer-size", "256", "--lr", "1e-3"]
+"""As the Makefile's demo run: small batches, since a tiny image has few grid positions."""
+DICTIONARY_PROMPTS = 128
+GEN_BATCH = 8
+DICTIONARY_SEED = 1000
+"""Dictionary prompt i is generated from seed DICTIONARY_SEED + i, unlike in training."""
+IOU_THRESHOLD = 0.2
+"""The paper's 0.5 labels nothing here: the annotator's objects are specks of about 9
+pixels and a grid cell of the down and up blocks covers 64."""
+
+
+def pipeline_fingerprint(pipe) -> float:
+    """A number that changes when the tiny pipeline's random weights change."""
+    with torch.no_grad():
+        return round(sum(float(p.double().abs().sum()) for p in pipe.unet.parameters()), 3)
+
+
+def train_saes(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--preset", "tiny", "--prompts", str(PROMPTS), "--out", tmp, "--overwrite"]
+        if train.main(argv + TRAIN_ARGS) != 0:
+            raise SystemExit("training failed")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(Path(tmp) / "saes", out)
+
+
+def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
+    preset = get_preset("tiny")
+    pipe = load_pipeline(preset, device="cpu")
+    bank = SAEBank.from_pretrained(out)
+    word_vectors = load_word_vectors(BUNDLED_GLOVE)
+    settings = {"steps": preset.steps, "guidance_scale": preset.guidance_scale}
+    gathered = gather_evidence(pipe, bank, prompts, preset.resolution, **settings)
+    dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
+    save_dictionaries(dictionaries.values(), out)
+    info = {
+        "model": preset.model, **settings, "annotator": "toy", "word_vectors": BUNDLED_GLOVE,
+        "iou_threshold": IOU_THRESHOLD,
+    }  # fmt: skip
+    save_examples(out, gathered, prompts, DICTIONARY_SEED, info)
+    print("\n".join(quality_lines(dictionaries, word_vectors)))
+    print(f"{len(prompts)} images, {gathered.num_objects} annotated objects")
+    return {"fingerprint": pipeline_fingerprint(pipe), "torch": torch.__version__}
+
+
+def gather_evidence(
+    pipe, bank: SAEBank, prompts: Sequence[str], resolution: int, steps: int, guidance_scale: float
+) -> Gathered:
+    """`core.build_dictionary.gather` with the tiny model's IoU threshold."""
+    annotator = ToyAnnotator()
+    builders = {
+        key: DictionaryBuilder(key, bank[key].cfg.num_latents, iou_threshold=IOU_THRESHOLD)
+        for key in bank
+    }
+    gathered = Gathered(builders)
+    blocks = sorted({k.block for k in bank})
+    for start in range(0, len(prompts), GEN_BATCH):
+        batch = prompts[start : start + GEN_BATCH]
+        seeds = range(DICTIONARY_SEED + start, DICTIONARY_SEED + start + len(batch))
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        with record(pipe, blocks, at_t=sorted({k.t for k in bank})) as recording:
+            images = pipe(
+                list(batch), num_inference_steps=steps, guidance_scale=guidance_scale,
+                generator=generators, height=resolution, width=resolution,
+            ).images  # fmt: skip
+        objects = [[(a.label, a.mask) for a in annotator.annotate(image)] for image in images]
+        gathered.num_objects += sum(map(len, objects))
+        for key, builder in gathered.builders.items():
+            sae = bank[key]
+            grid = latent_grid(sae, recording.at(key.block, key.t, key.branch).delta)
+            gathered.spatial_means.setdefault(key, []).append(grid.spatial_means(len(sae.W_dec)))
+            for i, image_objects in enumerate(objects):
+                builder.add_codes(grid.top_acts[i], grid.top_indices[i], image_objects)
+    return gathered
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.build_tiny_assets")
+    parser.add_argument("--skip-training", action="store_true", help="reuse the saved SAEs")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if not args.skip_training:
+        train_saes(OUT)
+    prompts = read_prompts(PROMPTS)[:DICTIONARY_PROMPTS]
+    pipeline = build_dictionaries(OUT, prompts)
+    build = {
+        "train_args": TRAIN_ARGS,
+        "dictionary_prompts": len(prompts),
+        "dictionary_seed": DICTIONARY_SEED,
+        "pipeline": pipeline,
+    }
+    BUILD_FILE.write_text(json.dumps(build, indent=2) + "\n")
+    print(f"wrote {OUT} and {BUILD_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
