@@ -3,11 +3,12 @@
 Small pipelines built from configs (the `tiny` preset, the toy world) need a tokenizer
 that `CLIPTokenizer.from_pretrained` can load like any real one. The vocabulary holds
 CLIP's 512 byte-level symbols (each alone and as a word end), the two special tokens,
-and, for every word given, the chain of merges that spells it out, so those words
-become single tokens and anything else falls back to characters.
+and the merges that BPE learns from the words given, so those words become single
+tokens and anything else falls back to characters and shorter pieces.
 """
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,14 +30,38 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """Merges that build `word</w>` from its characters, left to right."""
-    pieces = [*word[:-1], word[-1] + "</w>"]
-    merges, left = [], pieces[0]
-    for right in pieces[1:]:
-        merges.append((left, right))
-        left += right
-    return merges
+def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Merges, in rank order, that turn each word (`word</w>`) into one token.
+
+    Learnt as BPE learns them: merge the most frequent adjacent pair everywhere, again and
+    again. Encoding a word applies the lowest-ranked merge first, which replays this very
+    sequence, so every word ends as one token. (Chaining each word's letters on its own
+    does not: "diamond"'s merge d+i would fire inside "gradient" and split it.)
+    """
+    pieces = {word: [*word[:-1], word[-1] + "</w>"] for word in sorted(set(words))}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter(
+            pair for parts in pieces.values() for pair in zip(parts, parts[1:], strict=False)
+        )
+        if not counts:
+            return merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        for word, parts in pieces.items():
+            pieces[word] = _merge(parts, pair)
+
+
+def _merge(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
 
 
 def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = ()) -> Path:
@@ -50,14 +75,13 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = ()) -> Path:
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols)]:
         vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in sorted(set(words)):
+    words = list(words)
+    for word in words:
         if not word.isascii() or not word.isalpha() or word != word.lower():
             raise ValueError(f"tokenizer words must be lower-case letters, got {word!r}")
-        for left, right in _word_merges(word):
-            if (left, right) not in merges:
-                merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
+    merges = _learn_merges(words)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

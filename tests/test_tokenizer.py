@@ -17,3 +17,10 @@ def test_written_vocabulary_loads_as_a_clip_tokenizer(tmp_path):
 def test_words_must_be_lower_case_letters(tmp_path):
     with pytest.raises(ValueError, match="lower-case letters"):
         write_clip_tokenizer(tmp_path, ["Red"])
+
+
+def test_every_word_is_one_token_even_when_words_share_letter_pairs(tmp_path):
+    words = ["diamond", "gradient", "green", "gray", "an", "and", "background", "checkered"]
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, words))
+    for word in words:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
