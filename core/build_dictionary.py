@@ -49,11 +49,13 @@ from core.concepts import (
 from core.hooks import BRANCHES, record
 from core.presets import PRESETS, get_preset, load_pipeline
 from core.sae import SAEBank, SAEKey, bank_subfolder
+from core.toy_annotate import ToyAnnotator
 from core.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 
 SPATIAL_MEANS_FILE = "spatial_means.safetensors"
 EXAMPLES_FILE = "examples.json"
-ANNOTATORS = ("grounded-sam", "grounded-sam-image-tags")
+ANNOTATORS = ("grounded-sam", "grounded-sam-image-tags", "toy")
+"""`toy` labels shapes-world images from their pixels (`core.toy_annotate`), needing no model."""
 
 
 @dataclass
@@ -242,6 +244,8 @@ def make_annotator(name: str, args: argparse.Namespace) -> Annotator:
     """The named annotator with the given (or core.annotate's default) model ids."""
     if name not in ANNOTATORS:
         raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}")
+    if name == "toy":
+        return ToyAnnotator(with_background=True)
     clip = ClipTagger(args.clip_model or CLIP_ID, device=args.device)
     tagger = clip if name == "grounded-sam-image-tags" else UnionTagger(PromptNounTagger(), clip)
     dino, sam = args.dino_model or DINO_ID, args.sam_model or SAM_ID

@@ -75,6 +75,7 @@ from core.steer import (  # noqa: E402
     quadrant_mask,
     stage_window,  # noqa: E402
 )
+from core.toy_annotate import StyleScorer, ToySegmenter  # noqa: E402
 from core.words import WordVectors, load_word_vectors  # noqa: E402
 
 MID = "mid_block.attentions.0"
@@ -335,7 +336,7 @@ def spatial_edit_rows(
     bank: SAEBank,
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     objects: Sequence[str],
-    segmenter: ClipSegSegmenter,
+    segmenter: ClipSegSegmenter | ToySegmenter,
     *,
     block: str = MID,
     branch: str = "cond",
@@ -453,7 +454,7 @@ def global_edit_rows(
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     concepts: Sequence[str],
     prompts: Sequence[str],
-    scorer: ClipScorer,
+    scorer: ClipScorer | StyleScorer,
     *,
     block: str = MID,
     branch: str = "cond",
@@ -609,11 +610,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_segmenter(args: argparse.Namespace) -> ClipSegSegmenter:
+def make_segmenter(args: argparse.Namespace) -> ClipSegSegmenter | ToySegmenter:
+    if args.annotator == "toy":
+        return ToySegmenter()
     return ClipSegSegmenter(args.clipseg_model or CLIPSEG_ID, device=args.device)
 
 
-def make_scorer(args: argparse.Namespace) -> ClipScorer:
+def make_scorer(args: argparse.Namespace) -> ClipScorer | StyleScorer:
+    if args.annotator == "toy":
+        return StyleScorer()
     return ClipScorer(args.clip_model or CLIP_ID, device=args.device)
 
 

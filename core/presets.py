@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from core.tiny import build_tiny_pipeline
+from core.toy_assets import verify_assets
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_ASSETS = ASSETS / "toy"
@@ -48,6 +49,9 @@ class Preset:
     """Stage windows in t."""
     resolution: int | None = None
     """Image side in pixels; None uses the pipeline's default."""
+    assets: str | None = None
+    """Folder of shipped files whose model card lists their checksums, checked before a
+    pipeline from inside it is loaded."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,6 +89,7 @@ PRESETS: dict[str, Preset] = {
         hook_points=SD14_BLOCKS,
         sae_source=str(TOY_ASSETS / "saes"),
         resolution=64,
+        assets=str(TOY_ASSETS),
     ),
     "tiny": Preset(
         name="tiny",
@@ -126,6 +131,8 @@ def load_pipeline(
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
+        if preset.assets and Path(preset.model).resolve().is_relative_to(preset.assets):
+            verify_assets(preset.assets)
         pipe = _from_pretrained(preset.model, dtype)
     if preset.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

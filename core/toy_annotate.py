@@ -211,15 +211,22 @@ def background_style(image: Image.Image | np.ndarray) -> str:
     return "striped" if rates.min() < STRIPE_RATE_RATIO * rates.max() else "checkered"
 
 
+def _union(masks: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return np.logical_or.reduce(masks) if masks else np.zeros(shape, dtype=bool)
+
+
 class ToyAnnotator:
     """`Annotator` for shapes-world images; `label` is the shape, or "colour shape" if asked.
 
+    With `with_background`, the pixels of no object are one more annotation labelled with
+    the background's style ("striped"), so style concepts get dictionary entries too.
     The prompt is ignored: the annotation comes from the pixels alone, so it can check
     whether a generated image shows what its caption asked for.
     """
 
-    def __init__(self, with_colour: bool = False) -> None:
+    def __init__(self, with_colour: bool = False, with_background: bool = False) -> None:
         self.with_colour = with_colour
+        self.with_background = with_background
 
     def detect(self, image: Image.Image | np.ndarray) -> list[ToyDetection]:
         detections = []
@@ -232,12 +239,20 @@ class ToyAnnotator:
     def annotate(
         self, image: Image.Image | np.ndarray, prompt: str | None = None
     ) -> list[ObjectAnnotation]:
-        return [
+        array = _as_array(image)
+        detections = self.detect(array)
+        annotations = [
             ObjectAnnotation(
                 f"{d.colour} {d.shape}" if self.with_colour else d.shape, d.mask, d.score, d.box
             )
-            for d in self.detect(image)
+            for d in detections
         ]
+        if self.with_background:
+            background = ~_union([d.mask for d in detections], array.shape[:2])
+            if background.any():
+                box = tuple(float(v) for v in _box(background))
+                annotations.append(ObjectAnnotation(background_style(array), background, 1.0, box))
+        return annotations
 
     def colour_shapes(self, image: Image.Image | np.ndarray) -> list[tuple[str, str]]:
         """(colour, shape) of every object found."""
@@ -245,6 +260,40 @@ class ToyAnnotator:
 
     def background_style(self, image: Image.Image | np.ndarray) -> str:
         return background_style(image)
+
+
+class ToySegmenter:
+    """The spatial-edit evaluator's segmenter for shapes-world images (CLIPSeg's role).
+
+    `segment(image, ["star"])["star"]` is 1.0 on the pixels of every object found with
+    that shape and 0.0 elsewhere, so its centre of mass is where the stars are.
+    """
+
+    def __init__(self, annotator: ToyAnnotator | None = None) -> None:
+        self.annotator = annotator or ToyAnnotator()
+
+    def segment(
+        self, image: Image.Image | np.ndarray, words: Iterable[str]
+    ) -> dict[str, np.ndarray]:
+        array = _as_array(image)
+        detections = self.annotator.detect(array)
+        return {
+            word: _union([d.mask for d in detections if d.shape == word], array.shape[:2]).astype(
+                np.float32
+            )
+            for word in words
+        }
+
+
+class StyleScorer:
+    """The global-edit evaluator's scorer for shapes-world images (CLIP's role).
+
+    `similarity(images, "striped")` is 1.0 for an image whose background is striped and 0.0
+    otherwise, so "the score rose" means "the edit made the background that style".
+    """
+
+    def similarity(self, images: Iterable[Image.Image | np.ndarray], text: str) -> list[float]:
+        return [float(background_style(image) == text) for image in images]
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
