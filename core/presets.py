@@ -88,7 +88,6 @@ PRESETS: dict[str, Preset] = {
         guidance_scale=4.0,
         hook_points=SD14_BLOCKS,
         sae_source=str(TOY_ASSETS / "saes"),
-        resolution=64,
         assets=str(TOY_ASSETS),
     ),
     "tiny": Preset(

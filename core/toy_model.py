@@ -12,7 +12,8 @@ hooks, SAEs and interventions work on it unchanged:
 - DDIM with SD v1.4's noise schedule.
 
 `TOY_SCALES["full"]` is what the shipped weights use (about 11M parameters, 22 MB in
-fp16, which leaves room for its SAEs under 30 MB); `TOY_SCALES["smoke"]` is small enough to
+fp16, which leaves room for its SAEs under 30 MB); `TOY_SCALES["cpu"]` is a 32x32 world for
+a 2-core CPU (about half an hour of training); `TOY_SCALES["smoke"]` is small enough to
 train in the CPU tests.
 """
 
@@ -53,6 +54,14 @@ class ToyModelConfig:
 
 TOY_SCALES: dict[str, ToyModelConfig] = {
     "full": ToyModelConfig(),
+    "cpu": ToyModelConfig(
+        image_size=32,
+        vae_widths=(32, 32),
+        text_width=64,
+        unet_widths=(32, 32, 64, 64),
+        attention_heads=4,
+        norm_groups=16,
+    ),
     "smoke": ToyModelConfig(
         image_size=32,
         vae_widths=(16, 16),

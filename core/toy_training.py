@@ -70,6 +70,17 @@ class ToyTrainConfig:
 
 TRAIN_SCALES: dict[str, ToyTrainConfig] = {
     "full": ToyTrainConfig(),
+    "cpu": ToyTrainConfig(
+        scale="cpu",
+        scenes=6_000,
+        vae_steps=500,
+        vae_batch=32,
+        denoiser_steps=900,
+        denoiser_batch=64,
+        denoiser_lr=5e-4,
+        warmup_steps=50,
+        save_every=100,
+    ),
     "smoke": ToyTrainConfig(
         scale="smoke",
         scenes=64,

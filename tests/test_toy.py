@@ -43,11 +43,19 @@ def test_tokenizer_keeps_every_world_word_whole():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
-def test_full_model_has_the_paper_hook_points_and_fits_the_size_budget():
+@pytest.mark.parametrize("scale", sorted(TOY_SCALES))
+def test_every_scale_has_the_paper_hook_points(scale):
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = toy_tokenizer(folder)
+    _, _, unet = build_toy_parts(TOY_SCALES[scale], tokenizer, seed=0)
+    assert len(resolve_blocks(unet, SD14_BLOCKS)) == 3
+    assert TRAIN_SCALES[scale].model == TOY_SCALES[scale]
+
+
+def test_full_model_fits_the_size_budget():
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = toy_tokenizer(folder)
     vae, text_encoder, unet = build_toy_parts(TOY_SCALES["full"], tokenizer, seed=0)
-    assert len(resolve_blocks(unet, SD14_BLOCKS)) == 3
     widths = [m.proj_out.out_channels for m in resolve_blocks(unet, SD14_BLOCKS).values()]
     sae_bytes = 3 * sum(4 * (2 * 4 * d * d + 4 * d + d) for d in widths)  # 3 t values, fp32
     pipeline_bytes = 2 * parameter_count(vae, text_encoder, unet)  # fp16
