@@ -5,17 +5,18 @@
 1. Trains the 9 SAEs (the preset's 3 hook points x t in {1.0, 0.5, 0.0}, `cond`) with
    `core.train`, on assets/prompts/tiny.txt, with the settings of the Makefile's demo run.
 2. Generates one image per dictionary prompt (new seeds, so new images), annotates it with
-   the shapes-world annotator and builds each SAE's concept dictionary, saved beside the
-   SAE with its `spatial_means` (the top-example index) and examples.json, as
-   `core.build_dictionary` does, except for the IoU threshold (IOU_THRESHOLD).
+   the shapes-world annotator (shapes and background style) and builds each SAE's concept
+   dictionary, saved beside the SAE with its `spatial_means` (the top-example index) and
+   examples.json, as `core.build_dictionary` does, except for the IoU threshold
+   (IOU_THRESHOLD).
 3. Writes build.json: the settings and a fingerprint of the tiny pipeline's weights, which
    the SAEs only make sense for (the weights are random, fixed by a seed and torch's
    initialisers; a test compares the fingerprint).
 
 The tiny model has random weights, so its images are noise and its dictionaries sparse
 and arbitrary: they exist to exercise the app and the tools offline, not to mean anything.
-The mid block has a 2x2 grid at 32 pixels, so none of its latents matches an object and
-its dictionaries are empty. Takes a few minutes on a 2-core CPU and needs no network.
+The mid block has a 2x2 grid at 32 pixels: only backgrounds are large enough to match its
+latents. Takes a few minutes on a 2-core CPU and needs no network.
 """
 
 import argparse
@@ -53,10 +54,17 @@ IOU_THRESHOLD = 0.2
 pixels and a grid cell of the down and up blocks covers 64."""
 
 
-def pipeline_fingerprint(pipe) -> float:
-    """A number that changes when the tiny pipeline's random weights change."""
+def pipeline_fingerprint(pipe) -> dict[str, float]:
+    """Numbers that change when the tiny pipeline's random weights or vocabulary change."""
     with torch.no_grad():
-        return round(sum(float(p.double().abs().sum()) for p in pipe.unet.parameters()), 3)
+        return {
+            name: round(sum(float(p.double().abs().sum()) for p in module.parameters()), 3)
+            for name, module in (
+                ("unet", pipe.unet),
+                ("vae", pipe.vae),
+                ("text_encoder", pipe.text_encoder),
+            )
+        } | {"vocabulary": len(pipe.tokenizer)}
 
 
 def train_saes(out: Path) -> None:
@@ -91,7 +99,7 @@ def gather_evidence(
     pipe, bank: SAEBank, prompts: Sequence[str], resolution: int, steps: int, guidance_scale: float
 ) -> Gathered:
     """`core.build_dictionary.gather` with the tiny model's IoU threshold."""
-    annotator = ToyAnnotator()
+    annotator = ToyAnnotator(with_background=True)
     builders = {
         key: DictionaryBuilder(key, bank[key].cfg.num_latents, iou_threshold=IOU_THRESHOLD)
         for key in bank
