@@ -1,0 +1,215 @@
+"""The core services behind the app, called directly on the shipped tiny preset."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import inspection
+from core.attention_maps import token_positions, trace_cross_attention
+from core.emergence import default_words, iou_figure, run_emergence, step_panels
+from core.inputs import check_prompt, check_seed, check_steps, parse_words
+from core.model_cache import ModelCache
+from core.presets import ASSETS
+from core.render import difference_map, heat_map, overlay
+from core.steer_compare import SteerRequest, run_steer
+from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
+from tests.test_hooks import hook_count
+
+UP = "up_blocks.1.attentions.0"
+MID = "mid_block.attentions.0"
+PROMPT = "a red circle and a blue star"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.set_num_threads(1)
+    return ModelCache().get("tiny")
+
+
+def processors(pipe) -> list[str]:
+    return [type(p).__name__ for p in pipe.unet.attn_processors.values()]
+
+
+def test_shipped_tiny_assets_match_the_tiny_pipeline(loaded):
+    build = json.loads(BUILD_FILE.read_text())
+    assert build["pipeline"]["fingerprint"] == pipeline_fingerprint(loaded.pipe), (
+        "the tiny pipeline changed since its SAEs were trained; run "
+        "`python -m scripts.build_tiny_assets` and commit assets/tiny"
+    )
+    size = sum(p.stat().st_size for p in (ASSETS / "tiny").rglob("*") if p.is_file())
+    assert size < 5e6
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "fragment"),
+    [
+        (check_prompt, "", "empty"),
+        (check_prompt, "x" * 10_000, "10,000 characters"),
+        (check_seed, "abc", "must be a number"),
+        (check_seed, 1.5, "whole number"),
+        (check_seed, float("nan"), "finite"),
+        (check_steps, 0, "from 1 to"),
+        (check_steps, 10_000, "from 1 to"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_sentence(check, value, fragment):
+    with pytest.raises(ValueError, match=fragment) as info:
+        check(value)
+    message = str(info.value)
+    assert message[0].isupper() and message.endswith(".") and message.count(". ") == 0
+
+
+def test_good_settings_come_back_typed():
+    assert check_seed("42") == 42 and check_seed(7.0) == 7
+    assert check_steps(10.0) == 10
+    assert parse_words(" Cat, teddy  bear ;cat") == ["cat", "teddy bear"]
+
+
+def test_cross_attention_trace_leaves_generation_and_processors_unchanged(loaded):
+    pipe = loaded.pipe
+    before = processors(pipe)
+
+    def generate():
+        return loaded.generate([PROMPT], [3], 4)[0]
+
+    plain = np.asarray(generate())
+    with trace_cross_attention(pipe, PROMPT, ["circle", "star", "dog"]) as trace:
+        traced = np.asarray(generate())
+    assert np.array_equal(plain, traced)
+    assert processors(pipe) == before
+    assert trace.words == ["circle", "star"] and trace.missing == ["dog"]
+    maps = trace.stacked("circle")
+    assert maps.shape == (4, 1, 16, 16) and len(trace.steps) == 4
+    assert trace.steps[0] > trace.steps[-1]
+    assert torch.all(maps > 0)
+
+
+def test_processors_are_restored_when_generation_fails(loaded):
+    before = processors(loaded.pipe)
+    with pytest.raises(RuntimeError), trace_cross_attention(loaded.pipe, PROMPT, ["circle"]):
+        raise RuntimeError("boom")
+    assert processors(loaded.pipe) == before
+    assert hook_count(loaded.pipe) == 0
+
+
+def test_token_positions_find_plurals_and_skip_unknown_words(loaded):
+    tokenizer = loaded.pipe.tokenizer
+    assert token_positions(tokenizer, "a red circle", "circle") == [3]
+    assert token_positions(tokenizer, "two cats", "cat")
+    assert token_positions(tokenizer, "a red circle", "square") == []
+
+
+def test_emergence_predicts_every_step_and_scores_it(loaded):
+    result = run_emergence(loaded, PROMPT, 0, 5, UP, "cond")
+    assert result.words == ["circle", "star"]
+    assert len(result.steps) == 5 and result.ts == sorted(result.ts, reverse=True)
+    for word in result.words:
+        assert len(result.ious[word]) == 5 and all(0 <= v <= 1 for v in result.ious[word])
+        assert len(result.attention_ious[word]) == 5
+        assert result.references[word][1] in ("annotation", "last step")
+    panels = step_panels(result, 2)
+    assert len(panels) == 3 * len(result.words)
+    assert all(image.size == (256, 256) for image, _ in panels)
+    assert "t=" in panels[0][1]
+    assert iou_figure(result).axes[0].get_legend() is not None
+    assert hook_count(loaded.pipe) == 0
+
+
+def test_emergence_target_words_fall_back_sensibly(loaded):
+    words, how = default_words(loaded, "a photo of a red car in the sky", UP, "cond")
+    assert words == ["car", "sky"] and "word vector" in how
+    with pytest.raises(ValueError, match="No word vector for 'qzxv'"):
+        run_emergence(loaded, PROMPT, 0, 2, UP, "cond", "qzxv")
+    with pytest.raises(ValueError, match="not a hook point"):
+        run_emergence(loaded, PROMPT, 0, 2, "up_blocks.0.attentions.0", "cond")
+
+
+def test_steering_changes_the_image_only_when_it_edits(loaded):
+    request = SteerRequest(PROMPT, 1, UP, word="star", stage="early")
+    result = run_steer(loaded, request)
+    assert result.before.size == result.after.size == (32, 32)
+    assert result.metrics["mean_abs_pixel_difference"] > 0
+    assert result.metrics["edited_steps"] != "0 of 10"
+    assert isinstance(result.metrics["lpips"], str | float)
+    zero = run_steer(loaded, SteerRequest(PROMPT, 1, UP, word="star", strength=0))
+    assert zero.metrics["mean_abs_pixel_difference"] == 0
+    assert np.array_equal(np.asarray(zero.before), np.asarray(result.before))
+    assert hook_count(loaded.pipe) == 0
+
+
+def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
+    mask = np.zeros((100, 100))
+    mask[:40, 60:] = 1
+    request = SteerRequest(
+        PROMPT, 2, UP, stage="custom", t_range=(0.3, 0.9), cid=5, cid_t=0.5, mask=mask
+    )
+    result = run_steer(loaded, request)
+    assert result.metrics["cids"] == {"t=0.5": [5]}
+    assert result.metrics["edit"].startswith("spatial, custom stage (t in [0.3, 0.9])")
+    assert result.difference.size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"mask": np.zeros((8, 8))}, "mask is empty"),
+        ({"mask": np.ones((8, 8))}, "whole image"),
+        ({"strength": float("nan")}, "finite"),
+        ({"strength": 1e12}, "between 0 and 100000"),
+        ({"word": "qzxv"}, "no concept of"),
+        ({"word": "", "cid": 9999}, "from 0 to 255"),
+        ({"stage": "custom", "t_range": (0.9, 0.1)}, "t_min <= t_max"),
+        ({"branch": "uncond"}, "no SAE for"),
+    ],
+)
+def test_bad_steering_requests_say_what_is_wrong(loaded, changes, fragment):
+    fields = {"prompt": PROMPT, "seed": 0, "block": UP, "word": "star", **changes}
+    with pytest.raises(ValueError, match=fragment):
+        run_steer(loaded, SteerRequest(**fields))
+    assert hook_count(loaded.pipe) == 0
+
+
+def test_concept_card_search_and_pictures(loaded):
+    found, how = inspection.search(loaded, UP, 0.5, "cond", "star")
+    assert found and how == "labelled 'star'"
+    cid = found[0][0]
+    card = inspection.concept_card(loaded, UP, 0.5, "cond", cid)
+    assert [row[0] for row in card.entry].count("star") == 1
+    assert card.stats["frequency rank"].endswith("of 256")
+    assert {row[0] for row in card.nearest} == {"label embedding", "decoder direction"}
+    panels, note = inspection.top_examples(loaded, UP, 0.5, "cond", cid, count=3)
+    assert 1 <= len(panels) <= 3 and "shipped index" in note
+    picture, heat, caption = inspection.activation_on(loaded, UP, 0.5, "cond", cid, PROMPT, 0)
+    assert picture.size == heat.size == (256, 256) and f"CID {cid}" in caption
+    icon = inspection.feature_icon(loaded, UP, 0.5, "cond", cid, 10, 0)
+    blank_prompt = loaded.generate([""], [0], loaded.preset.steps)[0]
+    assert not np.array_equal(np.asarray(icon), np.asarray(blank_prompt))
+
+
+def test_unlabelled_concepts_and_words_without_concepts(loaded):
+    card = inspection.concept_card(loaded, MID, 0.5, "cond", 3)
+    assert card.entry == [] or all(row[1] >= 1 for row in card.entry)
+    found, how = inspection.search(loaded, UP, 0.5, "cond", "car")
+    assert "nearest by word vector" in how and len(found) == 5
+    with pytest.raises(ValueError, match="from 0 to 255"):
+        inspection.concept_card(loaded, UP, 0.5, "cond", 256)
+
+
+def test_renderings_have_the_display_size():
+    image = Image.new("RGB", (32, 32), "blue")
+    assert overlay(image, np.eye(4)).size == (256, 256)
+    assert heat_map(np.array([[0.0, math.nan]])).getpixel((200, 0)) == (128, 128, 128)
+    unchanged = np.asarray(difference_map(image, image))
+    assert (unchanged == unchanged[0, 0]).all()
+
+
+def test_presets_that_cannot_load_say_why():
+    cache = ModelCache()
+    with pytest.raises(ValueError, match="no SAEs configured"):
+        cache.get("sd14")
+    with pytest.raises(ValueError, match="Unknown preset"):
+        cache.get("sd15")
