@@ -7,6 +7,8 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+SUDO  := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test
 
@@ -16,10 +18,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(PY) -m core.train --preset tiny --prompts assets/prompts/tiny.txt --out runs/tiny-demo \
-		--overwrite --batch-size 64 --buffer-size 256 --lr 1e-3
+# The browser tests drive Debian's chromium (Playwright cannot download browsers offline).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
-test: $(STAMP)
+run: $(STAMP)
+	$(PY) app.py
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q

@@ -1,0 +1,484 @@
+"""Watch concepts emerge inside a text-to-image diffusion model, and steer with them.
+
+    python app.py                       # the offline default preset, on 127.0.0.1:7860
+    python app.py --preset sd14 --sd14-saes user/sd14-saes
+
+The user interface only: every computation is in `core` (emergence, steer_compare,
+inspection), and errors a person can act on become `gr.Error` messages.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import gradio as gr
+import numpy as np
+import torch
+
+from core.cli import USER_ERRORS
+from core.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
+from core.inputs import MAX_STEPS
+from core.inspection import activation_on, concept_card, feature_icon, search, top_examples
+from core.model_cache import SD14_SAES_ENV, ModelCache
+from core.presets import PRESETS, default_preset_name
+from core.steer import DEFAULT_STRENGTH, QUADRANTS
+from core.steer_compare import BRANCH_CHOICES, STAGE_CHOICES, SteerRequest, run_steer, strength_of
+
+try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached while a decorated call runs
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:
+
+    def gpu(fn: Callable) -> Callable:
+        return fn
+
+
+PRESET_ENV = "APP_PRESET"
+MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
+"""Every event that runs a model shares one queue slot: one generation at a time."""
+LIGHT = {"concurrency_limit": None}
+PROGRESS = gr.Progress()
+"""The handlers' progress argument; gradio reports through it per request."""
+
+ABOUT = {
+    "tiny": "random weights in SD v1.4's block layout, 32 px: images are noise and concepts "
+    "arbitrary; it runs offline in seconds and exercises every view",
+    "toy": "the embedded shapes-world model (coloured shapes on patterned backgrounds, 64 px), "
+    "offline",
+    "sd14": "Stable Diffusion v1.4, 512 px, DDIM 50 (paper 1); SAEs from the repo named by "
+    f"--sd14-saes or {SD14_SAES_ENV}; wants a GPU",
+    "sdxl-turbo": "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
+    "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID",
+}
+DEFAULTS = {
+    "tiny": {"word": "star", "steer_block": "up_blocks.1.attentions.0"},
+    "toy": {"word": "circle", "steer_block": "mid_block.attentions.0"},
+    "sd14": {"word": "cat", "steer_block": "mid_block.attentions.0"},
+    "sdxl-turbo": {"word": "", "steer_block": "down_blocks.2.attentions.1"},
+}
+EXAMPLE_PROMPTS = [
+    ["a red circle and a blue star"],
+    ["a photo of a red car in the sky"],
+    ["a painting of a cat on a table"],
+]
+
+
+class Slider(gr.Slider):
+    """A slider that refuses an out-of-range or non-numeric value (from an API client)
+    with a sentence naming the setting, rather than gradio's generic message."""
+
+    is_template = True  # rendered by the page as a plain slider
+
+    def preprocess(self, payload: float) -> float:
+        try:
+            return super().preprocess(payload)
+        except (gr.Error, TypeError, ValueError):
+            raise gr.Error(
+                f"The setting {self.label!r} must be a number from {self.minimum:g} to "
+                f"{self.maximum:g}, got {payload!r}."
+            ) from None
+
+
+def sentence(error: BaseException) -> str:
+    """An exception's message as one sentence: capitalised, ending with a full stop."""
+    text = str(error.args[0]) if error.args else type(error).__name__
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the core's errors into `gr.Error`s; the server keeps serving either way."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as error:
+            raise gr.Error(sentence(error)) from error
+        except RuntimeError as error:
+            message = f"The request failed ({sentence(error)}) Try fewer steps or another preset."
+            raise gr.Error(message) from error
+
+    return wrapper
+
+
+def progress_hooks(progress: gr.Progress) -> dict:
+    """The core's callbacks, reported to the page: loading, then one tick per step."""
+    return {
+        "on_load": lambda name: progress(0, desc=f"loading the {name} preset"),
+        "on_step": lambda done, total: progress((done, total), desc="denoising", unit="steps"),
+    }
+
+
+def preferred_block(preset: str, tab: str) -> str:
+    blocks = PRESETS[preset].hook_points
+    if tab == "steer":
+        return DEFAULTS.get(preset, {}).get("steer_block", blocks[0])
+    return "up_blocks.1.attentions.0" if "up_blocks.1.attentions.0" in blocks else blocks[-1]
+
+
+def canvas_mask(value: dict | None) -> np.ndarray | None:
+    """The drawn region of an image-editor value: where any layer is painted."""
+    if not value:
+        return None
+    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    if painted:
+        return np.logical_or.reduce(painted)
+    background, composite = value.get("background"), value.get("composite")
+    if background is None or composite is None:
+        return None
+    difference = np.abs(np.asarray(composite, float) - np.asarray(background, float))
+    return difference[..., :3].sum(axis=-1) > 0
+
+
+def blank_canvas(side: int = 256) -> dict:
+    white = np.full((side, side, 3), 255, dtype=np.uint8)
+    return {"background": white, "layers": [], "composite": white}
+
+
+class App:
+    """The event handlers, over one model cache."""
+
+    def __init__(self, cache: ModelCache) -> None:
+        self.cache = cache
+
+    def status(self, preset: str) -> str:
+        if preset not in PRESETS:
+            raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        state = "loaded" if self.cache.is_loaded(preset) else "loads on first use"
+        lines = [f"**Preset `{preset}`** ({state}): {ABOUT.get(preset, PRESETS[preset].model)}."]
+        if self.cache.is_loaded(preset):
+            loaded = self.cache.get(preset)
+            lines.append(
+                f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
+                f"from `{loaded.preset.sae_source}`."
+            )
+            lines += [f"Note: {note}" for note in loaded.notes]
+        return "\n\n".join(lines)
+
+    def select_preset(self, preset: str) -> tuple:
+        status = self.status(preset)
+        blocks = list(PRESETS[preset].hook_points)
+        steps = PRESETS[preset].steps
+
+        def dropdown(tab: str) -> gr.Dropdown:
+            return gr.Dropdown(choices=blocks, value=preferred_block(preset, tab))
+
+        word = DEFAULTS.get(preset, {}).get("word", "")
+        return (
+            status, dropdown("emergence"), dropdown("steer"), dropdown("inspect"),
+            gr.Slider(value=steps), gr.Textbox(value=word),
+        )  # fmt: skip
+
+    @gpu
+    @user_errors
+    def emergence(self, preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
+        hooks = progress_hooks(progress)
+        with self.cache.using(preset, hooks["on_load"]) as loaded:
+            result = run_emergence(
+                loaded, prompt, seed, steps, block, branch, words, hooks["on_step"]
+            )
+        last = len(result.steps) - 1
+        return (
+            result.image, iou_figure(result), gr.Slider(maximum=last, value=last),
+            step_panels(result, last), emergence_summary(preset, result), result,
+        )  # fmt: skip
+
+    @user_errors
+    def emergence_step(self, result: EmergenceResult | None, index: float) -> list:
+        if result is None:
+            raise gr.Error("Run the emergence view first; the slider then moves through its steps.")
+        return step_panels(result, int(index))
+
+    @user_errors
+    def default_strength(self, kind: str, stage: str, t_min: float, t_max: float) -> tuple:
+        """The paper's strength for the type and stage; the t range shows for "custom"."""
+        request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
+        return gr.Number(value=strength_of(request)), gr.Row(visible=stage == "custom")
+
+    @gpu
+    @user_errors
+    def steer(
+        self, preset, prompt, seed, block, branch, concept_by, word, cid, cid_t, kind, stage,
+        t_min, t_max, strength, region_by, quadrant, canvas, progress=PROGRESS,
+    ):  # fmt: skip
+        mask = None
+        if kind == "spatial" and region_by == "drawn":
+            mask = canvas_mask(canvas)
+            if mask is None:
+                raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
+        request = SteerRequest(
+            prompt, seed, block, kind, stage, (t_min, t_max), strength, branch,
+            word if concept_by == "word" else "", cid, cid_t, quadrant, mask,
+        )  # fmt: skip
+        hooks = progress_hooks(progress)
+        with self.cache.using(preset, hooks["on_load"]) as loaded:
+            result = run_steer(loaded, request, hooks["on_step"])
+        return (result.before, result.after), result.difference, result.metrics
+
+    @gpu
+    @user_errors
+    def search_concepts(self, preset, block, t, branch, word, runs, progress=PROGRESS):
+        """Concepts for a word; the best becomes the CID and `runs` + 1 starts inspecting."""
+        with self.cache.using(preset, progress_hooks(progress)["on_load"]) as loaded:
+            found, how = search(loaded, block, t, branch, word)
+        choices = [(f"CID {cid}: {labels}", cid) for cid, labels in found]
+        best = found[0][0]
+        return gr.Dropdown(choices=choices, value=best), best, f"Found: {how}.", runs + 1
+
+    @gpu
+    @user_errors
+    def inspect_concept(self, preset, block, t, branch, cid, progress=PROGRESS):
+        with self.cache.using(preset, progress_hooks(progress)["on_load"]) as loaded:
+            card = concept_card(loaded, block, t, branch, cid)
+        notes = "; ".join(card.notes) or f"CID {card.cid} of the SAE at t={card.key.t}"
+        return card.entry, card.stats, card.nearest, notes
+
+    @gpu
+    @user_errors
+    def top_examples(self, preset, block, t, branch, cid, progress=PROGRESS):
+        hooks = progress_hooks(progress)
+        with self.cache.using(preset, hooks["on_load"]) as loaded:
+            panels, note = top_examples(loaded, block, t, branch, cid, on_step=hooks["on_step"])
+        return panels, note
+
+    @gpu
+    @user_errors
+    def activation_map(self, preset, block, t, branch, cid, prompt, seed, progress=PROGRESS):
+        hooks = progress_hooks(progress)
+        with self.cache.using(preset, hooks["on_load"]) as loaded:
+            return activation_on(loaded, block, t, branch, cid, prompt, seed, hooks["on_step"])
+
+    @gpu
+    @user_errors
+    def feature_icon(self, preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
+        hooks = progress_hooks(progress)
+        with self.cache.using(preset, hooks["on_load"]) as loaded:
+            return feature_icon(loaded, block, t, branch, cid, strength, seed, hooks["on_step"])
+
+
+def emergence_summary(preset: str, result: EmergenceResult) -> str:
+    lines = [
+        f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
+        f"{len(result.steps)} steps.",
+        *[f"- {note}" for note in result.notes],
+        "- Panels per word: the predicted mask on the final image, the similarity of each "
+        "position's top labelled concept with the word (grey: none fires), and the word's "
+        "cross-attention (DAAM-style baseline).",
+    ]
+    return "\n".join(lines)
+
+
+def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
+    app = App(cache)
+    blocks = list(PRESETS[preset].hook_points)
+    with gr.Blocks(title="Concept emergence and steering") as demo:
+        gr.Markdown(
+            "# Concepts inside a diffusion model\n"
+            "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "
+            "blocks turn every position of every denoising step into a few concepts. "
+            "**emergence**: where each word will appear, predicted from the first steps. "
+            "**steer**: move or add a concept during one stage of generation. "
+            "**inspect**: what one concept is."
+        )
+        with gr.Row():
+            preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
+            status = gr.Markdown(elem_id="status")
+        with gr.Tab("emergence"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    e_prompt = gr.Textbox("a red circle and a blue star", label="prompt")
+                    with gr.Row():
+                        e_seed = gr.Number(0, label="seed")
+                        e_steps = Slider(1, MAX_STEPS, PRESETS[preset].steps, step=1, label="steps")
+                    e_block = gr.Dropdown(
+                        blocks, value=preferred_block(preset, "emergence"), label="block"
+                    )
+                    e_branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+                    e_words = gr.Textbox(
+                        "", label="target words (comma-separated; empty: the prompt's nouns)"
+                    )
+                    e_run = gr.Button("generate and predict", variant="primary")
+                    gr.Examples(EXAMPLE_PROMPTS, [e_prompt])
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        e_image = gr.Image(label="final image", height=256, format="png")
+                        e_plot = gr.Plot(label="IoU of the predicted masks vs t")
+                    e_step = Slider(0, 1, 0, step=1, label="step (0 = first, noisiest)")
+                    e_gallery = gr.Gallery(
+                        label="at this step", columns=3, height="auto", format="png"
+                    )
+                    e_summary = gr.Markdown()
+            e_state = gr.State(None)
+        with gr.Tab("steer"), gr.Row():
+            with gr.Column(scale=1):
+                s_prompt = gr.Textbox("a red circle and a blue star", label="prompt")
+                s_seed = gr.Number(0, label="seed")
+                s_block = gr.Dropdown(blocks, value=preferred_block(preset, "steer"), label="block")
+                s_branch = gr.Radio(list(BRANCH_CHOICES), value="cond", label="branch")
+                s_by = gr.Radio(["word", "CID"], value="word", label="concept by")
+                with gr.Row():
+                    s_word = gr.Textbox(DEFAULTS.get(preset, {}).get("word", ""), label="word")
+                    s_cid = gr.Number(0, label="CID", precision=0)
+                    s_cid_t = Slider(0, 1, 1.0, step=0.05, label="CID of the SAE at t")
+                s_kind = gr.Radio(["spatial", "global", "ablate"], value="spatial", label="type")
+                s_stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
+                with gr.Row(visible=False) as s_range:
+                    s_t_min = Slider(0, 1, 0.6, step=0.05, label="t from")
+                    s_t_max = Slider(0, 1, 1.0, step=0.05, label="t to")
+                s_strength = gr.Number(
+                    DEFAULT_STRENGTH["spatial"]["early"], label="strength (paper default)"
+                )
+                s_region = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
+                s_quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
+                s_canvas = gr.ImageEditor(
+                    blank_canvas(), type="numpy", label="draw the region (with 'drawn')",
+                    sources=(), transforms=(), layers=False, height=300,
+                    brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
+                )  # fmt: skip
+                s_run = gr.Button("generate before and after", variant="primary")
+            with gr.Column(scale=1):
+                s_pair = gr.ImageSlider(label="before | after (same seed)", format="png")
+                s_diff = gr.Image(label="difference", height=256, format="png")
+                s_metrics = gr.JSON(label="what changed")
+        with gr.Tab("inspect"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    i_block = gr.Dropdown(
+                        blocks, value=preferred_block(preset, "inspect"), label="block"
+                    )
+                    i_t = Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
+                    i_branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+                    i_cid = gr.Number(0, label="CID", precision=0)
+                    with gr.Row():
+                        i_word = gr.Textbox("", label="search by word")
+                        i_search = gr.Button("search")
+                    i_found = gr.Dropdown([], label="concepts found", interactive=True)
+                    i_prompt = gr.Textbox("a red circle and a blue star", label="new generation")
+                    with gr.Row():
+                        i_seed = gr.Number(0, label="seed")
+                        i_icon_strength = gr.Number(10.0, label="icon strength")
+                    i_run = gr.Button("inspect", variant="primary")
+                with gr.Column(scale=2):
+                    i_note = gr.Markdown()
+                    with gr.Row():
+                        i_entry = gr.Dataframe(
+                            headers=["label", "count", "mean IoU"], label="dictionary entry"
+                        )
+                        i_stats = gr.JSON(label="firing statistics")
+                    i_nearest = gr.Dataframe(
+                        headers=["by", "CID", "cosine", "labels"], label="nearest concepts"
+                    )
+                    i_examples = gr.Gallery(label="top-activating examples", columns=6, height=220)
+                    i_examples_note = gr.Markdown()
+                    with gr.Row():
+                        i_overlay = gr.Image(label="activation on the new generation", height=256)
+                        i_heat = gr.Image(label="activation map", height=256)
+                        i_icon = gr.Image(label="feature icon", height=256)
+                    i_caption = gr.Markdown()
+            i_runs = gr.State(0)
+
+        demo.load(app.status, preset_box, status, api_name="status", **LIGHT)
+        preset_box.change(
+            app.select_preset, preset_box,
+            [status, e_block, s_block, i_block, e_steps, s_word],
+            api_name="select_preset", **LIGHT,
+        )  # fmt: skip
+        e_run.click(
+            app.emergence,
+            [preset_box, e_prompt, e_seed, e_steps, e_block, e_branch, e_words],
+            [e_image, e_plot, e_step, e_gallery, e_summary, e_state],
+            api_name="emergence", **MODEL,
+        ).then(
+            app.status, preset_box, status, api_name="status_after_emergence", **LIGHT
+        )  # fmt: skip
+        e_step.release(
+            app.emergence_step, [e_state, e_step], e_gallery, api_name="emergence_step", **LIGHT
+        )
+        gr.on(
+            [s_kind.change, s_stage.change, s_t_min.release, s_t_max.release],
+            app.default_strength, [s_kind, s_stage, s_t_min, s_t_max], [s_strength, s_range],
+            api_name="default_strength", **LIGHT,
+        )  # fmt: skip
+        s_run.click(
+            app.steer,
+            [preset_box, s_prompt, s_seed, s_block, s_branch, s_by, s_word, s_cid, s_cid_t,
+             s_kind, s_stage, s_t_min, s_t_max, s_strength, s_region, s_quadrant, s_canvas],
+            [s_pair, s_diff, s_metrics],
+            api_name="steer", **MODEL,
+        )  # fmt: skip
+        key = [preset_box, i_block, i_t, i_branch, i_cid]
+        i_run.click(lambda runs: runs + 1, i_runs, i_runs, api_name="request_inspect", **LIGHT)
+        i_search.click(
+            app.search_concepts, [preset_box, i_block, i_t, i_branch, i_word, i_runs],
+            [i_found, i_cid, i_note, i_runs], api_name="search_concepts", **MODEL,
+        )  # fmt: skip
+        i_found.input(
+            lambda cid, runs: (cid, runs + 1), [i_found, i_runs], [i_cid, i_runs],
+            api_name="pick_concept", **LIGHT,
+        )  # fmt: skip
+        (
+            i_runs.change(app.inspect_concept, key, [i_entry, i_stats, i_nearest, i_note],
+                          api_name="inspect_concept", **MODEL)
+            .success(app.top_examples, key, [i_examples, i_examples_note],
+                     api_name="top_examples", **MODEL)
+            .success(app.activation_map, [*key, i_prompt, i_seed], [i_overlay, i_heat, i_caption],
+                     api_name="activation_map", **MODEL)
+            .success(app.feature_icon, [*key, i_icon_strength, i_seed], i_icon,
+                     api_name="feature_icon", **MODEL)
+        )  # fmt: skip
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--preset",
+        default=os.environ.get(PRESET_ENV) or default_preset_name(),
+        choices=list(PRESETS),
+        help=f"preset selected when the page opens (env {PRESET_ENV}; default: the offline one)",
+    )
+    p.add_argument("--sd14-saes", help=f"SAE repo or folder for sd14 (env {SD14_SAES_ENV})")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, help="port (default 7860, or GRADIO_SERVER_PORT)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (on a busy small machine, 2 threads spinning against "
+        "other processes can make a generation 100 times slower than 1)",
+    )
+    p.add_argument("--no-preload", action="store_true", help="load the preset on first use only")
+    return p.parse_args(argv)
+
+
+def preload(cache: ModelCache, preset: str) -> None:
+    """Load the first preset in the background, so the first request does not wait for it."""
+    try:
+        with cache.using(preset) as loaded:
+            loaded.word_vectors()
+            loaded.annotator()
+    except USER_ERRORS as error:
+        print(f"could not preload {preset}: {sentence(error)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = ModelCache({"sd14": args.sd14_saes}, device=args.device)
+    demo = build_demo(cache, args.preset)
+    if not args.no_preload:
+        threading.Thread(target=preload, args=(cache, args.preset), daemon=True).start()
+    demo.queue(max_size=64).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

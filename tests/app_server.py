@@ -1,0 +1,62 @@
+"""`python app.py`, started once per test session on a free port of 127.0.0.1.
+
+The API and browser tests share the one server (starting it costs seconds); it is stopped
+when the test process exits. The app runs as a user runs it: its own process, offline,
+the default preset.
+"""
+
+import atexit
+import functools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def app_url() -> str:
+    """Start the app (once) and return its URL when the page answers."""
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="app-")) / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    atexit.register(_stop, process)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with code {process.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the app did not answer within {STARTUP_TIMEOUT} s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()

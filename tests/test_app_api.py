@@ -1,0 +1,194 @@
+"""Every endpoint of `python app.py`, through gradio_client, on the default offline preset."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from tests.app_server import app_url
+
+PRESET = "tiny"
+UP = "up_blocks.1.attentions.0"
+PROMPT = "a red circle and a blue star"
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    return Client(app_url(), verbose=False)
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def emergence(client: Client, seed: int = 0, **changes) -> tuple:
+    args = {"preset": PRESET, "prompt": PROMPT, "seed": seed, "steps": 10, "block": UP,
+            "branch": "cond", "words": "", **changes}  # fmt: skip
+    return client.predict(*args.values(), api_name="/emergence")
+
+
+def steer(client: Client, seed: int = 0, **changes) -> tuple:
+    args = {"preset": PRESET, "prompt": PROMPT, "seed": seed, "block": UP, "branch": "cond",
+            "concept_by": "word", "word": "star", "cid": 0, "cid_t": 1.0, "kind": "spatial",
+            "stage": "early", "t_min": 0.6, "t_max": 1.0, "strength": 4000,
+            "region_by": "quadrant", "quadrant": "top_left", "canvas": None, **changes}  # fmt: skip
+    return client.predict(*args.values(), api_name="/steer")
+
+
+def canvas(tmp_path: Path, painted: tuple[slice, slice] | None) -> dict:
+    """An image-editor value: a white background and one layer painted where asked."""
+    background = tmp_path / "background.png"
+    Image.new("RGB", (64, 64), "white").save(background)
+    layer = np.zeros((64, 64, 4), dtype=np.uint8)
+    if painted is not None:
+        layer[painted] = (224, 32, 32, 255)
+    Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
+    files = [handle_file(str(tmp_path / name)) for name in ("background.png", "layer.png")]
+    return {"background": files[0], "layers": [files[1]], "composite": files[0]}
+
+
+def test_status_and_preset_switch(client):
+    assert "Preset `tiny`" in client.predict(PRESET, api_name="/status")
+    status, *blocks, steps, word = client.predict(PRESET, api_name="/select_preset")
+    assert "tiny" in status
+    assert all(update["value"] in ("up_blocks.1.attentions.0",) for update in blocks)
+    assert steps["value"] == 10 and word["value"] == "star"
+
+
+def test_emergence_and_its_step_slider(client):
+    image, plot, step, panels, summary = emergence(client)
+    assert pixels(image).shape == (32, 32, 3)
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
+    assert step["maximum"] == 9 and step["value"] == 9
+    assert len(panels) == 6 and panels[0]["caption"] == "circle: mask, t=0.00"
+    assert "target words: circle, star" in summary
+    earlier = client.predict(2, api_name="/emergence_step")
+    assert len(earlier) == 6 and earlier[0]["caption"] == "circle: mask, t=0.70"
+    assert client.predict(PRESET, api_name="/status_after_emergence").count("loaded") == 1
+
+
+def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
+    (before, after), difference, changes = steer(client)
+    assert pixels(before).shape == pixels(after).shape == (32, 32, 3)
+    assert not np.array_equal(pixels(before), pixels(after))
+    assert pixels(difference).shape[:2] == (256, 256)
+    assert changes["concept"] == "'star'" and changes["mean_abs_pixel_difference"] > 0
+    drawn = canvas(tmp_path, (slice(0, 32), slice(32, 64)))
+    (before2, _), _, changes = steer(
+        client, concept_by="CID", cid=5, cid_t=0.5, region_by="drawn", canvas=drawn
+    )
+    assert changes["cids"] == {"t=0.5": [5]}
+    assert np.array_equal(pixels(before), pixels(before2))
+
+
+def test_default_strength_follows_type_and_stage(client):
+    strength = client.predict("global", "middle", 0.6, 1.0, api_name="/default_strength")
+    assert strength["value"] == 10.0
+    strength = client.predict("spatial", "custom", 0.7, 0.9, api_name="/default_strength")
+    assert strength["value"] == 4000.0
+
+
+def test_inspect_endpoints(client):
+    found, cid, note = client.predict(PRESET, UP, 0.5, "cond", "star", api_name="/search_concepts")
+    assert "labelled 'star'" in note and found["value"] == cid
+    assert client.predict(cid, api_name="/pick_concept") == cid
+    assert client.predict(api_name="/request_inspect") == ()
+    entry, stats, nearest, _ = client.predict(
+        PRESET, UP, 0.5, "cond", cid, api_name="/inspect_concept"
+    )
+    assert "star" in [row[0] for row in entry["data"]]
+    assert stats["sae"] == f"{UP}, t=0.5, cond"
+    assert len(nearest["data"]) == 10
+    examples, note = client.predict(PRESET, UP, 0.5, "cond", cid, api_name="/top_examples")
+    assert examples and "shipped index" in note
+    overlay, heat, caption = client.predict(
+        PRESET, UP, 0.5, "cond", cid, PROMPT, 0, api_name="/activation_map"
+    )
+    assert pixels(overlay).shape == pixels(heat).shape == (256, 256, 3)
+    assert f"CID {cid}" in caption
+    icon = client.predict(PRESET, UP, 0.5, "cond", cid, 10.0, 0, api_name="/feature_icon")
+    assert pixels(icon).shape == (32, 32, 3)
+
+
+BAD_INPUTS = [
+    ("/emergence", {"prompt": ""}, "The prompt is empty"),
+    ("/emergence", {"prompt": "a cat " * 1700}, "characters long"),
+    ("/emergence", {"steps": 0}, "'steps' must be a number from 1 to 150, got 0"),
+    ("/emergence", {"steps": 10_000}, "from 1 to 150, got 10000"),
+    ("/emergence", {"seed": "abc"}, "The seed must be a number, got 'abc'"),
+    ("/emergence", {"words": "qzxv"}, "No word vector for 'qzxv'"),
+    ("/emergence", {"block": "up_blocks.0.attentions.1"}, "is not in the list of choices"),
+    ("/emergence", {"preset": "sdxl-turbo", "block": "mid_block.attentions.0"}, "Could not load"),
+    ("/steer", {"word": "qzxv"}, "is labelled 'qzxv' at any t"),
+    ("/steer", {"strength": "nan"}, "The strength must be a finite number"),
+    ("/steer", {"strength": 1e300}, "between 0 and 100000"),
+    ("/steer", {"seed": "seven"}, "The seed must be a number"),
+    ("/steer", {"region_by": "drawn", "canvas": "blank"}, "The mask is empty"),
+    ("/steer", {"region_by": "drawn", "canvas": "full"}, "covers the whole image"),
+    ("/steer", {"region_by": "drawn", "canvas": None}, "Draw the region on the canvas first"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "changes", "message"), BAD_INPUTS)
+def test_bad_input_is_one_readable_error_and_the_server_keeps_serving(
+    client, tmp_path, endpoint, changes, message
+):
+    if isinstance(changes.get("canvas"), str):
+        full = (slice(None), slice(None))
+        changes["canvas"] = canvas(tmp_path, full if changes["canvas"] == "full" else None)
+    call = emergence if endpoint == "/emergence" else steer
+    with pytest.raises(AppError) as error:
+        call(client, **changes)
+    assert message in str(error.value)
+    assert "Traceback" not in str(error.value)
+    assert "Preset `tiny`" in client.predict(PRESET, api_name="/status")
+
+
+def test_switching_presets_offline_is_a_message_not_a_crash():
+    client = Client(app_url(), verbose=False)
+    blocks = client.predict("sdxl-turbo", api_name="/select_preset")[1]
+    assert blocks["value"] == "up_blocks.0.attentions.1"
+    with pytest.raises(AppError, match="Could not load the pipeline 'stabilityai/sdxl-turbo'"):
+        emergence(client, preset="sdxl-turbo", block=blocks["value"], steps=1)
+    with pytest.raises(AppError, match="no SAEs configured"):
+        emergence(client, preset="sd14", block="mid_block.attentions.0")
+    client.predict(PRESET, api_name="/select_preset")
+    assert emergence(client, steps=2)[3]
+
+
+def test_two_clients_at_once_get_what_each_gets_alone():
+    url = app_url()
+    alone_a = emergence(Client(url, verbose=False), seed=11)
+    alone_b = steer(Client(url, verbose=False), seed=12)
+    results: dict[str, object] = {}
+
+    def run(name: str, call) -> None:
+        try:
+            results[name] = call(Client(url, verbose=False))
+        except Exception as error:  # collected and asserted below
+            results[name] = error
+
+    calls = {
+        "a": lambda c: emergence(c, seed=11),
+        "b": lambda c: steer(c, seed=12),
+        "other preset": lambda c: emergence(c, preset="sdxl-turbo"),
+    }
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    together_a, together_b = results["a"], results["b"]
+    assert np.array_equal(pixels(together_a[0]), pixels(alone_a[0]))
+    assert [pixels(p["image"]).tolist() for p in together_a[3]] == [
+        pixels(p["image"]).tolist() for p in alone_a[3]
+    ]
+    assert together_a[4] == alone_a[4]
+    for together, alone in zip(together_b[0], alone_b[0], strict=True):
+        assert np.array_equal(pixels(together), pixels(alone))
+    assert together_b[2] == alone_b[2]
+    assert isinstance(results["other preset"], AppError)

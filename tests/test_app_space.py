@@ -1,0 +1,79 @@
+"""The app as a Hugging Face Space and as the project's `make run`: settings, API names."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import yaml
+
+import app
+from core.model_cache import ModelCache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def front_matter(text: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    assert match, "README.md must start with YAML front matter (the Space's settings)"
+    return yaml.safe_load(match.group(1))
+
+
+def test_readme_front_matter_repeats_space_yaml():
+    space = yaml.safe_load((ROOT / "space.yaml").read_text())
+    assert front_matter((ROOT / "README.md").read_text()) == space
+    assert space["sdk"] == "gradio" and (ROOT / space["app_file"]).is_file()
+    required = re.search(r"^gradio>=(\d+)", (ROOT / "requirements.txt").read_text(), re.M)
+    assert required and space["sdk_version"].split(".")[0] == required.group(1)
+    assert int(gr.__version__.split(".")[0]) >= int(required.group(1))
+    assert any(item.startswith("surokpro2/sdxl-saes") for item in space["preload_from_hub"])
+
+
+def test_readme_has_two_commands_and_make_run_starts_the_app():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    first_block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["make run", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    run_recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "app.py" in run_recipe
+    assert "/usr/bin/chromium" in makefile and "apt-get install" in makefile
+
+
+def test_every_event_has_an_api_name():
+    demo = app.build_demo(ModelCache(), "tiny")
+    names = [fn.api_name for fn in demo.fns.values()]
+    assert names and all(isinstance(name, str) and name for name in names)
+    assert len(set(names)) == len(names)
+    expected = {"emergence", "emergence_step", "steer", "default_strength", "search_concepts",
+                "inspect_concept", "top_examples", "activation_map", "feature_icon",
+                "select_preset", "status"}  # fmt: skip
+    assert expected <= set(names)
+
+
+def test_model_events_share_one_queue_slot():
+    demo = app.build_demo(ModelCache(), "tiny")
+    model_events = {"emergence", "steer", "search_concepts", "inspect_concept", "top_examples",
+                    "activation_map", "feature_icon"}  # fmt: skip
+    for fn in demo.fns.values():
+        if fn.api_name in model_events:
+            assert fn.concurrency_id == "model" and fn.concurrency_limit == 1, fn.api_name
+
+
+def test_without_the_spaces_package_the_gpu_decorator_changes_nothing():
+    if importlib.util.find_spec("spaces") is not None:
+        pytest.skip("the spaces package is installed here")
+
+    def handler() -> int:
+        return 1
+
+    assert app.gpu(handler) is handler
+
+
+def test_errors_become_sentences():
+    assert app.sentence(ValueError("the mask is empty; draw one")) == (
+        "The mask is empty; draw one."
+    )
+    assert app.sentence(KeyError("no SAE for x.")) == "No SAE for x."
