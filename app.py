@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -24,6 +25,7 @@ from core.inputs import MAX_STEPS
 from core.inspection import activation_on, concept_card, feature_icon, search, top_examples
 from core.model_cache import SD14_SAES_ENV, ModelCache
 from core.presets import PRESETS, default_preset_name
+from core.render import for_display
 from core.steer import DEFAULT_STRENGTH, QUADRANTS
 from core.steer_compare import BRANCH_CHOICES, STAGE_CHOICES, SteerRequest, run_steer, strength_of
 
@@ -65,22 +67,6 @@ EXAMPLE_PROMPTS = [
     ["a photo of a red car in the sky"],
     ["a painting of a cat on a table"],
 ]
-
-
-class Slider(gr.Slider):
-    """A slider that refuses an out-of-range or non-numeric value (from an API client)
-    with a sentence naming the setting, rather than gradio's generic message."""
-
-    is_template = True  # rendered by the page as a plain slider
-
-    def preprocess(self, payload: float) -> float:
-        try:
-            return super().preprocess(payload)
-        except (gr.Error, TypeError, ValueError):
-            raise gr.Error(
-                f"The setting {self.label!r} must be a number from {self.minimum:g} to "
-                f"{self.maximum:g}, got {payload!r}."
-            ) from None
 
 
 def sentence(error: BaseException) -> str:
@@ -138,6 +124,15 @@ def canvas_mask(value: dict | None) -> np.ndarray | None:
     return difference[..., :3].sum(axis=-1) > 0
 
 
+def shown_path(source: str) -> str:
+    """A folder of this repository relative to it (a Hub id or other path as is)."""
+    path = Path(source)
+    root = Path(__file__).resolve().parent
+    return (
+        str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else source
+    )
+
+
 def blank_canvas(side: int = 256) -> dict:
     white = np.full((side, side, 3), 255, dtype=np.uint8)
     return {"background": white, "layers": [], "composite": white}
@@ -158,7 +153,7 @@ class App:
             loaded = self.cache.get(preset)
             lines.append(
                 f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
-                f"from `{loaded.preset.sae_source}`."
+                f"from `{shown_path(loaded.preset.sae_source)}`."
             )
             lines += [f"Note: {note}" for note in loaded.notes]
         return "\n\n".join(lines)
@@ -174,7 +169,7 @@ class App:
         word = DEFAULTS.get(preset, {}).get("word", "")
         return (
             status, dropdown("emergence"), dropdown("steer"), dropdown("inspect"),
-            gr.Slider(value=steps), gr.Textbox(value=word),
+            gr.Number(value=steps), gr.Textbox(value=word),
         )  # fmt: skip
 
     @gpu
@@ -187,7 +182,7 @@ class App:
             )
         last = len(result.steps) - 1
         return (
-            result.image, iou_figure(result), gr.Slider(maximum=last, value=last),
+            for_display(result.image), iou_figure(result), gr.Slider(maximum=last, value=last),
             step_panels(result, last), emergence_summary(preset, result), result,
         )  # fmt: skip
 
@@ -221,7 +216,8 @@ class App:
         hooks = progress_hooks(progress)
         with self.cache.using(preset, hooks["on_load"]) as loaded:
             result = run_steer(loaded, request, hooks["on_step"])
-        return (result.before, result.after), result.difference, result.metrics
+        pair = (for_display(result.before), for_display(result.after))
+        return pair, result.difference, result.metrics
 
     @gpu
     @user_errors
@@ -261,7 +257,8 @@ class App:
     def feature_icon(self, preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
         hooks = progress_hooks(progress)
         with self.cache.using(preset, hooks["on_load"]) as loaded:
-            return feature_icon(loaded, block, t, branch, cid, strength, seed, hooks["on_step"])
+            icon = feature_icon(loaded, block, t, branch, cid, strength, seed, hooks["on_step"])
+        return for_display(icon)
 
 
 def emergence_summary(preset: str, result: EmergenceResult) -> str:
@@ -297,7 +294,9 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                     e_prompt = gr.Textbox("a red circle and a blue star", label="prompt")
                     with gr.Row():
                         e_seed = gr.Number(0, label="seed")
-                        e_steps = Slider(1, MAX_STEPS, PRESETS[preset].steps, step=1, label="steps")
+                        e_steps = gr.Number(
+                            PRESETS[preset].steps, label=f"steps (1 to {MAX_STEPS})"
+                        )
                     e_block = gr.Dropdown(
                         blocks, value=preferred_block(preset, "emergence"), label="block"
                     )
@@ -305,16 +304,30 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                     e_words = gr.Textbox(
                         "", label="target words (comma-separated; empty: the prompt's nouns)"
                     )
-                    e_run = gr.Button("generate and predict", variant="primary")
+                    e_run = gr.Button(
+                        "generate and predict", variant="primary", elem_id="emergence-run"
+                    )
                     gr.Examples(EXAMPLE_PROMPTS, [e_prompt])
                 with gr.Column(scale=2):
                     with gr.Row():
-                        e_image = gr.Image(label="final image", height=256, format="png")
-                        e_plot = gr.Plot(label="IoU of the predicted masks vs t")
-                    e_step = Slider(0, 1, 0, step=1, label="step (0 = first, noisiest)")
-                    e_gallery = gr.Gallery(
-                        label="at this step", columns=3, height="auto", format="png"
+                        e_image = gr.Image(
+                            label="final image", height=256, format="png", elem_id="emergence-image"
+                        )
+                        e_plot = gr.Plot(
+                            label="IoU vs t", show_label=False, elem_id="emergence-plot"
+                        )
+                    e_step = gr.Slider(
+                        0,
+                        1,
+                        0,
+                        step=1,
+                        label="step (0 = first, noisiest)",
+                        elem_id="emergence-step",
                     )
+                    e_gallery = gr.Gallery(
+                        label="at this step", columns=3, height="auto", format="png",
+                        elem_id="emergence-gallery",
+                    )  # fmt: skip
                     e_summary = gr.Markdown()
             e_state = gr.State(None)
         with gr.Tab("steer"), gr.Row():
@@ -327,12 +340,12 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                 with gr.Row():
                     s_word = gr.Textbox(DEFAULTS.get(preset, {}).get("word", ""), label="word")
                     s_cid = gr.Number(0, label="CID", precision=0)
-                    s_cid_t = Slider(0, 1, 1.0, step=0.05, label="CID of the SAE at t")
+                s_cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
                 s_kind = gr.Radio(["spatial", "global", "ablate"], value="spatial", label="type")
                 s_stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
                 with gr.Row(visible=False) as s_range:
-                    s_t_min = Slider(0, 1, 0.6, step=0.05, label="t from")
-                    s_t_max = Slider(0, 1, 1.0, step=0.05, label="t to")
+                    s_t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
+                    s_t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
                 s_strength = gr.Number(
                     DEFAULT_STRENGTH["spatial"]["early"], label="strength (paper default)"
                 )
@@ -340,32 +353,36 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                 s_quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
                 s_canvas = gr.ImageEditor(
                     blank_canvas(), type="numpy", label="draw the region (with 'drawn')",
-                    sources=(), transforms=(), layers=False, height=300,
+                    sources=(), transforms=(), layers=False, height=300, elem_id="steer-canvas",
                     brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
                 )  # fmt: skip
-                s_run = gr.Button("generate before and after", variant="primary")
+                s_run = gr.Button(
+                    "generate before and after", variant="primary", elem_id="steer-run"
+                )
             with gr.Column(scale=1):
-                s_pair = gr.ImageSlider(label="before | after (same seed)", format="png")
+                s_pair = gr.ImageSlider(
+                    label="before | after (same seed)", format="png", elem_id="steer-pair"
+                )
                 s_diff = gr.Image(label="difference", height=256, format="png")
-                s_metrics = gr.JSON(label="what changed")
+                s_metrics = gr.JSON(label="what changed", elem_id="steer-metrics")
         with gr.Tab("inspect"):
             with gr.Row():
                 with gr.Column(scale=1):
                     i_block = gr.Dropdown(
                         blocks, value=preferred_block(preset, "inspect"), label="block"
                     )
-                    i_t = Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
+                    i_t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
                     i_branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
                     i_cid = gr.Number(0, label="CID", precision=0)
                     with gr.Row():
                         i_word = gr.Textbox("", label="search by word")
-                        i_search = gr.Button("search")
+                        i_search = gr.Button("search", elem_id="inspect-search")
                     i_found = gr.Dropdown([], label="concepts found", interactive=True)
                     i_prompt = gr.Textbox("a red circle and a blue star", label="new generation")
                     with gr.Row():
                         i_seed = gr.Number(0, label="seed")
                         i_icon_strength = gr.Number(10.0, label="icon strength")
-                    i_run = gr.Button("inspect", variant="primary")
+                    i_run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
                 with gr.Column(scale=2):
                     i_note = gr.Markdown()
                     with gr.Row():
@@ -376,12 +393,15 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                     i_nearest = gr.Dataframe(
                         headers=["by", "CID", "cosine", "labels"], label="nearest concepts"
                     )
-                    i_examples = gr.Gallery(label="top-activating examples", columns=6, height=220)
+                    i_examples = gr.Gallery(
+                        label="top-activating examples", columns=6, height=220,
+                        elem_id="inspect-examples",
+                    )  # fmt: skip
                     i_examples_note = gr.Markdown()
                     with gr.Row():
                         i_overlay = gr.Image(label="activation on the new generation", height=256)
                         i_heat = gr.Image(label="activation map", height=256)
-                        i_icon = gr.Image(label="feature icon", height=256)
+                        i_icon = gr.Image(label="feature icon", height=256, elem_id="inspect-icon")
                     i_caption = gr.Markdown()
             i_runs = gr.State(0)
 

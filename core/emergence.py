@@ -169,7 +169,7 @@ def _references(
             fallback.append(word)
     notes = []
     if fallback:
-        reason = why_not or "the annotator did not find them in the final image"
+        reason = why_not or "not found by the annotator in the final image"
         notes.append(f"IoU against the last step for {', '.join(fallback)}: {reason}")
     return references, notes
 
@@ -204,7 +204,7 @@ def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, 
 
 def iou_figure(result: EmergenceResult) -> Figure:
     """IoU of each word's predicted mask vs t (solid) and of its cross-attention (dashed)."""
-    fig = Figure(figsize=(6, 3.2), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"]
     for i, word in enumerate(result.words):
@@ -219,8 +219,8 @@ def iou_figure(result: EmergenceResult) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("t (1 = noise, generation runs left to right)")
     ax.set_ylabel("IoU")
-    ax.set_title(f"predicted masks, {result.block} ({result.branch})", fontsize=10)
+    ax.set_title("IoU of the predicted masks vs t", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
     fig.tight_layout()
     return fig

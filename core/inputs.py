@@ -18,7 +18,9 @@ MAX_WORDS = 6
 def check_prompt(prompt: object) -> str:
     text = "" if prompt is None else str(prompt).strip()
     if not text:
-        raise ValueError("The prompt is empty; describe the image to generate, such as 'a red car'.")
+        raise ValueError(
+            "The prompt is empty; describe the image to generate, such as 'a red car'."
+        )
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(
             f"The prompt is {len(text):,} characters long; keep it under {MAX_PROMPT_CHARS:,} "

@@ -23,6 +23,7 @@ from torch import Tensor
 from core.activations import read_prompts
 from core.build_dictionary import gather
 from core.composition import latent_grid
+from core.concepts import normalize_label
 from core.concepts import top_examples as rank_examples
 from core.hooks import record
 from core.inputs import check_cid, check_number, check_prompt, check_seed
@@ -140,7 +141,8 @@ def search(
     dictionary = loaded.dictionaries.get(key)
     if dictionary is None:
         raise ValueError("This SAE has no concept dictionary; choose a concept by CID.")
-    cids = sorted(dictionary.cids_for(word), key=lambda c: -dictionary.labels(c).total())
+    label = normalize_label(word)
+    cids = sorted(dictionary.cids_for(word), key=lambda c: -dictionary.labels(c)[label])
     if cids:
         return [(c, describe_labels(loaded, key, c)) for c in cids], f"labelled {word!r}"
     vector = loaded.word_vectors().vector(word)

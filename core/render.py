@@ -29,6 +29,11 @@ def upscale(image: Image.Image, side: int = DISPLAY) -> Image.Image:
     return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
 
 
+def for_display(image: Image.Image, side: int = DISPLAY) -> Image.Image:
+    """Small images (the offline presets' 32 or 64 px) enlarged to `side`; others as they are."""
+    return upscale(image, side) if max(image.size) < side else image
+
+
 def heat_map(
     values: np.ndarray | torch.Tensor,
     side: int = DISPLAY,

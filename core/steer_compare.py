@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.annotate import CLIP_ID
 from core.concepts import concept_cids
 from core.inputs import check_cid, check_number, check_prompt, check_seed
 from core.model_cache import Loaded
@@ -148,13 +149,27 @@ def run_steer(
     with intervene(loaded.pipe, loaded.bank, request.block, edit, size):
         after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
     metrics = {
-        "concept": concept,
-        "cids": {f"t={key.t}": ids for key, ids in cids.items()},
-        "edit": f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}",
-        "edited_steps": _edited_steps(loaded, request.block, edit),
         **compare(loaded, before, after, request.word.strip() or _top_label(loaded, cids)),
+        "concept": concept,
+        "edit": f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}",
+        "region": _describe_region(request, edit.region),
+        "edited_steps": _edited_steps(loaded, request.block, edit),
+        "cids": {f"t={key.t}": _list_cids(ids) for key, ids in sorted(cids.items())},
     }
     return SteerResult(before, after, difference_map(before, after), metrics)
+
+
+def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
+    if region is None:
+        return "everywhere"
+    where = "drawn" if request.mask is not None else str(request.quadrant)
+    return f"{where}, {region.mean():.0%} of the image"
+
+
+def _list_cids(cids: Sequence[int], shown: int = 8) -> str:
+    """ "3, 7, 12" or, for many, the first few and the count."""
+    text = ", ".join(map(str, cids[:shown]))
+    return text if len(cids) <= shown else f"{text}, ... ({len(cids)} in all)"
 
 
 def _describe_stage(stage: str | tuple[float, float]) -> str:
@@ -196,7 +211,7 @@ def compare(
         "mean_abs_pixel_difference": round(float(np.abs(a - b).mean()), 5)
     }
     lpips, why = loaded.cached("lpips", lambda: _load_lpips(loaded.device))
-    metrics["lpips"] = round(lpips(before, after), 5) if lpips else why
+    metrics["lpips"] = round(lpips(before, after), 5) if lpips else why.split(";")[0]
     if word is None:
         metrics["clip_delta"] = "no word to compare with (the concept has no label)"
         return metrics
@@ -220,5 +235,5 @@ def _load_clip(device: torch.device):
 
     try:
         return ClipScorer(device=device), None
-    except (OSError, ValueError, ModelNotAvailableError) as error:
-        return None, f"unavailable: {error.args[0] if error.args else error}"
+    except (OSError, ValueError, ModelNotAvailableError):
+        return None, f"unavailable: the CLIP model {CLIP_ID!r} is neither cached nor downloadable"

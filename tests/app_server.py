@@ -27,12 +27,13 @@ def free_port() -> int:
 
 
 @functools.cache
-def app_url() -> str:
-    """Start the app (once) and return its URL when the page answers."""
+def app_url(*options: str) -> str:
+    """Start the app (once per set of command-line options) and return its URL when the
+    page answers."""
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="app-")) / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     atexit.register(_stop, process)

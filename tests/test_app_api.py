@@ -61,7 +61,7 @@ def test_status_and_preset_switch(client):
 
 def test_emergence_and_its_step_slider(client):
     image, plot, step, panels, summary = emergence(client)
-    assert pixels(image).shape == (32, 32, 3)
+    assert pixels(image).shape == (256, 256, 3)  # the 32 px image, enlarged for the page
     assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
     assert step["maximum"] == 9 and step["value"] == 9
     assert len(panels) == 6 and panels[0]["caption"] == "circle: mask, t=0.00"
@@ -73,7 +73,7 @@ def test_emergence_and_its_step_slider(client):
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
     (before, after), difference, changes = steer(client)
-    assert pixels(before).shape == pixels(after).shape == (32, 32, 3)
+    assert pixels(before).shape == pixels(after).shape == (256, 256, 3)
     assert not np.array_equal(pixels(before), pixels(after))
     assert pixels(difference).shape[:2] == (256, 256)
     assert changes["concept"] == "'star'" and changes["mean_abs_pixel_difference"] > 0
@@ -81,7 +81,7 @@ def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_pa
     (before2, _), _, changes = steer(
         client, concept_by="CID", cid=5, cid_t=0.5, region_by="drawn", canvas=drawn
     )
-    assert changes["cids"] == {"t=0.5": [5]}
+    assert changes["cids"] == {"t=0.5": "5"} and changes["region"] == "drawn, 25% of the image"
     assert np.array_equal(pixels(before), pixels(before2))
 
 
@@ -111,14 +111,15 @@ def test_inspect_endpoints(client):
     assert pixels(overlay).shape == pixels(heat).shape == (256, 256, 3)
     assert f"CID {cid}" in caption
     icon = client.predict(PRESET, UP, 0.5, "cond", cid, 10.0, 0, api_name="/feature_icon")
-    assert pixels(icon).shape == (32, 32, 3)
+    assert pixels(icon).shape == (256, 256, 3)
 
 
 BAD_INPUTS = [
     ("/emergence", {"prompt": ""}, "The prompt is empty"),
     ("/emergence", {"prompt": "a cat " * 1700}, "characters long"),
-    ("/emergence", {"steps": 0}, "'steps' must be a number from 1 to 150, got 0"),
+    ("/emergence", {"steps": 0}, "The number of steps must be a whole number from 1 to 150"),
     ("/emergence", {"steps": 10_000}, "from 1 to 150, got 10000"),
+    ("/emergence", {"steps": "many"}, "The number of steps must be a number, got 'many'"),
     ("/emergence", {"seed": "abc"}, "The seed must be a number, got 'abc'"),
     ("/emergence", {"words": "qzxv"}, "No word vector for 'qzxv'"),
     ("/emergence", {"block": "up_blocks.0.attentions.1"}, "is not in the list of choices"),

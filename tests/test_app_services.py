@@ -143,12 +143,13 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
 
 def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     mask = np.zeros((100, 100))
-    mask[:40, 60:] = 1
+    mask[:50, 50:] = 1
     request = SteerRequest(
         PROMPT, 2, UP, stage="custom", t_range=(0.3, 0.9), cid=5, cid_t=0.5, mask=mask
     )
     result = run_steer(loaded, request)
-    assert result.metrics["cids"] == {"t=0.5": [5]}
+    assert result.metrics["cids"] == {"t=0.5": "5"}
+    assert result.metrics["region"] == "drawn, 25% of the image"
     assert result.metrics["edit"].startswith("spatial, custom stage (t in [0.3, 0.9])")
     assert result.difference.size == (256, 256)
 

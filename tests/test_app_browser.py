@@ -1,0 +1,112 @@
+"""The page in a real headless Chromium: open it, run each tab, keep screenshots.
+
+Debian's `chromium` is driven by Playwright (`playwright install` cannot download browsers
+offline; `make test` installs the Debian package). Screenshots go to runs/screenshots/.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, sync_playwright
+
+from tests.app_server import ROOT, app_url
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SHOTS = ROOT / "runs" / "screenshots"
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Page]:
+    assert CHROMIUM.is_file(), (
+        f"the browser tests need Debian's chromium at {CHROMIUM}: run `make test` (it installs "
+        "it) or `apt-get install chromium`"
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(app_url())
+        yield page
+        browser.close()
+
+
+def shot(page: Page, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_the_page_opens_and_says_what_is_loaded(page):
+    page.locator("#status").get_by_text("(loaded)").wait_for()
+    assert "Preset tiny" in page.locator("#status").inner_text()
+    assert page.get_by_role("tab").all_inner_texts()[:3] == ["emergence", "steer", "inspect"]
+    shot(page, "0-opened")
+
+
+def test_emergence_tab(page):
+    page.get_by_role("tab", name="emergence").click()
+    page.click("#emergence-run")
+    gallery = page.locator("#emergence-gallery")
+    gallery.locator("img").nth(5).wait_for()
+    assert "circle: mask, t=0.00" in gallery.inner_text()
+    page.locator("#emergence-plot img").wait_for()
+    slider = page.locator("#emergence-step input[type=range]")
+    slider.focus()
+    for _ in range(9):
+        slider.press("ArrowLeft")
+    page.mouse.up()
+    page.locator("#emergence-step input[type=number]").fill("0")
+    page.locator("#emergence-step input[type=number]").press("Enter")
+    slider.dispatch_event("pointerup")
+    gallery.get_by_text("circle: mask, t=0.90").wait_for()
+    shot(page, "1-emergence")
+
+
+def test_steer_tab_with_a_drawn_region(page):
+    page.get_by_role("tab", name="steer").click()
+    page.get_by_label("drawn").check()
+    editor = page.locator("#steer-canvas")
+    editor.scroll_into_view_if_needed()
+    editor.get_by_role("button", name="Brush", exact=True).click()
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + box["width"] * 0.1, y + box["height"] * 0.2, steps=12)
+    page.mouse.up()
+    page.click("#steer-run")
+    metrics = page.locator("#steer-metrics")
+    metrics.get_by_text("mean_abs_pixel_difference").wait_for()
+    assert "drawn," in metrics.inner_text()
+    assert page.locator("#steer-pair img").count() == 2
+    shot(page, "2-steer")
+
+
+def test_inspect_tab_from_a_word(page):
+    page.get_by_role("tab", name="inspect").click()
+    page.get_by_label("search by word").fill("star")
+    page.click("#inspect-search")
+    page.locator("#inspect-icon img").wait_for()
+    assert page.locator("#inspect-examples img").count() >= 1
+    assert "star" in page.get_by_label("concepts found").input_value()
+    shot(page, "3-inspect")
+
+
+def test_a_bad_input_shows_a_sentence_and_the_page_keeps_working(page):
+    page.get_by_role("tab", name="emergence").click()
+    page.get_by_label("prompt").first.fill("")
+    page.click("#emergence-run")
+    page.get_by_text("The prompt is empty").first.wait_for()
+    page.wait_for_timeout(800)  # the message fades in
+    shot(page, "4-error")
+    page.get_by_label("prompt").first.fill("a red circle and a blue star")
+    page.click("#emergence-run")
+    page.locator("#emergence-gallery").get_by_text("circle: mask, t=0.00").wait_for()
