@@ -77,7 +77,7 @@ ANALYSIS_SCALES: dict[str, AnalysisSettings] = {
         buffer_size=256,
         sae_lr=1e-3,
         dictionary_prompts=8,
-        check=CheckSettings(prompts=3, edit_prompts=1, steps=6, resolution=32),
+        check=CheckSettings(prompts=3, edit_prompts=1, steps=6),
     ),
 }
 
