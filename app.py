@@ -19,10 +19,10 @@ import gradio as gr
 import numpy as np
 import torch
 
+from core import inspection
 from core.cli import USER_ERRORS
 from core.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
 from core.inputs import MAX_STEPS
-from core.inspection import activation_on, concept_card, feature_icon, search, top_examples
 from core.model_cache import SD14_SAES_ENV, ModelCache
 from core.presets import PRESETS, default_preset_name
 from core.render import for_display
@@ -44,6 +44,9 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that runs a model shares one queue slot: one generation at a time."""
 LIGHT = {"concurrency_limit": None}
 PROGRESS = gr.Progress()
+CACHE = ModelCache()
+"""The models every handler uses; `build_demo` sets it. A module-level object (not a handler
+argument), so that ZeroGPU's worker process, forked from this one, has it too."""
 """The handlers' progress argument; gradio reports through it per request."""
 
 ABOUT = {
@@ -138,127 +141,135 @@ def blank_canvas(side: int = 256) -> dict:
     return {"background": white, "layers": [], "composite": white}
 
 
-class App:
-    """The event handlers, over one model cache."""
+def on_status(preset: str) -> str:
+    if preset not in PRESETS:
+        raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    loaded = CACHE.loaded_now(preset)
+    state = "loaded" if loaded else "loads on first use"
+    lines = [f"**Preset `{preset}`** ({state}): {ABOUT.get(preset, PRESETS[preset].model)}."]
+    if loaded:
+        lines.append(
+            f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
+            f"from `{shown_path(loaded.preset.sae_source)}`."
+        )
+        lines += [f"Note: {note}" for note in loaded.notes]
+    return "\n\n".join(lines)
 
-    def __init__(self, cache: ModelCache) -> None:
-        self.cache = cache
 
-    def status(self, preset: str) -> str:
-        if preset not in PRESETS:
-            raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-        state = "loaded" if self.cache.is_loaded(preset) else "loads on first use"
-        lines = [f"**Preset `{preset}`** ({state}): {ABOUT.get(preset, PRESETS[preset].model)}."]
-        if self.cache.is_loaded(preset):
-            loaded = self.cache.get(preset)
-            lines.append(
-                f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
-                f"from `{shown_path(loaded.preset.sae_source)}`."
-            )
-            lines += [f"Note: {note}" for note in loaded.notes]
-        return "\n\n".join(lines)
+def on_select_preset(preset: str) -> tuple:
+    text = on_status(preset)
+    blocks = list(PRESETS[preset].hook_points)
+    steps = PRESETS[preset].steps
 
-    def select_preset(self, preset: str) -> tuple:
-        status = self.status(preset)
-        blocks = list(PRESETS[preset].hook_points)
-        steps = PRESETS[preset].steps
+    def dropdown(tab: str) -> gr.Dropdown:
+        return gr.Dropdown(choices=blocks, value=preferred_block(preset, tab))
 
-        def dropdown(tab: str) -> gr.Dropdown:
-            return gr.Dropdown(choices=blocks, value=preferred_block(preset, tab))
+    word = DEFAULTS.get(preset, {}).get("word", "")
+    return (
+        text, dropdown("emergence"), dropdown("steer"), dropdown("inspect"),
+        gr.Number(value=steps), gr.Textbox(value=word),
+    )  # fmt: skip
 
-        word = DEFAULTS.get(preset, {}).get("word", "")
-        return (
-            status, dropdown("emergence"), dropdown("steer"), dropdown("inspect"),
-            gr.Number(value=steps), gr.Textbox(value=word),
-        )  # fmt: skip
 
-    @gpu
-    @user_errors
-    def emergence(self, preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
-        hooks = progress_hooks(progress)
-        with self.cache.using(preset, hooks["on_load"]) as loaded:
-            result = run_emergence(
-                loaded, prompt, seed, steps, block, branch, words, hooks["on_step"]
-            )
-        last = len(result.steps) - 1
-        return (
-            for_display(result.image), iou_figure(result), gr.Slider(maximum=last, value=last),
-            step_panels(result, last), emergence_summary(preset, result), result,
-        )  # fmt: skip
+@gpu
+@user_errors
+def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        result = run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
+    last = len(result.steps) - 1
+    return (
+        for_display(result.image), iou_figure(result), gr.Slider(maximum=last, value=last),
+        step_panels(result, last), emergence_summary(preset, result), result,
+    )  # fmt: skip
 
-    @user_errors
-    def emergence_step(self, result: EmergenceResult | None, index: float) -> list:
-        if result is None:
-            raise gr.Error("Run the emergence view first; the slider then moves through its steps.")
-        return step_panels(result, int(index))
 
-    @user_errors
-    def default_strength(self, kind: str, stage: str, t_min: float, t_max: float) -> tuple:
-        """The paper's strength for the type and stage; the t range shows for "custom"."""
-        request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
-        return gr.Number(value=strength_of(request)), gr.Row(visible=stage == "custom")
+@user_errors
+def on_emergence_step(result: EmergenceResult | None, index: float) -> list:
+    if result is None:
+        raise gr.Error("Run the emergence view first; the slider then moves through its steps.")
+    return step_panels(result, int(index))
 
-    @gpu
-    @user_errors
-    def steer(
-        self, preset, prompt, seed, block, branch, concept_by, word, cid, cid_t, kind, stage,
-        t_min, t_max, strength, region_by, quadrant, canvas, progress=PROGRESS,
-    ):  # fmt: skip
-        mask = None
-        if kind == "spatial" and region_by == "drawn":
-            mask = canvas_mask(canvas)
-            if mask is None:
-                raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
-        request = SteerRequest(
-            prompt, seed, block, kind, stage, (t_min, t_max), strength, branch,
-            word if concept_by == "word" else "", cid, cid_t, quadrant, mask,
-        )  # fmt: skip
-        hooks = progress_hooks(progress)
-        with self.cache.using(preset, hooks["on_load"]) as loaded:
-            result = run_steer(loaded, request, hooks["on_step"])
-        pair = (for_display(result.before), for_display(result.after))
-        return pair, result.difference, result.metrics
 
-    @gpu
-    @user_errors
-    def search_concepts(self, preset, block, t, branch, word, runs, progress=PROGRESS):
-        """Concepts for a word; the best becomes the CID and `runs` + 1 starts inspecting."""
-        with self.cache.using(preset, progress_hooks(progress)["on_load"]) as loaded:
-            found, how = search(loaded, block, t, branch, word)
-        choices = [(f"CID {cid}: {labels}", cid) for cid, labels in found]
-        best = found[0][0]
-        return gr.Dropdown(choices=choices, value=best), best, f"Found: {how}.", runs + 1
+@user_errors
+def on_default_strength(kind: str, stage: str, t_min: float, t_max: float) -> tuple:
+    """The paper's strength for the type and stage; the t range shows for "custom"."""
+    request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
+    return gr.Number(value=strength_of(request)), gr.Row(visible=stage == "custom")
 
-    @gpu
-    @user_errors
-    def inspect_concept(self, preset, block, t, branch, cid, progress=PROGRESS):
-        with self.cache.using(preset, progress_hooks(progress)["on_load"]) as loaded:
-            card = concept_card(loaded, block, t, branch, cid)
-        notes = "; ".join(card.notes) or f"CID {card.cid} of the SAE at t={card.key.t}"
-        return card.entry, card.stats, card.nearest, notes
 
-    @gpu
-    @user_errors
-    def top_examples(self, preset, block, t, branch, cid, progress=PROGRESS):
-        hooks = progress_hooks(progress)
-        with self.cache.using(preset, hooks["on_load"]) as loaded:
-            panels, note = top_examples(loaded, block, t, branch, cid, on_step=hooks["on_step"])
-        return panels, note
+@gpu
+@user_errors
+def on_steer(
+    preset, prompt, seed, block, branch, concept_by, word, cid, cid_t, kind, stage,
+    t_min, t_max, strength, region_by, quadrant, canvas, progress=PROGRESS,
+):  # fmt: skip
+    mask = None
+    if kind == "spatial" and region_by == "drawn":
+        mask = canvas_mask(canvas)
+        if mask is None:
+            raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
+    request = SteerRequest(
+        prompt, seed, block, kind, stage, (t_min, t_max), strength, branch,
+        word if concept_by == "word" else "", cid, cid_t, quadrant, mask,
+    )  # fmt: skip
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        result = run_steer(loaded, request, hooks["on_step"])
+    pair = (for_display(result.before), for_display(result.after))
+    return pair, result.difference, result.metrics
 
-    @gpu
-    @user_errors
-    def activation_map(self, preset, block, t, branch, cid, prompt, seed, progress=PROGRESS):
-        hooks = progress_hooks(progress)
-        with self.cache.using(preset, hooks["on_load"]) as loaded:
-            return activation_on(loaded, block, t, branch, cid, prompt, seed, hooks["on_step"])
 
-    @gpu
-    @user_errors
-    def feature_icon(self, preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
-        hooks = progress_hooks(progress)
-        with self.cache.using(preset, hooks["on_load"]) as loaded:
-            icon = feature_icon(loaded, block, t, branch, cid, strength, seed, hooks["on_step"])
-        return for_display(icon)
+@gpu
+@user_errors
+def on_search_concepts(preset, block, t, branch, word, runs, progress=PROGRESS):
+    """Concepts for a word; the best becomes the CID and `runs` + 1 starts inspecting."""
+    with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
+        found, how = inspection.search(loaded, block, t, branch, word)
+    choices = [(f"CID {cid}: {labels}", cid) for cid, labels in found]
+    best = found[0][0]
+    return gr.Dropdown(choices=choices, value=best), best, f"Found: {how}.", runs + 1
+
+
+@gpu
+@user_errors
+def on_inspect_concept(preset, block, t, branch, cid, progress=PROGRESS):
+    with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
+        card = inspection.concept_card(loaded, block, t, branch, cid)
+    notes = "; ".join(card.notes) or f"CID {card.cid} of the SAE at t={card.key.t}"
+    return card.entry, card.stats, card.nearest, notes
+
+
+@gpu
+@user_errors
+def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        panels, note = inspection.top_examples(
+            loaded, block, t, branch, cid, on_step=hooks["on_step"]
+        )
+    return panels, note
+
+
+@gpu
+@user_errors
+def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROGRESS):
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        return inspection.activation_on(
+            loaded, block, t, branch, cid, prompt, seed, hooks["on_step"]
+        )
+
+
+@gpu
+@user_errors
+def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        icon = inspection.feature_icon(
+            loaded, block, t, branch, cid, strength, seed, hooks["on_step"]
+        )
+    return for_display(icon)
 
 
 def emergence_summary(preset: str, result: EmergenceResult) -> str:
@@ -274,7 +285,8 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
 
 
 def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
-    app = App(cache)
+    global CACHE
+    CACHE = cache
     blocks = list(PRESETS[preset].hook_points)
     with gr.Blocks(title="Concept emergence and steering") as demo:
         gr.Markdown(
@@ -405,30 +417,30 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                     i_caption = gr.Markdown()
             i_runs = gr.State(0)
 
-        demo.load(app.status, preset_box, status, api_name="status", **LIGHT)
+        demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
         preset_box.change(
-            app.select_preset, preset_box,
+            on_select_preset, preset_box,
             [status, e_block, s_block, i_block, e_steps, s_word],
             api_name="select_preset", **LIGHT,
         )  # fmt: skip
         e_run.click(
-            app.emergence,
+            on_emergence,
             [preset_box, e_prompt, e_seed, e_steps, e_block, e_branch, e_words],
             [e_image, e_plot, e_step, e_gallery, e_summary, e_state],
             api_name="emergence", **MODEL,
         ).then(
-            app.status, preset_box, status, api_name="status_after_emergence", **LIGHT
+            on_status, preset_box, status, api_name="status_after_emergence", **LIGHT
         )  # fmt: skip
         e_step.release(
-            app.emergence_step, [e_state, e_step], e_gallery, api_name="emergence_step", **LIGHT
+            on_emergence_step, [e_state, e_step], e_gallery, api_name="emergence_step", **LIGHT
         )
         gr.on(
             [s_kind.change, s_stage.change, s_t_min.release, s_t_max.release],
-            app.default_strength, [s_kind, s_stage, s_t_min, s_t_max], [s_strength, s_range],
+            on_default_strength, [s_kind, s_stage, s_t_min, s_t_max], [s_strength, s_range],
             api_name="default_strength", **LIGHT,
         )  # fmt: skip
         s_run.click(
-            app.steer,
+            on_steer,
             [preset_box, s_prompt, s_seed, s_block, s_branch, s_by, s_word, s_cid, s_cid_t,
              s_kind, s_stage, s_t_min, s_t_max, s_strength, s_region, s_quadrant, s_canvas],
             [s_pair, s_diff, s_metrics],
@@ -437,7 +449,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         key = [preset_box, i_block, i_t, i_branch, i_cid]
         i_run.click(lambda runs: runs + 1, i_runs, i_runs, api_name="request_inspect", **LIGHT)
         i_search.click(
-            app.search_concepts, [preset_box, i_block, i_t, i_branch, i_word, i_runs],
+            on_search_concepts, [preset_box, i_block, i_t, i_branch, i_word, i_runs],
             [i_found, i_cid, i_note, i_runs], api_name="search_concepts", **MODEL,
         )  # fmt: skip
         i_found.input(
@@ -445,13 +457,13 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
             api_name="pick_concept", **LIGHT,
         )  # fmt: skip
         (
-            i_runs.change(app.inspect_concept, key, [i_entry, i_stats, i_nearest, i_note],
+            i_runs.change(on_inspect_concept, key, [i_entry, i_stats, i_nearest, i_note],
                           api_name="inspect_concept", **MODEL)
-            .success(app.top_examples, key, [i_examples, i_examples_note],
+            .success(on_top_examples, key, [i_examples, i_examples_note],
                      api_name="top_examples", **MODEL)
-            .success(app.activation_map, [*key, i_prompt, i_seed], [i_overlay, i_heat, i_caption],
+            .success(on_activation_map, [*key, i_prompt, i_seed], [i_overlay, i_heat, i_caption],
                      api_name="activation_map", **MODEL)
-            .success(app.feature_icon, [*key, i_icon_strength, i_seed], i_icon,
+            .success(on_feature_icon, [*key, i_icon_strength, i_seed], i_icon,
                      api_name="feature_icon", **MODEL)
         )  # fmt: skip
     return demo

@@ -195,8 +195,9 @@ class ModelCache:
         source = self.sae_sources.get(name)
         return get_preset(name, sae_source=source) if source else get_preset(name)
 
-    def is_loaded(self, name: str) -> bool:
-        return name in self._loaded
+    def loaded_now(self, name: str) -> Loaded | None:
+        """The preset's models if they are loaded, without waiting for the model lock."""
+        return self._loaded.get(name)
 
     @contextmanager
     def using(self, name: str, on_load: Callable[[str], None] | None = None) -> Iterator[Loaded]:

@@ -10,6 +10,7 @@ import yaml
 
 import app
 from core.model_cache import ModelCache
+from core.presets import default_preset_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,11 @@ def test_errors_become_sentences():
         "The mask is empty; draw one."
     )
     assert app.sentence(KeyError("no SAE for x.")) == "No SAE for x."
+
+
+def test_the_app_opens_on_the_offline_default_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv(app.PRESET_ENV, raising=False)
+    assert app.parse_args([]).preset == default_preset_name()
+    monkeypatch.setenv(app.PRESET_ENV, "sd14")
+    assert app.parse_args([]).preset == "sd14"
+    assert app.parse_args(["--preset", "tiny"]).preset == "tiny"
