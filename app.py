@@ -44,16 +44,15 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that runs a model shares one queue slot: one generation at a time."""
 LIGHT = {"concurrency_limit": None}
 PROGRESS = gr.Progress()
+"""The handlers' progress argument; gradio reports through it per request."""
 CACHE = ModelCache()
 """The models every handler uses; `build_demo` sets it. A module-level object (not a handler
 argument), so that ZeroGPU's worker process, forked from this one, has it too."""
-"""The handlers' progress argument; gradio reports through it per request."""
 
 ABOUT = {
     "tiny": "random weights in SD v1.4's block layout, 32 px: images are noise and concepts "
     "arbitrary; it runs offline in seconds and exercises every view",
-    "toy": "the embedded shapes-world model (coloured shapes on patterned backgrounds, 64 px), "
-    "offline",
+    "toy": "the embedded shapes-world model (coloured shapes on patterned backgrounds), offline",
     "sd14": "Stable Diffusion v1.4, 512 px, DDIM 50 (paper 1); SAEs from the repo named by "
     f"--sd14-saes or {SD14_SAES_ENV}; wants a GPU",
     "sdxl-turbo": "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "

@@ -14,7 +14,6 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -274,7 +273,3 @@ def feature_icon(
     with intervene(loaded.pipe, loaded.bank, key.block, edit, size):
         image = loaded.generate([""], [seed], loaded.preset.steps, on_step=on_step)[0]
     return image
-
-
-def blank(side: int = DISPLAY) -> Image.Image:
-    return Image.fromarray(np.full((side, side, 3), 128, dtype=np.uint8))
