@@ -228,7 +228,9 @@ class ModelCache:
         pipe = load_pipeline(preset, device=self.device or default_device())
         try:
             source, blocks = preset.sae_source, preset.hook_points
-            bank = SAEBank.from_pretrained(source, blocks, device=pipe.device)
+            bank = SAEBank.from_pretrained(
+                source, blocks, variant=preset.sae_variant, device=pipe.device
+            )
         except SAELoadError as error:
             message = f"the SAEs of the preset {preset.name!r} are not available: {error.args[0]}"
             raise ValueError(message) from error

@@ -43,6 +43,8 @@ class Preset:
     """Hub repo id or local folder of the SAE bank; None until a user names or trains one."""
     sae_format: str = "sparsify"
     """`"sparsify"` (cfg.json + sae.safetensors) or `"sdlens"` (config.json + state_dict.pth)."""
+    sae_variant: str | None = None
+    """Which run to load where the SAE repo holds several per block (`SAEBank.from_pretrained`)."""
     word_vectors: str = "glove-6b-50d"
     """Word-vector source: a gensim-data name, a local file, or the offline GloVe default."""
     stages: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(STAGES))
@@ -78,6 +80,7 @@ PRESETS: dict[str, Preset] = {
         scheduler=None,
         sae_source="surokpro2/sdxl-saes",
         sae_format="sdlens",
+        sae_variant="k10_hidden5120",
         word_vectors="word2vec-google-news-300",
         resolution=512,
     ),

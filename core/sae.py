@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -457,25 +458,38 @@ class SAEBank:
         blocks: Iterable[str] | None = None,
         branches: Iterable[str] | None = None,
         *,
+        variant: str | None = None,
         device: str | torch.device = "cpu",
         revision: str | None = None,
     ) -> SAEBank:
         """Load every SAE below a local root or Hub repo, optionally only some blocks/branches.
 
-        block, t and branch come from each SAE's config; an SAE whose config names no block
-        (SDLens: one folder per block) gets its folder path relative to the root.
+        block, t and branch come from each SAE's config. An SAE whose config names no block
+        (SDLens) gets it from its folder: `unet.<block>_k10_hidden5120_.../final` holds the
+        SAE of `<block>`. Where a repo holds several such variants of a block, `variant`
+        (e.g. `"k10_hidden5120"`) picks the folders whose name carries it.
         """
         blocks = list(blocks) if blocks is not None else None
         branches = list(branches) if branches is not None else None
-        patterns = [f"{block}/*" for block in blocks] if blocks else None
+        sdlens = f"_{variant}" if variant else "_"
+        patterns = [p for b in blocks for p in (f"{b}/*", f"unet.{b}{sdlens}*")] if blocks else None
         root = _resolve(path_or_repo_id, patterns, revision)
         bank = cls()
         for folder in _checkpoint_folders(root):
             cfg = _read_config(folder)
             relative = folder.relative_to(root).as_posix()
-            cfg.block = cfg.block or (folder.name if relative == "." else relative)
+            if not cfg.block:
+                if variant and f"_{variant}_" not in f"{relative.split('/')[0]}_":
+                    continue
+                cfg.block = folder.name if relative == "." else _sdlens_block(relative)
             if (blocks and cfg.block not in blocks) or (branches and cfg.branch not in branches):
                 continue
+            key = SAEKey(cfg.block, cfg.t, cfg.branch)
+            if key in bank:
+                raise SAELoadError(
+                    f"{root} holds more than one SAE for {key.block} (another at {relative}); "
+                    "pass variant= (e.g. 'k10_hidden5120') to pick one"
+                )
             bank.add(_load_folder(folder, device, cfg))
         if not bank:
             raise SAELoadError(
@@ -610,9 +624,17 @@ def _read_config(folder: Path) -> SAEConfig:
         raise SAELoadError(f"{folder / SDLENS_CFG_FILE} is not an SDLens config: no {e}") from e
 
 
+def _sdlens_block(relative: str) -> str:
+    """`unet.mid_block.attentions.0_k10_hidden5120_.../final` -> `mid_block.attentions.0`."""
+    name = relative.split("/")[0]
+    name = name.removeprefix("unet.")
+    return re.sub(r"_k\d+_.*$", "", name)
+
+
 def _read_sdlens_tensors(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
+        state = state.get("state_dict", state)  # SDLens saves {"state_dict": ...}
         return {
             "encoder.weight": state["encoder.weight"],
             "encoder.bias": state["latent_bias"],

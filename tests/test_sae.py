@@ -222,7 +222,10 @@ def test_loads_sparsify_config_with_unknown_keys(tmp_path):
     assert TopKSAE.from_pretrained(tmp_path).cfg.num_latents == 64
 
 
-def write_sdlens(folder: Path, d: int = 8, n: int = 32, k: int = 3) -> dict[str, torch.Tensor]:
+def write_sdlens(
+    folder: Path, d: int = 8, n: int = 32, k: int = 3, nested: bool = False
+) -> dict[str, torch.Tensor]:
+    """An SDLens checkpoint; `nested` wraps the weights in {"state_dict": ...} as SDLens saves."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "encoder.weight": torch.randn(n, d),
@@ -231,7 +234,7 @@ def write_sdlens(folder: Path, d: int = 8, n: int = 32, k: int = 3) -> dict[str,
         "latent_bias": torch.randn(n) * 0.1,
         "stats_last_nonzero": torch.zeros(n, dtype=torch.long),
     }
-    torch.save(state, folder / "state_dict.pth")
+    torch.save({"state_dict": state} if nested else state, folder / "state_dict.pth")
     config = {"n_dirs_local": n, "d_model": d, "k": k, "auxk": 16, "dead_steps_threshold": 100}
     (folder / "config.json").write_text(json.dumps(config))
     return state
@@ -373,10 +376,15 @@ def test_bank_nearest_time_lookup():
         bank.get("unet.down_blocks.0", 0.5)
 
 
+SDLENS_RUN = "_k{k}_hidden{n}_auxk256_bs4096_lr0.0001"
+"""How the published SDLens repo names its folders: unet.<block><run>/final/."""
+
+
 def test_bank_of_sdlens_folders_from_the_hub(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    for block in (BLOCK, "unet.up_blocks.0.attentions.0"):
-        write_sdlens(tmp_path / block)
+    block, other = "mid_block.attentions.0", "up_blocks.0.attentions.0"
+    for name in (block, other):
+        write_sdlens(tmp_path / f"unet.{name}{SDLENS_RUN.format(k=3, n=32)}" / "final", nested=True)
     requests = []
 
     def snapshot_download(repo_id, **kwargs):
@@ -384,10 +392,19 @@ def test_bank_of_sdlens_folders_from_the_hub(tmp_path, monkeypatch):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    bank = SAEBank.from_pretrained("someone/sdlens-saes", blocks=[BLOCK])
-    assert requests == [("someone/sdlens-saes", [f"{BLOCK}/*"])]
-    assert bank.keys() == [SAEKey(BLOCK, None, "cond")]
-    assert bank.get(BLOCK, 0.7).cfg.d_in == 8  # an SAE for all times serves any time
+    bank = SAEBank.from_pretrained("someone/sdlens-saes", blocks=[block], variant="k3_hidden32")
+    assert requests == [("someone/sdlens-saes", [f"{block}/*", f"unet.{block}_k3_hidden32*"])]
+    assert bank.keys() == [SAEKey(block, None, "cond")]
+    assert bank.get(block, 0.7).cfg.d_in == 8  # an SAE for all times serves any time
+
+
+def test_sdlens_variants_of_one_block_are_told_apart(tmp_path):
+    block = "mid_block.attentions.0"
+    for k in (3, 5):
+        write_sdlens(tmp_path / f"unet.{block}{SDLENS_RUN.format(k=k, n=32)}" / "final", k=k)
+    with pytest.raises(SAELoadError, match="more than one SAE for mid_block.attentions.0.*variant"):
+        SAEBank.from_pretrained(tmp_path)
+    assert SAEBank.from_pretrained(tmp_path, variant="k5_hidden32").get(block, 0).cfg.k == 5
 
 
 # --- training ---------------------------------------------------------------------------
