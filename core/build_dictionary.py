@@ -40,6 +40,7 @@ from core.annotate import (
 from core.cli import one_line_errors
 from core.composition import latent_grid
 from core.concepts import (
+    IOU_THRESHOLD,
     ConceptDictionary,
     DictionaryBuilder,
     cohesion,
@@ -130,13 +131,20 @@ def gather(
     steps: int = 50,
     guidance_scale: float = 7.5,
     resolution: int | None = None,
+    iou_threshold: float = IOU_THRESHOLD,
 ) -> Gathered:
-    """Generate, record, encode and annotate every prompt; return the evidence collected."""
+    """Generate, record, encode and annotate every prompt; return the evidence collected.
+
+    A label joins a concept's entry where IoU(activation map, object mask) > `iou_threshold`
+    (the paper's 0.5 by default).
+    """
     if not prompts:
         raise ValueError("no prompts to build dictionaries from")
     if not keys:
         raise ValueError("no SAEs selected to build dictionaries for")
-    gathered = Gathered({k: DictionaryBuilder(k, bank[k].cfg.num_latents) for k in keys})
+    builders = {k: DictionaryBuilder(k, bank[k].cfg.num_latents, iou_threshold=iou_threshold)
+                for k in keys}  # fmt: skip
+    gathered = Gathered(builders)
     blocks = sorted({k.block for k in keys})
     targets = sorted({k.t for k in keys})
     starts = range(0, len(prompts), gen_batch)

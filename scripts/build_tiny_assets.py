@@ -7,8 +7,8 @@
 2. Generates one image per dictionary prompt (new seeds, so new images), annotates it with
    the shapes-world annotator (shapes and background style) and builds each SAE's concept
    dictionary, saved beside the SAE with its `spatial_means` (the top-example index) and
-   examples.json, as `core.build_dictionary` does, except for the IoU threshold
-   (IOU_THRESHOLD).
+   examples.json, with `core.build_dictionary`'s functions and the IoU threshold
+   IOU_THRESHOLD.
 3. Writes build.json: the settings and a fingerprint of the tiny pipeline's weights, which
    the SAEs only make sense for (the weights are random, fixed by a seed and torch's
    initialisers; a test compares the fingerprint).
@@ -31,10 +31,8 @@ import torch
 
 from core import train
 from core.activations import read_prompts
-from core.build_dictionary import Gathered, quality_lines, save_examples
-from core.composition import latent_grid
-from core.concepts import DictionaryBuilder, save_dictionaries
-from core.hooks import record
+from core.build_dictionary import gather, quality_lines, save_examples
+from core.concepts import save_dictionaries
 from core.presets import ASSETS, get_preset, load_pipeline
 from core.sae import SAEBank
 from core.toy_annotate import ToyAnnotator
@@ -82,7 +80,11 @@ def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
     bank = SAEBank.from_pretrained(out)
     word_vectors = load_word_vectors(BUNDLED_GLOVE)
     settings = {"steps": preset.steps, "guidance_scale": preset.guidance_scale}
-    gathered = gather_evidence(pipe, bank, prompts, preset.resolution, **settings)
+    gathered = gather(
+        pipe, bank, prompts, ToyAnnotator(with_background=True), keys=bank.keys(),
+        seed=DICTIONARY_SEED, gen_batch=GEN_BATCH, resolution=preset.resolution,
+        iou_threshold=IOU_THRESHOLD, **settings,
+    )  # fmt: skip
     dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
     save_dictionaries(dictionaries.values(), out)
     info = {
@@ -93,37 +95,6 @@ def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
     print("\n".join(quality_lines(dictionaries, word_vectors)))
     print(f"{len(prompts)} images, {gathered.num_objects} annotated objects")
     return {"fingerprint": pipeline_fingerprint(pipe), "torch": torch.__version__}
-
-
-def gather_evidence(
-    pipe, bank: SAEBank, prompts: Sequence[str], resolution: int, steps: int, guidance_scale: float
-) -> Gathered:
-    """`core.build_dictionary.gather` with the tiny model's IoU threshold."""
-    annotator = ToyAnnotator(with_background=True)
-    builders = {
-        key: DictionaryBuilder(key, bank[key].cfg.num_latents, iou_threshold=IOU_THRESHOLD)
-        for key in bank
-    }
-    gathered = Gathered(builders)
-    blocks = sorted({k.block for k in bank})
-    for start in range(0, len(prompts), GEN_BATCH):
-        batch = prompts[start : start + GEN_BATCH]
-        seeds = range(DICTIONARY_SEED + start, DICTIONARY_SEED + start + len(batch))
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        with record(pipe, blocks, at_t=sorted({k.t for k in bank})) as recording:
-            images = pipe(
-                list(batch), num_inference_steps=steps, guidance_scale=guidance_scale,
-                generator=generators, height=resolution, width=resolution,
-            ).images  # fmt: skip
-        objects = [[(a.label, a.mask) for a in annotator.annotate(image)] for image in images]
-        gathered.num_objects += sum(map(len, objects))
-        for key, builder in gathered.builders.items():
-            sae = bank[key]
-            grid = latent_grid(sae, recording.at(key.block, key.t, key.branch).delta)
-            gathered.spatial_means.setdefault(key, []).append(grid.spatial_means(len(sae.W_dec)))
-            for i, image_objects in enumerate(objects):
-                builder.add_codes(grid.top_acts[i], grid.top_indices[i], image_objects)
-    return gathered
 
 
 def main(argv: Sequence[str] | None = None) -> int:
