@@ -183,20 +183,21 @@ def train_epoch(
 
 
 def train_diffc(
-    maps: Tensor,
-    labels: Sequence[int],
-    train: Tensor,
-    test: Tensor,
+    train_maps: Tensor,
+    train_labels: Tensor,
+    test_maps: Tensor,
+    test_labels: Tensor,
     cfg: DiffCConfig,
     recipe: Recipe | None = None,
     *,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> DiffCResult:
-    """Train a head on maps[train] and measure it on maps[test]. Seeds torch's global RNG."""
+    """Train a head on (train_maps, train_labels), measuring it on the test pair after every
+    epoch. Maps are [N, C, H, W] (any float dtype), labels [N] int. Seeds torch's global RNG."""
     recipe = recipe or Recipe()
-    if len(train) < 2:
-        raise ValueError(f"Diff-C needs at least 2 training images, got {len(train)}")
+    if len(train_maps) < 2:
+        raise ValueError(f"Diff-C needs at least 2 training images, got {len(train_maps)}")
     torch.manual_seed(recipe.seed)
     model = DiffC(cfg).to(device)
     optimizer = torch.optim.AdamW(
@@ -205,9 +206,6 @@ def train_diffc(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=recipe.epochs, eta_min=recipe.min_lr
     )
-    label_tensor = torch.as_tensor(labels)
-    train_maps, train_labels = maps[train], label_tensor[train]
-    test_maps, test_labels = maps[test], label_tensor[test]
     generator = torch.Generator().manual_seed(recipe.seed)
     history = []
     for _ in tqdm(range(recipe.epochs), desc="epochs", disable=not progress):
@@ -265,31 +263,58 @@ class AccuracyRow:
     width: int
 
 
+def pair_data(
+    args: argparse.Namespace,
+    meta: FeatureMeta,
+    split: tuple[Tensor, Tensor] | None,
+    pair: tuple[str, int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train maps, train labels, test maps, test labels) of one (layer, timestep): the cache
+    split by `split`, or, when split is None, the whole cache against the whole --test-cache."""
+    maps = load_features(args.cache, *pair, "maps")
+    labels = torch.as_tensor(meta.labels)
+    if split is None:
+        test_labels = torch.as_tensor(load_meta(args.test_cache).labels)
+        return maps, labels, load_features(args.test_cache, *pair, "maps"), test_labels
+    train, test = split
+    return maps[train], labels[train], maps[test], labels[test]
+
+
 def run_pair(
-    args: argparse.Namespace, meta: FeatureMeta, split: tuple[Tensor, Tensor], pair: tuple[str, int]
+    args: argparse.Namespace,
+    meta: FeatureMeta,
+    split: tuple[Tensor, Tensor] | None,
+    pair: tuple[str, int],
 ) -> AccuracyRow:
-    layer, timestep = pair
-    maps = load_features(args.cache, layer, timestep, "maps")
-    cfg = DiffCConfig(maps.shape[1], len(meta.classes), args.width, args.dropout)
+    train_maps, train_labels, test_maps, test_labels = pair_data(args, meta, split, pair)
+    channels, height, width = train_maps.shape[1:]
+    cfg = DiffCConfig(channels, len(meta.classes), args.width, args.dropout)
     recipe = Recipe(args.epochs, args.batch_size, args.lr, args.min_lr, seed=args.seed)
-    result = train_diffc(maps, meta.labels, *split, cfg, recipe, device=args.device, progress=True)
-    channels, height, width = maps.shape[1:]
+    result = train_diffc(
+        train_maps,
+        train_labels,
+        test_maps,
+        test_labels,
+        cfg,
+        recipe,
+        device=args.device,
+        progress=True,
+    )
     row = AccuracyRow(
-        layer,
-        timestep,
+        *pair,
         result.top1,
         result.train_top1,
         recipe.epochs,
-        len(split[0]),
-        len(split[1]),
+        len(train_maps),
+        len(test_maps),
         channels,
         height,
         width,
     )
+    folder = Path(args.out) / pair[0] / f"t{pair[1]:04d}"
     info = {**asdict(row), "recipe": asdict(recipe), "classes": meta.classes}
-    save_diffc(Path(args.out) / layer / f"t{timestep:04d}" / WEIGHTS_FILE, result.model, info)
-    history = Path(args.out) / layer / f"t{timestep:04d}" / "history.json"
-    history.write_text(json.dumps(result.history, indent=2) + "\n")
+    save_diffc(folder / WEIGHTS_FILE, result.model, info)
+    (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
     return row
 
 
@@ -331,6 +356,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024, help="channels of every conv (Table 10)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument(
+        "--test-cache",
+        help="cache of the test split (same classes, layers and timesteps); default: hold out",
+    )
+    p.add_argument(
         "--test-fraction",
         type=float,
         default=0.2,
@@ -341,17 +370,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_test_cache(args: argparse.Namespace, meta: FeatureMeta, pairs: list) -> None:
+    test_meta = load_meta(args.test_cache)
+    if test_meta.classes != meta.classes:
+        raise ValueError(
+            f"the test cache {args.test_cache} has other classes than {args.cache}; "
+            "extract both with the same class list"
+        )
+    for layer, timestep in pairs:
+        require_maps(args.test_cache, layer, timestep)
+
+
 def run(args: argparse.Namespace) -> int:
     meta = load_meta(args.cache)
     pairs = select_pairs(meta, args.layers, args.timesteps)
     for layer, timestep in pairs:
         require_maps(args.cache, layer, timestep)
-    split = cache_split(meta, args.test_fraction, args.seed)
-    if len(split[1]) == 0:
-        raise ValueError("the split leaves no test images; raise --test-fraction")
+    split = None
+    if args.test_cache:
+        check_test_cache(args, meta, pairs)
+    else:
+        split = cache_split(meta, args.test_fraction, args.seed)
+        if len(split[1]) == 0:
+            raise ValueError("the split leaves no test images; raise --test-fraction")
     rows = [run_pair(args, meta, split, pair) for pair in pairs]
     write_csv(Path(args.out) / CSV_FILE, rows)
-    print(f"top-1 test accuracy (%), {len(split[1])} test images:")
+    print(f"top-1 test accuracy (%), {rows[0].test_images} test images:")
     print(format_table(rows))
     return 0
 

@@ -47,10 +47,11 @@ def test_learns_a_separable_task_with_the_paper_recipe(one_thread):
     generator = torch.Generator().manual_seed(0)
     labels = [c for c in range(3) for _ in range(10)]
     prototypes = torch.randn(3, 8, 1, 1, generator=generator)
-    maps = prototypes[labels] + torch.randn(30, 8, 4, 4, generator=generator)
+    maps = (prototypes[labels] + torch.randn(30, 8, 4, 4, generator=generator)).half()
     train, test = diffc.stratified_split(labels, 0.3)
+    data = maps[train], torch.tensor(labels)[train], maps[test], torch.tensor(labels)[test]
     cfg = diffc.DiffCConfig(in_channels=8, num_classes=3)
-    result = diffc.train_diffc(maps.half(), labels, train, test, cfg, diffc.Recipe(epochs=3))
+    result = diffc.train_diffc(*data, cfg, diffc.Recipe(epochs=3))
     assert result.top1 >= 0.85 and result.train_top1 == 1.0
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0] / 5
@@ -112,6 +113,21 @@ def test_cli_reports_top1_per_layer_and_timestep(tmp_path, capsys):
     assert (out / "up_blocks.1" / "t0200" / "history.json").is_file()
     maps = load_features(tmp_path / "cache", "up_blocks.1", 200, "maps")
     assert model(maps[:2].float()).shape == (2, 3)
+
+
+def test_cli_evaluates_on_a_test_cache(tmp_path, capsys):
+    write_cache(tmp_path / "train", per_class=4, size=4)
+    write_cache(tmp_path / "test", per_class=3, size=4, seed=1)
+    args = ["--cache", str(tmp_path / "train"), "--out", str(tmp_path / "o"), "--width", "16"]
+    args += ["--layers", "bottleneck", "--timesteps", "25", "--epochs", "1"]
+    assert diffc.main(args + ["--test-cache", str(tmp_path / "test")]) == 0
+    assert "9 test images" in capsys.readouterr().out
+    with open(tmp_path / "o" / diffc.CSV_FILE) as f:
+        (row,) = csv.DictReader(f)
+    assert (row["layer"], row["train_images"], row["test_images"]) == ("mid_block", "12", "9")
+    write_cache(tmp_path / "other", num_classes=2, size=4)
+    assert diffc.main(args + ["--test-cache", str(tmp_path / "other")]) == 2
+    assert "has other classes than" in capsys.readouterr().err
 
 
 def test_cli_without_maps_says_to_re_extract(tmp_path, capsys):
