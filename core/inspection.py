@@ -32,7 +32,8 @@ from core.render import DISPLAY, heat_map, normalised, overlay
 from core.sae import SAEKey, TopKSAE
 from core.steer import MAX_STRENGTH, Intervention, intervene
 
-ON_DEMAND_PROMPTS = ASSETS / "prompts" / "tiny.txt"
+ON_DEMAND_PROMPTS = ASSETS / "prompts"
+"""`<preset>.txt` there (shapes-world captions for `toy`), else `tiny.txt`."""
 ON_DEMAND_COUNT = 16
 """Images generated for an on-demand example index (when none is shipped)."""
 NEAREST = 5
@@ -157,13 +158,15 @@ def search(
 
 
 def example_index(loaded: Loaded) -> ExampleIndex:
-    """The shipped index, or one built once from ON_DEMAND_COUNT generic prompts."""
+    """The shipped index, or one built once from ON_DEMAND_COUNT prompts of the preset's kind."""
     return loaded.example_index() or loaded.cached("examples-built", lambda: _build_index(loaded))
 
 
 def _build_index(loaded: Loaded) -> ExampleIndex:
-    prompts = read_prompts(ON_DEMAND_PROMPTS)[:ON_DEMAND_COUNT]
     preset = loaded.preset
+    own = ON_DEMAND_PROMPTS / f"{preset.name}.txt"
+    prompts = read_prompts(own if own.is_file() else ON_DEMAND_PROMPTS / "tiny.txt")
+    prompts = prompts[:ON_DEMAND_COUNT]
     keys = [key for key in loaded.bank if key.t is not None]
     gathered = gather(
         loaded.pipe, loaded.bank, prompts, _NoObjects(), keys=keys, steps=preset.steps,

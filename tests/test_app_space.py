@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 import app
+from core.concepts import load_dictionaries
 from core.model_cache import ModelCache
-from core.presets import default_preset_name
+from core.presets import PRESETS, default_preset_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +87,18 @@ def test_the_app_opens_on_the_offline_default_unless_told_otherwise(monkeypatch)
     monkeypatch.setenv(app.PRESET_ENV, "sd14")
     assert app.parse_args([]).preset == "sd14"
     assert app.parse_args(["--preset", "tiny"]).preset == "tiny"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "toy"])
+def test_the_default_steering_word_labels_a_concept_of_the_default_block(preset):
+    """Shipped SAEs change with their model; the page's default word must still work."""
+    source = PRESETS[preset].sae_source
+    if not Path(source).is_dir():
+        pytest.skip(f"no SAEs shipped for {preset} at {source}")
+    block = app.preferred_block(preset, "steer")
+    dictionaries = load_dictionaries(source, [block])
+    labels = {label for d in dictionaries.values() for label in d.vocabulary()}
+    assert app.DEFAULTS[preset]["word"] in labels, (
+        f"{preset}: {app.DEFAULTS[preset]['word']!r} labels no concept of {block}; set "
+        f"app.DEFAULTS to one of {sorted(labels)}"
+    )
