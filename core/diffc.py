@@ -138,8 +138,8 @@ def cache_split(meta: FeatureMeta, test_fraction: float, seed: int) -> tuple[Ten
         raise ValueError(
             f'meta.extra["split"] must give "train" or "test" for each of the {len(meta)} images'
         )
-    names = torch.tensor([s == "test" for s in split])
-    return (~names).nonzero().squeeze(1), names.nonzero().squeeze(1)
+    is_test = torch.tensor([s == "test" for s in split])
+    return (~is_test).nonzero().squeeze(1), is_test.nonzero().squeeze(1)
 
 
 @torch.no_grad()
