@@ -202,7 +202,9 @@ class FeatureExtractor:
                 raise ValueError("DiT features are read with the null class; drop the prompt")
             return cls(pipe.transformer, pipe.vae, pipe.scheduler, **kwargs)
         with torch.no_grad():
-            embedding = pipe.encode_prompt(prompt, pipe.unet.device, 1, False)[0]
+            embedding = pipe.encode_prompt(
+                prompt, pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )[0]
         return cls(
             pipe.unet, pipe.vae, pipe.scheduler, condition=embedding, prompt=prompt, **kwargs
         )
@@ -216,7 +218,8 @@ class FeatureExtractor:
         for a DiT, every transformer block."""
         if layers is None:
             layers = feature_layers(self.denoiser) if self.is_dit else UNET_LAYERS
-        return [layer_name(layer) for layer in resolve_layers(self.denoiser, layers)]
+        paths = [layer_name(layer) for layer in resolve_layers(self.denoiser, layers)]
+        return list(dict.fromkeys(paths))
 
     @torch.no_grad()
     def encode(self, images: Sequence[Image.Image]) -> Tensor:
@@ -333,7 +336,7 @@ class FeatureExtractor:
                 written += [
                     save_features(cache, layer, t, found[layer][kind], kind) for kind in kinds
                 ]
-            meta.layers = sorted(set(meta.layers) | set(missing))
+            meta.layers += [layer for layer in missing if layer not in meta.layers]
             meta.timesteps = sorted(set(meta.timesteps) | {t})
             save_meta(cache, meta)
         return written

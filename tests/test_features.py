@@ -378,3 +378,8 @@ def test_cli_input_errors_are_one_sentence(case, expected, shapes_folder, tmp_pa
     assert err.startswith("error: ") and err.count("\n") == 1
     assert expected in err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_layers_by_alias_or_path_are_read_once(extractor):
+    assert extractor.layers(["up_ft1", "bottleneck", "mid_block"]) == ["up_blocks.1", "mid_block"]
+    assert extractor.layers() == ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"]

@@ -1,0 +1,122 @@
+"""Benchmark Revelio feature extraction against a plain U-Net forward at the same batch.
+
+    python -m scripts.bench_features --threads 1                              # tiny U-Net
+    python -m scripts.bench_features --threads 1 --unet sd14 --batch 2 --repeats 3
+
+Variants, each on the same batch of latents at timestep 25 (VAE encode excluded, since
+the plain forward has none; it is timed on its own):
+(a) plain: one U-Net forward on noisy latents with the empty prompt's embedding;
+(b) extraction: per-image noise, `add_noise`, one forward with the block-output hooks that
+    stops after the last requested layer, spatial pooling and writing the pooled features
+    of every layer to a feature cache (`FeatureExtractor.features_at` + `save_features`);
+(c) the same with the whole forward run (no early stop), to show what the hooks cost.
+Throughput is images/s; the target is (b) / (a) >= 0.95. Timings are medians over
+repetitions that alternate between the variants, after one warm-up each.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from core.block_outputs import block_outputs
+from core.feature_cache import save_features
+from core.features import UNET_LAYERS, FeatureExtractor, image_noise, pool
+from core.presets import default_device
+from core.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+
+TIMESTEP = 25
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(variants: dict[str, Callable[[], object]], repeats: int, device) -> dict:
+    """Median seconds of each variant, run in turn `repeats` times after one warm-up."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def variants(extractor: FeatureExtractor, latents: torch.Tensor, cache: str) -> dict:
+    unet, embedding = extractor.denoiser, extractor.condition.expand(len(latents), -1, -1)
+    layers = extractor.layers(UNET_LAYERS)
+    t = torch.full((len(latents),), TIMESTEP, device=latents.device)
+    noise = image_noise(latents.shape[1:], 0, range(len(latents))).to(latents)
+    noisy = extractor.scheduler.add_noise(latents, noise, t)
+
+    @torch.no_grad()
+    def plain():
+        unet(noisy, t, encoder_hidden_states=embedding)
+
+    def extraction():
+        found = extractor.features_at(latents, TIMESTEP, layers, batch_size=len(latents))
+        for layer in layers:
+            save_features(cache, layer, TIMESTEP, found[layer]["pooled"])
+
+    @torch.no_grad()
+    def full_forward():
+        with block_outputs(unet, layers) as maps:
+            unet(
+                extractor.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=embedding
+            )
+        for layer in layers:
+            save_features(cache, layer, TIMESTEP, pool(maps[layer]).cpu())
+
+    return {"plain": plain, "extraction": extraction, "full_forward": full_forward}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--unet", choices=["tiny", "sd14"], default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default=default_device())
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = (build_tiny_pipeline() if args.unet == "tiny" else sd14_shaped_pipeline()).to(device)
+    extractor = FeatureExtractor.from_pipeline(pipe)
+    side = extractor.resolution
+    pixels = torch.rand(args.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    pixels = (pixels * 2 - 1).to(device)
+
+    @torch.no_grad()
+    def encode() -> torch.Tensor:
+        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    latents = encode()
+    with tempfile.TemporaryDirectory() as cache:
+        medians = alternate(variants(extractor, latents, cache), args.repeats, device)
+    vae = alternate({"vae": encode}, max(1, args.repeats // 3), device)["vae"]
+    print(
+        f"{args.unet} U-Net, {side}x{side} images, batch {args.batch}, device {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    rate = {name: args.batch / seconds for name, seconds in medians.items()}
+    for name, seconds in medians.items():
+        ratio = rate[name] / rate["plain"]
+        print(
+            f"  {name:13s} {seconds * 1000:9.1f} ms/batch {rate[name]:8.2f} images/s  {ratio:.3f}x"
+        )
+    print(f"  VAE encode    {vae * 1000:9.1f} ms/batch (not in the figures above)")
+
+
+if __name__ == "__main__":
+    main()
