@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
+import app
 from core.presets import default_preset_name
 from tests.app_server import ROOT, app_url
 
@@ -90,7 +91,7 @@ def test_steer_tab_with_a_drawn_region(page):
 
 def test_inspect_tab_from_a_word(page):
     page.get_by_role("tab", name="inspect").click()
-    page.get_by_label("search by word").fill("star")
+    page.get_by_label("search by word").fill(app.DEFAULTS[default_preset_name()]["word"])
     page.click("#inspect-search")
     page.locator("#inspect-icon img").wait_for()
     assert page.locator("#inspect-examples img").count() >= 1
