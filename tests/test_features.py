@@ -383,3 +383,17 @@ def test_cli_input_errors_are_one_sentence(case, expected, shapes_folder, tmp_pa
 def test_layers_by_alias_or_path_are_read_once(extractor):
     assert extractor.layers(["up_ft1", "bottleneck", "mid_block"]) == ["up_blocks.1", "mid_block"]
     assert extractor.layers() == ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"]
+
+
+def test_cli_reads_a_saved_dit_pipeline(dit_pipe, shapes_folder, tmp_path, capsys):
+    dit_pipe.save_pretrained(tmp_path / "dit")
+    args = ["--images", shapes_folder, "--out", tmp_path / "cache", "--model", tmp_path / "dit"]
+    code, out, err = run_cli(capsys, *args, "--layers", "transformer_blocks.2")
+    assert code == 0, err
+    meta = load_meta(tmp_path / "cache")
+    assert (meta.model, meta.resolution, meta.layers) == (
+        str(tmp_path / "dit"),
+        16,
+        ["transformer_blocks.2"],
+    )
+    assert load_features(tmp_path / "cache", "transformer_blocks.2", 25).shape == (N_IMAGES, 16)
