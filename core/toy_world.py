@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -421,3 +423,40 @@ def degrade(
     blurred = gaussian_filter(image.astype(float), sigma=(blur_sigma, blur_sigma, 0))
     noisy = blurred + rng.normal(0.0, noise_std, image.shape)
     return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+LABELS = {
+    "shape": lambda scene: scene.objects[0].shape,
+    "colour": lambda scene: scene.objects[0].colour,
+    "style": lambda scene: scene.background.style,
+}
+"""What a one-object scene can be labelled by, for classification (Revelio's setting)."""
+
+
+def write_image_folder(
+    root: str | Path, per_class: int, seed: int, size: int = 64, label: str = "shape"
+) -> Path:
+    """One-object scenes as PNGs in `root/<class>/`, `per_class` of each class.
+
+    The imagefolder layout that `core.features.image_folder` and Hugging Face `datasets`
+    read; scenes come from one seeded generator, so the same seed writes the same folder.
+    """
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; choose one of {', '.join(LABELS)}")
+    root = Path(root)
+    counts: dict[str, int] = {}
+    rng = np.random.default_rng(seed)
+    while len(counts) < _num_classes(label) or min(counts.values()) < per_class:
+        scene = sample_scene(rng, size, max_objects=1)
+        name = LABELS[label](scene)
+        if counts.get(name, 0) >= per_class:
+            continue
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(folder / f"{counts.get(name, 0):05d}.png")
+        counts[name] = counts.get(name, 0) + 1
+    return root
+
+
+def _num_classes(label: str) -> int:
+    return {"shape": len(SHAPES), "colour": len(OBJECT_COLOURS), "style": len(STYLES)}[label]
