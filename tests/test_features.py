@@ -397,3 +397,20 @@ def test_cli_reads_a_saved_dit_pipeline(dit_pipe, shapes_folder, tmp_path, capsy
         ["transformer_blocks.2"],
     )
     assert load_features(tmp_path / "cache", "transformer_blocks.2", 25).shape == (N_IMAGES, 16)
+
+
+@pytest.mark.slow
+def test_sd14_sized_features_have_the_papers_widths():
+    from core.tiny import sd14_shaped_pipeline
+
+    extractor = FeatureExtractor.from_pipeline(sd14_shaped_pipeline())
+    assert extractor.resolution == 512
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps = extractor.block_maps(latents, 25, LAYERS, [0])
+    shapes = {layer: tuple(found.shape[1:]) for layer, found in maps.items()}
+    assert shapes == {
+        "bottleneck": (1280, 8, 8),
+        "up_ft0": (1280, 16, 16),
+        "up_ft1": (1280, 32, 32),
+        "up_ft2": (640, 64, 64),
+    }
