@@ -3,7 +3,7 @@
     python app.py                       # the offline default preset, on 127.0.0.1:7860
     python app.py --preset sd14 --sd14-saes user/sd14-saes
 
-The user interface only: every computation is in `core` (emergence, steer_compare,
+The user interface only: every computation is in `core` (emergence, steer_compare, revelio_view,
 inspection), and errors a person can act on become `gr.Error` messages.
 """
 
@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core import inspection
+from core import inspection, revelio_view
 from core.cli import USER_ERRORS
 from core.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
 from core.inputs import MAX_STEPS
@@ -283,6 +283,121 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
     return "\n".join(lines)
 
 
+REVELIO_ABOUT = (
+    "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
+    "cache (`python -m core.features`), its k-SAEs (`python -m core.ksae`) and, for pictures, "
+    "the image folder the cache was extracted from. **Load** lists their layers and timesteps "
+    "and measures every k-SAE's label purity against chance. The default demo is 120 "
+    "shapes-world images through the `tiny` preset, whose weights are random: it shows the "
+    "views working, not findings (its purity is at chance)."
+)
+
+
+def revelio_choices(found: revelio_view.Contents | None) -> list[tuple[list, object]]:
+    """(choices, value) of the layer and timestep dropdowns: first of the pairs with a k-SAE,
+    then of those with feature maps; up_ft1 when there, as the paper finds it best."""
+    dropdowns: list[tuple[list, object]] = []
+    for pairs in (found.ksae_pairs, found.map_pairs) if found else ([], []):
+        layers = list(dict(pairs))
+        layer = "up_blocks.1" if "up_blocks.1" in layers else next(iter(layers), None)
+        times = sorted({t for _, t in pairs})
+        dropdowns.append(([(revelio_view.layer_label(name), name) for name in layers], layer))
+        dropdowns.append((times, times[0] if times else None))
+    return dropdowns
+
+
+def revelio_demo_contents() -> revelio_view.Contents | None:
+    try:
+        return revelio_view.contents(revelio_view.DEMO_CACHE, revelio_view.DEMO_SAES)
+    except USER_ERRORS:
+        return None
+
+
+@user_errors
+def on_revelio_load(cache: str, saes: str) -> tuple:
+    found = revelio_view.contents(cache, saes)
+    meta = found.meta
+    note = (
+        f"{len(meta)} images of {len(meta.classes)} classes ({', '.join(meta.classes)}), "
+        f"features of `{meta.model}`; k-SAEs for {len(found.ksae_pairs)} (layer, timestep) "
+        f"pairs, feature maps for {len(found.map_pairs)}."
+    )
+    rows = revelio_view.purity_table(cache, saes) if found.saes else []
+    dropdowns = [gr.Dropdown(choices=c, value=v) for c, v in revelio_choices(found)]
+    return note, rows, *dropdowns
+
+
+@user_errors
+def on_revelio_inspect(cache, saes, images, layer, timestep, by, number) -> tuple:
+    view = revelio_view.inspect_latent(cache, saes, images, layer, timestep, by, number)
+    return view.note, view.grid, view.rows
+
+
+@user_errors
+def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
+    return revelio_view.pca_view(cache, images, layer, timestep, indices)
+
+
+def revelio_tab() -> None:
+    """The revelio tab: its components and events (model-free, so outside the model slot)."""
+    gr.Markdown(REVELIO_ABOUT)
+    with gr.Row():
+        cache = gr.Textbox(shown_path(str(revelio_view.DEMO_CACHE)), label="feature cache")
+        saes = gr.Textbox(shown_path(str(revelio_view.DEMO_SAES)), label="k-SAE folder")
+        images = gr.Textbox(
+            shown_path(str(revelio_view.DEMO_IMAGES)), label="image folder (optional)"
+        )
+    load = gr.Button("load", variant="primary", elem_id="revelio-load")
+    note = gr.Markdown(elem_id="revelio-note")
+    table = gr.Dataframe(
+        headers=revelio_view.PURITY_HEADERS, label="label purity of the most activating "
+        "latents (top 10 images each), and the same measures on random images",
+        elem_id="revelio-table",
+    )  # fmt: skip
+    choices = revelio_choices(revelio_demo_contents())
+
+    def dropdown(index: int, label: str) -> gr.Dropdown:
+        options, value = choices[index]
+        return gr.Dropdown(options, value=value, label=label, allow_custom_value=True)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### k-SAE latent")
+            k_layer, k_time = dropdown(0, "layer"), dropdown(1, "timestep")
+            by = gr.Radio(["purest", "id"], value="purest", label="latent by")
+            number = gr.Number(0, precision=0, label="rank among the purest (0 = purest), or id")
+            inspect = gr.Button("inspect", variant="primary", elem_id="revelio-inspect")
+        with gr.Column(scale=2):
+            latent_note = gr.Markdown(elem_id="revelio-latent-note")
+            grid = gr.Image(label="top-activating images", format="png", elem_id="revelio-grid")
+            top = gr.Dataframe(headers=revelio_view.TOP_IMAGE_HEADERS, label="its top images")
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### PCA maps of features")
+            p_layer, p_time = dropdown(2, "layer (with maps)"), dropdown(3, "timestep")
+            indices = gr.Textbox(
+                "", label='images (indices like "0-7, 12"; empty: the first of each class)'
+            )
+            pca = gr.Button("show PCA maps", variant="primary", elem_id="revelio-pca-run")
+        with gr.Column(scale=2):
+            maps = gr.Gallery(
+                label="image | its PCA map (one PCA over all shown: colours compare)",
+                columns=4, height=640, format="png", elem_id="revelio-pca",
+            )  # fmt: skip
+    load.click(
+        on_revelio_load, [cache, saes], [note, table, k_layer, k_time, p_layer, p_time],
+        api_name="revelio_load", **LIGHT,
+    )  # fmt: skip
+    inspect.click(
+        on_revelio_inspect, [cache, saes, images, k_layer, k_time, by, number],
+        [latent_note, grid, top], api_name="revelio_inspect", **LIGHT,
+    )  # fmt: skip
+    pca.click(
+        on_revelio_pca, [cache, images, p_layer, p_time, indices], maps,
+        api_name="revelio_pca", **LIGHT,
+    )  # fmt: skip
+
+
 def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
     global CACHE
     CACHE = cache
@@ -294,7 +409,8 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
             "blocks turn every position of every denoising step into a few concepts. "
             "**emergence**: where each word will appear, predicted from the first steps. "
             "**steer**: move or add a concept during one stage of generation. "
-            "**inspect**: what one concept is."
+            "**inspect**: what one concept is. "
+            "**revelio**: what k-SAEs of pooled image features and PCA maps show per layer."
         )
         with gr.Row():
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
@@ -415,6 +531,8 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                         i_icon = gr.Image(label="feature icon", height=256, elem_id="inspect-icon")
                     i_caption = gr.Markdown()
             i_runs = gr.State(0)
+        with gr.Tab("revelio"):
+            revelio_tab()
 
         demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
         preset_box.change(

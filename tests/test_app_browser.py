@@ -22,6 +22,8 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 SHOTS = ROOT / "runs" / "screenshots"
 WAIT_MS = 120_000
+ALL_LOADED = "(selector) => [...document.querySelectorAll(selector)].every(i => i.naturalWidth)"
+"""True once every image the selector finds has loaded (the page loads images lazily)."""
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,19 @@ def test_a_bad_input_shows_a_sentence_and_the_page_keeps_working(page):
     page.get_by_label("seed").first.fill("7")
     page.click("#emergence-run")
     page.get_by_text("(cond), seed 7,").wait_for()
+
+
+def test_revelio_tab_loads_and_shows_a_latents_grid(page):
+    page.get_by_role("tab", name="revelio").click()
+    page.click("#revelio-load")
+    page.locator("#revelio-note").get_by_text("120 images of 6 classes").wait_for()
+    assert "up_ft1 (up_blocks.1)" in page.locator("#revelio-table").inner_text()
+    page.click("#revelio-inspect")
+    page.locator("#revelio-grid img").wait_for()
+    assert "fires on" in page.locator("#revelio-latent-note").inner_text()
+    page.click("#revelio-pca-run")
+    page.locator("#revelio-pca").get_by_text("99: PCA").wait_for()
+    assert page.locator("#revelio-pca img").count() == 12
+    page.locator("#revelio-pca").scroll_into_view_if_needed()
+    page.wait_for_function(ALL_LOADED, arg="#revelio-pca img")
+    shot(page, "5-revelio")
