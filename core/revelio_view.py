@@ -14,6 +14,7 @@ after another encodes the images once.
 """
 
 import functools
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from core.sae import CFG_FILE, TopKSAE
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "revelio-demo"
 DEMO_CACHE, DEMO_SAES, DEMO_IMAGES = DEMO / "cache", DEMO / "ksaes", DEMO / "images"
+ROOTS_ENV = "REVELIO_ROOTS"
 DEFAULT_PCA_IMAGES = 8
 MAX_PCA_IMAGES = 32
 PURITY_HEADERS = [
@@ -83,9 +85,18 @@ class LatentView:
     note: str
 
 
+def readable_roots() -> list[Path]:
+    """Folders the page may read below: the repository's assets/ and runs/, plus those in
+    REVELIO_ROOTS (separated by the system's path separator), so that a public Space does
+    not let visitors browse the server's files."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p]
+    return [root.resolve() for root in (ROOT / "assets", ROOT / "runs", *extra)]
+
+
 def find_folder(path: str | Path | None, what: str, required: bool = True) -> Path | None:
-    """An existing folder; a relative path not found from the working directory is read
-    from this repository's root (so the demo's default paths work from anywhere)."""
+    """An existing folder below `readable_roots()`; a relative path not found from the
+    working directory is read from this repository's root (so the demo's default paths
+    work from anywhere)."""
     text = str(path or "").strip()
     if not text:
         if required:
@@ -93,6 +104,12 @@ def find_folder(path: str | Path | None, what: str, required: bool = True) -> Pa
         return None
     for candidate in (Path(text).expanduser(), ROOT / text):
         if candidate.is_dir():
+            resolved = candidate.resolve()
+            if not any(resolved.is_relative_to(root) for root in readable_roots()):
+                raise PermissionError(
+                    f"the {what} folder {text} is outside the folders this page may read "
+                    f"(assets/, runs/ and {ROOTS_ENV}); add its parent to {ROOTS_ENV}"
+                )
             return candidate
     raise FileNotFoundError(f"the {what} folder {text} does not exist")
 

@@ -18,6 +18,12 @@ UP1 = ("up_blocks.1", 25)
 
 
 @pytest.fixture(autouse=True)
+def readable_tmp(tmp_path, monkeypatch):
+    """Synthetic caches live in tmp_path, which the page may read only when told."""
+    monkeypatch.setenv(rv.ROOTS_ENV, str(tmp_path))
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -192,3 +198,11 @@ def test_latents_that_fire_too_rarely_are_not_measured_or_ranked(tmp_path):
         rv.inspect_latent(tmp_path / "cache", tmp_path / "saes", None, "mid_block", 25)
     view = rv.inspect_latent(tmp_path / "cache", tmp_path / "saes", None, "mid_block", 25, "id", 0)
     assert view.latent == 0 and len(view.rows) <= 9
+
+
+def test_folders_outside_the_readable_roots_are_refused(tmp_path, monkeypatch):
+    write_cache(tmp_path / "cache")
+    monkeypatch.setenv(rv.ROOTS_ENV, "")
+    with pytest.raises(PermissionError, match="outside the folders this page may read"):
+        rv.find_folder(tmp_path / "cache", "feature cache")
+    assert rv.find_folder(rv.DEMO_CACHE, "feature cache") == rv.DEMO_CACHE
