@@ -15,10 +15,7 @@ repetitions that alternate between the variants, after one warm-up each.
 """
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -27,29 +24,9 @@ from core.feature_cache import save_features
 from core.features import UNET_LAYERS, FeatureExtractor, image_noise, pool
 from core.presets import default_device
 from core.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+from scripts.bench_core import alternate
 
 TIMESTEP = 25
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def alternate(variants: dict[str, Callable[[], object]], repeats: int, device) -> dict:
-    """Median seconds of each variant, run in turn `repeats` times after one warm-up."""
-    for fn in variants.values():
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def variants(extractor: FeatureExtractor, latents: torch.Tensor, cache: str) -> dict:
