@@ -3,8 +3,6 @@
 import argparse
 from collections.abc import Sequence
 
-import torch
-
 from core.feature_cache import FeatureMeta, layer_name
 
 
@@ -40,7 +38,3 @@ def select_pairs(
         held = ", ".join(str(t) for t in meta.timesteps)
         raise ValueError(f"timestep {missing[0]} is not in the cache; it holds {held}")
     return [(layer, t) for layer in chosen_layers for t in chosen_times]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from core.cache_select import add_selection_args, default_device, select_pairs
+from core.cache_select import add_selection_args, select_pairs
 from core.cli import one_line_errors
 from core.feature_cache import FeatureMeta, feature_path, load_features, load_meta
+from core.presets import default_device
 from core.sae import atomic_write, read_safetensors
 
 WEIGHTS_FILE, CSV_FILE = "diffc.safetensors", "accuracy.csv"

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.cache_select import add_selection_args, default_device, select_pairs
+from core.cache_select import add_selection_args, select_pairs
 from core.cli import one_line_errors
 from core.feature_cache import load_features, load_meta
+from core.presets import default_device
 from core.sae import CFG_FILE, SAEBank, TopKSAE
 from core.sae_training import SAETrainer, TrainConfig
 

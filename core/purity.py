@@ -32,10 +32,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from core.cache_select import add_selection_args, default_device, select_pairs
+from core.cache_select import add_selection_args, select_pairs
 from core.cli import one_line_errors
 from core.feature_cache import FeatureMeta, load_features, load_meta
 from core.ksae import load_ksaes
+from core.presets import default_device
 from core.sae import TopKSAE
 
 Activations = Literal["code", "dense"]
