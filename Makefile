@@ -28,4 +28,5 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q

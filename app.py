@@ -19,15 +19,15 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core import inspection, revelio_view
-from core.cli import USER_ERRORS
-from core.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
-from core.inputs import MAX_STEPS
-from core.model_cache import SD14_SAES_ENV, ModelCache
-from core.presets import PRESETS, default_preset_name
-from core.render import for_display
-from core.steer import DEFAULT_STRENGTH, QUADRANTS
-from core.steer_compare import BRANCH_CHOICES, STAGE_CHOICES, SteerRequest, run_steer, strength_of
+from core.diffusion.presets import PRESETS, default_preset_name
+from core.emergence.steer import DEFAULT_STRENGTH, QUADRANTS
+from core.runtime import USER_ERRORS
+from core.views import inspection, revelio
+from core.views.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
+from core.views.inputs import MAX_STEPS
+from core.views.model_cache import SD14_SAES_ENV, ModelCache
+from core.views.render import for_display
+from core.views.steer import BRANCH_CHOICES, STAGE_CHOICES, SteerRequest, run_steer, strength_of
 
 try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached while a decorated call runs
     import spaces
@@ -165,9 +165,13 @@ def on_select_preset(preset: str) -> tuple:
 
     word = DEFAULTS.get(preset, {}).get("word", "")
     return (
-        text, dropdown("emergence"), dropdown("steer"), dropdown("inspect"),
-        gr.Number(value=steps), gr.Textbox(value=word),
-    )  # fmt: skip
+        text,
+        dropdown("emergence"),
+        dropdown("steer"),
+        dropdown("inspect"),
+        gr.Number(value=steps),
+        gr.Textbox(value=word),
+    )
 
 
 @gpu
@@ -178,9 +182,13 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
         result = run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
     last = len(result.steps) - 1
     return (
-        for_display(result.image), iou_figure(result), gr.Slider(maximum=last, value=last),
-        step_panels(result, last), emergence_summary(preset, result), result,
-    )  # fmt: skip
+        for_display(result.image),
+        iou_figure(result),
+        gr.Slider(maximum=last, value=last),
+        step_panels(result, last),
+        emergence_summary(preset, result),
+        result,
+    )
 
 
 @user_errors
@@ -200,18 +208,45 @@ def on_default_strength(kind: str, stage: str, t_min: float, t_max: float) -> tu
 @gpu
 @user_errors
 def on_steer(
-    preset, prompt, seed, block, branch, concept_by, word, cid, cid_t, kind, stage,
-    t_min, t_max, strength, region_by, quadrant, canvas, progress=PROGRESS,
-):  # fmt: skip
+    preset,
+    prompt,
+    seed,
+    block,
+    branch,
+    concept_by,
+    word,
+    cid,
+    cid_t,
+    kind,
+    stage,
+    t_min,
+    t_max,
+    strength,
+    region_by,
+    quadrant,
+    canvas,
+    progress=PROGRESS,
+):
     mask = None
     if kind == "spatial" and region_by == "drawn":
         mask = canvas_mask(canvas)
         if mask is None:
             raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
     request = SteerRequest(
-        prompt, seed, block, kind, stage, (t_min, t_max), strength, branch,
-        word if concept_by == "word" else "", cid, cid_t, quadrant, mask,
-    )  # fmt: skip
+        prompt,
+        seed,
+        block,
+        kind,
+        stage,
+        (t_min, t_max),
+        strength,
+        branch,
+        word if concept_by == "word" else "",
+        cid,
+        cid_t,
+        quadrant,
+        mask,
+    )
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_steer(loaded, request, hooks["on_step"])
@@ -285,15 +320,16 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
 
 REVELIO_ABOUT = (
     "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
-    "cache (`python -m core.features`), its k-SAEs (`python -m core.ksae`) and, for pictures, "
-    "the image folder the cache was extracted from. **Load** lists their layers and timesteps "
+    "cache (`python -m core.revelio.features`), its k-SAEs (`python -m core.revelio.ksae`) "
+    "and, for pictures, the image folder the cache was extracted from. **Load** lists their "
+    "layers and timesteps "
     "and measures every k-SAE's label purity against chance. The default demo is 120 "
     "shapes-world images through the `tiny` preset, whose weights are random: it shows the "
     "views working, not findings (its purity is at chance)."
 )
 
 
-def revelio_choices(found: revelio_view.Contents | None) -> list[tuple[list, object]]:
+def revelio_choices(found: revelio.Contents | None) -> list[tuple[list, object]]:
     """(choices, value) of the layer and timestep dropdowns: first of the pairs with a k-SAE,
     then of those with feature maps; up_ft1 when there, as the paper finds it best."""
     dropdowns: list[tuple[list, object]] = []
@@ -301,59 +337,58 @@ def revelio_choices(found: revelio_view.Contents | None) -> list[tuple[list, obj
         layers = list(dict(pairs))
         layer = "up_blocks.1" if "up_blocks.1" in layers else next(iter(layers), None)
         times = sorted({t for _, t in pairs})
-        dropdowns.append(([(revelio_view.layer_label(name), name) for name in layers], layer))
+        dropdowns.append(([(revelio.layer_label(name), name) for name in layers], layer))
         dropdowns.append((times, times[0] if times else None))
     return dropdowns
 
 
-def revelio_demo_contents() -> revelio_view.Contents | None:
+def revelio_demo_contents() -> revelio.Contents | None:
     try:
-        return revelio_view.contents(revelio_view.DEMO_CACHE, revelio_view.DEMO_SAES)
+        return revelio.contents(revelio.DEMO_CACHE, revelio.DEMO_SAES)
     except USER_ERRORS:
         return None
 
 
 @user_errors
 def on_revelio_load(cache: str, saes: str) -> tuple:
-    found = revelio_view.contents(cache, saes)
+    found = revelio.contents(cache, saes)
     meta = found.meta
     note = (
         f"{len(meta)} images of {len(meta.classes)} classes ({', '.join(meta.classes)}), "
         f"features of `{meta.model}`; k-SAEs for {len(found.ksae_pairs)} (layer, timestep) "
         f"pairs, feature maps for {len(found.map_pairs)}."
     )
-    rows = revelio_view.purity_table(cache, saes) if found.saes else []
+    rows = revelio.purity_table(cache, saes) if found.saes else []
     dropdowns = [gr.Dropdown(choices=c, value=v) for c, v in revelio_choices(found)]
     return note, rows, *dropdowns
 
 
 @user_errors
 def on_revelio_inspect(cache, saes, images, layer, timestep, by, number) -> tuple:
-    view = revelio_view.inspect_latent(cache, saes, images, layer, timestep, by, number)
+    view = revelio.inspect_latent(cache, saes, images, layer, timestep, by, number)
     return view.note, view.grid, view.rows
 
 
 @user_errors
 def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
-    return revelio_view.pca_view(cache, images, layer, timestep, indices)
+    return revelio.pca_view(cache, images, layer, timestep, indices)
 
 
 def revelio_tab() -> None:
     """The revelio tab: its components and events (model-free, so outside the model slot)."""
     gr.Markdown(REVELIO_ABOUT)
     with gr.Row():
-        cache = gr.Textbox(shown_path(str(revelio_view.DEMO_CACHE)), label="feature cache")
-        saes = gr.Textbox(shown_path(str(revelio_view.DEMO_SAES)), label="k-SAE folder")
-        images = gr.Textbox(
-            shown_path(str(revelio_view.DEMO_IMAGES)), label="image folder (optional)"
-        )
+        cache = gr.Textbox(shown_path(str(revelio.DEMO_CACHE)), label="feature cache")
+        saes = gr.Textbox(shown_path(str(revelio.DEMO_SAES)), label="k-SAE folder")
+        images = gr.Textbox(shown_path(str(revelio.DEMO_IMAGES)), label="image folder (optional)")
     load = gr.Button("load", variant="primary", elem_id="revelio-load")
     note = gr.Markdown(elem_id="revelio-note")
     table = gr.Dataframe(
-        headers=revelio_view.PURITY_HEADERS, label="label purity of the most activating "
+        headers=revelio.PURITY_HEADERS,
+        label="label purity of the most activating "
         "latents (top 10 images each), and the same measures on random images",
         elem_id="revelio-table",
-    )  # fmt: skip
+    )
     choices = revelio_choices(revelio_demo_contents())
 
     def dropdown(index: int, label: str) -> gr.Dropdown:
@@ -370,7 +405,7 @@ def revelio_tab() -> None:
         with gr.Column(scale=2):
             latent_note = gr.Markdown(elem_id="revelio-latent-note")
             grid = gr.Image(label="top-activating images", format="png", elem_id="revelio-grid")
-            top = gr.Dataframe(headers=revelio_view.TOP_IMAGE_HEADERS, label="its top images")
+            top = gr.Dataframe(headers=revelio.TOP_IMAGE_HEADERS, label="its top images")
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### PCA maps of features")
@@ -382,20 +417,32 @@ def revelio_tab() -> None:
         with gr.Column(scale=2):
             maps = gr.Gallery(
                 label="image | its PCA map (one PCA over all shown: colours compare)",
-                columns=4, height=640, format="png", elem_id="revelio-pca",
-            )  # fmt: skip
+                columns=4,
+                height=640,
+                format="png",
+                elem_id="revelio-pca",
+            )
     load.click(
-        on_revelio_load, [cache, saes], [note, table, k_layer, k_time, p_layer, p_time],
-        api_name="revelio_load", **LIGHT,
-    )  # fmt: skip
+        on_revelio_load,
+        [cache, saes],
+        [note, table, k_layer, k_time, p_layer, p_time],
+        api_name="revelio_load",
+        **LIGHT,
+    )
     inspect.click(
-        on_revelio_inspect, [cache, saes, images, k_layer, k_time, by, number],
-        [latent_note, grid, top], api_name="revelio_inspect", **LIGHT,
-    )  # fmt: skip
+        on_revelio_inspect,
+        [cache, saes, images, k_layer, k_time, by, number],
+        [latent_note, grid, top],
+        api_name="revelio_inspect",
+        **LIGHT,
+    )
     pca.click(
-        on_revelio_pca, [cache, images, p_layer, p_time, indices], maps,
-        api_name="revelio_pca", **LIGHT,
-    )  # fmt: skip
+        on_revelio_pca,
+        [cache, images, p_layer, p_time, indices],
+        maps,
+        api_name="revelio_pca",
+        **LIGHT,
+    )
 
 
 def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
@@ -452,9 +499,12 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                         elem_id="emergence-step",
                     )
                     e_gallery = gr.Gallery(
-                        label="at this step", columns=3, height="auto", format="png",
+                        label="at this step",
+                        columns=3,
+                        height="auto",
+                        format="png",
                         elem_id="emergence-gallery",
-                    )  # fmt: skip
+                    )
                     e_summary = gr.Markdown()
             e_state = gr.State(None)
         with gr.Tab("steer"), gr.Row():
@@ -479,10 +529,16 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                 s_region = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
                 s_quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
                 s_canvas = gr.ImageEditor(
-                    blank_canvas(), type="numpy", label="draw the region (with 'drawn')",
-                    sources=(), transforms=(), layers=False, height=300, elem_id="steer-canvas",
+                    blank_canvas(),
+                    type="numpy",
+                    label="draw the region (with 'drawn')",
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    height=300,
+                    elem_id="steer-canvas",
                     brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
-                )  # fmt: skip
+                )
                 s_run = gr.Button(
                     "generate before and after", variant="primary", elem_id="steer-run"
                 )
@@ -521,9 +577,11 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
                         headers=["by", "CID", "cosine", "labels"], label="nearest concepts"
                     )
                     i_examples = gr.Gallery(
-                        label="top-activating examples", columns=6, height=220,
+                        label="top-activating examples",
+                        columns=6,
+                        height=220,
                         elem_id="inspect-examples",
-                    )  # fmt: skip
+                    )
                     i_examples_note = gr.Markdown()
                     with gr.Row():
                         i_overlay = gr.Image(label="activation on the new generation", height=256)
@@ -536,53 +594,101 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
 
         demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
         preset_box.change(
-            on_select_preset, preset_box,
+            on_select_preset,
+            preset_box,
             [status, e_block, s_block, i_block, e_steps, s_word],
-            api_name="select_preset", **LIGHT,
-        )  # fmt: skip
+            api_name="select_preset",
+            **LIGHT,
+        )
         e_run.click(
             on_emergence,
             [preset_box, e_prompt, e_seed, e_steps, e_block, e_branch, e_words],
             [e_image, e_plot, e_step, e_gallery, e_summary, e_state],
-            api_name="emergence", **MODEL,
-        ).then(
-            on_status, preset_box, status, api_name="status_after_emergence", **LIGHT
-        )  # fmt: skip
+            api_name="emergence",
+            **MODEL,
+        ).then(on_status, preset_box, status, api_name="status_after_emergence", **LIGHT)
         e_step.release(
             on_emergence_step, [e_state, e_step], e_gallery, api_name="emergence_step", **LIGHT
         )
         gr.on(
             [s_kind.change, s_stage.change, s_t_min.release, s_t_max.release],
-            on_default_strength, [s_kind, s_stage, s_t_min, s_t_max], [s_strength, s_range],
-            api_name="default_strength", **LIGHT,
-        )  # fmt: skip
+            on_default_strength,
+            [s_kind, s_stage, s_t_min, s_t_max],
+            [s_strength, s_range],
+            api_name="default_strength",
+            **LIGHT,
+        )
         s_run.click(
             on_steer,
-            [preset_box, s_prompt, s_seed, s_block, s_branch, s_by, s_word, s_cid, s_cid_t,
-             s_kind, s_stage, s_t_min, s_t_max, s_strength, s_region, s_quadrant, s_canvas],
+            [
+                preset_box,
+                s_prompt,
+                s_seed,
+                s_block,
+                s_branch,
+                s_by,
+                s_word,
+                s_cid,
+                s_cid_t,
+                s_kind,
+                s_stage,
+                s_t_min,
+                s_t_max,
+                s_strength,
+                s_region,
+                s_quadrant,
+                s_canvas,
+            ],
             [s_pair, s_diff, s_metrics],
-            api_name="steer", **MODEL,
-        )  # fmt: skip
+            api_name="steer",
+            **MODEL,
+        )
         key = [preset_box, i_block, i_t, i_branch, i_cid]
         i_run.click(lambda runs: runs + 1, i_runs, i_runs, api_name="request_inspect", **LIGHT)
         i_search.click(
-            on_search_concepts, [preset_box, i_block, i_t, i_branch, i_word, i_runs],
-            [i_found, i_cid, i_note, i_runs], api_name="search_concepts", **MODEL,
-        )  # fmt: skip
+            on_search_concepts,
+            [preset_box, i_block, i_t, i_branch, i_word, i_runs],
+            [i_found, i_cid, i_note, i_runs],
+            api_name="search_concepts",
+            **MODEL,
+        )
         i_found.input(
-            lambda cid, runs: (cid, runs + 1), [i_found, i_runs], [i_cid, i_runs],
-            api_name="pick_concept", **LIGHT,
-        )  # fmt: skip
+            lambda cid, runs: (cid, runs + 1),
+            [i_found, i_runs],
+            [i_cid, i_runs],
+            api_name="pick_concept",
+            **LIGHT,
+        )
         (
-            i_runs.change(on_inspect_concept, key, [i_entry, i_stats, i_nearest, i_note],
-                          api_name="inspect_concept", **MODEL)
-            .success(on_top_examples, key, [i_examples, i_examples_note],
-                     api_name="top_examples", **MODEL)
-            .success(on_activation_map, [*key, i_prompt, i_seed], [i_overlay, i_heat, i_caption],
-                     api_name="activation_map", **MODEL)
-            .success(on_feature_icon, [*key, i_icon_strength, i_seed], i_icon,
-                     api_name="feature_icon", **MODEL)
-        )  # fmt: skip
+            i_runs.change(
+                on_inspect_concept,
+                key,
+                [i_entry, i_stats, i_nearest, i_note],
+                api_name="inspect_concept",
+                **MODEL,
+            )
+            .success(
+                on_top_examples,
+                key,
+                [i_examples, i_examples_note],
+                api_name="top_examples",
+                **MODEL,
+            )
+            .success(
+                on_activation_map,
+                [*key, i_prompt, i_seed],
+                [i_overlay, i_heat, i_caption],
+                api_name="activation_map",
+                **MODEL,
+            )
+            .success(
+                on_feature_icon,
+                [*key, i_icon_strength, i_seed],
+                i_icon,
+                api_name="feature_icon",
+                **MODEL,
+            )
+        )
     return demo
 
 

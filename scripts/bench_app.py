@@ -43,8 +43,25 @@ def cold_start(preset: str) -> tuple[str, float, float]:
 
 def requests(args: argparse.Namespace, cid: int) -> dict[str, tuple]:
     preset, prompt, block, word = args.preset, args.prompt, args.block, args.word
-    steer = (preset, prompt, 0, block, "cond", "word", word, 0, 1.0, "spatial", "early", 0.6,
-             1.0, 4000, "quadrant", "top_left", None)  # fmt: skip
+    steer = (
+        preset,
+        prompt,
+        0,
+        block,
+        "cond",
+        "word",
+        word,
+        0,
+        1.0,
+        "spatial",
+        "early",
+        0.6,
+        1.0,
+        4000,
+        "quadrant",
+        "top_left",
+        None,
+    )
     key = (preset, block, 0.5, "cond", cid)
     steps = args.steps
     return {

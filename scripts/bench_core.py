@@ -23,16 +23,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from core.activations import GenerationSource
-from core.composition import concept_map
-from core.concepts import ConceptDictionary
-from core.hooks import hooked, record
-from core.presets import SD14_BLOCKS
-from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE
-from core.sae_training import SAETrainer, TrainConfig
-from core.steer import Intervention, intervene, quadrant_mask
-from core.tiny import build_tiny_pipeline, sd14_shaped_pipeline
-from core.words import load_word_vectors
+from core.diffusion.hooks import hooked, record
+from core.diffusion.presets import SD14_BLOCKS
+from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+from core.emergence.composition import concept_map
+from core.emergence.concepts import ConceptDictionary
+from core.emergence.steer import Intervention, intervene, quadrant_mask
+from core.emergence.words import load_word_vectors
+from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
+from core.training.activations import GenerationSource
+from core.training.trainer import SAETrainer, TrainConfig
 
 
 def sync(device: torch.device) -> None:

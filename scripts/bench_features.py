@@ -19,11 +19,11 @@ import tempfile
 
 import torch
 
-from core.block_outputs import block_outputs
-from core.feature_cache import save_features
-from core.features import UNET_LAYERS, FeatureExtractor, image_noise, pool
-from core.presets import default_device
-from core.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
+from core.revelio.block_outputs import block_outputs
+from core.revelio.feature_cache import save_features
+from core.revelio.features import UNET_LAYERS, FeatureExtractor, image_noise, pool
+from core.runtime import default_device
 from scripts.bench_core import alternate
 
 TIMESTEP = 25

@@ -2,12 +2,12 @@
 
     python -m scripts.build_revelio_demo
 
-1. Renders NUM_IMAGES one-object shapes-world scenes (`core.toy_world.dataset`,
+1. Renders NUM_IMAGES one-object shapes-world scenes (`core.shapes.world.dataset`,
    max_objects=1) as PNGs into `images/<shape>/<index>.png`: the class is the shape.
-2. Extracts their features with `core.features` from the `tiny` preset at TIMESTEPS:
+2. Extracts their features with `core.revelio.features` from the `tiny` preset at TIMESTEPS:
    feature maps (`--maps`) for MAP_LAYERS, pooled features only for POOLED_ONLY_LAYERS
    (the 16x16 maps of up_ft2 would triple the folder's size).
-3. Trains one small k-SAE per (layer, timestep) with `core.ksae` (KSAE_ARGS): few latents,
+3. Trains one small k-SAE per (layer, timestep) with `core.revelio.ksae` (KSAE_ARGS): few latents,
    so that many fire on more than 10 of the images, as the purity table needs.
 4. Writes build.json: the commands and settings.
 
@@ -23,9 +23,9 @@ from types import ModuleType
 
 from PIL import Image
 
-from core import features, ksae
-from core.presets import ASSETS
-from core.toy_world import dataset
+from core.diffusion.presets import ASSETS
+from core.revelio import features, ksae
+from core.shapes.world import dataset
 
 OUT = ASSETS / "revelio-demo"
 IMAGES, CACHE, SAES = OUT / "images", OUT / "cache", OUT / "ksaes"
@@ -37,9 +37,21 @@ TIMESTEPS = ("25", "250")
 MAP_LAYERS = ("bottleneck", "up_ft0", "up_ft1")
 POOLED_ONLY_LAYERS = ("up_ft2",)
 KSAE_ARGS = [
-    "--expansion-factor", "2", "-k", "16", "--lr", "1e-3", "--warmup-steps", "20",
-    "--epochs", "300", "--seed", str(SEED), "--device", "cpu",
-]  # fmt: skip
+    "--expansion-factor",
+    "2",
+    "-k",
+    "16",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "20",
+    "--epochs",
+    "300",
+    "--seed",
+    str(SEED),
+    "--device",
+    "cpu",
+]
 
 
 def write_images(folder: Path) -> dict[str, int]:

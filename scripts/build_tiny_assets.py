@@ -3,11 +3,11 @@
     python -m scripts.build_tiny_assets
 
 1. Trains the 9 SAEs (the preset's 3 hook points x t in {1.0, 0.5, 0.0}, `cond`) with
-   `core.train`, on assets/prompts/tiny.txt, with the settings of the Makefile's demo run.
+   `core.training.train`, on assets/prompts/tiny.txt, with the settings of the Makefile's demo run.
 2. Generates one image per dictionary prompt (new seeds, so new images), annotates it with
    the shapes-world annotator (shapes and background style) and builds each SAE's concept
    dictionary, saved beside the SAE with its `spatial_means` (the top-example index) and
-   examples.json, with `core.build_dictionary`'s functions and the IoU threshold
+   examples.json, with `core.emergence.build_dictionary`'s functions and the IoU threshold
    IOU_THRESHOLD.
 3. Writes build.json: the settings and a fingerprint of the tiny pipeline's weights, which
    the SAEs only make sense for (the weights are random, fixed by a seed and torch's
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from core import train
-from core.activations import read_prompts
-from core.build_dictionary import gather, quality_lines, save_examples
-from core.concepts import save_dictionaries
-from core.presets import ASSETS, get_preset, load_pipeline
-from core.sae import SAEBank
-from core.toy_annotate import ToyAnnotator
-from core.words import BUNDLED_GLOVE, load_word_vectors
+from core.diffusion.presets import ASSETS, get_preset, load_pipeline
+from core.emergence.build_dictionary import gather, quality_lines, save_examples
+from core.emergence.concepts import save_dictionaries
+from core.emergence.words import BUNDLED_GLOVE, load_word_vectors
+from core.sae.model import SAEBank
+from core.shapes.annotate import ToyAnnotator
+from core.training import train
+from core.training.activations import read_prompts
 
 PROMPTS = ASSETS / "prompts" / "tiny.txt"
 OUT = ASSETS / "tiny" / "saes"
@@ -81,16 +81,26 @@ def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
     word_vectors = load_word_vectors(BUNDLED_GLOVE)
     settings = {"steps": preset.steps, "guidance_scale": preset.guidance_scale}
     gathered = gather(
-        pipe, bank, prompts, ToyAnnotator(with_background=True), keys=bank.keys(),
-        seed=DICTIONARY_SEED, gen_batch=GEN_BATCH, resolution=preset.resolution,
-        iou_threshold=IOU_THRESHOLD, **settings,
-    )  # fmt: skip
+        pipe,
+        bank,
+        prompts,
+        ToyAnnotator(with_background=True),
+        keys=bank.keys(),
+        seed=DICTIONARY_SEED,
+        gen_batch=GEN_BATCH,
+        resolution=preset.resolution,
+        iou_threshold=IOU_THRESHOLD,
+        **settings,
+    )
     dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
     save_dictionaries(dictionaries.values(), out)
     info = {
-        "model": preset.model, **settings, "annotator": "toy", "word_vectors": BUNDLED_GLOVE,
+        "model": preset.model,
+        **settings,
+        "annotator": "toy",
+        "word_vectors": BUNDLED_GLOVE,
         "iou_threshold": IOU_THRESHOLD,
-    }  # fmt: skip
+    }
     save_examples(out, gathered, prompts, DICTIONARY_SEED, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
     print(f"{len(prompts)} images, {gathered.num_objects} annotated objects")

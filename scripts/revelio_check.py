@@ -2,10 +2,11 @@
 
 One-object scenes labelled by shape (or colour, or background style) are written as an
 image folder (a train and a test split, balanced per class), their features cached with
-`core.features` at several timesteps and layers, k-SAEs trained with `core.ksae`, label
-purity measured with `core.purity` and Diff-C trained and tested with `core.diffc`. The
-result is one table, per layer and timestep, of sigma_label (with its chance value),
-majority fraction and Diff-C top-1, written as `report.md` beside the CSV files.
+`core.revelio.features` at several timesteps and layers, k-SAEs trained with
+`core.revelio.ksae`, label purity measured with `core.revelio.purity` and Diff-C trained and
+tested with `core.revelio.diffc`. The result is one table, per layer and timestep, of
+sigma_label (with its chance value), majority fraction and Diff-C top-1, written as
+`report.md` beside the CSV files.
 
 The paper's findings to compare with: up_ft1 is best for fine-grained classes at small t,
 and the bottleneck is competitive for coarse classes.
@@ -17,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core import diffc, features, ksae, purity
-from core.cli import one_line_errors
-from core.toy_world import LABELS, write_image_folder
+from core.revelio import diffc, features, ksae, purity
+from core.runtime import one_line_errors
+from core.shapes.world import LABELS, write_image_folder
 
 LAYERS = ("bottleneck", "up_ft0", "up_ft1", "up_ft2")
 FINDING = (
@@ -49,27 +50,83 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     model = ["--preset", args.preset] + (["--model", args.model] if args.model else [])
-    for split, per_class, seed in (("train", args.train_per_class, 1),
-                                   ("test", args.test_per_class, 2)):  # fmt: skip
+    for split, per_class, seed in (
+        ("train", args.train_per_class, 1),
+        ("test", args.test_per_class, 2),
+    ):
         images = out / "images" / split
         if not images.is_dir():
             write_image_folder(images, per_class, seed, args.resolution, args.label)
-        _ok(features.main([
-            "--images", str(images), "--out", str(out / "cache" / split), *model, "--maps",
-            "--layers", *LAYERS, "--timesteps", *map(str, args.timesteps),
-            "--resolution", str(args.resolution), "--device", args.device,
-        ]))  # fmt: skip
+        _ok(
+            features.main(
+                [
+                    "--images",
+                    str(images),
+                    "--out",
+                    str(out / "cache" / split),
+                    *model,
+                    "--maps",
+                    "--layers",
+                    *LAYERS,
+                    "--timesteps",
+                    *map(str, args.timesteps),
+                    "--resolution",
+                    str(args.resolution),
+                    "--device",
+                    args.device,
+                ]
+            )
+        )
     train, test = str(out / "cache" / "train"), str(out / "cache" / "test")
-    _ok(ksae.main(["--cache", train, "--out", str(out / "ksae"), "--epochs",
-                   str(args.ksae_epochs), "--device", args.device, "--overwrite"]))  # fmt: skip
-    _ok(purity.main(["--cache", train, "--saes", str(out / "ksae"), "--csv",
-                     str(out / "purity.csv"), "--min-fires", str(args.min_fires),
-                     "--device", args.device]))  # fmt: skip
-    _ok(diffc.main([
-        "--cache", train, "--test-cache", test, "--out", str(out / "diffc"),
-        "--epochs", str(args.diffc_epochs), "--width", str(args.diffc_width),
-        "--device", args.device,
-    ]))  # fmt: skip
+    _ok(
+        ksae.main(
+            [
+                "--cache",
+                train,
+                "--out",
+                str(out / "ksae"),
+                "--epochs",
+                str(args.ksae_epochs),
+                "--device",
+                args.device,
+                "--overwrite",
+            ]
+        )
+    )
+    _ok(
+        purity.main(
+            [
+                "--cache",
+                train,
+                "--saes",
+                str(out / "ksae"),
+                "--csv",
+                str(out / "purity.csv"),
+                "--min-fires",
+                str(args.min_fires),
+                "--device",
+                args.device,
+            ]
+        )
+    )
+    _ok(
+        diffc.main(
+            [
+                "--cache",
+                train,
+                "--test-cache",
+                test,
+                "--out",
+                str(out / "diffc"),
+                "--epochs",
+                str(args.diffc_epochs),
+                "--width",
+                str(args.diffc_width),
+                "--device",
+                args.device,
+            ]
+        )
+    )
     report = out / "report.md"
     report.write_text(table(out / "purity.csv", out / "diffc" / "accuracy.csv", args) + "\n")
     print(report.read_text())

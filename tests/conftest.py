@@ -6,7 +6,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from core.tiny import build_tiny_pipeline  # noqa: E402
+from core.diffusion.tiny import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

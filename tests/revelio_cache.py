@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from core.feature_cache import FeatureMeta, save_features, save_meta
+from core.revelio.feature_cache import FeatureMeta, save_features, save_meta
 
 LAYERS = ["mid_block", "up_blocks.1"]
 TIMESTEPS = [25, 200]

@@ -38,7 +38,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from core.annotate import (
+from core.annotate.grounded_sam import (
     QUADRANTS,
     Annotator,
     ClipSegSegmenter,
@@ -56,9 +56,9 @@ from core.annotate import (
     grounding_query,
     quadrant_of,
 )
-from core.annotate_tags import select_tags, singular_forms
-from core.presets import ModelNotAvailableError
-from core.tokenizer import write_clip_tokenizer
+from core.annotate.tags import select_tags, singular_forms
+from core.diffusion.tokenizer import write_clip_tokenizer
+from core.runtime import ModelNotAvailableError
 
 VOCABULARY = ("cat", "dog", "car", "tree", "person", "traffic light")
 WORDS = sorted({"a", "photo", "of", *(w for name in VOCABULARY for w in name.split())})

@@ -26,16 +26,40 @@ def pixels(path: str) -> np.ndarray:
 
 
 def emergence(client: Client, seed: int = 0, **changes) -> tuple:
-    args = {"preset": PRESET, "prompt": PROMPT, "seed": seed, "steps": 10, "block": UP,
-            "branch": "cond", "words": "", **changes}  # fmt: skip
+    args = {
+        "preset": PRESET,
+        "prompt": PROMPT,
+        "seed": seed,
+        "steps": 10,
+        "block": UP,
+        "branch": "cond",
+        "words": "",
+        **changes,
+    }
     return client.predict(*args.values(), api_name="/emergence")
 
 
 def steer(client: Client, seed: int = 0, **changes) -> tuple:
-    args = {"preset": PRESET, "prompt": PROMPT, "seed": seed, "block": UP, "branch": "cond",
-            "concept_by": "word", "word": "star", "cid": 0, "cid_t": 1.0, "kind": "spatial",
-            "stage": "early", "t_min": 0.6, "t_max": 1.0, "strength": 4000,
-            "region_by": "quadrant", "quadrant": "top_left", "canvas": None, **changes}  # fmt: skip
+    args = {
+        "preset": PRESET,
+        "prompt": PROMPT,
+        "seed": seed,
+        "block": UP,
+        "branch": "cond",
+        "concept_by": "word",
+        "word": "star",
+        "cid": 0,
+        "cid_t": 1.0,
+        "kind": "spatial",
+        "stage": "early",
+        "t_min": 0.6,
+        "t_max": 1.0,
+        "strength": 4000,
+        "region_by": "quadrant",
+        "quadrant": "top_left",
+        "canvas": None,
+        **changes,
+    }
     return client.predict(*args.values(), api_name="/steer")
 
 

@@ -12,14 +12,20 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 import app
-from core.presets import default_preset_name
+from core.diffusion.presets import default_preset_name
 from tests.app_server import ROOT, app_url
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = ROOT / "runs" / "screenshots"
 WAIT_MS = 120_000
 ALL_LOADED = "(selector) => [...document.querySelectorAll(selector)].every(i => i.naturalWidth)"

@@ -7,8 +7,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from core.model_cache import ModelCache
-from core.revelio_view import PURITY_HEADERS, TOP_IMAGE_HEADERS
+from core.views.model_cache import ModelCache
+from core.views.revelio import PURITY_HEADERS, TOP_IMAGE_HEADERS
 from tests.app_server import app_url
 
 CACHE, SAES, IMAGES = (f"assets/revelio-demo/{name}" for name in ("cache", "ksaes", "images"))
@@ -25,14 +25,28 @@ def pixels(path: str) -> np.ndarray:
 
 
 def inspect(client: Client, **changes) -> tuple:
-    args = {"cache": CACHE, "saes": SAES, "images": IMAGES, "layer": "up_blocks.1",
-            "timestep": 25, "by": "purest", "number": 0, **changes}  # fmt: skip
+    args = {
+        "cache": CACHE,
+        "saes": SAES,
+        "images": IMAGES,
+        "layer": "up_blocks.1",
+        "timestep": 25,
+        "by": "purest",
+        "number": 0,
+        **changes,
+    }
     return client.predict(*args.values(), api_name="/revelio_inspect")
 
 
 def pca(client: Client, **changes) -> list:
-    args = {"cache": CACHE, "images": IMAGES, "layer": "up_blocks.1", "timestep": 250,
-            "indices": "0-3", **changes}  # fmt: skip
+    args = {
+        "cache": CACHE,
+        "images": IMAGES,
+        "layer": "up_blocks.1",
+        "timestep": 250,
+        "indices": "0-3",
+        **changes,
+    }
     return client.predict(*args.values(), api_name="/revelio_pca")
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core import inspection
-from core.attention_maps import token_positions, trace_cross_attention
-from core.emergence import default_words, iou_figure, run_emergence, step_panels
-from core.inputs import check_prompt, check_seed, check_steps, parse_words
-from core.model_cache import ModelCache
-from core.presets import ASSETS
-from core.render import difference_map, heat_map, overlay
-from core.steer_compare import SteerRequest, run_steer
+from core.diffusion.presets import ASSETS
+from core.emergence.attention_maps import token_positions, trace_cross_attention
+from core.views import inspection
+from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
+from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
+from core.views.model_cache import ModelCache
+from core.views.render import difference_map, heat_map, overlay
+from core.views.steer import SteerRequest, run_steer
 from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
 from tests.test_hooks import hook_count
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 import app
-from core.concepts import load_dictionaries
-from core.model_cache import ModelCache
-from core.presets import PRESETS, default_preset_name
+from core.diffusion.presets import PRESETS, default_preset_name
+from core.emergence.concepts import load_dictionaries
+from core.views.model_cache import ModelCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,16 +49,33 @@ def test_every_event_has_an_api_name():
     names = [fn.api_name for fn in demo.fns.values()]
     assert names and all(isinstance(name, str) and name for name in names)
     assert len(set(names)) == len(names)
-    expected = {"emergence", "emergence_step", "steer", "default_strength", "search_concepts",
-                "inspect_concept", "top_examples", "activation_map", "feature_icon",
-                "select_preset", "status"}  # fmt: skip
+    expected = {
+        "emergence",
+        "emergence_step",
+        "steer",
+        "default_strength",
+        "search_concepts",
+        "inspect_concept",
+        "top_examples",
+        "activation_map",
+        "feature_icon",
+        "select_preset",
+        "status",
+    }
     assert expected <= set(names)
 
 
 def test_model_events_share_one_queue_slot():
     demo = app.build_demo(ModelCache(), "tiny")
-    model_events = {"emergence", "steer", "search_concepts", "inspect_concept", "top_examples",
-                    "activation_map", "feature_icon"}  # fmt: skip
+    model_events = {
+        "emergence",
+        "steer",
+        "search_concepts",
+        "inspect_concept",
+        "top_examples",
+        "activation_map",
+        "feature_icon",
+    }
     for fn in demo.fns.values():
         if fn.api_name in model_events:
             assert fn.concurrency_id == "model" and fn.concurrency_limit == 1, fn.api_name

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.buffer import ShuffleBuffer
+from core.training.buffer import ShuffleBuffer
 
 
 def test_each_row_comes_out_exactly_once():

@@ -9,15 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import build_dictionary
-from core.annotate import Annotator, ObjectAnnotation
-from core.build_dictionary import build_dictionaries, gather, load_spatial_means, select_keys
-from core.composition import latent_grid
-from core.concepts import load_dictionaries
-from core.hooks import record
-from core.presets import SD14_BLOCKS
-from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE
-from core.words import load_word_vectors
+from core.annotate.grounded_sam import Annotator, ObjectAnnotation
+from core.diffusion.hooks import record
+from core.diffusion.presets import SD14_BLOCKS
+from core.emergence import build_dictionary
+from core.emergence.build_dictionary import (
+    build_dictionaries,
+    gather,
+    load_spatial_means,
+    select_keys,
+)
+from core.emergence.composition import latent_grid
+from core.emergence.concepts import load_dictionaries
+from core.emergence.words import load_word_vectors
+from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
 
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
 STEPS, SEED, SIZE = 4, 3, 32
@@ -90,9 +95,17 @@ def test_outlined_latent_gets_the_label_with_iou_one(tiny_pipe, setup):
     annotator = OutlineAnnotator(maps, cid)
     assert isinstance(annotator, Annotator)
     dictionaries = build_dictionaries(
-        tiny_pipe, bank, PROMPTS, annotator, load_word_vectors(),
-        keys=[KEY], seed=SEED, gen_batch=2, steps=STEPS, guidance_scale=7.5,
-    )  # fmt: skip
+        tiny_pipe,
+        bank,
+        PROMPTS,
+        annotator,
+        load_word_vectors(),
+        keys=[KEY],
+        seed=SEED,
+        gen_batch=2,
+        steps=STEPS,
+        guidance_scale=7.5,
+    )
     assert annotator.calls == PROMPTS
     dictionary = dictionaries[KEY]
     assert dictionary.num_images == len(PROMPTS)
@@ -109,9 +122,16 @@ def test_outlined_latent_gets_the_label_with_iou_one(tiny_pipe, setup):
 def test_spatial_means_match_a_direct_recomputation(tiny_pipe, setup):
     bank, maps, _ = setup
     gathered = gather(
-        tiny_pipe, bank, PROMPTS, OutlineAnnotator(maps, 0), keys=[KEY],
-        seed=SEED, gen_batch=3, steps=STEPS, guidance_scale=7.5,
-    )  # fmt: skip
+        tiny_pipe,
+        bank,
+        PROMPTS,
+        OutlineAnnotator(maps, 0),
+        keys=[KEY],
+        seed=SEED,
+        gen_batch=3,
+        steps=STEPS,
+        guidance_scale=7.5,
+    )
     torch.testing.assert_close(gathered.means(KEY), maps.mean(dim=(1, 2)), atol=1e-4, rtol=1e-4)
 
 
@@ -124,11 +144,30 @@ def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, m
         build_dictionary, "make_annotator", lambda n, a: OutlineAnnotator(maps, cid)
     )
     out = tmp_path / "dicts"
-    code = build_dictionary.main([
-        "--preset", "tiny", "--saes", str(tmp_path / "saes"), "--prompts", str(prompts),
-        "--out", str(out), "--blocks", UP, "--t", "0.0", "--steps", str(STEPS),
-        "--seed", str(SEED), "--gen-batch", "2", "--device", "cpu",
-    ])  # fmt: skip
+    code = build_dictionary.main(
+        [
+            "--preset",
+            "tiny",
+            "--saes",
+            str(tmp_path / "saes"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--blocks",
+            UP,
+            "--t",
+            "0.0",
+            "--steps",
+            str(STEPS),
+            "--seed",
+            str(SEED),
+            "--gen-batch",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "cohesion" in printed.out and "separab" in printed.out
@@ -165,10 +204,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("" if case == "empty" else "a cat\n")
     blocks = ["down_blocks.0.attentions.0"] if case == "block" else [UP]
-    code = build_dictionary.main([
-        "--preset", "tiny", "--saes", str(tmp_path / "saes"), "--prompts", str(prompts),
-        "--out", str(tmp_path / "out"), "--blocks", *blocks, "--device", "cpu",
-    ])  # fmt: skip
+    code = build_dictionary.main(
+        [
+            "--preset",
+            "tiny",
+            "--saes",
+            str(tmp_path / "saes"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "out"),
+            "--blocks",
+            *blocks,
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and expected in err and "Traceback" not in err

@@ -3,7 +3,8 @@ import pytest
 import torch
 from gensim.models import KeyedVectors
 
-from core.composition import (
+from core.diffusion.hooks import record
+from core.emergence.composition import (
     concept_map,
     iou,
     latent_grid,
@@ -11,10 +12,9 @@ from core.composition import (
     predict_over_steps,
     similarity_map,
 )
-from core.concepts import ConceptDictionary
-from core.hooks import record
-from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE
-from core.words import WordVectors, load_word_vectors
+from core.emergence.concepts import ConceptDictionary
+from core.emergence.words import WordVectors, load_word_vectors
+from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
 from tests.conftest import seeded
 
 UP = "up_blocks.1.attentions.0"

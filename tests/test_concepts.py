@@ -6,7 +6,7 @@ import pytest
 import torch
 from gensim.models import KeyedVectors
 
-from core.concepts import (
+from core.emergence.concepts import (
     CONCEPTS_FILE,
     EMBEDDINGS_FILE,
     ConceptDictionary,
@@ -20,8 +20,8 @@ from core.concepts import (
     separability,
     top_examples,
 )
-from core.sae import SAEBank, SAEConfig, SAEKey, TopKSAE, bank_subfolder
-from core.words import WordVectors
+from core.emergence.words import WordVectors
+from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE, bank_subfolder
 
 KEY = SAEKey("up_blocks.1.attentions.0", 1.0, "cond")
 

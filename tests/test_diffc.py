@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from core import diffc
-from core.feature_cache import FeatureMeta, load_features, save_meta
+from core.revelio import diffc
+from core.revelio.feature_cache import FeatureMeta, load_features, save_meta
 from tests.revelio_cache import write_cache
 
 
@@ -103,8 +103,11 @@ def test_cli_reports_top1_per_layer_and_timestep(tmp_path, capsys):
     with open(out / diffc.CSV_FILE) as f:
         rows = list(csv.DictReader(f))
     assert [(r["layer"], r["timestep"]) for r in rows] == [
-        ("mid_block", "25"), ("mid_block", "200"), ("up_blocks.1", "25"), ("up_blocks.1", "200"),
-    ]  # fmt: skip
+        ("mid_block", "25"),
+        ("mid_block", "200"),
+        ("up_blocks.1", "25"),
+        ("up_blocks.1", "200"),
+    ]
     assert rows[0]["test_images"] == "6" and rows[0]["channels"] == "8"
     assert 0 <= float(rows[0]["top1"]) <= 1
     model, info = diffc.load_diffc(out / "up_blocks.1" / "t0200" / diffc.WEIGHTS_FILE)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import evaluate
-from core.annotate import ClipSegSegmenter, ObjectAnnotation
-from core.concepts import ConceptDictionary, save_dictionaries
-from core.evaluate import (
+from core.annotate.grounded_sam import ClipSegSegmenter, ObjectAnnotation
+from core.diffusion.presets import SD14_BLOCKS
+from core.emergence import evaluate
+from core.emergence.concepts import ConceptDictionary, save_dictionaries
+from core.emergence.evaluate import (
     ClipScorer,
     composition_rows,
     global_edit_rows,
@@ -20,9 +21,8 @@ from core.evaluate import (
     spatial_edit_rows,
     spatial_summary,
 )
-from core.presets import SD14_BLOCKS
-from core.sae import SAEBank, SAEConfig, TopKSAE
-from core.words import load_word_vectors
+from core.emergence.words import load_word_vectors
+from core.sae.model import SAEBank, SAEConfig, TopKSAE
 from tests.test_annotate import save_clip, save_clipseg
 
 MID = "mid_block.attentions.0"
@@ -98,17 +98,31 @@ def test_composition_known_answer_and_baselines(tiny_pipe, bank, all_cat):
 def test_composition_labels_mode_and_words_without_vectors(tiny_pipe, bank, mixed):
     vectors = load_word_vectors()
     rows = composition_rows(
-        tiny_pipe, bank, mixed, PROMPTS[:1], LeftHalfCat(), vectors,
-        blocks=[MID], targets="labels", **FAST,
-    )  # fmt: skip
+        tiny_pipe,
+        bank,
+        mixed,
+        PROMPTS[:1],
+        LeftHalfCat(),
+        vectors,
+        blocks=[MID],
+        targets="labels",
+        **FAST,
+    )
     assert {r["word"] for r in rows} == {"cat"}  # "tree" labels no concept
     assert all(0 <= r["iou"] <= 1 for r in rows)
     assert all(math.isnan(r["baseline_mean_iou"]) for r in rows)  # one image: no others
     with pytest.raises(ValueError, match="no word vector for \\['qzxv'\\]"):
         composition_rows(
-            tiny_pipe, bank, mixed, PROMPTS, LeftHalfCat(), vectors,
-            blocks=[MID], targets=["qzxv"], **FAST,
-        )  # fmt: skip
+            tiny_pipe,
+            bank,
+            mixed,
+            PROMPTS,
+            LeftHalfCat(),
+            vectors,
+            blocks=[MID],
+            targets=["qzxv"],
+            **FAST,
+        )
 
 
 def test_quality_rows(mixed, all_cat):
@@ -177,12 +191,35 @@ def test_cli_writes_csvs_plots_and_summaries(
     prompts.write_text("\n".join(PROMPTS) + "\n")
     monkeypatch.setattr(evaluate, "make_annotator", lambda name, args: LeftHalfCat())
     out = tmp_path / "eval"
-    code = evaluate.main([
-        "--preset", "tiny", "--saes", str(tmp_path / "bank"), "--prompts", str(prompts),
-        "--out", str(out), "--steps", str(STEPS), "--device", "cpu", "--limit", "2",
-        "--objects", "cat", "dog", "--quadrants", "top_left", "--concepts", "snow",
-        "--clip-model", str(models["clip"]), "--clipseg-model", str(models["clipseg"]),
-    ])  # fmt: skip
+    code = evaluate.main(
+        [
+            "--preset",
+            "tiny",
+            "--saes",
+            str(tmp_path / "bank"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--steps",
+            str(STEPS),
+            "--device",
+            "cpu",
+            "--limit",
+            "2",
+            "--objects",
+            "cat",
+            "dog",
+            "--quadrants",
+            "top_left",
+            "--concepts",
+            "snow",
+            "--clip-model",
+            str(models["clip"]),
+            "--clipseg-model",
+            str(models["clipseg"]),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     for name in ("composition", "quality", "spatial", "global"):
@@ -222,10 +259,21 @@ def test_cli_errors_are_one_line(bank, mixed, tmp_path, capsys, extra, expected)
         else a
         for a in extra
     ]
-    code = evaluate.main([
-        "--preset", "tiny", "--saes", str(tmp_path / "bank"), "--prompts",
-        str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out"), "--device", "cpu", *extra,
-    ])  # fmt: skip
+    code = evaluate.main(
+        [
+            "--preset",
+            "tiny",
+            "--saes",
+            str(tmp_path / "bank"),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and expected in err and "Traceback" not in err

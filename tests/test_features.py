@@ -6,9 +6,10 @@ import torch
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
-from core.block_outputs import block_outputs, capture, resolve_layers, tokens_to_map
-from core.feature_cache import feature_path, load_features, load_meta
-from core.features import (
+from core.diffusion.tiny import tiny_vae
+from core.revelio.block_outputs import block_outputs, capture, resolve_layers, tokens_to_map
+from core.revelio.feature_cache import feature_path, load_features, load_meta
+from core.revelio.features import (
     FeatureExtractor,
     check_timesteps,
     dataset_images,
@@ -18,8 +19,7 @@ from core.features import (
     main,
     pixels,
 )
-from core.tiny import tiny_vae
-from core.toy_world import dataset
+from core.shapes.world import dataset
 
 N_IMAGES = 10
 LAYERS = ["bottleneck", "up_ft0", "up_ft1", "up_ft2"]
@@ -401,7 +401,7 @@ def test_cli_reads_a_saved_dit_pipeline(dit_pipe, shapes_folder, tmp_path, capsy
 
 @pytest.mark.slow
 def test_sd14_sized_features_have_the_papers_widths():
-    from core.tiny import sd14_shaped_pipeline
+    from core.diffusion.tiny import sd14_shaped_pipeline
 
     extractor = FeatureExtractor.from_pipeline(sd14_shaped_pipeline())
     assert extractor.resolution == 512

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from core.hooks import edit, record, transformer_blocks
-from core.presets import SD14_BLOCKS
+from core.diffusion.hooks import edit, record, transformer_blocks
+from core.diffusion.presets import SD14_BLOCKS
 from tests.conftest import seeded
 
 MID = "mid_block.attentions.0"

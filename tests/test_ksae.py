@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from core import ksae
-from core.sae import SAEBank, SAEKey, TopKSAE
+from core.revelio import ksae
+from core.sae.model import SAEBank, SAEKey, TopKSAE
 from tests.revelio_cache import LAYERS, TIMESTEPS, write_cache
 
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from core.feature_cache import save_features
-from core.pca_maps import cached_pca_images, main, pca_images, pca_rgb, principal_directions
+from core.revelio.feature_cache import save_features
+from core.revelio.pca_maps import cached_pca_images, main, pca_images, pca_rgb, principal_directions
 
 SIZE = 8
 

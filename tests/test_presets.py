@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from core.presets import SD14_BLOCKS, STAGES, ModelNotAvailableError, get_preset, load_pipeline
-from core.tiny import build_tiny_pipeline
+from core.diffusion.presets import SD14_BLOCKS, STAGES, get_preset, load_pipeline
+from core.diffusion.tiny import build_tiny_pipeline
+from core.runtime import ModelNotAvailableError
 from tests.conftest import seeded
 
 

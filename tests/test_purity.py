@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import ksae, purity
-from core.feature_cache import load_meta
-from core.sae import SAEConfig, TopKSAE
+from core.revelio import ksae, purity
+from core.revelio.feature_cache import load_meta
+from core.sae.model import SAEConfig, TopKSAE
 from tests.revelio_cache import write_cache
 
 HALF = [0] * 5 + [1] * 5

@@ -2,16 +2,32 @@
 
 import os
 
-from core.toy_world import SHAPES, write_image_folder
+from core.shapes.world import SHAPES, write_image_folder
 from scripts.revelio_check import main
 
 
 def test_the_check_runs_end_to_end_on_the_tiny_preset(tmp_path):
     argv = [
-        "--out", str(tmp_path), "--train-per-class", "6", "--test-per-class", "3",
-        "--resolution", "32", "--timesteps", "25", "500", "--ksae-epochs", "5",
-        "--diffc-epochs", "2", "--diffc-width", "32", "--min-fires", "1",
-    ]  # fmt: skip
+        "--out",
+        str(tmp_path),
+        "--train-per-class",
+        "6",
+        "--test-per-class",
+        "3",
+        "--resolution",
+        "32",
+        "--timesteps",
+        "25",
+        "500",
+        "--ksae-epochs",
+        "5",
+        "--diffc-epochs",
+        "2",
+        "--diffc-width",
+        "32",
+        "--min-fires",
+        "1",
+    ]
     assert main(argv) == 0
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if "| `" in line]
     assert len(rows) == 8  # 4 layers x 2 timesteps, each with purity and Diff-C top-1

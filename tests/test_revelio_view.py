@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import revelio_view as rv
-from core.feature_cache import load_features, load_meta
-from core.ksae import paper_config, train_cache
-from core.pca_maps import pca_images
-from core.purity import chance_purity, latent_purity, most_activating_latents
+from core.files import REPO_ROOT
+from core.revelio.feature_cache import load_features, load_meta
+from core.revelio.ksae import paper_config, train_cache
+from core.revelio.pca_maps import pca_images
+from core.revelio.purity import chance_purity, latent_purity, most_activating_latents
+from core.views import revelio as rv
 from tests.revelio_cache import write_cache
 
 DEMO = rv.DEMO_CACHE, rv.DEMO_SAES
@@ -46,7 +47,10 @@ def test_the_demo_holds_ksaes_everywhere_and_maps_except_up_ft2():
 
 def test_relative_folders_are_found_from_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert rv.find_folder("assets/revelio-demo/cache", "cache") == rv.ROOT / rv.DEMO_CACHE
+    assert (
+        rv.find_folder("assets/revelio-demo/cache", "cache")
+        == REPO_ROOT / "assets/revelio-demo/cache"
+    )
     assert rv.find_folder(" ", "image", required=False) is None
     with pytest.raises(ValueError, match="give the cache folder"):
         rv.find_folder("", "cache")

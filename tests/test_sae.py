@@ -1,4 +1,4 @@
-"""Tests of core.sae (the TopK SAE, its checkpoints and banks) and core.sae_training."""
+"""Tests of core.sae.model (the TopK SAE, its checkpoints and banks) and core.training.trainer."""
 
 import copy
 import json
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-import core.sae
-from core.sae import LatentStats, SAEBank, SAEConfig, SAEKey, SAELoadError, TopKSAE
-from core.sae_training import SAETrainer, TrainConfig
-from core.sparse_ops import encoder_acts_at
+import core.sae.model
+from core.sae.model import LatentStats, SAEBank, SAEConfig, SAEKey, SAELoadError, TopKSAE
+from core.sae.sparse_ops import encoder_acts_at
+from core.training.trainer import SAETrainer, TrainConfig
 
 BLOCK = "unet.mid_block.attentions.0"
 
@@ -298,7 +298,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(core.sae, "save_file", crash)
+    monkeypatch.setattr(core.sae.model, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         make_sae(seed=1).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae.safetensors"]

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.activations import to_rows
-from core.hooks import record
-from core.sae import SAEBank, SAEConfig, TopKSAE
-from core.steer import (
+from core.diffusion.hooks import record
+from core.emergence.steer import (
     Intervention,
     default_strength,
     delta_change,
@@ -16,6 +14,8 @@ from core.steer import (
     region_on_grid,
     stage_window,
 )
+from core.sae.model import SAEBank, SAEConfig, TopKSAE
+from core.training.activations import to_rows
 from tests.conftest import seeded
 from tests.test_hooks import hook_count
 
@@ -158,8 +158,8 @@ def test_an_sae_for_another_block_is_refused(tiny_pipe):
 
 
 def test_a_word_steers_through_each_dictionarys_cids(tiny_pipe, bank):
-    from core.concepts import ConceptDictionary, concept_cids
-    from core.words import load_word_vectors
+    from core.emergence.concepts import ConceptDictionary, concept_cids
+    from core.emergence.words import load_word_vectors
 
     words = load_word_vectors()
     labels = {1.0: {3: ["cat"], 4: ["dog"]}, 0.5: {7: ["cat", "cat"]}, 0.0: {9: ["tree"]}}

@@ -1,7 +1,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from core.tokenizer import write_clip_tokenizer
+from core.diffusion.tokenizer import write_clip_tokenizer
 
 
 def test_written_vocabulary_loads_as_a_clip_tokenizer(tmp_path):

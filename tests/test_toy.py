@@ -12,16 +12,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from core.annotate_clipseg import centre_of_mass
-from core.hooks import resolve_blocks
-from core.presets import SD14_BLOCKS, TOY_ASSETS, get_preset, load_pipeline
-from core.sae import SAEBank
-from core.toy import MAX_SHIPPED_MB, main
-from core.toy_annotate import StyleScorer, ToyAnnotator, ToySegmenter
-from core.toy_assets import AssetError, read_checksums, shipped_files, verify_assets
-from core.toy_model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
-from core.toy_training import TRAIN_SCALES, ToyTrainer
-from core.toy_world import VOCABULARY, dataset
+from core.annotate.clipseg import centre_of_mass
+from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
+from core.diffusion.hooks import resolve_blocks
+from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset, load_pipeline
+from core.sae.model import SAEBank
+from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
+from core.shapes.world import VOCABULARY, dataset
+from core.toy.build import MAX_SHIPPED_MB, main
+from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
+from core.toy.training import TRAIN_SCALES, ToyTrainer
 
 SMOKE = TRAIN_SCALES["smoke"]
 
@@ -95,8 +95,13 @@ def test_shipped_files_carry_checksums_and_load_through_the_preset(built):
     assert not any("spatial_means" in path for path in listed)
     preset = get_preset("toy", model=str(shipped / "pipeline"), assets=str(shipped), steps=4)
     pipe = load_pipeline(preset, device="cpu")
-    image = pipe("a red circle on a gray plain background", num_inference_steps=4,
-                 height=32, width=32, output_type="np").images[0]  # fmt: skip
+    image = pipe(
+        "a red circle on a gray plain background",
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="np",
+    ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
@@ -121,7 +126,7 @@ def test_corrupt_or_missing_asset_is_named(built, tmp_path):
 
 def test_the_toy_preset_without_shipped_weights_says_how_to_build_them(tmp_path):
     preset = get_preset("toy", model=str(tmp_path / "pipeline"), assets=str(tmp_path))
-    with pytest.raises(AssetError, match="python -m core.toy all"):
+    with pytest.raises(AssetError, match="python -m core.toy.build all"):
         load_pipeline(preset, device="cpu")
 
 
@@ -193,11 +198,12 @@ def test_background_annotation_segmenter_and_style_scorer_read_the_pixels():
 
 @pytest.mark.skipif(
     not (TOY_ASSETS / "pipeline").is_dir(),
-    reason="the toy weights are not shipped yet: they need a GPU run of `python -m core.toy all`",
+    reason="the toy weights are not shipped yet: they need a GPU run of "
+    "`python -m core.toy.build all`",
 )
 def test_shipped_toy_model_follows_captions_and_the_paper_claims(tmp_path):
     """Thresholds fixed before the weights existed; a failure is a finding to report."""
-    from core.toy import ToyRun, check
+    from core.toy.build import ToyRun, check
 
     run = ToyRun(tmp_path, "full", "cpu")
     shutil.copytree(TOY_ASSETS / "pipeline", run.pipeline)

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.annotate import Annotator
-from core.annotate_clipseg import quadrant_of as clipseg_quadrant_of
-from core.steer import QUADRANTS as STEER_QUADRANTS
-from core.toy_annotate import ToyAnnotator, background_style, evaluate_annotator
-from core.toy_world import (
+from core.annotate.clipseg import quadrant_of as clipseg_quadrant_of
+from core.annotate.grounded_sam import Annotator
+from core.emergence.steer import QUADRANTS as STEER_QUADRANTS
+from core.emergence.words import load_word_vectors
+from core.shapes.annotate import ToyAnnotator, background_style, evaluate_annotator
+from core.shapes.world import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
     QUADRANTS,
@@ -23,7 +24,6 @@ from core.toy_world import (
     rgb_to_lab,
     sample_scene,
 )
-from core.words import load_word_vectors
 
 
 @pytest.fixture(scope="module")

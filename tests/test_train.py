@@ -13,17 +13,42 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.sae import SAEBank
+from core.sae.model import SAEBank
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = "mid_block.attentions.0"
-PROMPTS = ["a red cat", "a blue car", "a dog", "a green tree", "a boat", "a bird",
-           "a white horse", "a cup"]  # fmt: skip
-SMALL = ["--steps", "4", "--t", "1.0", "0.0", "--gen-batch", "2", "--batch-size", "32",
-         "--buffer-size", "64", "--num-latents", "128", "-k", "4", "--lr", "1e-3"]  # fmt: skip
+PROMPTS = [
+    "a red cat",
+    "a blue car",
+    "a dog",
+    "a green tree",
+    "a boat",
+    "a bird",
+    "a white horse",
+    "a cup",
+]
+SMALL = [
+    "--steps",
+    "4",
+    "--t",
+    "1.0",
+    "0.0",
+    "--gen-batch",
+    "2",
+    "--batch-size",
+    "32",
+    "--buffer-size",
+    "64",
+    "--num-latents",
+    "128",
+    "-k",
+    "4",
+    "--lr",
+    "1e-3",
+]
 
 
-def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.train")):
+def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.training.train")):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, *launcher, *args]
     if not wait:
@@ -140,9 +165,21 @@ def test_training_from_shards(tmp_path, prompt_file, finished):
 
 
 def test_two_processes_under_accelerate(tmp_path, prompt_file, finished):
-    launcher = ("-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "-m", "core.train")  # fmt: skip
+    launcher = (
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "core.training.train",
+    )
     done = cli(
         "--prompts", str(prompt_file), "--out", str(tmp_path / "ddp"), *SMALL, launcher=launcher
     )
@@ -200,7 +237,7 @@ def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, prompt_file, damage
 def test_push_to_hub_uploads_the_bank(tmp_path, prompt_file, monkeypatch):
     import huggingface_hub
 
-    from core.train import parse_args, train
+    from core.training.train import parse_args, train
 
     calls = {}
 

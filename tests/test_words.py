@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from core.words import BUNDLED_GLOVE, WordVectors, cosine, load_word_vectors
+from core.emergence.words import BUNDLED_GLOVE, WordVectors, cosine, load_word_vectors
 
 
 def small_vectors(words: dict[str, list[float]]) -> KeyedVectors:

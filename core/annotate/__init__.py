@@ -1,0 +1,1 @@
+"""The vision-only labeller behind concept dictionaries: tagger, detector, segmenter, evaluator."""

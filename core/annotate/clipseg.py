@@ -1,0 +1,86 @@
+"""CLIPSeg, the emergence paper's evaluator of spatially targeted edits.
+
+An edit that moves object o to quadrant q succeeds when the centre of mass of CLIPSeg's
+probability map for o lies in q (10 objects x 4 quadrants; chance is 0.25).
+"""
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPSegForImageSegmentation, PreTrainedModel, ProcessorMixin
+
+from core.annotate.loading import (
+    Source,
+    load_model,
+    load_processor,
+    model_inputs,
+    resolve_device_dtype,
+)
+
+CLIPSEG_ID = "CIDAS/clipseg-rd64-refined"
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+class ClipSegSegmenter:
+    """Text-prompted soft segmentation: one probability map per word, at image resolution."""
+
+    def __init__(
+        self,
+        model: Source | PreTrainedModel = CLIPSEG_ID,
+        processor: Source | ProcessorMixin | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        what = "CLIPSeg segmenter"
+        self.model = load_model(CLIPSegForImageSegmentation, model, what, self.device, self.dtype)
+        self.processor = load_processor(processor, model, what)
+
+    @torch.no_grad()
+    def segment(self, image: Image.Image, words: Iterable[str]) -> dict[str, np.ndarray]:
+        """word -> float32 [H, W] probabilities in [0, 1].
+
+        CLIPSeg sees a square resize of the image; its logits are resized back to the
+        image's own height and width before the sigmoid.
+        """
+        words = list(dict.fromkeys(words))
+        if not words:
+            return {}
+        image = image.convert("RGB")
+        inputs = self.processor(
+            text=words, images=[image] * len(words), padding=True, return_tensors="pt"
+        )
+        logits = self.model(**model_inputs(inputs, self.device, self.dtype)).logits
+        logits = logits.float().reshape(len(words), 1, *logits.shape[-2:])
+        size = (image.height, image.width)
+        maps = torch.nn.functional.interpolate(logits, size=size, mode="bilinear").sigmoid()
+        return dict(zip(words, maps[:, 0].cpu().numpy(), strict=True))
+
+
+def centre_of_mass(prob_map: np.ndarray, threshold: float = 0.5) -> tuple[float, float] | None:
+    """(x, y) in pixels: the probability-weighted mean of the pixels at or above `threshold`.
+
+    None when no pixel reaches it (the object was not found).
+    """
+    weights = np.where(prob_map >= threshold, prob_map, 0.0).astype(np.float64)
+    total = weights.sum()
+    if total <= 0:
+        return None
+    ys, xs = np.indices(prob_map.shape)
+    return float((xs * weights).sum() / total), float((ys * weights).sum() / total)
+
+
+def quadrant_of(point: tuple[float, float], size: tuple[int, int]) -> str:
+    """The quadrant of an (x, y) point in an image of `size` = (width, height), as PIL gives it.
+
+    Pixel centres sit at integer coordinates, so the image's middle is at
+    ((width - 1) / 2, (height - 1) / 2); a point exactly there counts as bottom right.
+    """
+    x, y = point
+    width, height = size
+    vertical = "top" if y < (height - 1) / 2 else "bottom"
+    horizontal = "left" if x < (width - 1) / 2 else "right"
+    return f"{vertical}_{horizontal}"

@@ -1,0 +1,1 @@
+"""Diffusion pipelines: presets, hooks on their blocks, tiny pipelines, the tokenizer."""

@@ -1,0 +1,148 @@
+"""Named model set-ups: which pipeline, how to sample it, where to hook, which SAEs.
+
+A preset is plain data. `load_pipeline` turns one into a diffusers pipeline, exactly as
+a user with internet access would (`DiffusionPipeline.from_pretrained`), except for
+`tiny`, which is built from configs with random weights.
+"""
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+from core.diffusion.checksums import verify_assets
+from core.diffusion.tiny import build_tiny_pipeline
+from core.files import ASSETS
+from core.runtime import ModelNotAvailableError, default_device
+
+TOY_ASSETS = ASSETS / "toy"
+"""The embedded shapes-world model: `pipeline/`, `saes/` (SAEs and dictionaries), model card."""
+SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
+STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
+"""Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str
+    """Hub repo id or local folder of a diffusers pipeline; `"tiny"` builds one from configs."""
+    steps: int
+    """Default number of denoising steps."""
+    guidance_scale: float
+    """Default classifier-free guidance scale (<= 1 disables guidance)."""
+    hook_points: tuple[str, ...]
+    """Names of the Transformer2DModel blocks whose residual updates are studied."""
+    scheduler: str | None = "ddim"
+    """`"ddim"` swaps in a DDIM scheduler built from the pipeline's own config; None keeps it."""
+    sae_source: str | None = None
+    """Hub repo id or local folder of the SAE bank; None until a user names or trains one."""
+    sae_format: str = "sparsify"
+    """`"sparsify"` (cfg.json + sae.safetensors) or `"sdlens"` (config.json + state_dict.pth)."""
+    sae_variant: str | None = None
+    """Which run to load where the SAE repo holds several per block (`SAEBank.from_pretrained`)."""
+    word_vectors: str = "glove-6b-50d"
+    """Word-vector source: a gensim-data name, a local file, or the offline GloVe default."""
+    stages: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(STAGES))
+    """Stage windows in t."""
+    resolution: int | None = None
+    """Image side in pixels; None uses the pipeline's default."""
+    assets: str | None = None
+    """Folder of shipped files whose model card lists their checksums, checked before a
+    pipeline from inside it is loaded."""
+
+
+PRESETS: dict[str, Preset] = {
+    "sd14": Preset(
+        name="sd14",
+        model="CompVis/stable-diffusion-v1-4",
+        steps=50,
+        guidance_scale=7.5,
+        hook_points=SD14_BLOCKS,
+        word_vectors="word2vec-google-news-300",
+        resolution=512,
+    ),
+    "sdxl-turbo": Preset(
+        name="sdxl-turbo",
+        model="stabilityai/sdxl-turbo",
+        steps=1,
+        guidance_scale=0.0,
+        hook_points=(
+            "down_blocks.2.attentions.1",
+            "mid_block.attentions.0",
+            "up_blocks.0.attentions.0",
+            "up_blocks.0.attentions.1",
+        ),
+        scheduler=None,
+        sae_source="surokpro2/sdxl-saes",
+        sae_format="sdlens",
+        sae_variant="k10_hidden5120",
+        word_vectors="word2vec-google-news-300",
+        resolution=512,
+    ),
+    "toy": Preset(
+        name="toy",
+        model=str(TOY_ASSETS / "pipeline"),
+        steps=50,
+        guidance_scale=4.0,
+        hook_points=SD14_BLOCKS,
+        sae_source=str(TOY_ASSETS / "saes"),
+        assets=str(TOY_ASSETS),
+    ),
+    "tiny": Preset(
+        name="tiny",
+        model="tiny",
+        steps=10,
+        guidance_scale=7.5,
+        hook_points=SD14_BLOCKS,
+        sae_source=str(ASSETS / "tiny" / "saes"),
+        resolution=32,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """Look a preset up by name, optionally replacing some of its fields."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def default_preset_name() -> str:
+    """`toy` when its weights are in assets/, else `tiny`: the offline default either way."""
+    return "toy" if (TOY_ASSETS / "pipeline" / "model_index.json").is_file() else "tiny"
+
+
+def load_pipeline(
+    preset: Preset, device: str | None = None, dtype: torch.dtype | None = None
+) -> DiffusionPipeline:
+    """Load the preset's pipeline onto `device` (fp16 on CUDA unless `dtype` says otherwise)."""
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if preset.model == "tiny":
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        if preset.assets and Path(preset.model).resolve().is_relative_to(preset.assets):
+            verify_assets(preset.assets)
+        pipe = _from_pretrained(preset.model, dtype)
+    if preset.scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _from_pretrained(model: str, dtype: torch.dtype) -> DiffusionPipeline:
+    kwargs = {"dtype": dtype}
+    try:
+        return DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelNotAvailableError(
+            f"could not load the pipeline {model!r} ({type(error).__name__}): it is not in the "
+            "local Hugging Face cache and could not be downloaded. Run once with internet "
+            f"access (or `hf download {model}`), pass a local pipeline folder instead, "
+            "or use the offline preset `tiny`."
+        ) from error

@@ -1,0 +1,1 @@
+"""The emergence paper: words, concept dictionaries, composition, steering, evaluations."""

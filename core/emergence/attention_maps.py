@@ -1,0 +1,162 @@
+"""Cross-attention heat maps of prompt words, per denoising step (DAAM-style baseline).
+
+DAAM (Tang et al., 2023) explains where a word acts by its cross-attention: at every
+cross-attention layer of the U-Net, the softmax attention of each image position to the
+word's tokens, averaged over heads, upsampled to one resolution and summed over layers.
+Here the sum is kept per denoising step, so it can be shown beside the SAE prediction of
+the same step.
+
+    with trace_cross_attention(pipe, prompt, ["cat"]) as trace:
+        pipe(prompt)
+    trace.maps["cat"]        # [steps, batch, h, w] at the latent resolution
+    trace.steps              # t of each step (1 = noise)
+
+The attention probabilities are computed a second time beside the layer's own processor,
+which is left in charge of the output: generation is unchanged and any processor
+(memory-efficient, fused) keeps working. Only cross-attention layers are traced, on one
+guidance branch. Processors are restored when the `with` block ends, also on errors.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.annotate.tags import singular_forms
+
+
+@dataclass
+class AttentionTrace:
+    words: list[str]
+    """Words traced: those found in the prompt's tokens."""
+    missing: list[str]
+    """Words asked for that the prompt does not contain."""
+    steps: list[float] = field(default_factory=list)
+    """t of each traced U-Net call (1 = noise)."""
+    maps: dict[str, list[Tensor]] = field(default_factory=dict)
+    """word -> one [batch, h, w] map per step (stack them with `stacked`)."""
+
+    def stacked(self, word: str) -> Tensor:
+        """[steps, batch, h, w] heat map of `word`."""
+        return torch.stack(self.maps[word])
+
+
+def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions of `word` (or a plural of it) in the encoded prompt, BOS counted.
+
+    Matching is on token ids, so it follows the tokenizer exactly; a word the tokenizer
+    does not know (it becomes the unknown token) is never found.
+    """
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    for form in _surface_forms(word):
+        target = tokenizer(form, add_special_tokens=False).input_ids
+        if not target or tokenizer.unk_token_id in target:
+            continue
+        size = len(target)
+        starts = [i for i in range(len(ids) - size + 1) if ids[i : i + size] == target]
+        if starts:
+            return [start + j for start in starts for j in range(size)]
+    return []
+
+
+def _surface_forms(word: str) -> list[str]:
+    """`word` and the plurals whose singular it is ("box" -> box, boxs, boxes)."""
+    forms = [word, f"{word}s", f"{word}es"]
+    return [f for f in forms if f == word or word in singular_forms(f)]
+
+
+class _TracingProcessor:
+    """Runs the original processor, and records the cross-attention of the traced words."""
+
+    def __init__(self, original, tracer: "_Tracer") -> None:
+        self.original = original
+        self.tracer = tracer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        if encoder_hidden_states is not None and hidden_states.ndim == 3:
+            self.tracer.add(attn, hidden_states, encoder_hidden_states)
+        return output
+
+
+class _Tracer:
+    def __init__(self, trace: AttentionTrace, positions: dict[str, list[int]], branch: str, pipe):
+        self.trace = trace
+        self.positions = positions
+        self.branch = branch
+        self.pipe = pipe
+        self.latent_size: tuple[int, int] = (0, 0)
+        n_train = getattr(getattr(pipe, "scheduler", None), "config", None)
+        self.n_train = n_train.num_train_timesteps if n_train is not None else 1000
+
+    def on_unet(self, module, args, kwargs) -> None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        self.latent_size = tuple(sample.shape[-2:])
+        self.trace.steps.append(timestep / self.n_train)
+        for word in self.positions:
+            self.trace.maps.setdefault(word, []).append(None)
+
+    def _rows(self, batch: int) -> slice:
+        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return slice(0, batch)
+        half = batch // 2
+        return slice(half, batch) if self.branch == "cond" else slice(0, half)
+
+    @torch.no_grad()
+    def add(self, attn, hidden_states: Tensor, context: Tensor) -> None:
+        rows = self._rows(hidden_states.shape[0])
+        hidden, context = hidden_states[rows], context[rows]
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        probs = attn.get_attention_scores(query, key, None)  # [batch * heads, hw, tokens]
+        batch, positions = hidden.shape[0], hidden.shape[1]
+        probs = probs.view(batch, attn.heads, positions, -1).mean(dim=1).float()
+        height, width = self._grid(positions)
+        for word, tokens in self.positions.items():
+            layer_map = probs[..., tokens].sum(dim=-1).view(batch, 1, height, width)
+            layer_map = F.interpolate(layer_map, self.latent_size, mode="bilinear")[:, 0].cpu()
+            maps = self.trace.maps[word]
+            maps[-1] = layer_map if maps[-1] is None else maps[-1] + layer_map
+
+    def _grid(self, positions: int) -> tuple[int, int]:
+        """The layer's (h, w): the latent's aspect ratio at `positions` cells."""
+        latent_h, latent_w = self.latent_size
+        height = round((positions * latent_h / latent_w) ** 0.5)
+        return height, positions // height
+
+
+@contextmanager
+def trace_cross_attention(
+    pipe, prompt: str, words: Sequence[str], branch: str = "cond"
+) -> Iterator[AttentionTrace]:
+    """Record the cross-attention heat map of each of `words` at every U-Net call.
+
+    `branch` picks the guidance half that is traced ("cond" attends to the prompt).
+    Words missing from the prompt are listed in `trace.missing` and not traced.
+    """
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f'branch must be "cond" or "uncond", got {branch!r}')
+    positions = {w: token_positions(pipe.tokenizer, prompt, w) for w in dict.fromkeys(words)}
+    found = {w: p for w, p in positions.items() if p}
+    missing = [w for w in positions if w not in found]
+    trace = AttentionTrace(list(found), missing)
+    tracer = _Tracer(trace, found, branch, pipe)
+    originals = dict(pipe.unet.attn_processors)
+    traced = {
+        name: _TracingProcessor(proc, tracer) if name.endswith("attn2.processor") else proc
+        for name, proc in originals.items()
+    }
+    handle = pipe.unet.register_forward_pre_hook(tracer.on_unet, with_kwargs=True)
+    pipe.unet.set_attn_processor(traced)
+    try:
+        yield trace
+    finally:
+        handle.remove()
+        pipe.unet.set_attn_processor(originals)

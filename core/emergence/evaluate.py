@@ -1,0 +1,760 @@
+"""Reproduce paper 1's evaluations: `python -m core.emergence.evaluate --help`.
+
+Four tasks, each writing a CSV of raw rows (and a summary) plus a plot into --out:
+
+- composition: IoU of the mask predicted at every step (`predict_over_steps`) with the
+  annotation mask of the final image, per block; two baselines that ignore the model:
+  the mean annotation mask of the word over the other images, and a centred box.
+- quality: concept cohesion and separability per SAE, from saved dictionaries.
+- spatial: move an object to each quadrant with a spatial edit of mid_block (cond) in
+  each stage; success when CLIPSeg's centre of mass lands in the target quadrant.
+- global: add a concept everywhere in each stage; success when CLIP similarity with the
+  concept's word rises; also mean absolute pixel difference and (if available) LPIPS.
+
+The functions below take built objects (pipeline, bank, dictionaries, annotators), so
+tests and the app call them directly; the CLI only loads things and writes files.
+"""
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import CLIPModel, PreTrainedModel, ProcessorMixin  # noqa: E402
+
+from core.annotate.grounded_sam import (  # noqa: E402
+    CLIP_ID,
+    CLIPSEG_ID,
+    QUADRANTS,
+    Annotator,
+    ClipSegSegmenter,
+    PromptNounTagger,
+    centre_of_mass,
+    quadrant_of,
+)
+from core.annotate.loading import (  # noqa: E402
+    Source,
+    load_model,
+    load_processor,
+    model_inputs,
+    resolve_device_dtype,
+)
+from core.diffusion.hooks import BRANCHES, record  # noqa: E402
+from core.diffusion.presets import (  # noqa: E402
+    PRESETS,
+    STAGES,
+    get_preset,
+    load_pipeline,  # noqa: E402
+)
+from core.emergence.build_dictionary import ANNOTATORS, make_annotator  # noqa: E402
+from core.emergence.composition import DEFAULT_THRESHOLD, iou, predict_over_steps  # noqa: E402
+from core.emergence.concepts import (  # noqa: E402
+    ConceptDictionary,
+    cohesion,
+    concept_cids,
+    load_dictionaries,
+    separability,
+)
+from core.emergence.steer import (  # noqa: E402
+    Intervention,
+    default_strength,
+    intervene,
+    quadrant_mask,
+    stage_window,  # noqa: E402
+)
+from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
+from core.files import write_csv  # noqa: E402
+from core.runtime import one_line_errors  # noqa: E402
+from core.sae.model import SAEBank, SAEKey  # noqa: E402
+from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
+from core.training.activations import read_prompts  # noqa: E402
+
+MID = "mid_block.attentions.0"
+TASKS = ("composition", "quality", "spatial", "global")
+PAPER_OBJECTS = ("cat", "dog", "car", "bird", "horse", "boat", "apple", "chair", "tree", "cup")
+"""Ten everyday objects (the paper uses 10 objects but does not list them)."""
+PAPER_COHESION = {1.0: 0.588, 0.5: 0.639, 0.0: 0.664}
+PAPER_SEPARABILITY = {1.0: 0.433, 0.5: 0.363, 0.0: 0.344}
+PAPER_SPATIAL = {"early": 0.80, "middle": 0.35, "final": 0.23}
+PAPER_GLOBAL = {
+    "early": {"success": 0.69, "delta_clip": 0.007, "lpips": 0.653},
+    "middle": {"success": 0.93, "delta_clip": 0.021, "lpips": 0.385},
+    "final": {"success": 0.78, "delta_clip": 0.006, "lpips": 0.114},
+}
+PAPER_COMPOSITION = "paper (SD v1.4): mid_block IoU ~0.26 at t=1.0, saturating by t=0.5; up best"
+Rows = list[dict]
+
+
+# generation helpers
+
+
+def generate(pipe, prompt: str, seed: int, steps: int, guidance: float, resolution: int | None):
+    """One image as PIL, from seed `seed`."""
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator(pipe.device).manual_seed(seed),
+        height=resolution,
+        width=resolution,
+        output_type="pil",
+    ).images[0]
+
+
+def image_size(pipe, resolution: int | None) -> tuple[int, int]:
+    """(H, W) of the pipeline's images."""
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+# (a) composition
+
+
+def label_masks(annotations) -> dict[str, np.ndarray]:
+    """Label -> union of its objects' masks."""
+    masks: dict[str, np.ndarray] = {}
+    for a in annotations:
+        label = " ".join(a.label.casefold().split())
+        masks[label] = masks[label] | a.mask if label in masks else a.mask.astype(bool)
+    return masks
+
+
+def target_words(
+    prompt: str,
+    masks: Mapping[str, np.ndarray],
+    word_vectors: WordVectors,
+    labelled: set[str],
+    targets: str | Sequence[str],
+) -> list[str]:
+    """The words scored for one image: annotated, with a word vector and with CIDs.
+
+    targets: "nouns" (the prompt's object nouns), "labels" (every annotation label) or an
+    explicit list of words.
+    """
+    if targets == "nouns":
+        candidates = PromptNounTagger().tag(None, prompt)
+    elif targets == "labels":
+        candidates = list(masks)
+    else:
+        candidates = list(targets)
+    return [w for w in candidates if w in masks and w in labelled and w in word_vectors]
+
+
+def check_words(words: Sequence[str], word_vectors: WordVectors) -> None:
+    missing = [w for w in words if w not in word_vectors]
+    if missing:
+        raise ValueError(
+            f"no word vector for {missing} in {word_vectors.source!r}; pick other words"
+        )
+
+
+def composition_rows(
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    prompts: Sequence[str],
+    annotator: Annotator,
+    word_vectors: WordVectors,
+    *,
+    blocks: Sequence[str],
+    branch: str = "cond",
+    targets: str | Sequence[str] = "nouns",
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Rows:
+    """One row per (prompt, block, step, word): IoU of the predicted mask with the final
+    image's annotation mask, and the two baselines' IoU (same for every step)."""
+    if not isinstance(targets, str):
+        check_words(targets, word_vectors)
+    labelled = {label for d in dictionaries.values() for label in d.vocabulary()}
+    rows, masks_by_image = [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="composition")):
+        with record(pipe, blocks) as recording:
+            image = generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
+        masks = label_masks(annotator.annotate(image, prompt))
+        masks_by_image.append(masks)
+        words = target_words(prompt, masks, word_vectors, labelled, targets)
+        if not words:
+            continue
+        for block in blocks:
+            predictions = predict_over_steps(
+                recording,
+                bank,
+                dictionaries,
+                words,
+                word_vectors,
+                block=block,
+                branch=branch,
+                threshold=threshold,
+            )
+            for step in predictions:
+                for word in words:
+                    score = iou(step.predictions[word].mask[0], masks[word])
+                    rows.append(
+                        {
+                            "prompt": prompt,
+                            "seed": seed + i,
+                            "image": i,
+                            "block": block,
+                            "branch": branch,
+                            "step": step.step.index,
+                            "t": round(step.step.t, 4),
+                            "word": word,
+                            "iou": float(score),
+                        }
+                    )
+    add_baselines(rows, masks_by_image)
+    return rows
+
+
+def centred_box(shape: tuple[int, int]) -> np.ndarray:
+    """The middle half of the image in each direction (a quarter of its area)."""
+    height, width = shape
+    box = np.zeros(shape, dtype=bool)
+    box[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+    return box
+
+
+def add_baselines(rows: Rows, masks_by_image: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """baseline_mean_iou: the word's mean mask over the other images (> 0.5), NaN if no other
+    image has it; baseline_centre_iou: a centred box."""
+    cache: dict[tuple[int, str], tuple[float, float]] = {}
+    for row in rows:
+        key = (row["image"], row["word"])
+        if key not in cache:
+            target = masks_by_image[row["image"]][row["word"]]
+            others = [
+                m[row["word"]]
+                for j, m in enumerate(masks_by_image)
+                if j != row["image"] and row["word"] in m and m[row["word"]].shape == target.shape
+            ]
+            mean_iou = math.nan
+            if others:
+                mean_mask = torch.as_tensor(np.mean(others, axis=0) > 0.5)
+                mean_iou = float(iou(mean_mask, target))
+            centre_iou = float(iou(torch.as_tensor(centred_box(target.shape)), target))
+            cache[key] = (mean_iou, centre_iou)
+        row["baseline_mean_iou"], row["baseline_centre_iou"] = cache[key]
+
+
+def mean_by(rows: Rows, keys: Sequence[str], value: str) -> dict[tuple, float]:
+    """Mean of `value` over rows grouped by `keys` (NaN values left out)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        if not math.isnan(float(row[value])):
+            groups.setdefault(tuple(row[k] for k in keys), []).append(float(row[value]))
+    return {group: float(np.mean(values)) for group, values in groups.items()}
+
+
+def plot_composition(rows: Rows, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    means = mean_by(rows, ("block", "t"), "iou")
+    for block in sorted({row["block"] for row in rows}):
+        points = sorted((t, v) for (b, t), v in means.items() if b == block)
+        ax.plot(*zip(*points, strict=True), marker="o", label=block)
+    for name, style in (("baseline_mean_iou", ":"), ("baseline_centre_iou", "--")):
+        value = mean_by(rows, (), name).get((), math.nan)
+        if not math.isnan(value):
+            ax.axhline(value, color="grey", linestyle=style, label=name.removesuffix("_iou"))
+    ax.set(xlabel="t (1 = noise)", ylabel="mean IoU", xlim=(1.02, -0.02))
+    ax.set_title(f"composition IoU\n{PAPER_COMPOSITION}", fontsize=8)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# (d) quality
+
+
+def quality_rows(
+    dictionaries: Mapping[SAEKey, ConceptDictionary], word_vectors: WordVectors
+) -> Rows:
+    """Cohesion and separability of each dictionary (NaN where undefined), with the paper's."""
+    rows = []
+    for key, dictionary in sorted(dictionaries.items(), key=lambda kv: (kv[0].block, -kv[0].t)):
+        rows.append(
+            {
+                "block": key.block,
+                "branch": key.branch,
+                "t": key.t,
+                "concepts": int(dictionary.has_embedding.sum()),
+                "cohesion": _or_nan(cohesion, dictionary, word_vectors),
+                "separability": _or_nan(separability, dictionary),
+                "paper_cohesion": PAPER_COHESION.get(key.t, math.nan),
+                "paper_separability": PAPER_SEPARABILITY.get(key.t, math.nan),
+            }
+        )
+    return rows
+
+
+def _or_nan(metric: Callable[..., float], *args) -> float:
+    try:
+        return metric(*args)
+    except ValueError:  # too few concepts for the metric
+        return math.nan
+
+
+def plot_quality(rows: Rows, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("cohesion", "separability"), strict=True):
+        for block, branch in sorted({(r["block"], r["branch"]) for r in rows}):
+            points = sorted(
+                (r["t"], r[metric]) for r in rows if (r["block"], r["branch"]) == (block, branch)
+            )
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"{block} ({branch})")
+        paper = PAPER_COHESION if metric == "cohesion" else PAPER_SEPARABILITY
+        ax.plot(list(paper), list(paper.values()), "k--", label="paper (SD v1.4)")
+        ax.set(xlabel="t (1 = noise)", title=metric, xlim=(1.05, -0.05))
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+# (b) spatial edits
+
+
+def object_cids(
+    dictionaries: Mapping[SAEKey, ConceptDictionary], words: Sequence[str], block: str, branch: str
+) -> tuple[dict[str, dict[SAEKey, list[int]]], list[str]]:
+    """(word -> CIDs per SAE for the words that have some, words skipped for having none)."""
+    found, skipped = {}, []
+    for word in words:
+        try:
+            found[word] = concept_cids(dictionaries, word, block, branch)
+        except ValueError:
+            skipped.append(word)
+    if not found:
+        raise ValueError(
+            f"none of {list(words)} labels a concept of {block} ({branch}); pick words from "
+            "the dictionaries' labels"
+        )
+    return found, skipped
+
+
+def strength_for(kind: str, stage: str, strengths: Mapping[str, float] | None) -> float:
+    return (
+        float(strengths[stage])
+        if strengths and stage in strengths
+        else default_strength(kind, stage)
+    )
+
+
+def spatial_edit_rows(
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    objects: Sequence[str],
+    segmenter: ClipSegSegmenter | ToySegmenter,
+    *,
+    block: str = MID,
+    branch: str = "cond",
+    stages: Sequence[str] = tuple(STAGES),
+    quadrants: Sequence[str] = QUADRANTS,
+    strengths: Mapping[str, float] | None = None,
+    template: str = "a photo of a {}",
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+) -> Rows:
+    """One row per (object, quadrant, stage). Object j is generated from seed + j."""
+    cids, _ = object_cids(dictionaries, objects, block, branch)
+    size = image_size(pipe, resolution)
+    rows = []
+    jobs = [
+        (j, o, q, s) for j, o in enumerate(objects) if o in cids for q in quadrants for s in stages
+    ]
+    for j, obj, quadrant, stage in tqdm(jobs, desc="spatial edits"):
+        strength = strength_for("spatial", stage, strengths)
+        region = quadrant_mask(quadrant, size)
+        edit = Intervention("spatial", cids[obj], strength, stage_window(stage), (branch,), region)
+        with intervene(pipe, bank, block, edit, size):
+            image = generate(
+                pipe, template.format(obj), seed + j, steps, guidance_scale, resolution
+            )
+        point = centre_of_mass(segmenter.segment(image, [obj])[obj])
+        found = quadrant_of(point, image.size) if point else ""
+        rows.append(
+            {
+                "object": obj,
+                "quadrant": quadrant,
+                "stage": stage,
+                "strength": strength,
+                "seed": seed + j,
+                "com_x": point[0] if point else math.nan,
+                "com_y": point[1] if point else math.nan,
+                "found_quadrant": found,
+                "success": int(found == quadrant),
+            }
+        )
+    return rows
+
+
+def spatial_summary(rows: Rows) -> Rows:
+    rates = mean_by(rows, ("stage",), "success")
+    return [
+        {
+            "stage": stage,
+            "success_rate": rate,
+            "n": sum(r["stage"] == stage for r in rows),
+            "paper": PAPER_SPATIAL.get(stage, math.nan),
+            "random": 0.25,
+        }
+        for (stage,), rate in rates.items()
+    ]
+
+
+# (c) global edits
+
+
+class ClipScorer:
+    """Cosine similarity between images and a text, with CLIP."""
+
+    def __init__(
+        self,
+        model: Source | PreTrainedModel = CLIP_ID,
+        processor: Source | ProcessorMixin | None = None,
+        *,
+        device: str | torch.device | None = None,
+    ):
+        self.device, self.dtype = resolve_device_dtype(device, torch.float32)
+        self.model = load_model(CLIPModel, model, "CLIP scorer", self.device, self.dtype)
+        self.processor = load_processor(processor, model, "CLIP scorer")
+
+    @torch.no_grad()
+    def similarity(self, images: Sequence[Image.Image], text: str) -> list[float]:
+        inputs = self.processor(
+            text=[text],
+            images=[im.convert("RGB") for im in images],
+            padding=True,
+            return_tensors="pt",
+        )
+        out = self.model(**model_inputs(inputs, self.device, self.dtype))
+        image_embeds = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+        text_embeds = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        return (image_embeds @ text_embeds.T)[:, 0].tolist()
+
+
+def load_lpips(device: str | torch.device = "cpu") -> tuple[Callable | None, str | None]:
+    """(LPIPS distance function, None) or (None, why it is unavailable).
+
+    The `lpips` package fetches its backbone weights through torchvision on first use, so
+    offline (or without the package) it cannot work; the caller then reports NaN.
+    """
+    try:
+        import lpips
+
+        net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    except Exception as error:  # ImportError, download errors of any type, missing torchvision
+        return None, f"LPIPS is unavailable ({type(error).__name__}: {error}); its column is NaN"
+
+    @torch.no_grad()
+    def distance(a: Image.Image, b: Image.Image) -> float:
+        tensors = [
+            torch.as_tensor(np.asarray(im.convert("RGB")), dtype=torch.float32) for im in (a, b)
+        ]
+        tensors = [t.permute(2, 0, 1)[None].to(device) / 127.5 - 1 for t in tensors]
+        return float(net(*tensors))
+
+    return distance, None
+
+
+def pixel_difference(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two images, with pixel values in [0, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (a, b)]
+    return float(np.abs(arrays[0] - arrays[1]).mean())
+
+
+def global_edit_rows(
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    concepts: Sequence[str],
+    prompts: Sequence[str],
+    scorer: ClipScorer | StyleScorer,
+    *,
+    block: str = MID,
+    branch: str = "cond",
+    stages: Sequence[str] = tuple(STAGES),
+    strengths: Mapping[str, float] | None = None,
+    lpips_distance: Callable | None = None,
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+) -> Rows:
+    """One row per (concept, prompt, stage): CLIP similarity with the concept's word before
+    and after the edit, their difference, and how much the image changed."""
+    cids, _ = object_cids(dictionaries, concepts, block, branch)
+    size = image_size(pipe, resolution)
+    rows = []
+    for i, prompt in enumerate(tqdm(prompts, desc="global edits")):
+        before = generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
+        for concept in cids:
+            edited = []
+            for stage in stages:
+                strength = strength_for("global", stage, strengths)
+                edit = Intervention(
+                    "global", cids[concept], strength, stage_window(stage), (branch,)
+                )
+                with intervene(pipe, bank, block, edit, size):
+                    edited.append(
+                        generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
+                    )
+            scores = scorer.similarity([before, *edited], concept)
+            for stage, after, score in zip(stages, edited, scores[1:], strict=True):
+                rows.append(
+                    {
+                        "concept": concept,
+                        "prompt": prompt,
+                        "seed": seed + i,
+                        "stage": stage,
+                        "strength": strength_for("global", stage, strengths),
+                        "clip_before": scores[0],
+                        "clip_after": score,
+                        "delta_clip": score - scores[0],
+                        "success": int(score > scores[0]),
+                        "pixel_diff": pixel_difference(before, after),
+                        "lpips": lpips_distance(before, after) if lpips_distance else math.nan,
+                    }
+                )
+    return rows
+
+
+def global_summary(rows: Rows) -> Rows:
+    summary = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = [r for r in rows if r["stage"] == stage]
+        lpips_values = [r["lpips"] for r in mine if not math.isnan(r["lpips"])]
+        paper = PAPER_GLOBAL.get(stage, {})
+        summary.append(
+            {
+                "stage": stage,
+                "n": len(mine),
+                "success_rate": float(np.mean([r["success"] for r in mine])),
+                "mean_delta_clip": float(np.mean([r["delta_clip"] for r in mine])),
+                "mean_pixel_diff": float(np.mean([r["pixel_diff"] for r in mine])),
+                "mean_lpips": float(np.mean(lpips_values)) if lpips_values else math.nan,
+                "paper_success": paper.get("success", math.nan),
+                "paper_delta_clip": paper.get("delta_clip", math.nan),
+                "paper_lpips": paper.get("lpips", math.nan),
+            }
+        )
+    return summary
+
+
+def plot_stage_rates(summary: Rows, column: str, paper_column: str, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    stages = [r["stage"] for r in summary]
+    x = np.arange(len(stages))
+    ax.bar(x - 0.2, [r[column] for r in summary], 0.4, label="this run")
+    ax.bar(x + 0.2, [r[paper_column] for r in summary], 0.4, label="paper (SD v1.4)")
+    ax.set_xticks(x, stages)
+    ax.set(ylabel=column, title=title, ylim=(0, 1))
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# output
+
+
+def save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(rows: Rows, title: str) -> str:
+    """Rows as an aligned text table (floats to 3 decimals)."""
+    if not rows:
+        return f"{title}: no rows"
+    columns = list(rows[0])
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m core.emergence.evaluate",
+        description="Evaluate SAEs and concept dictionaries as paper 1 does.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--preset", default="sd14", choices=sorted(PRESETS))
+    p.add_argument("--model", help="pipeline Hub id or local folder (default: the preset's)")
+    p.add_argument("--saes", help="SAE bank folder or Hub repo (all tasks but quality)")
+    p.add_argument("--dictionaries", help="concept dictionaries (default: --saes)")
+    p.add_argument("--prompts", help="text file, one prompt per line (composition, global)")
+    p.add_argument("--out", required=True, help="output folder for CSVs and plots")
+    p.add_argument("--blocks", nargs="+", help="composition blocks (default: the preset's)")
+    p.add_argument("--branch", default="cond", choices=BRANCHES)
+    p.add_argument(
+        "--targets", default="nouns", help="composition words: nouns, labels, or a comma list"
+    )
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="composition cosine")
+    p.add_argument("--objects", nargs="+", default=list(PAPER_OBJECTS), help="spatial-edit objects")
+    p.add_argument("--quadrants", nargs="+", default=list(QUADRANTS), choices=QUADRANTS)
+    p.add_argument(
+        "--concepts", nargs="+", default=["snow", "painting", "flower"], help="global-edit concepts"
+    )
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--edit-block", default=MID, help="block edited by spatial/global edits")
+    p.add_argument("--annotator", default="grounded-sam", choices=ANNOTATORS)
+    p.add_argument("--clip-model", help=f"CLIP id or folder (default {CLIP_ID})")
+    p.add_argument("--clipseg-model", help=f"CLIPSeg id or folder (default {CLIPSEG_ID})")
+    p.add_argument("--dino-model", help="Grounding DINO id or folder")
+    p.add_argument("--sam-model", help="SAM id or folder")
+    p.add_argument("--word-vectors", help="default: the source the dictionaries were built with")
+    p.add_argument("--seed", type=int, default=0, help="prompt/object i uses seed + i")
+    p.add_argument("--limit", type=int, help="use at most this many prompts")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the preset's)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    needs_model = set(args.tasks) - {"quality"}
+    if needs_model and not args.saes:
+        p.error(f"--saes is needed for {', '.join(sorted(needs_model))}")
+    if not (args.dictionaries or args.saes):
+        p.error("give --dictionaries (or --saes holding them)")
+    if {"composition", "global"} & set(args.tasks) and not args.prompts:
+        p.error("--prompts is needed for composition and global")
+    return args
+
+
+def make_segmenter(args: argparse.Namespace) -> ClipSegSegmenter | ToySegmenter:
+    if args.annotator == "toy":
+        return ToySegmenter()
+    return ClipSegSegmenter(args.clipseg_model or CLIPSEG_ID, device=args.device)
+
+
+def make_scorer(args: argparse.Namespace) -> ClipScorer | StyleScorer:
+    if args.annotator == "toy":
+        return StyleScorer()
+    return ClipScorer(args.clip_model or CLIP_ID, device=args.device)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    prompts = read_prompts(args.prompts)[: args.limit] if args.prompts else []
+    dictionaries = load_dictionaries(args.dictionaries or args.saes, branches=[args.branch])
+    source = args.word_vectors or next(iter(dictionaries.values())).word_vectors
+    word_vectors = load_word_vectors(source)
+    targets = args.targets if args.targets in ("nouns", "labels") else args.targets.split(",")
+    if not isinstance(targets, str):
+        check_words(targets, word_vectors)
+    if "quality" in args.tasks:
+        rows = quality_rows(dictionaries, word_vectors)
+        write_csv(out / "quality.csv", rows)
+        plot_quality(rows, out / "quality.png")
+        print(format_table(rows, "concept cohesion / separability per SAE"))
+    if set(args.tasks) == {"quality"}:
+        return
+    preset = get_preset(args.preset, **({"model": args.model} if args.model else {}))
+    pipe = load_pipeline(preset, device=args.device)
+    bank = SAEBank.from_pretrained(args.saes, branches=[args.branch], device=pipe.device)
+    common = dict(
+        seed=args.seed,
+        steps=args.steps or preset.steps,
+        resolution=preset.resolution,
+        guidance_scale=preset.guidance_scale if args.guidance is None else args.guidance,
+    )
+    if "composition" in args.tasks:
+        blocks = args.blocks or list(preset.hook_points)
+        rows = composition_rows(
+            pipe,
+            bank,
+            dictionaries,
+            prompts,
+            make_annotator(args.annotator, args),
+            word_vectors,
+            blocks=blocks,
+            branch=args.branch,
+            targets=targets,
+            threshold=args.threshold,
+            **common,
+        )
+        write_csv(out / "composition.csv", rows)
+        summary = [
+            {"block": b, "t": t, "mean_iou": v}
+            for (b, t), v in mean_by(rows, ("block", "t"), "iou").items()
+        ]
+        write_csv(out / "composition_summary.csv", summary)
+        plot_composition(rows, out / "composition.png")
+        print(format_table(summary, f"composition IoU ({PAPER_COMPOSITION})"))
+    edit = dict(block=args.edit_block, branch=args.branch, stages=args.stages, **common)
+    if "spatial" in args.tasks:
+        _, skipped = object_cids(dictionaries, args.objects, args.edit_block, args.branch)
+        if skipped:
+            print(f"spatial: skipping {skipped}: no concept of {args.edit_block} has those labels")
+        rows = spatial_edit_rows(
+            pipe,
+            bank,
+            dictionaries,
+            args.objects,
+            make_segmenter(args),
+            quadrants=args.quadrants,
+            **edit,
+        )
+        summary = spatial_summary(rows)
+        write_csv(out / "spatial.csv", rows)
+        write_csv(out / "spatial_summary.csv", summary)
+        plot_stage_rates(
+            summary, "success_rate", "paper", "spatial edits: success", out / "spatial.png"
+        )
+        print(format_table(summary, "spatial edits: CLIPSeg centre of mass in the target quadrant"))
+    if "global" in args.tasks:
+        _, skipped = object_cids(dictionaries, args.concepts, args.edit_block, args.branch)
+        if skipped:
+            print(f"global: skipping {skipped}: no concept of {args.edit_block} has those labels")
+        distance, why = load_lpips(pipe.device)
+        if why:
+            print(why)
+        rows = global_edit_rows(
+            pipe,
+            bank,
+            dictionaries,
+            args.concepts,
+            prompts,
+            make_scorer(args),
+            lpips_distance=distance,
+            **edit,
+        )
+        summary = global_summary(rows)
+        write_csv(out / "global.csv", rows)
+        write_csv(out / "global_summary.csv", summary)
+        plot_stage_rates(
+            summary, "success_rate", "paper_success", "global edits: success", out / "global.png"
+        )
+        print(format_table(summary, "global edits: CLIP similarity to the concept rises"))
+    print(f"wrote results to {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def work() -> int:
+        run(args)
+        return 0
+
+    return one_line_errors(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The synthetic shapes world, whose truth is known, and its exact annotator."""

@@ -1,0 +1,154 @@
+"""The toy text-to-image model of the shapes world: a small Stable Diffusion, built from configs.
+
+Every part is the real diffusers/transformers class a Stable Diffusion pipeline uses, so
+`StableDiffusionPipeline.from_pretrained(folder)` loads the trained model and the core's
+hooks, SAEs and interventions work on it unchanged:
+
+- `AutoencoderKL` with 2 blocks: 64x64 images <-> 32x32x4 latents;
+- `CLIPTextModel` (2 layers) with a `CLIPTokenizer` whose vocabulary the project writes
+  from the world's words (`core.shapes.world.VOCABULARY`);
+- `UNet2DConditionModel` with SD v1.4's block types and two layers per block, so the
+  paper's three hook points exist under their SD v1.4 names;
+- DDIM with SD v1.4's noise schedule.
+
+`TOY_SCALES["full"]` is what the shipped weights use (about 11M parameters, 22 MB in
+fp16, which leaves room for its SAEs under 30 MB); `TOY_SCALES["cpu"]` is a 32x32 world for
+a 2-core CPU (about half an hour of training); `TOY_SCALES["smoke"]` is small enough to
+train in the CPU tests.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from core.diffusion.tiny import SD14_SCHEDULER
+from core.diffusion.tokenizer import write_clip_tokenizer
+from core.shapes.world import VOCABULARY
+
+
+@dataclass(frozen=True)
+class ToyModelConfig:
+    image_size: int = 64
+    """Image side in pixels; latents are half of it."""
+    vae_widths: tuple[int, ...] = (32, 64)
+    """Channels of the VAE's blocks; 2 blocks downsample by 2."""
+    text_width: int = 128
+    """Hidden size of the text encoder, also the U-Net's cross-attention width."""
+    text_layers: int = 2
+    unet_widths: tuple[int, int, int, int] = (64, 64, 128, 128)
+    """Channels of the U-Net's 4 levels (SD v1.4: 320, 640, 1280, 1280)."""
+    attention_heads: int = 8
+    norm_groups: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ToyModelConfig":
+        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+        return cls(**{**values, **tuples})
+
+
+TOY_SCALES: dict[str, ToyModelConfig] = {
+    "full": ToyModelConfig(),
+    "cpu": ToyModelConfig(
+        image_size=32,
+        vae_widths=(32, 32),
+        text_width=64,
+        unet_widths=(32, 32, 64, 64),
+        attention_heads=4,
+        norm_groups=16,
+    ),
+    "smoke": ToyModelConfig(
+        image_size=32,
+        vae_widths=(16, 16),
+        text_width=32,
+        unet_widths=(16, 16, 32, 32),
+        attention_heads=4,
+        norm_groups=8,
+    ),
+}
+
+
+def toy_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """Write the world's tokenizer into `folder` and load it as any CLIP tokenizer."""
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, VOCABULARY))
+
+
+def toy_vae(config: ToyModelConfig) -> AutoencoderKL:
+    blocks = len(config.vae_widths)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=config.vae_widths,
+        latent_channels=4,
+        norm_num_groups=min(config.norm_groups, min(config.vae_widths)),
+        sample_size=config.image_size,
+    )
+
+
+def toy_text_encoder(config: ToyModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=4 * config.text_width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=max(1, config.text_width // 32),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def toy_unet(config: ToyModelConfig) -> UNet2DConditionModel:
+    """SD v1.4's U-Net layout (block types, 2 layers per block) at the config's widths."""
+    return UNet2DConditionModel(
+        sample_size=config.image_size // 2 ** (len(config.vae_widths) - 1),
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=config.unet_widths,
+        layers_per_block=2,
+        norm_num_groups=config.norm_groups,
+        cross_attention_dim=config.text_width,
+        attention_head_dim=config.attention_heads,
+    )
+
+
+def toy_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SD14_SCHEDULER)
+
+
+def build_toy_parts(config: ToyModelConfig, tokenizer: CLIPTokenizer, seed: int):
+    """(vae, text_encoder, unet) with weights drawn from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return toy_vae(config), toy_text_encoder(config, tokenizer), toy_unet(config)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=toy_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def parameter_count(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())

@@ -1,0 +1,317 @@
+"""Train the toy model from scratch on rendered shapes-world scenes, resumably.
+
+Three phases, each leaving its result in `<out>/work/` so a restarted run skips what is done:
+
+1. `vae`: the autoencoder learns to reconstruct scenes (MSE plus a small KL term).
+2. `latents`: every scene is encoded once (posterior mean); the latents' standard deviation
+   sets the VAE's `scaling_factor`, as Stable Diffusion's 0.18215 was set.
+3. `denoiser`: U-Net and text encoder learn to predict the noise added to those latents
+   (SD v1.4's noise schedule), with 10% of the captions dropped so that classifier-free
+   guidance works.
+
+Every batch, noise draw and caption drop comes from a generator seeded by (seed, phase,
+step), so a run that is interrupted and resumed ends with the same weights as one that
+was not (exactly so on the CPU). Checkpoints are written atomically every `save_every`
+steps and when `stop()` says so.
+"""
+
+import json
+import math
+import pickle
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from core.diffusion.tiny import SD14_SCHEDULER
+from core.files import atomic_write
+from core.shapes.world import dataset
+from core.toy.model import (
+    TOY_SCALES,
+    ToyModelConfig,
+    assemble_pipeline,
+    build_toy_parts,
+    toy_tokenizer,
+)
+
+PHASES = ("vae", "latents", "denoiser")
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    scale: str = "full"
+    """A key of `core.toy.model.TOY_SCALES`."""
+    seed: int = 0
+    scenes: int = 60_000
+    """Rendered training scenes (captions with 1 to `max_objects` objects)."""
+    max_objects: int = 3
+    vae_steps: int = 3_000
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    denoiser_steps: int = 4_500
+    denoiser_batch: int = 256
+    denoiser_lr: float = 3e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    save_every: int = 500
+
+    @property
+    def model(self) -> ToyModelConfig:
+        return TOY_SCALES[self.scale]
+
+
+TRAIN_SCALES: dict[str, ToyTrainConfig] = {
+    "full": ToyTrainConfig(),
+    "cpu": ToyTrainConfig(
+        scale="cpu",
+        scenes=6_000,
+        vae_steps=500,
+        vae_batch=32,
+        denoiser_steps=900,
+        denoiser_batch=64,
+        denoiser_lr=5e-4,
+        warmup_steps=50,
+        save_every=100,
+    ),
+    "smoke": ToyTrainConfig(
+        scale="smoke",
+        scenes=64,
+        vae_steps=12,
+        vae_batch=16,
+        denoiser_steps=12,
+        denoiser_batch=16,
+        warmup_steps=2,
+        save_every=5,
+    ),
+}
+
+Stop = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The generator of one training step, independent of every other step's."""
+    entropy = np.random.SeedSequence([seed, PHASES.index(phase), step]).generate_state(2)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Scenes:
+    images: torch.Tensor
+    """uint8 [N, 3, H, W]."""
+    captions: list[str]
+
+
+def render_scenes(config: ToyTrainConfig) -> Scenes:
+    images, captions = [], []
+    size = config.model.image_size
+    for scene in tqdm(dataset(config.scenes, config.seed, size, config.max_objects), "render"):
+        images.append(scene.image)
+        captions.append(scene.caption)
+    return Scenes(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions)
+
+
+def to_unit_range(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, torch.float32) / 127.5 - 1
+
+
+class ToyTrainer:
+    """One training run of the toy model in `out`; `run()` does whatever is left."""
+
+    def __init__(self, out: str | Path, config: ToyTrainConfig, device: str | torch.device):
+        self.out, self.config = Path(out), config
+        self.work = self.out / "work"
+        self.device = torch.device(device)
+        self.tokenizer = toy_tokenizer(self.work / "tokenizer")
+        self.vae, self.text_encoder, self.unet = build_toy_parts(
+            config.model, self.tokenizer, config.seed
+        )
+        self._scenes: Scenes | None = None
+        self.log: dict[str, float] = {}
+
+    @property
+    def scenes(self) -> Scenes:
+        if self._scenes is None:
+            self._scenes = render_scenes(self.config)
+        return self._scenes
+
+    def run(self, stop: Stop = _never) -> StableDiffusionPipeline | None:
+        """Train what is not done yet; the pipeline (fp32), or None if stopped."""
+        self._check_settings()
+        if not (self.work / "vae.safetensors").is_file():
+            if not self._train("vae", stop, self._vae_loss):
+                return None
+            save_file(self.vae.state_dict(), self.work / "vae.safetensors")
+        self.vae.load_state_dict(load_file(self.work / "vae.safetensors"))
+        if not (self.work / "latents.safetensors").is_file():
+            self._encode_latents()
+        data = load_file(self.work / "latents.safetensors")
+        self.vae.register_to_config(scaling_factor=float(data["scaling_factor"]))
+        if not self._train("denoiser", stop, self._denoiser_loss(data)):
+            return None
+        self._write_log()
+        return assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet)
+
+    def _check_settings(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        path, settings = self.work / "settings.json", asdict(self.config)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != settings:
+                changed = sorted(k for k in settings if saved.get(k) != settings[k])
+                raise ValueError(
+                    f"{self.out} holds a toy run with other settings ({', '.join(changed)}); "
+                    "rerun with the same settings to resume, or pass --overwrite to start over"
+                )
+        else:
+            path.write_text(json.dumps(settings, indent=2))
+
+    def _modules(self, phase: str) -> list[torch.nn.Module]:
+        return [self.vae] if phase == "vae" else [self.unet, self.text_encoder]
+
+    def _train(self, phase: str, stop: Stop, loss_of: Callable) -> bool:
+        """Train one phase from its last checkpoint; False if `stop()` cut it short."""
+        cfg = self.config
+        steps, lr = (
+            (cfg.vae_steps, cfg.vae_lr) if phase == "vae" else (cfg.denoiser_steps, cfg.denoiser_lr)
+        )
+        modules = self._modules(phase)
+        for m in modules:
+            m.to(self.device).train()
+        params = [p for m in modules for p in m.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        checkpoint = self.work / f"{phase}.pt"
+        start = self._load_checkpoint(checkpoint, modules, optimizer)
+        bar = tqdm(range(start, steps), phase, initial=start, total=steps)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr, cfg.warmup_steps, steps)
+            loss = loss_of(step_generator(cfg.seed, phase, step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            self.log[f"{phase}_loss"] = loss.item()
+            bar.set_postfix(loss=f"{self.log[f'{phase}_loss']:.4f}")
+            done, stopping = step + 1, stop()
+            if done % cfg.save_every == 0 or done == steps or stopping:
+                self._save_checkpoint(checkpoint, modules, optimizer, done)
+            if stopping and done < steps:
+                return False
+        for m in modules:
+            m.eval()
+        return True
+
+    def _vae_loss(self, generator: torch.Generator) -> torch.Tensor:
+        images = self.scenes.images
+        index = torch.randint(len(images), (self.config.vae_batch,), generator=generator)
+        x = to_unit_range(images[index], self.device)
+        posterior = self.vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        z = posterior.mean + posterior.std * noise
+        reconstruction = self.vae.decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()
+        return F.mse_loss(reconstruction, x) + self.config.kl_weight * kl
+
+    @torch.no_grad()
+    def _encode_latents(self) -> None:
+        self.vae.to(self.device).eval()
+        chunks = []
+        for batch in self.scenes.images.split(256):
+            posterior = self.vae.encode(to_unit_range(batch, self.device)).latent_dist
+            chunks.append(posterior.mean.float().cpu())
+        latents = torch.cat(chunks)
+        scale = 1 / latents.std()
+        tokens = self.tokenizer(
+            self.scenes.captions, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids
+        self.log["vae_reconstruction_mse"] = self._reconstruction_mse(latents[:256])
+        cached = (latents * scale).half().contiguous()
+        save_file(
+            {"latents": cached, "tokens": tokens.int(), "scaling_factor": scale},
+            self.work / "latents.safetensors",
+        )
+        self._write_log()
+
+    @torch.no_grad()
+    def _reconstruction_mse(self, latents: torch.Tensor) -> float:
+        decoded = self.vae.decode(latents.to(self.device)).sample.clamp(-1, 1)
+        truth = to_unit_range(self.scenes.images[: len(latents)], self.device)
+        return float(F.mse_loss(decoded, truth))
+
+    def _denoiser_loss(self, data: dict[str, torch.Tensor]) -> Callable:
+        """The loss of one step: noise prediction on cached latents and caption tokens."""
+        latents, tokens = data["latents"], data["tokens"].long()
+        empty = self.tokenizer("", padding="max_length", return_tensors="pt").input_ids[0]
+        noise_schedule = DDPMScheduler(
+            **{k: v for k, v in SD14_SCHEDULER.items() if k != "set_alpha_to_one"}
+        )
+        timesteps = noise_schedule.config.num_train_timesteps
+
+        def loss(generator: torch.Generator) -> torch.Tensor:
+            batch = self.config.denoiser_batch
+            index = torch.randint(len(latents), (batch,), generator=generator)
+            drop = torch.rand(batch, generator=generator) < self.config.caption_dropout
+            ids = torch.where(drop[:, None], empty, tokens[index]).to(self.device)
+            noise = torch.randn(latents[index].shape, generator=generator)
+            t = torch.randint(timesteps, (batch,), generator=generator)
+            x0 = latents[index].float()
+            noisy = noise_schedule.add_noise(x0, noise, t).to(self.device)
+            with self._autocast():
+                context = self.text_encoder(ids)[0]
+                prediction = self.unet(noisy, t.to(self.device), context).sample
+            return F.mse_loss(prediction.float(), noise.to(self.device))
+
+        return loss
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _save_checkpoint(self, path: Path, modules, optimizer, step: int) -> None:
+        state = {
+            "step": step,
+            "modules": [m.state_dict() for m in modules],
+            "optimizer": optimizer.state_dict(),
+        }
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def _load_checkpoint(self, path: Path, modules, optimizer) -> int:
+        if not path.is_file():
+            return 0
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            for module, weights in zip(modules, state["modules"], strict=True):
+                module.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(
+                f"the checkpoint {path} is unreadable ({type(error).__name__}); delete it to "
+                "redo that phase from its start, or pass --overwrite to start over"
+            ) from error
+        print(f"resuming {path.stem} at step {state['step']}", file=sys.stderr)
+        return int(state["step"])
+
+    def _write_log(self) -> None:
+        path = self.work / "log.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**saved, **self.log}, indent=2))

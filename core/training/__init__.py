@@ -1,0 +1,1 @@
+"""Training SAEs on a pipeline's activations: collection, shuffle buffer, trainer, checkpoints."""

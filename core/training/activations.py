@@ -1,0 +1,160 @@
+"""Produce residual-update rows for SAE training, one round (prompt batch) at a time.
+
+A round is a dict {SAEKey: rows [N, channels]}, one row per spatial position of each
+image. Rounds come from generating images (`GenerationSource`) or from fp16 shards a
+previous run wrote (`ShardSource`). Both can start at any round, which is what makes
+resuming exact: prompt i is always generated from seed `seed + i`, whatever the batch
+size or number of processes.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from core.diffusion.hooks import StepInfo, as_floats, hooked, nearest_indices
+from core.sae.model import SAEKey
+
+Round = dict[SAEKey, Tensor]
+
+
+def key_name(key: SAEKey) -> str:
+    return f"{key.block}|t={key.t:g}|{key.branch}"
+
+
+def to_rows(delta: Tensor) -> Tensor:
+    """[batch, C, H, W] -> [batch * H * W, C]: one SAE sample per spatial position."""
+    return delta.permute(0, 2, 3, 1).reshape(-1, delta.shape[1])
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file; an empty file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} has no prompts; write one prompt per line")
+    return prompts
+
+
+def dataset_prompts(name: str, column: str, split: str = "train", limit: int | None = None):
+    """Prompts from a column of a Hugging Face dataset (needs the `datasets` package)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as error:
+        raise ImportError("reading prompts from a dataset needs `pip install datasets`") from error
+    data = load_dataset(name, split=split if limit is None else f"{split}[:{limit}]")
+    if column not in data.column_names:
+        raise ValueError(f"dataset {name!r} has no column {column!r}; it has {data.column_names}")
+    prompts = [str(p).strip() for p in data[column] if p and str(p).strip()]
+    if not prompts:
+        raise ValueError(f"column {column!r} of dataset {name!r} holds no prompts")
+    return prompts
+
+
+class GenerationSource:
+    """Generate this process's share of the prompts and record the wanted updates."""
+
+    def __init__(
+        self,
+        pipe,
+        prompts: Sequence[str],
+        keys: Sequence[SAEKey],
+        *,
+        steps: int,
+        guidance_scale: float,
+        batch_size: int,
+        seed: int = 0,
+        resolution: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.pipe = pipe
+        self.indices = list(range(rank, len(prompts), world_size))
+        self.prompts = prompts
+        self.keys = list(keys)
+        self.steps, self.guidance_scale = steps, guidance_scale
+        self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
+        self.num_rounds = math.ceil(math.ceil(len(prompts) / world_size) / batch_size)
+        self.blocks = sorted({k.block for k in self.keys})
+        self.targets = sorted({k.t for k in self.keys})
+
+    def rounds(self, start: int = 0) -> Iterator[tuple[int, Round]]:
+        for index in range(start, self.num_rounds):
+            chunk = self.indices[index * self.batch_size : (index + 1) * self.batch_size]
+            yield index, self.generate(chunk) if chunk else {}
+
+    def generate(self, prompt_indices: Sequence[int]) -> Round:
+        collected: dict[SAEKey, list[Tensor]] = {}
+        wanted = set(self.keys)
+
+        def keep(block: str, step: StepInfo, branch: str, delta: Tensor) -> None:
+            t = min(self.targets, key=lambda target: abs(target - step.t))
+            key = SAEKey(block, t, branch)
+            if key in wanted:
+                collected.setdefault(key, []).append(to_rows(delta.float()))
+
+        device = self.pipe.device
+        generators = [torch.Generator(device).manual_seed(self.seed + i) for i in prompt_indices]
+        with hooked(self.pipe, self.blocks, on_delta=keep, at_t=self.targets):
+            self.pipe(
+                [self.prompts[i] for i in prompt_indices],
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
+                height=self.resolution,
+                width=self.resolution,
+                output_type="latent",
+                callback_on_step_end=self._stop_after_last_target,
+            )
+        return {key: torch.cat(rows) for key, rows in collected.items()}
+
+    def _stop_after_last_target(self, pipe, step_index: int, timestep, kwargs: dict) -> dict:
+        """Skip the denoising steps after the last one any key needs."""
+        n_train = pipe.scheduler.config.num_train_timesteps
+        schedule = as_floats(pipe.scheduler.timesteps)
+        if step_index >= max(nearest_indices(schedule, self.targets, n_train)):
+            pipe._interrupt = True
+        return kwargs
+
+
+class ShardWriter:
+    """Write each round as one fp16 safetensors file per process."""
+
+    def __init__(self, folder: str | Path, rank: int = 0):
+        self.folder = Path(folder) / f"rank{rank}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, index: int, rows: Round) -> None:
+        tensors = {key_name(k): v.half().contiguous().cpu() for k, v in rows.items()}
+        path = self.folder / f"round{index:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+
+
+class ShardSource:
+    """Read the rounds a `ShardWriter` wrote, in order."""
+
+    def __init__(self, folder: str | Path, keys: Sequence[SAEKey], rank: int = 0):
+        self.files = sorted((Path(folder) / f"rank{rank}").glob("round*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"no activation shards under {str(folder)!r}/rank{rank}")
+        self.keys = list(keys)
+        self.num_rounds = len(self.files)
+
+    def rounds(self, start: int = 0) -> Iterator[tuple[int, Round]]:
+        for index in range(start, self.num_rounds):
+            tensors = load_file(str(self.files[index]))
+            missing = [key_name(k) for k in self.keys if key_name(k) not in tensors]
+            if missing:
+                raise KeyError(
+                    f"shard {self.files[index]} lacks {missing}; it was written "
+                    "for other blocks, t values or branches"
+                )
+            yield index, {k: tensors[key_name(k)].float() for k in self.keys}

@@ -1,0 +1,1 @@
+"""What each app tab computes, as plain functions over one model cache."""

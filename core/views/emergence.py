@@ -1,0 +1,241 @@
+"""The emergence view: where each target word will be, predicted at every denoising step.
+
+One generation is recorded at one block and branch; at every step the SAE of the nearest t
+turns the residual update into a concept map and a predicted mask per word
+(`core.emergence.composition.predict_over_steps`). Each step's prediction is scored by IoU against a
+reference: the word's mask in the final image's annotation, or, without an annotator or
+when it does not find the word, the last step's own prediction. Beside it, as a baseline,
+the cross-attention heat map of the same word at the same step (`core.emergence.attention_maps`),
+thresholded as DAAM does.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from core.annotate.tags import OBJECT_VOCABULARY, PromptNounTagger
+from core.diffusion.hooks import record
+from core.emergence.attention_maps import AttentionTrace, trace_cross_attention
+from core.emergence.composition import StepPrediction, iou, predict_over_steps
+from core.emergence.concepts import normalize_label
+from core.emergence.evaluate import label_masks
+from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
+from core.views.model_cache import Loaded
+from core.views.render import heat_map, normalised, overlay
+
+ATTENTION_THRESHOLD = 0.4
+"""DAAM's threshold on the max-normalised heat map."""
+DEFAULT_WORDS = 3
+
+
+@dataclass
+class EmergenceResult:
+    prompt: str
+    seed: int
+    block: str
+    branch: str
+    image: Image.Image
+    words: list[str]
+    steps: list[StepPrediction]
+    attention: AttentionTrace
+    references: dict[str, tuple[torch.Tensor, str]]
+    """word -> (bool reference mask, "annotation" or "last step")."""
+    ious: dict[str, list[float]]
+    """word -> IoU of each step's predicted mask with the reference."""
+    attention_ious: dict[str, list[float]]
+    """word -> IoU of each step's thresholded cross-attention map (words in the prompt)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ts(self) -> list[float]:
+        return [s.step.t for s in self.steps]
+
+
+def labelled_words(loaded: Loaded, block: str, branch: str) -> list[str]:
+    """Labels of the block's concepts, most frequent first (over all t)."""
+    counts: Counter[str] = Counter()
+    for key, dictionary in loaded.dictionaries.items():
+        if key.block == block and key.branch == branch:
+            for cid in dictionary.evidence:
+                counts.update(dictionary.labels(cid))
+    return [label for label, _ in counts.most_common()]
+
+
+def default_words(loaded: Loaded, prompt: str, block: str, branch: str) -> tuple[list[str], str]:
+    """The prompt's nouns that have word vectors and concepts, and a note saying so.
+
+    Falls back to the nouns with vectors (compared by word vector, concepts need not carry
+    the word), then to the block's most frequent concept labels.
+    """
+    labels = labelled_words(loaded, block, branch)
+    nouns = PromptNounTagger([*OBJECT_VOCABULARY, *labels]).tag(None, prompt)
+    vectors = loaded.word_vectors()
+    with_vectors = [n for n in nouns if n in vectors]
+    with_concepts = [n for n in with_vectors if n in labels]
+    if with_concepts:
+        return with_concepts[:DEFAULT_WORDS], "the prompt's nouns that label concepts"
+    if with_vectors:
+        note = "no concept is labelled with the prompt's nouns; they are compared by word vector"
+        return with_vectors[:DEFAULT_WORDS], note
+    if labels:
+        return labels[:DEFAULT_WORDS], "the prompt has no known noun; the block's commonest labels"
+    raise ValueError(f"No concept of {block} ({branch}) has a label, so nothing can be predicted.")
+
+
+def run_emergence(
+    loaded: Loaded,
+    prompt: object,
+    seed: object,
+    steps: object,
+    block: str,
+    branch: str,
+    words: object = "",
+    on_step: Callable[[int, int], None] | None = None,
+) -> EmergenceResult:
+    """Generate once, recording `block`/`branch` and the cross-attention of the words."""
+    prompt, seed, steps = check_prompt(prompt), check_seed(seed), check_steps(steps)
+    loaded.check_block(block, branch)
+    if not loaded.dictionaries:
+        raise ValueError(f"The preset {loaded.preset.name!r} has no concept dictionaries.")
+    guidance = loaded.preset.guidance_scale
+    if branch == "uncond" and guidance <= 1:
+        raise ValueError("The uncond branch exists only with classifier-free guidance.")
+    targets, how = _targets(loaded, prompt, block, branch, words)
+    with (
+        record(loaded.pipe, [block], device=None) as recording,
+        trace_cross_attention(loaded.pipe, prompt, targets, branch) as attention,
+    ):
+        image = loaded.generate([prompt], [seed], steps, on_step=on_step)[0]
+    predictions = predict_over_steps(
+        recording,
+        loaded.bank,
+        loaded.dictionaries,
+        targets,
+        loaded.word_vectors(),
+        block=block,
+        branch=branch,
+    )
+    references, notes = _references(loaded, image, prompt, targets, predictions)
+    if attention.missing:
+        notes.append(
+            f"not in the prompt, so no cross-attention map: {', '.join(attention.missing)}"
+        )
+    ious = {
+        w: [_iou(p.predictions[w].mask[0], references[w][0]) for p in predictions] for w in targets
+    }
+    attention_ious = {
+        w: [_iou(_attention_mask(m), references[w][0]) for m in attention.stacked(w)[:, 0]]
+        for w in attention.words
+    }
+    return EmergenceResult(
+        prompt,
+        seed,
+        block,
+        branch,
+        image,
+        targets,
+        predictions,
+        attention,
+        references,
+        ious,
+        attention_ious,
+        [f"target words: {', '.join(targets)} ({how})", *notes],
+    )
+
+
+def _targets(
+    loaded: Loaded, prompt: str, block: str, branch: str, words: object
+) -> tuple[list[str], str]:
+    chosen = parse_words(words)
+    if not chosen:
+        return default_words(loaded, prompt, block, branch)
+    vectors = loaded.word_vectors()
+    unknown = [w for w in chosen if w not in vectors]
+    if unknown:
+        raise ValueError(
+            f"No word vector for {', '.join(repr(w) for w in unknown)} in "
+            f"{vectors.source!r}; use other words."
+        )
+    return chosen, "as given"
+
+
+def _references(
+    loaded: Loaded,
+    image: Image.Image,
+    prompt: str,
+    words: Sequence[str],
+    predictions: Sequence[StepPrediction],
+) -> tuple[dict[str, tuple[torch.Tensor, str]], list[str]]:
+    annotator, why_not = loaded.annotator()
+    masks = label_masks(annotator.annotate(image, prompt)) if annotator else {}
+    references, fallback = {}, []
+    for word in words:
+        mask = masks.get(normalize_label(word))
+        if mask is not None:
+            references[word] = (torch.as_tensor(mask), "annotation")
+        else:
+            references[word] = (predictions[-1].predictions[word].mask[0].cpu(), "last step")
+            fallback.append(word)
+    notes = []
+    if fallback:
+        reason = why_not or "not found by the annotator in the final image"
+        notes.append(f"IoU against the last step for {', '.join(fallback)}: {reason}")
+    return references, notes
+
+
+def _iou(pred: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(iou(pred.cpu(), reference))
+
+
+def _attention_mask(heat: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(normalised(heat) > ATTENTION_THRESHOLD)
+
+
+def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, str]]:
+    """For step `index`: per word, the mask on the final image, the concept-similarity heat
+    map (grey where no labelled concept fires) and the cross-attention heat map."""
+    index = min(max(int(index), 0), len(result.steps) - 1)
+    step = result.steps[index]
+    panels = []
+    for word in result.words:
+        prediction = step.predictions[word]
+        where = f"t={step.step.t:.2f}"
+        panels.append((overlay(result.image, prediction.mask[0]), f"{word}: mask, {where}"))
+        similarity = heat_map(prediction.similarity[0], low=-1.0, high=1.0, cmap="coolwarm")
+        panels.append((similarity, f"{word}: concept similarity"))
+        if word in result.attention.maps:
+            heat = heat_map(normalised(result.attention.stacked(word)[index, 0]), low=0, high=1)
+            panels.append((heat, f"{word}: cross-attention"))
+        else:
+            panels.append((heat_map(np.full((1, 1), np.nan)), f"{word}: not in the prompt"))
+    return panels
+
+
+def iou_figure(result: EmergenceResult) -> Figure:
+    """IoU of each word's predicted mask vs t (solid) and of its cross-attention (dashed)."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for i, word in enumerate(result.words):
+        against = result.references[word][1]
+        ax.plot(
+            result.ts, result.ious[word], "o-", color=colours(i), label=f"{word} (vs {against})"
+        )
+        if word in result.attention_ious:
+            attention = result.attention_ious[word]
+            ax.plot(result.ts, attention, "--", color=colours(i), label=f"{word}, cross-attention")
+    ax.set_xlim(1.02, -0.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("t (1 = noise, generation runs left to right)")
+    ax.set_ylabel("IoU")
+    ax.set_title("IoU of the predicted masks vs t", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,239 @@
+"""Steer one generation with a concept and compare it with the unsteered one (same seed).
+
+The concept is a word (its CIDs in the dictionary of every t, `concept_cids`) or one CID
+of one SAE. The region of a spatial edit is a drawn mask at any resolution or a quadrant.
+What changed is measured by the mean absolute pixel difference (always), LPIPS and the
+change in CLIP similarity with the concept's word (when those models can be loaded).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.annotate.grounded_sam import CLIP_ID
+from core.emergence.concepts import concept_cids
+from core.emergence.steer import (
+    BRANCHES,
+    KINDS,
+    MAX_STRENGTH,
+    QUADRANTS,
+    Intervention,
+    default_strength,
+    intervene,
+    quadrant_mask,
+    stage_window,
+    validate,
+)
+from core.runtime import ModelNotAvailableError
+from core.sae.model import SAEKey
+from core.views.inputs import check_cid, check_number, check_prompt, check_seed
+from core.views.model_cache import Loaded
+from core.views.render import difference_map
+
+BRANCH_CHOICES = {"cond": ("cond",), "uncond": ("uncond",), "both": BRANCHES}
+STAGE_CHOICES = ("early", "middle", "final", "custom")
+
+
+@dataclass
+class SteerRequest:
+    prompt: object
+    seed: object
+    block: str
+    kind: str = "spatial"
+    stage: str = "early"
+    t_range: tuple[object, object] = (0.6, 1.0)
+    """Used when `stage` is "custom"."""
+    strength: object = None
+    """None: the paper's strength for the kind and stage."""
+    branch: str = "cond"
+    """"cond", "uncond" or "both"."""
+    word: str = ""
+    """The concept as a word; empty to use `cid`."""
+    cid: object = None
+    cid_t: object = 1.0
+    """A CID belongs to one SAE: the one of `block` trained nearest to this t."""
+    quadrant: str | None = "top_left"
+    mask: np.ndarray | None = None
+    """A drawn region (any resolution, > 0 inside); overrides `quadrant`."""
+
+
+@dataclass
+class SteerResult:
+    before: Image.Image
+    after: Image.Image
+    difference: Image.Image
+    metrics: dict[str, object]
+    notes: list[str] = field(default_factory=list)
+
+
+def stage_of(request: SteerRequest) -> str | tuple[float, float]:
+    if request.stage not in STAGE_CHOICES:
+        raise ValueError(f"Unknown stage {request.stage!r}; choose {', '.join(STAGE_CHOICES)}.")
+    if request.stage != "custom":
+        return request.stage
+    low, high = (check_number(v, "A bound of the t range", 0.0, 1.0) for v in request.t_range)
+    return stage_window((low, high))
+
+
+def strength_of(request: SteerRequest) -> float:
+    if request.kind not in KINDS:
+        raise ValueError(f"Unknown edit type {request.kind!r}; choose {', '.join(KINDS)}.")
+    if request.strength is None or request.strength == "":
+        return default_strength(request.kind, stage_of(request))
+    return check_number(request.strength, "The strength", 0.0, MAX_STRENGTH)
+
+
+def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -> tuple:
+    """(CIDs per SAE key, description): by word through each t's dictionary, or one CID."""
+    if request.word.strip():
+        word = request.word.strip()
+        if not loaded.dictionaries:
+            raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
+        found: dict[SAEKey, list[int]] = {}
+        for branch in branches:
+            found.update(concept_cids(loaded.dictionaries, word, request.block, branch))
+        return found, f"{word!r}"
+    if request.cid is None or request.cid == "":
+        raise ValueError("Choose a concept: type a word, or give a CID.")
+    t = check_number(request.cid_t, "The t of the CID's SAE", 0.0, 1.0)
+    cids = {}
+    for branch in branches:
+        key, sae = loaded.sae(request.block, t, branch)
+        cids[key] = [check_cid(request.cid, sae.cfg.num_latents)]
+    return cids, f"CID {int(float(request.cid))} of the SAE at t={key.t}"
+
+
+def region_of(request: SteerRequest, size: tuple[int, int]) -> np.ndarray | None:
+    """The spatial edit's region at image size: the drawn mask if any, else the quadrant."""
+    if request.kind != "spatial":
+        return None
+    if request.mask is not None:
+        drawn = np.asarray(request.mask, dtype=np.float32)
+        image = Image.fromarray((np.clip(drawn, 0, 1) * 255).astype(np.uint8))
+        resized = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(resized) > 127
+    if request.quadrant not in QUADRANTS:
+        raise ValueError(f"Unknown quadrant {request.quadrant!r}; choose {', '.join(QUADRANTS)}.")
+    return quadrant_mask(request.quadrant, size)
+
+
+def run_steer(
+    loaded: Loaded, request: SteerRequest, on_step: Callable[[int, int], None] | None = None
+) -> SteerResult:
+    """Generate without and with the intervention from the same seed, and compare."""
+    prompt, seed = check_prompt(request.prompt), check_seed(request.seed)
+    if request.branch not in BRANCH_CHOICES:
+        raise ValueError(f"Unknown branch {request.branch!r}; choose {', '.join(BRANCH_CHOICES)}.")
+    branches = BRANCH_CHOICES[request.branch]
+    if "uncond" in branches and loaded.preset.guidance_scale <= 1:
+        raise ValueError("The uncond branch exists only with classifier-free guidance.")
+    for branch in branches:
+        loaded.check_block(request.block, branch)
+    stage, strength = stage_of(request), strength_of(request)
+    cids, concept = concept_of(loaded, request, branches)
+    size = loaded.image_size()
+    edit = Intervention(
+        request.kind, cids, strength, stage_window(stage), branches, region_of(request, size)
+    )
+    validate(edit, size)
+    steps = loaded.preset.steps
+    total = 2 * steps
+
+    def progress(offset: int) -> Callable[[int, int], None] | None:
+        return None if on_step is None else lambda done, _: on_step(offset + done, total)
+
+    before = loaded.generate([prompt], [seed], steps, on_step=progress(0))[0]
+    with intervene(loaded.pipe, loaded.bank, request.block, edit, size):
+        after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
+    metrics = {
+        **compare(loaded, before, after, request.word.strip() or _top_label(loaded, cids)),
+        "concept": concept,
+        "edit": f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}",
+        "region": _describe_region(request, edit.region),
+        "edited_steps": _edited_steps(loaded, request.block, edit),
+        "cids": {f"t={key.t}": _list_cids(ids) for key, ids in sorted(cids.items())},
+    }
+    return SteerResult(before, after, difference_map(before, after), metrics)
+
+
+def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
+    if region is None:
+        return "everywhere"
+    where = "drawn" if request.mask is not None else str(request.quadrant)
+    return f"{where}, {region.mean():.0%} of the image"
+
+
+def _list_cids(cids: Sequence[int], shown: int = 8) -> str:
+    """ "3, 7, 12" or, for many, the first few and the count."""
+    text = ", ".join(map(str, cids[:shown]))
+    return text if len(cids) <= shown else f"{text}, ... ({len(cids)} in all)"
+
+
+def _describe_stage(stage: str | tuple[float, float]) -> str:
+    low, high = stage_window(stage)
+    name = stage if isinstance(stage, str) else "custom"
+    return f"{name} stage (t in [{low:g}, {high:g}])"
+
+
+def _edited_steps(loaded: Loaded, block: str, edit: Intervention) -> str:
+    """How many of the last generation's steps the edit touched: those in its window whose
+    nearest SAE (on some edited branch) has CIDs of the concept."""
+    low, high = edit.window
+    n_train = loaded.pipe.scheduler.config.num_train_timesteps
+    ts = [float(ts) / n_train for ts in loaded.pipe.scheduler.timesteps]
+    edited = 0
+    for t in ts:
+        if low <= t <= high:
+            keys = [loaded.sae(block, t, branch)[0] for branch in edit.branches]
+            edited += any(edit.cids.get(key) for key in keys)
+    return f"{edited} of {len(ts)}"
+
+
+def _top_label(loaded: Loaded, cids: Mapping[SAEKey, list[int]]) -> str | None:
+    for key, ids in cids.items():
+        dictionary = loaded.dictionaries.get(key)
+        for cid in ids:
+            labels = dictionary.labels(cid) if dictionary else None
+            if labels:
+                return labels.most_common(1)[0][0]
+    return None
+
+
+def compare(
+    loaded: Loaded, before: Image.Image, after: Image.Image, word: str | None
+) -> dict[str, object]:
+    """Pixel difference, LPIPS and CLIP-similarity change, or why a metric is missing."""
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (before, after))
+    metrics: dict[str, object] = {
+        "mean_abs_pixel_difference": round(float(np.abs(a - b).mean()), 5)
+    }
+    lpips, why = loaded.cached("lpips", lambda: _load_lpips(loaded.device))
+    metrics["lpips"] = round(lpips(before, after), 5) if lpips else why.split(";")[0]
+    if word is None:
+        metrics["clip_delta"] = "no word to compare with (the concept has no label)"
+        return metrics
+    scorer, why = loaded.cached("clip", lambda: _load_clip(loaded.device))
+    if scorer is None:
+        metrics["clip_delta"] = why
+    else:
+        before_score, after_score = scorer.similarity([before, after], f"a photo of a {word}")
+        metrics["clip_delta"] = round(after_score - before_score, 5)
+    return metrics
+
+
+def _load_lpips(device: torch.device):
+    from core.emergence.evaluate import load_lpips
+
+    return load_lpips(device)
+
+
+def _load_clip(device: torch.device):
+    from core.emergence.evaluate import ClipScorer
+
+    try:
+        return ClipScorer(device=device), None
+    except (OSError, ValueError, ModelNotAvailableError):
+        return None, f"unavailable: the CLIP model {CLIP_ID!r} is neither cached nor downloadable"
