@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from core.diffusion.presets import ASSETS, get_preset, load_pipeline
-from core.emergence.build_dictionary import gather, quality_lines, save_examples
+from core.emergence.build_dictionary import quality_lines
 from core.emergence.concepts import save_dictionaries
+from core.emergence.gathering import gather, save_examples
 from core.emergence.words import BUNDLED_GLOVE, load_word_vectors
 from core.sae.model import SAEBank
 from core.shapes.annotate import ToyAnnotator

@@ -13,14 +13,9 @@ from core.annotate.grounded_sam import Annotator, ObjectAnnotation
 from core.diffusion.hooks import record
 from core.diffusion.presets import SD14_BLOCKS
 from core.emergence import build_dictionary
-from core.emergence.build_dictionary import (
-    build_dictionaries,
-    gather,
-    load_spatial_means,
-    select_keys,
-)
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import load_dictionaries
+from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
 from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
 

@@ -13,7 +13,6 @@ from core.diffusion.presets import SD14_BLOCKS
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries
 from core.emergence.evaluate import (
-    ClipScorer,
     composition_rows,
     global_edit_rows,
     global_summary,
@@ -21,6 +20,7 @@ from core.emergence.evaluate import (
     spatial_edit_rows,
     spatial_summary,
 )
+from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, TopKSAE
 from tests.test_annotate import save_clip, save_clipseg

@@ -15,19 +15,11 @@ over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
 """
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-from tqdm.auto import tqdm
-
 from core.annotate.grounded_sam import (
-    CLIP_ID,
     DINO_ID,
     SAM_ID,
     Annotator,
@@ -36,203 +28,24 @@ from core.annotate.grounded_sam import (
     PromptNounTagger,
     UnionTagger,
 )
-from core.diffusion.hooks import BRANCHES, record
+from core.annotate.tags import CLIP_ID
+from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
-from core.emergence.composition import latent_grid
 from core.emergence.concepts import (
-    IOU_THRESHOLD,
     ConceptDictionary,
-    DictionaryBuilder,
     cohesion,
     save_dictionaries,
     separability,
 )
+from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 from core.runtime import one_line_errors
-from core.sae.model import SAEBank, SAEKey, bank_subfolder
+from core.sae.model import SAEBank, SAEKey
 from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
 
-SPATIAL_MEANS_FILE = "spatial_means.safetensors"
-EXAMPLES_FILE = "examples.json"
 ANNOTATORS = ("grounded-sam", "grounded-sam-image-tags", "toy")
 """`toy` labels shapes-world images from their pixels (`core.shapes.annotate`), needing no model."""
-
-
-@dataclass
-class Gathered:
-    """What one pass over the prompts collects, before the dictionaries are built."""
-
-    builders: dict[SAEKey, DictionaryBuilder]
-    spatial_means: dict[SAEKey, list[Tensor]] = field(default_factory=dict)
-    """Per key, one [batch, n] tensor per generated batch."""
-    num_objects: int = 0
-
-    def means(self, key: SAEKey) -> Tensor:
-        return torch.cat(self.spatial_means[key])
-
-
-def select_keys(
-    bank: SAEBank,
-    blocks: Sequence[str] | None = None,
-    branches: Sequence[str] | None = None,
-    ts: Sequence[float] | None = None,
-) -> list[SAEKey]:
-    """The bank's keys for `blocks` x `branches` x `ts` (None = any); every combination asked
-    for must have an SAE, or the error names the missing ones and what the bank has."""
-    keys = [
-        k
-        for k in bank
-        if (not blocks or k.block in blocks)
-        and (not branches or k.branch in branches)
-        and (not ts or (k.t is not None and any(abs(k.t - t) < 1e-6 for t in ts)))
-    ]
-    missing = [
-        f"{block} (t={t}, {branch})"
-        for block in blocks or [None]
-        for t in ts or [None]
-        for branch in branches or [None]
-        if not any(_matches(k, block, t, branch) for k in keys)
-    ]
-    if missing or not keys:
-        raise ValueError(
-            f"the SAE bank has no SAE for {', '.join(missing) or 'the selection'} "
-            f"(None = any); it has: {', '.join(_describe(k) for k in bank)}"
-        )
-    untimed = [_describe(k) for k in keys if k.t is None]
-    if untimed:
-        raise ValueError(
-            f"the SAEs {untimed} were trained on all t; dictionaries need SAEs trained at one t"
-        )
-    return keys
-
-
-def _describe(key: SAEKey) -> str:
-    return f"{key.block} (t={key.t}, {key.branch})"
-
-
-def _matches(key: SAEKey, block: str | None, t: float | None, branch: str | None) -> bool:
-    return (
-        (block is None or key.block == block)
-        and (branch is None or key.branch == branch)
-        and (t is None or (key.t is not None and abs(key.t - t) < 1e-6))
-    )
-
-
-def gather(
-    pipe,
-    bank: SAEBank,
-    prompts: Sequence[str],
-    annotator: Annotator,
-    *,
-    keys: Sequence[SAEKey],
-    seed: int = 0,
-    gen_batch: int = 4,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    resolution: int | None = None,
-    iou_threshold: float = IOU_THRESHOLD,
-) -> Gathered:
-    """Generate, record, encode and annotate every prompt; return the evidence collected.
-
-    A label joins a concept's entry where IoU(activation map, object mask) > `iou_threshold`
-    (the paper's 0.5 by default).
-    """
-    if not prompts:
-        raise ValueError("no prompts to build dictionaries from")
-    if not keys:
-        raise ValueError("no SAEs selected to build dictionaries for")
-    builders = {
-        k: DictionaryBuilder(k, bank[k].cfg.num_latents, iou_threshold=iou_threshold) for k in keys
-    }
-    gathered = Gathered(builders)
-    blocks = sorted({k.block for k in keys})
-    targets = sorted({k.t for k in keys})
-    starts = range(0, len(prompts), gen_batch)
-    for start in tqdm(starts, desc="batches", unit="batch"):
-        indices = list(range(start, min(start + gen_batch, len(prompts))))
-        batch = [prompts[i] for i in indices]
-        generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in indices]
-        with record(pipe, blocks, at_t=targets) as recording:
-            images = pipe(
-                batch,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                height=resolution,
-                width=resolution,
-                output_type="pil",
-            ).images
-        annotations = [
-            annotator.annotate(image, prompt) for image, prompt in zip(images, batch, strict=True)
-        ]
-        objects = [[(a.label, a.mask) for a in image_objects] for image_objects in annotations]
-        gathered.num_objects += sum(len(o) for o in objects)
-        for key in keys:
-            sae = bank[key]
-            grid = latent_grid(sae, recording.at(key.block, key.t, key.branch).delta)
-            gathered.spatial_means.setdefault(key, []).append(
-                grid.spatial_means(sae.cfg.num_latents).cpu()
-            )
-            for i, image_objects in enumerate(objects):
-                gathered.builders[key].add_codes(
-                    grid.top_acts[i], grid.top_indices[i], image_objects
-                )
-    return gathered
-
-
-def build_dictionaries(
-    pipe,
-    bank: SAEBank,
-    prompts: Sequence[str],
-    annotator: Annotator,
-    word_vectors: WordVectors,
-    *,
-    keys: Sequence[SAEKey] | None = None,
-    seed: int = 0,
-    gen_batch: int = 4,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    resolution: int | None = None,
-) -> dict[SAEKey, ConceptDictionary]:
-    """One concept dictionary per SAE of `keys` (default: the whole bank)."""
-    gathered = gather(
-        pipe,
-        bank,
-        prompts,
-        annotator,
-        keys=bank.keys() if keys is None else keys,
-        seed=seed,
-        gen_batch=gen_batch,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        resolution=resolution,
-    )
-    return {key: b.build(word_vectors) for key, b in gathered.builders.items()}
-
-
-def save_examples(
-    out: Path, gathered: Gathered, prompts: Sequence[str], seed: int, info: dict
-) -> None:
-    """Write each key's spatial means and out/examples.json (prompts, seeds, settings)."""
-    for key in gathered.builders:
-        folder = out / bank_subfolder(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"spatial_means": gathered.means(key).contiguous()}, folder / SPATIAL_MEANS_FILE)
-    examples = {
-        "prompts": list(prompts),
-        "seeds": [seed + i for i in range(len(prompts))],
-        **info,
-    }
-    (out / EXAMPLES_FILE).write_text(json.dumps(examples, indent=2) + "\n")
-
-
-def load_spatial_means(root: str | Path, key: SAEKey) -> Tensor:
-    """[num_images, n] spatial means saved for `key` (rows follow examples.json's prompts)."""
-    path = Path(root) / bank_subfolder(key) / SPATIAL_MEANS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {SPATIAL_MEANS_FILE} for {_describe(key)} at {path}")
-    return load_file(path)["spatial_means"]
 
 
 def quality_lines(
@@ -248,7 +61,7 @@ def quality_lines(
             except ValueError:
                 values.append(f"{'n/a':>9s}")
         count = int(dictionary.has_embedding.sum())
-        lines.append(f"{_describe(key):50s} {count:8d} {values[0]} {values[1]}")
+        lines.append(f"{key.describe():50s} {count:8d} {values[0]} {values[1]}")
     lines.append(
         "paper (SD v1.4, cond): cohesion 0.588/0.639/0.664, separability 0.433/0.363/0.344"
     )

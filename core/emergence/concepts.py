@@ -178,7 +178,7 @@ class ConceptDictionary:
         if not cids:
             known = ", ".join(self.vocabulary()[:10]) or "none"
             raise ValueError(
-                f"no concept of the SAE {_describe(self.key)} is labelled {word!r}; pick one of "
+                f"no concept of the SAE {self.key.describe()} is labelled {word!r}; pick one of "
                 f"its labels (most frequent: {known}) or build the dictionary from more images"
             )
         return cids
@@ -191,15 +191,15 @@ class ConceptDictionary:
         """Raise if `sae` is not the SAE this dictionary was built for."""
         if sae.cfg.num_latents != self.num_latents:
             raise ValueError(
-                f"the concept dictionary of {_describe(self.key)} has {self.num_latents} CIDs "
+                f"the concept dictionary of {self.key.describe()} has {self.num_latents} CIDs "
                 f"but the SAE has {sae.cfg.num_latents} latents; use the dictionary built "
                 "with this SAE"
             )
         sae_key = SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch)
         if sae.cfg.block and sae_key != self.key:
             raise ValueError(
-                f"the concept dictionary was built for the SAE {_describe(self.key)} but this "
-                f"SAE is {_describe(sae_key)}; load the dictionary saved beside this SAE"
+                f"the concept dictionary was built for the SAE {self.key.describe()} but this "
+                f"SAE is {sae_key.describe()}; load the dictionary saved beside this SAE"
             )
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -393,7 +393,7 @@ class DictionaryBuilder:
         if latent_map.ndim != 3 or latent_map.shape[-1] != self.num_latents:
             raise ValueError(
                 f"expected one image's latents of shape [H, W, {self.num_latents}], got "
-                f"{tuple(latent_map.shape)}; is it from the SAE of {_describe(self.key)}?"
+                f"{tuple(latent_map.shape)}; is it from the SAE of {self.key.describe()}?"
             )
         height, width, _ = latent_map.shape
         flat = latent_map.detach().reshape(height * width, -1)
@@ -419,7 +419,7 @@ class DictionaryBuilder:
         ):
             raise ValueError(
                 f"the code has CIDs outside [0, {self.num_latents}); is it from the SAE of "
-                f"{_describe(self.key)}?"
+                f"{self.key.describe()}?"
             )
         height, width, k = top_acts.shape
         cells = torch.arange(height * width, device=top_acts.device).repeat_interleave(k)
@@ -528,7 +528,7 @@ def separability(dictionary: ConceptDictionary) -> float:
     if count < 2:
         raise ValueError(
             f"separability needs two or more concepts with embeddings; the dictionary of "
-            f"{_describe(dictionary.key)} has {count}; build it from more images"
+            f"{dictionary.key.describe()} has {count}; build it from more images"
         )
     unit = F.normalize(centres, dim=1)
     similarities = unit @ unit.T
@@ -629,11 +629,6 @@ def _check_cids(evidence: Mapping[int, object], num_latents: int) -> None:
 def _cosines(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(centre)
     return np.divide(vectors @ centre, norms, out=np.zeros(len(vectors)), where=norms > 0)
-
-
-def _describe(key: SAEKey) -> str:
-    t = "any t" if key.t is None else f"t={key.t:g}"
-    return f"{key.block or '?'} ({t}, {key.branch})"
 
 
 def _resolve(path_or_repo_id: str | os.PathLike, patterns: list[str], revision: str | None) -> Path:

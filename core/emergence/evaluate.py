@@ -27,12 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import CLIPModel, PreTrainedModel, ProcessorMixin  # noqa: E402
 
-from core.annotate.grounded_sam import (  # noqa: E402
-    CLIP_ID,
+from core.annotate.grounded_sam import (
     CLIPSEG_ID,
     QUADRANTS,
     Annotator,
@@ -41,13 +38,7 @@ from core.annotate.grounded_sam import (  # noqa: E402
     centre_of_mass,
     quadrant_of,
 )
-from core.annotate.loading import (  # noqa: E402
-    Source,
-    load_model,
-    load_processor,
-    model_inputs,
-    resolve_device_dtype,
-)
+from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
     PRESETS,
@@ -64,6 +55,7 @@ from core.emergence.concepts import (  # noqa: E402
     load_dictionaries,
     separability,
 )
+from core.emergence.metrics import ClipScorer, label_masks, load_lpips, pixel_difference  # noqa: E402
 from core.emergence.steer import (  # noqa: E402
     Intervention,
     default_strength,
@@ -117,15 +109,6 @@ def image_size(pipe, resolution: int | None) -> tuple[int, int]:
 
 
 # (a) composition
-
-
-def label_masks(annotations) -> dict[str, np.ndarray]:
-    """Label -> union of its objects' masks."""
-    masks: dict[str, np.ndarray] = {}
-    for a in annotations:
-        label = " ".join(a.label.casefold().split())
-        masks[label] = masks[label] | a.mask if label in masks else a.mask.astype(bool)
-    return masks
 
 
 def target_words(
@@ -415,64 +398,6 @@ def spatial_summary(rows: Rows) -> Rows:
 
 
 # (c) global edits
-
-
-class ClipScorer:
-    """Cosine similarity between images and a text, with CLIP."""
-
-    def __init__(
-        self,
-        model: Source | PreTrainedModel = CLIP_ID,
-        processor: Source | ProcessorMixin | None = None,
-        *,
-        device: str | torch.device | None = None,
-    ):
-        self.device, self.dtype = resolve_device_dtype(device, torch.float32)
-        self.model = load_model(CLIPModel, model, "CLIP scorer", self.device, self.dtype)
-        self.processor = load_processor(processor, model, "CLIP scorer")
-
-    @torch.no_grad()
-    def similarity(self, images: Sequence[Image.Image], text: str) -> list[float]:
-        inputs = self.processor(
-            text=[text],
-            images=[im.convert("RGB") for im in images],
-            padding=True,
-            return_tensors="pt",
-        )
-        out = self.model(**model_inputs(inputs, self.device, self.dtype))
-        image_embeds = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-        text_embeds = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-        return (image_embeds @ text_embeds.T)[:, 0].tolist()
-
-
-def load_lpips(device: str | torch.device = "cpu") -> tuple[Callable | None, str | None]:
-    """(LPIPS distance function, None) or (None, why it is unavailable).
-
-    The `lpips` package fetches its backbone weights through torchvision on first use, so
-    offline (or without the package) it cannot work; the caller then reports NaN.
-    """
-    try:
-        import lpips
-
-        net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
-    except Exception as error:  # ImportError, download errors of any type, missing torchvision
-        return None, f"LPIPS is unavailable ({type(error).__name__}: {error}); its column is NaN"
-
-    @torch.no_grad()
-    def distance(a: Image.Image, b: Image.Image) -> float:
-        tensors = [
-            torch.as_tensor(np.asarray(im.convert("RGB")), dtype=torch.float32) for im in (a, b)
-        ]
-        tensors = [t.permute(2, 0, 1)[None].to(device) / 127.5 - 1 for t in tensors]
-        return float(net(*tensors))
-
-    return distance, None
-
-
-def pixel_difference(a: Image.Image, b: Image.Image) -> float:
-    """Mean absolute difference of two images, with pixel values in [0, 1]."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (a, b)]
-    return float(np.abs(arrays[0] - arrays[1]).mean())
 
 
 def global_edit_rows(

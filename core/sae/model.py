@@ -375,6 +375,11 @@ class SAEKey(NamedTuple):
     """None for SAEs trained on all times (e.g. SDLens)."""
     branch: str
 
+    def describe(self) -> str:
+        """As messages name an SAE: `mid_block.attentions.0 (t=0.5, cond)`."""
+        t = "any t" if self.t is None else f"t={self.t:g}"
+        return f"{self.block or '?'} ({t}, {self.branch})"
+
 
 class SAEBank:
     """SAEs for several (block, denoising time, branch) triples.

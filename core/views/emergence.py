@@ -24,7 +24,7 @@ from core.diffusion.hooks import record
 from core.emergence.attention_maps import AttentionTrace, trace_cross_attention
 from core.emergence.composition import StepPrediction, iou, predict_over_steps
 from core.emergence.concepts import normalize_label
-from core.emergence.evaluate import label_masks
+from core.emergence.metrics import label_masks
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import Loaded
 from core.views.render import heat_map, normalised, overlay

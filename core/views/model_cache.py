@@ -26,8 +26,8 @@ from torch import Tensor
 
 from core.annotate.grounded_sam import Annotator
 from core.diffusion.presets import PRESETS, Preset, get_preset, load_pipeline
-from core.emergence.build_dictionary import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
+from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
 from core.runtime import default_device

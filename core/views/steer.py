@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.annotate.grounded_sam import CLIP_ID
+from core.annotate.tags import CLIP_ID
 from core.emergence.concepts import concept_cids
 from core.emergence.steer import (
     BRANCHES,
@@ -225,13 +225,13 @@ def compare(
 
 
 def _load_lpips(device: torch.device):
-    from core.emergence.evaluate import load_lpips
+    from core.emergence.metrics import load_lpips
 
     return load_lpips(device)
 
 
 def _load_clip(device: torch.device):
-    from core.emergence.evaluate import ClipScorer
+    from core.emergence.metrics import ClipScorer
 
     try:
         return ClipScorer(device=device), None
