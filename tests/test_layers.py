@@ -1,0 +1,85 @@
+"""The parts of `core` import downwards only, as shared/DESIGN.md draws them."""
+
+import ast
+from pathlib import Path
+
+from core.files import REPO_ROOT
+
+LAYERS = (
+    "runtime",
+    "files",
+    "sae",
+    "diffusion",
+    "training",
+    "annotate",
+    "shapes",
+    "emergence",
+    "revelio",
+    "toy",
+    "views",
+)
+"""Bottom to top: a module may import its own part and the parts before it."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path) -> set[str]:
+    """Every project module `path` imports, wherever the import stands."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in ("core", "tests", "scripts", "app"))
+    found.discard("core")  # `from core import files` is counted as `core.files`
+    return found
+
+
+def part(module: str) -> str:
+    return module.split(".")[1] if module.startswith("core.") else module.split(".")[0]
+
+
+def is_command(path: Path) -> bool:
+    return 'if __name__ == "__main__":' in path.read_text()
+
+
+CORE = sorted((REPO_ROOT / "core").rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_layer():
+    assert {part(module_name(p)) for p in CORE} - {"core"} == set(LAYERS)
+
+
+def test_imports_point_down():
+    upward = [
+        f"{module_name(path)} imports {target}"
+        for path in CORE
+        for target in project_imports(path)
+        if not target.startswith("core.")
+        or LAYERS.index(part(target)) > LAYERS.index(part(module_name(path)))
+    ]
+    assert upward == []
+
+
+def test_views_and_app_import_no_command():
+    commands = {module_name(p) for p in CORE if is_command(p)}
+    assert "core.training.train" in commands and "core.emergence.evaluate" in commands
+    views = [*(REPO_ROOT / "core" / "views").glob("*.py"), REPO_ROOT / "app.py"]
+    found = [f"{p.name} imports {t}" for p in views for t in project_imports(p) & commands]
+    assert found == []
+
+
+def test_scripts_do_not_import_tests():
+    found = [
+        f"{p.name} imports {t}"
+        for p in (REPO_ROOT / "scripts").glob("*.py")
+        for t in project_imports(p)
+        if t.startswith("tests")
+    ]
+    assert found == []
