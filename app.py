@@ -3,8 +3,9 @@
     python app.py                       # the offline default preset, on 127.0.0.1:7860
     python app.py --preset sd14 --sd14-saes user/sd14-saes
 
-The user interface only: every computation is in `core` (emergence, steer_compare, revelio_view,
-inspection), and errors a person can act on become `gr.Error` messages.
+The user interface only: every computation is in `core.views` (one module per tab), what a
+preset's page opens with is in its preset (`core.diffusion.presets.AppDefaults`), and errors a
+person can act on become `gr.Error` messages.
 """
 
 import argparse
@@ -14,20 +15,29 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
 import torch
 
-from core.diffusion.presets import PRESETS, default_preset_name
-from core.emergence.steer import DEFAULT_STRENGTH, QUADRANTS
+from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, default_preset_name
+from core.emergence.steer import DEFAULT_STRENGTH, KINDS, QUADRANTS
+from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio
 from core.views.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
 from core.views.inputs import MAX_STEPS
-from core.views.model_cache import SD14_SAES_ENV, ModelCache
+from core.views.model_cache import ModelCache
 from core.views.render import for_display
-from core.views.steer import BRANCH_CHOICES, STAGE_CHOICES, SteerRequest, run_steer, strength_of
+from core.views.steer import (
+    BRANCH_CHOICES,
+    STAGE_CHOICES,
+    SteerRequest,
+    canvas_mask,
+    run_steer,
+    strength_of,
+)
 
 try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached while a decorated call runs
     import spaces
@@ -49,26 +59,31 @@ CACHE = ModelCache()
 """The models every handler uses; `build_demo` sets it. A module-level object (not a handler
 argument), so that ZeroGPU's worker process, forked from this one, has it too."""
 
-ABOUT = {
-    "tiny": "random weights in SD v1.4's block layout, 32 px: images are noise and concepts "
-    "arbitrary; it runs offline in seconds and exercises every view",
-    "toy": "the embedded shapes-world model (coloured shapes on patterned backgrounds), offline",
-    "sd14": "Stable Diffusion v1.4, 512 px, DDIM 50 (paper 1); SAEs from the repo named by "
-    f"--sd14-saes or {SD14_SAES_ENV}; wants a GPU",
-    "sdxl-turbo": "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
-    "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID",
-}
-DEFAULTS = {
-    "tiny": {"word": "star", "steer_block": "up_blocks.1.attentions.0"},
-    "toy": {"word": "circle", "steer_block": "mid_block.attentions.0"},
-    "sd14": {"word": "cat", "steer_block": "mid_block.attentions.0"},
-    "sdxl-turbo": {"word": "", "steer_block": "down_blocks.2.attentions.1"},
-}
+PROMPT = "a red circle and a blue star"
+"""The prompt every tab opens with."""
 EXAMPLE_PROMPTS = [
-    ["a red circle and a blue star"],
+    [PROMPT],
     ["a photo of a red car in the sky"],
     ["a painting of a cat on a table"],
 ]
+INTRO = (
+    "# Concepts inside a diffusion model\n"
+    "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "
+    "blocks turn every position of every denoising step into a few concepts. "
+    "**emergence**: where each word will appear, predicted from the first steps. "
+    "**steer**: move or add a concept during one stage of generation. "
+    "**inspect**: what one concept is. "
+    "**revelio**: what k-SAEs of pooled image features and PCA maps show per layer."
+)
+REVELIO_ABOUT = (
+    "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
+    "cache (`python -m core.revelio.features`), its k-SAEs (`python -m core.revelio.ksae`) "
+    "and, for pictures, the image folder the cache was extracted from. **Load** lists their "
+    "layers and timesteps "
+    "and measures every k-SAE's label purity against chance. The default demo is 120 "
+    "shapes-world images through the `tiny` preset, whose weights are random: it shows the "
+    "views working, not findings (its purity is at chance)."
+)
 
 
 def sentence(error: BaseException) -> str:
@@ -104,40 +119,20 @@ def progress_hooks(progress: gr.Progress) -> dict:
     }
 
 
-def preferred_block(preset: str, tab: str) -> str:
-    blocks = PRESETS[preset].hook_points
-    if tab == "steer":
-        return DEFAULTS.get(preset, {}).get("steer_block", blocks[0])
-    return "up_blocks.1.attentions.0" if "up_blocks.1.attentions.0" in blocks else blocks[-1]
-
-
-def canvas_mask(value: dict | None) -> np.ndarray | None:
-    """The drawn region of an image-editor value: where any layer is painted."""
-    if not value:
-        return None
-    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
-    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
-    if painted:
-        return np.logical_or.reduce(painted)
-    background, composite = value.get("background"), value.get("composite")
-    if background is None or composite is None:
-        return None
-    difference = np.abs(np.asarray(composite, float) - np.asarray(background, float))
-    return difference[..., :3].sum(axis=-1) > 0
-
-
-def shown_path(source: str) -> str:
+def shown_path(source: str | Path) -> str:
     """A folder of this repository relative to it (a Hub id or other path as is)."""
     path = Path(source)
-    root = Path(__file__).resolve().parent
-    return (
-        str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else source
-    )
+    inside = path.is_absolute() and path.is_relative_to(REPO_ROOT)
+    return str(path.relative_to(REPO_ROOT)) if inside else str(source)
 
 
 def blank_canvas(side: int = 256) -> dict:
+    """An image editor's value with nothing drawn on a white background."""
     white = np.full((side, side, 3), 255, dtype=np.uint8)
     return {"background": white, "layers": [], "composite": white}
+
+
+# Event handlers: module-level functions over CACHE (see its docstring).
 
 
 def on_status(preset: str) -> str:
@@ -145,7 +140,7 @@ def on_status(preset: str) -> str:
         raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     loaded = CACHE.loaded_now(preset)
     state = "loaded" if loaded else "loads on first use"
-    lines = [f"**Preset `{preset}`** ({state}): {ABOUT.get(preset, PRESETS[preset].model)}."]
+    lines = [f"**Preset `{preset}`** ({state}): {PRESETS[preset].app.about}."]
     if loaded:
         lines.append(
             f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
@@ -156,22 +151,16 @@ def on_status(preset: str) -> str:
 
 
 def on_select_preset(preset: str) -> tuple:
+    """The status, and the blocks, steps and steering word the preset opens with."""
     text = on_status(preset)
-    blocks = list(PRESETS[preset].hook_points)
-    steps = PRESETS[preset].steps
+    chosen = PRESETS[preset]
+    app = chosen.app
 
-    def dropdown(tab: str) -> gr.Dropdown:
-        return gr.Dropdown(choices=blocks, value=preferred_block(preset, tab))
+    def dropdown(block: str) -> gr.Dropdown:
+        return gr.Dropdown(choices=list(chosen.hook_points), value=block)
 
-    word = DEFAULTS.get(preset, {}).get("word", "")
-    return (
-        text,
-        dropdown("emergence"),
-        dropdown("steer"),
-        dropdown("inspect"),
-        gr.Number(value=steps),
-        gr.Textbox(value=word),
-    )
+    emergence, steer, inspect = dropdown(app.block), dropdown(app.steer_block), dropdown(app.block)
+    return text, emergence, steer, inspect, gr.Number(value=chosen.steps), gr.Textbox(app.word)
 
 
 @gpu
@@ -191,6 +180,18 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
     )
 
 
+def emergence_summary(preset: str, result: EmergenceResult) -> str:
+    lines = [
+        f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
+        f"{len(result.steps)} steps.",
+        *[f"- {note}" for note in result.notes],
+        "- Panels per word: the predicted mask on the final image, the similarity of each "
+        "position's top labelled concept with the word (grey: none fires), and the word's "
+        "cross-attention (DAAM-style baseline).",
+    ]
+    return "\n".join(lines)
+
+
 @user_errors
 def on_emergence_step(result: EmergenceResult | None, index: float) -> list:
     if result is None:
@@ -203,6 +204,14 @@ def on_default_strength(kind: str, stage: str, t_min: float, t_max: float) -> tu
     """The paper's strength for the type and stage; the t range shows for "custom"."""
     request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
     return gr.Number(value=strength_of(request)), gr.Row(visible=stage == "custom")
+
+
+def drawn_region(canvas: dict | None) -> np.ndarray:
+    """The region drawn on the canvas; an error asking for one when nothing is drawn."""
+    mask = canvas_mask(canvas)
+    if mask is None:
+        raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
+    return mask
 
 
 @gpu
@@ -227,31 +236,26 @@ def on_steer(
     canvas,
     progress=PROGRESS,
 ):
-    mask = None
-    if kind == "spatial" and region_by == "drawn":
-        mask = canvas_mask(canvas)
-        if mask is None:
-            raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
+    concept = {"word": word if concept_by == "word" else "", "cid": cid, "cid_t": cid_t}
+    drawn = kind == "spatial" and region_by == "drawn"
+    region = {"quadrant": quadrant, "mask": drawn_region(canvas) if drawn else None}
     request = SteerRequest(
-        prompt,
-        seed,
-        block,
-        kind,
-        stage,
-        (t_min, t_max),
-        strength,
-        branch,
-        word if concept_by == "word" else "",
-        cid,
-        cid_t,
-        quadrant,
-        mask,
+        prompt, seed, block, kind, stage, (t_min, t_max), strength, branch, **concept, **region
     )
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_steer(loaded, request, hooks["on_step"])
     pair = (for_display(result.before), for_display(result.after))
     return pair, result.difference, result.metrics
+
+
+def on_request_inspect(runs: int) -> int:
+    """One more inspection: the change of the counter runs the inspect chain."""
+    return runs + 1
+
+
+def on_pick_concept(cid: int, runs: int) -> tuple[int, int]:
+    return cid, runs + 1
 
 
 @gpu
@@ -306,29 +310,6 @@ def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROG
     return for_display(icon)
 
 
-def emergence_summary(preset: str, result: EmergenceResult) -> str:
-    lines = [
-        f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
-        f"{len(result.steps)} steps.",
-        *[f"- {note}" for note in result.notes],
-        "- Panels per word: the predicted mask on the final image, the similarity of each "
-        "position's top labelled concept with the word (grey: none fires), and the word's "
-        "cross-attention (DAAM-style baseline).",
-    ]
-    return "\n".join(lines)
-
-
-REVELIO_ABOUT = (
-    "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
-    "cache (`python -m core.revelio.features`), its k-SAEs (`python -m core.revelio.ksae`) "
-    "and, for pictures, the image folder the cache was extracted from. **Load** lists their "
-    "layers and timesteps "
-    "and measures every k-SAE's label purity against chance. The default demo is 120 "
-    "shapes-world images through the `tiny` preset, whose weights are random: it shows the "
-    "views working, not findings (its purity is at chance)."
-)
-
-
 def revelio_choices(found: revelio.Contents | None) -> list[tuple[list, object]]:
     """(choices, value) of the layer and timestep dropdowns: first of the pairs with a k-SAE,
     then of those with feature maps; up_ft1 when there, as the paper finds it best."""
@@ -374,46 +355,273 @@ def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
     return revelio.pca_view(cache, images, layer, timestep, indices)
 
 
+# The page: one builder per tab, each laying out its components and wiring its own events.
+
+
+def emergence_tab(
+    preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
+) -> tuple[gr.Dropdown, gr.Number]:
+    """Generate once; where each word will be at every step. Returns (block, steps)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(PROMPT, label="prompt")
+            with gr.Row():
+                seed = gr.Number(0, label="seed")
+                steps = gr.Number(preset.steps, label=f"steps (1 to {MAX_STEPS})")
+            block = gr.Dropdown(list(preset.hook_points), value=preset.app.block, label="block")
+            branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+            words = gr.Textbox(
+                "", label="target words (comma-separated; empty: the prompt's nouns)"
+            )
+            run = gr.Button("generate and predict", variant="primary", elem_id="emergence-run")
+            gr.Examples(EXAMPLE_PROMPTS, [prompt])
+        with gr.Column(scale=2):
+            with gr.Row():
+                image = gr.Image(
+                    label="final image", height=256, format="png", elem_id="emergence-image"
+                )
+                plot = gr.Plot(label="IoU vs t", show_label=False, elem_id="emergence-plot")
+            step = gr.Slider(
+                0, 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
+            )
+            gallery = gr.Gallery(
+                label="at this step",
+                columns=3,
+                height="auto",
+                format="png",
+                elem_id="emergence-gallery",
+            )
+            summary = gr.Markdown()
+    result = gr.State(None)
+    inputs = [preset_box, prompt, seed, steps, block, branch, words]
+    outputs = [image, plot, step, gallery, summary, result]
+    run.click(on_emergence, inputs, outputs, api_name="emergence", **MODEL).then(
+        on_status, preset_box, status, api_name="status_after_emergence", **LIGHT
+    )
+    step.release(on_emergence_step, [result, step], gallery, api_name="emergence_step", **LIGHT)
+    return block, steps
+
+
+def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Textbox]:
+    """Generate without and with a concept edited in, from one seed. Returns (block, word)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(PROMPT, label="prompt")
+            seed = gr.Number(0, label="seed")
+            block = gr.Dropdown(
+                list(preset.hook_points), value=preset.app.steer_block, label="block"
+            )
+            branch = gr.Radio(list(BRANCH_CHOICES), value="cond", label="branch")
+            by = gr.Radio(["word", "CID"], value="word", label="concept by")
+            with gr.Row():
+                word = gr.Textbox(preset.app.word, label="word")
+                cid = gr.Number(0, label="CID", precision=0)
+            cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
+            edit = steer_edit()
+            region = steer_region()
+            run = gr.Button("generate before and after", variant="primary", elem_id="steer-run")
+        with gr.Column(scale=1):
+            pair = gr.ImageSlider(
+                label="before | after (same seed)", format="png", elem_id="steer-pair"
+            )
+            difference = gr.Image(label="difference", height=256, format="png")
+            metrics = gr.JSON(label="what changed", elem_id="steer-metrics")
+    inputs = [preset_box, prompt, seed, block, branch, by, word, cid, cid_t, *edit, *region]
+    run.click(on_steer, inputs, [pair, difference, metrics], api_name="steer", **MODEL)
+    return block, word
+
+
+def steer_edit() -> list:
+    """The edit's type, stage (or t range) and strength, which follows the paper's default."""
+    kind = gr.Radio(list(KINDS), value="spatial", label="type")
+    stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
+    with gr.Row(visible=False) as t_range:
+        t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
+        t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
+    strength = gr.Number(DEFAULT_STRENGTH["spatial"]["early"], label="strength (paper default)")
+    gr.on(
+        [kind.change, stage.change, t_min.release, t_max.release],
+        on_default_strength,
+        [kind, stage, t_min, t_max],
+        [strength, t_range],
+        api_name="default_strength",
+        **LIGHT,
+    )
+    return [kind, stage, t_min, t_max, strength]
+
+
+def steer_region() -> list:
+    """Where a spatial edit acts: a quadrant, or a region drawn on the canvas."""
+    region_by = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
+    quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
+    canvas = gr.ImageEditor(
+        blank_canvas(),
+        type="numpy",
+        label="draw the region (with 'drawn')",
+        sources=(),
+        transforms=(),
+        layers=False,
+        height=300,
+        elem_id="steer-canvas",
+        brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
+    )
+    return [region_by, quadrant, canvas]
+
+
+class ConceptViews(NamedTuple):
+    """The inspect tab's outputs, top to bottom."""
+
+    note: gr.Markdown
+    entry: gr.Dataframe
+    stats: gr.JSON
+    nearest: gr.Dataframe
+    examples: gr.Gallery
+    examples_note: gr.Markdown
+    overlay: gr.Image
+    heat: gr.Image
+    icon: gr.Image
+    caption: gr.Markdown
+
+
+def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
+    """One concept of one SAE, found by CID or by word. Returns the block dropdown."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            block = gr.Dropdown(list(preset.hook_points), value=preset.app.block, label="block")
+            t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
+            branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+            cid = gr.Number(0, label="CID", precision=0)
+            with gr.Row():
+                word = gr.Textbox("", label="search by word")
+                search = gr.Button("search", elem_id="inspect-search")
+            found = gr.Dropdown([], label="concepts found", interactive=True)
+            prompt = gr.Textbox(PROMPT, label="new generation")
+            with gr.Row():
+                seed = gr.Number(0, label="seed")
+                icon_strength = gr.Number(10.0, label="icon strength")
+            run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
+        with gr.Column(scale=2):
+            views = concept_views()
+    runs = gr.State(0)  # inspections asked for: each change runs `show_concept`'s chain
+    run.click(on_request_inspect, runs, runs, api_name="request_inspect", **LIGHT)
+    search.click(
+        on_search_concepts,
+        [preset_box, block, t, branch, word, runs],
+        [found, cid, views.note, runs],
+        api_name="search_concepts",
+        **MODEL,
+    )
+    found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **LIGHT)
+    show_concept(runs, [preset_box, block, t, branch, cid], prompt, seed, icon_strength, views)
+    return block
+
+
+def concept_views() -> ConceptViews:
+    note = gr.Markdown()
+    with gr.Row():
+        entry = gr.Dataframe(headers=["label", "count", "mean IoU"], label="dictionary entry")
+        stats = gr.JSON(label="firing statistics")
+    nearest = gr.Dataframe(headers=["by", "CID", "cosine", "labels"], label="nearest concepts")
+    examples = gr.Gallery(
+        label="top-activating examples", columns=6, height=220, elem_id="inspect-examples"
+    )
+    examples_note = gr.Markdown()
+    with gr.Row():
+        overlay = gr.Image(label="activation on the new generation", height=256)
+        heat = gr.Image(label="activation map", height=256)
+        icon = gr.Image(label="feature icon", height=256, elem_id="inspect-icon")
+    caption = gr.Markdown()
+    return ConceptViews(
+        note, entry, stats, nearest, examples, examples_note, overlay, heat, icon, caption
+    )
+
+
+def show_concept(
+    runs: gr.State,
+    key: list,
+    prompt: gr.Textbox,
+    seed: gr.Number,
+    icon_strength: gr.Number,
+    views: ConceptViews,
+) -> None:
+    """On each new inspection: the card, then top examples, activation map and feature icon,
+    each only if the one before succeeded."""
+    outputs = [views.entry, views.stats, views.nearest, views.note]
+    shown = runs.change(on_inspect_concept, key, outputs, api_name="inspect_concept", **MODEL)
+    outputs = [views.examples, views.examples_note]
+    shown = shown.success(on_top_examples, key, outputs, api_name="top_examples", **MODEL)
+    inputs, outputs = [*key, prompt, seed], [views.overlay, views.heat, views.caption]
+    shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **MODEL)
+    inputs = [*key, icon_strength, seed]
+    shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **MODEL)
+
+
 def revelio_tab() -> None:
-    """The revelio tab: its components and events (model-free, so outside the model slot)."""
+    """A feature cache's k-SAEs and PCA maps (model-free, so outside the model slot)."""
     gr.Markdown(REVELIO_ABOUT)
     with gr.Row():
-        cache = gr.Textbox(shown_path(str(revelio.DEMO_CACHE)), label="feature cache")
-        saes = gr.Textbox(shown_path(str(revelio.DEMO_SAES)), label="k-SAE folder")
-        images = gr.Textbox(shown_path(str(revelio.DEMO_IMAGES)), label="image folder (optional)")
+        cache = gr.Textbox(shown_path(revelio.DEMO_CACHE), label="feature cache")
+        saes = gr.Textbox(shown_path(revelio.DEMO_SAES), label="k-SAE folder")
+        images = gr.Textbox(shown_path(revelio.DEMO_IMAGES), label="image folder (optional)")
     load = gr.Button("load", variant="primary", elem_id="revelio-load")
     note = gr.Markdown(elem_id="revelio-note")
     table = gr.Dataframe(
         headers=revelio.PURITY_HEADERS,
-        label="label purity of the most activating "
-        "latents (top 10 images each), and the same measures on random images",
+        label="label purity of the most activating latents (top 10 images each), and the same "
+        "measures on random images",
         elem_id="revelio-table",
     )
     choices = revelio_choices(revelio_demo_contents())
+    ksae = ksae_latent_panel(cache, saes, images, choices[:2])
+    maps = pca_panel(cache, images, choices[2:])
+    outputs = [note, table, *ksae, *maps]
+    load.click(on_revelio_load, [cache, saes], outputs, api_name="revelio_load", **LIGHT)
 
-    def dropdown(index: int, label: str) -> gr.Dropdown:
-        options, value = choices[index]
-        return gr.Dropdown(options, value=value, label=label, allow_custom_value=True)
 
+def pair_dropdowns(choices: list[tuple[list, object]], layer_label: str) -> list[gr.Dropdown]:
+    """The layer and timestep dropdowns of a panel; `load` replaces their choices."""
+    labels = (layer_label, "timestep")
+    return [
+        gr.Dropdown(options, value=value, label=label, allow_custom_value=True)
+        for (options, value), label in zip(choices, labels, strict=True)
+    ]
+
+
+def ksae_latent_panel(
+    cache: gr.Textbox, saes: gr.Textbox, images: gr.Textbox, choices: list
+) -> list[gr.Dropdown]:
+    """One k-SAE latent's top images; returns its layer and timestep dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### k-SAE latent")
-            k_layer, k_time = dropdown(0, "layer"), dropdown(1, "timestep")
+            layer, timestep = pair_dropdowns(choices, "layer")
             by = gr.Radio(["purest", "id"], value="purest", label="latent by")
             number = gr.Number(0, precision=0, label="rank among the purest (0 = purest), or id")
             inspect = gr.Button("inspect", variant="primary", elem_id="revelio-inspect")
         with gr.Column(scale=2):
-            latent_note = gr.Markdown(elem_id="revelio-latent-note")
+            note = gr.Markdown(elem_id="revelio-latent-note")
             grid = gr.Image(label="top-activating images", format="png", elem_id="revelio-grid")
             top = gr.Dataframe(headers=revelio.TOP_IMAGE_HEADERS, label="its top images")
+    inspect.click(
+        on_revelio_inspect,
+        [cache, saes, images, layer, timestep, by, number],
+        [note, grid, top],
+        api_name="revelio_inspect",
+        **LIGHT,
+    )
+    return [layer, timestep]
+
+
+def pca_panel(cache: gr.Textbox, images: gr.Textbox, choices: list) -> list[gr.Dropdown]:
+    """Images beside the PCA maps of their features; returns its layer and timestep dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### PCA maps of features")
-            p_layer, p_time = dropdown(2, "layer (with maps)"), dropdown(3, "timestep")
+            layer, timestep = pair_dropdowns(choices, "layer (with maps)")
             indices = gr.Textbox(
                 "", label='images (indices like "0-7, 12"; empty: the first of each class)'
             )
-            pca = gr.Button("show PCA maps", variant="primary", elem_id="revelio-pca-run")
+            run = gr.Button("show PCA maps", variant="primary", elem_id="revelio-pca-run")
         with gr.Column(scale=2):
             maps = gr.Gallery(
                 label="image | its PCA map (one PCA over all shown: colours compare)",
@@ -422,176 +630,29 @@ def revelio_tab() -> None:
                 format="png",
                 elem_id="revelio-pca",
             )
-    load.click(
-        on_revelio_load,
-        [cache, saes],
-        [note, table, k_layer, k_time, p_layer, p_time],
-        api_name="revelio_load",
-        **LIGHT,
-    )
-    inspect.click(
-        on_revelio_inspect,
-        [cache, saes, images, k_layer, k_time, by, number],
-        [latent_note, grid, top],
-        api_name="revelio_inspect",
-        **LIGHT,
-    )
-    pca.click(
-        on_revelio_pca,
-        [cache, images, p_layer, p_time, indices],
-        maps,
-        api_name="revelio_pca",
-        **LIGHT,
-    )
+    inputs = [cache, images, layer, timestep, indices]
+    run.click(on_revelio_pca, inputs, maps, api_name="revelio_pca", **LIGHT)
+    return [layer, timestep]
 
 
 def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
+    """The page: the preset and its status, then one tab per view."""
     global CACHE
     CACHE = cache
-    blocks = list(PRESETS[preset].hook_points)
+    opening = PRESETS[preset]
     with gr.Blocks(title="Concept emergence and steering") as demo:
-        gr.Markdown(
-            "# Concepts inside a diffusion model\n"
-            "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "
-            "blocks turn every position of every denoising step into a few concepts. "
-            "**emergence**: where each word will appear, predicted from the first steps. "
-            "**steer**: move or add a concept during one stage of generation. "
-            "**inspect**: what one concept is. "
-            "**revelio**: what k-SAEs of pooled image features and PCA maps show per layer."
-        )
+        gr.Markdown(INTRO)
         with gr.Row():
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
             status = gr.Markdown(elem_id="status")
         with gr.Tab("emergence"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    e_prompt = gr.Textbox("a red circle and a blue star", label="prompt")
-                    with gr.Row():
-                        e_seed = gr.Number(0, label="seed")
-                        e_steps = gr.Number(
-                            PRESETS[preset].steps, label=f"steps (1 to {MAX_STEPS})"
-                        )
-                    e_block = gr.Dropdown(
-                        blocks, value=preferred_block(preset, "emergence"), label="block"
-                    )
-                    e_branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
-                    e_words = gr.Textbox(
-                        "", label="target words (comma-separated; empty: the prompt's nouns)"
-                    )
-                    e_run = gr.Button(
-                        "generate and predict", variant="primary", elem_id="emergence-run"
-                    )
-                    gr.Examples(EXAMPLE_PROMPTS, [e_prompt])
-                with gr.Column(scale=2):
-                    with gr.Row():
-                        e_image = gr.Image(
-                            label="final image", height=256, format="png", elem_id="emergence-image"
-                        )
-                        e_plot = gr.Plot(
-                            label="IoU vs t", show_label=False, elem_id="emergence-plot"
-                        )
-                    e_step = gr.Slider(
-                        0,
-                        1,
-                        0,
-                        step=1,
-                        label="step (0 = first, noisiest)",
-                        elem_id="emergence-step",
-                    )
-                    e_gallery = gr.Gallery(
-                        label="at this step",
-                        columns=3,
-                        height="auto",
-                        format="png",
-                        elem_id="emergence-gallery",
-                    )
-                    e_summary = gr.Markdown()
-            e_state = gr.State(None)
-        with gr.Tab("steer"), gr.Row():
-            with gr.Column(scale=1):
-                s_prompt = gr.Textbox("a red circle and a blue star", label="prompt")
-                s_seed = gr.Number(0, label="seed")
-                s_block = gr.Dropdown(blocks, value=preferred_block(preset, "steer"), label="block")
-                s_branch = gr.Radio(list(BRANCH_CHOICES), value="cond", label="branch")
-                s_by = gr.Radio(["word", "CID"], value="word", label="concept by")
-                with gr.Row():
-                    s_word = gr.Textbox(DEFAULTS.get(preset, {}).get("word", ""), label="word")
-                    s_cid = gr.Number(0, label="CID", precision=0)
-                s_cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
-                s_kind = gr.Radio(["spatial", "global", "ablate"], value="spatial", label="type")
-                s_stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
-                with gr.Row(visible=False) as s_range:
-                    s_t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
-                    s_t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
-                s_strength = gr.Number(
-                    DEFAULT_STRENGTH["spatial"]["early"], label="strength (paper default)"
-                )
-                s_region = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
-                s_quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
-                s_canvas = gr.ImageEditor(
-                    blank_canvas(),
-                    type="numpy",
-                    label="draw the region (with 'drawn')",
-                    sources=(),
-                    transforms=(),
-                    layers=False,
-                    height=300,
-                    elem_id="steer-canvas",
-                    brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
-                )
-                s_run = gr.Button(
-                    "generate before and after", variant="primary", elem_id="steer-run"
-                )
-            with gr.Column(scale=1):
-                s_pair = gr.ImageSlider(
-                    label="before | after (same seed)", format="png", elem_id="steer-pair"
-                )
-                s_diff = gr.Image(label="difference", height=256, format="png")
-                s_metrics = gr.JSON(label="what changed", elem_id="steer-metrics")
+            e_block, e_steps = emergence_tab(preset_box, status, opening)
+        with gr.Tab("steer"):
+            s_block, s_word = steer_tab(preset_box, opening)
         with gr.Tab("inspect"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    i_block = gr.Dropdown(
-                        blocks, value=preferred_block(preset, "inspect"), label="block"
-                    )
-                    i_t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
-                    i_branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
-                    i_cid = gr.Number(0, label="CID", precision=0)
-                    with gr.Row():
-                        i_word = gr.Textbox("", label="search by word")
-                        i_search = gr.Button("search", elem_id="inspect-search")
-                    i_found = gr.Dropdown([], label="concepts found", interactive=True)
-                    i_prompt = gr.Textbox("a red circle and a blue star", label="new generation")
-                    with gr.Row():
-                        i_seed = gr.Number(0, label="seed")
-                        i_icon_strength = gr.Number(10.0, label="icon strength")
-                    i_run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
-                with gr.Column(scale=2):
-                    i_note = gr.Markdown()
-                    with gr.Row():
-                        i_entry = gr.Dataframe(
-                            headers=["label", "count", "mean IoU"], label="dictionary entry"
-                        )
-                        i_stats = gr.JSON(label="firing statistics")
-                    i_nearest = gr.Dataframe(
-                        headers=["by", "CID", "cosine", "labels"], label="nearest concepts"
-                    )
-                    i_examples = gr.Gallery(
-                        label="top-activating examples",
-                        columns=6,
-                        height=220,
-                        elem_id="inspect-examples",
-                    )
-                    i_examples_note = gr.Markdown()
-                    with gr.Row():
-                        i_overlay = gr.Image(label="activation on the new generation", height=256)
-                        i_heat = gr.Image(label="activation map", height=256)
-                        i_icon = gr.Image(label="feature icon", height=256, elem_id="inspect-icon")
-                    i_caption = gr.Markdown()
-            i_runs = gr.State(0)
+            i_block = inspect_tab(preset_box, opening)
         with gr.Tab("revelio"):
             revelio_tab()
-
         demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
         preset_box.change(
             on_select_preset,
@@ -599,95 +660,6 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
             [status, e_block, s_block, i_block, e_steps, s_word],
             api_name="select_preset",
             **LIGHT,
-        )
-        e_run.click(
-            on_emergence,
-            [preset_box, e_prompt, e_seed, e_steps, e_block, e_branch, e_words],
-            [e_image, e_plot, e_step, e_gallery, e_summary, e_state],
-            api_name="emergence",
-            **MODEL,
-        ).then(on_status, preset_box, status, api_name="status_after_emergence", **LIGHT)
-        e_step.release(
-            on_emergence_step, [e_state, e_step], e_gallery, api_name="emergence_step", **LIGHT
-        )
-        gr.on(
-            [s_kind.change, s_stage.change, s_t_min.release, s_t_max.release],
-            on_default_strength,
-            [s_kind, s_stage, s_t_min, s_t_max],
-            [s_strength, s_range],
-            api_name="default_strength",
-            **LIGHT,
-        )
-        s_run.click(
-            on_steer,
-            [
-                preset_box,
-                s_prompt,
-                s_seed,
-                s_block,
-                s_branch,
-                s_by,
-                s_word,
-                s_cid,
-                s_cid_t,
-                s_kind,
-                s_stage,
-                s_t_min,
-                s_t_max,
-                s_strength,
-                s_region,
-                s_quadrant,
-                s_canvas,
-            ],
-            [s_pair, s_diff, s_metrics],
-            api_name="steer",
-            **MODEL,
-        )
-        key = [preset_box, i_block, i_t, i_branch, i_cid]
-        i_run.click(lambda runs: runs + 1, i_runs, i_runs, api_name="request_inspect", **LIGHT)
-        i_search.click(
-            on_search_concepts,
-            [preset_box, i_block, i_t, i_branch, i_word, i_runs],
-            [i_found, i_cid, i_note, i_runs],
-            api_name="search_concepts",
-            **MODEL,
-        )
-        i_found.input(
-            lambda cid, runs: (cid, runs + 1),
-            [i_found, i_runs],
-            [i_cid, i_runs],
-            api_name="pick_concept",
-            **LIGHT,
-        )
-        (
-            i_runs.change(
-                on_inspect_concept,
-                key,
-                [i_entry, i_stats, i_nearest, i_note],
-                api_name="inspect_concept",
-                **MODEL,
-            )
-            .success(
-                on_top_examples,
-                key,
-                [i_examples, i_examples_note],
-                api_name="top_examples",
-                **MODEL,
-            )
-            .success(
-                on_activation_map,
-                [*key, i_prompt, i_seed],
-                [i_overlay, i_heat, i_caption],
-                api_name="activation_map",
-                **MODEL,
-            )
-            .success(
-                on_feature_icon,
-                [*key, i_icon_strength, i_seed],
-                i_icon,
-                api_name="feature_icon",
-                **MODEL,
-            )
         )
     return demo
 

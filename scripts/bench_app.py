@@ -2,7 +2,7 @@
 
     python -m scripts.bench_app                  # the default (offline) preset
     python -m scripts.bench_app --repeats 5
-    SD14_SAES=user/repo python -m scripts.bench_app --preset sd14 --word cat --prompt "a cat"
+    SD14_SAES=user/repo python -m scripts.bench_app --preset sd14 --prompt "a cat"
 
 Starts `python app.py` on a free port of 127.0.0.1 and measures, from process start, when
 the page is served and when the preset is loaded (the status line says "(loaded)"), then
@@ -10,15 +10,41 @@ calls each endpoint through gradio_client: the first call (warm-up) and the medi
 next `--repeats`. Prints a Markdown table.
 """
 
-import argparse
 import statistics
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gradio_client import Client
 
-from tests.app_server import app_url
+from core.diffusion.presets import get_preset
+from core.runtime import command
+from scripts.app_server import app_url
+
+
+@dataclass
+class BenchAppConfig:
+    """Settings of `python -m scripts.bench_app`."""
+
+    repeats: int = 3
+    """Timed calls of each request after its first (warm-up) call."""
+    preset: str = "tiny"
+    """Preset the app opens with and every request uses."""
+    prompt: str = "a red circle and a blue star"
+    """Prompt of the generating requests."""
+    word: str | None = None
+    """A concept label at `block`, to search and steer with; None: the preset's steering word."""
+    block: str | None = None
+    """Block of every request; None: the block the preset's steer tab opens on."""
+    steps: int = 10
+    """Denoising steps of the emergence request."""
+
+    def __post_init__(self) -> None:
+        defaults = get_preset(self.preset).app
+        self.block = self.block or defaults.steer_block
+        self.word = self.word or defaults.word
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 300) -> None:
@@ -41,8 +67,9 @@ def cold_start(preset: str) -> tuple[str, float, float]:
     return url, page, time.monotonic() - start
 
 
-def requests(args: argparse.Namespace, cid: int) -> dict[str, tuple]:
-    preset, prompt, block, word = args.preset, args.prompt, args.block, args.word
+def requests(config: BenchAppConfig, cid: int) -> dict[str, tuple]:
+    """(arguments, endpoint) per request, by what the table calls it."""
+    preset, prompt, block, word = config.preset, config.prompt, config.block, config.word
     steer = (
         preset,
         prompt,
@@ -63,7 +90,7 @@ def requests(args: argparse.Namespace, cid: int) -> dict[str, tuple]:
         None,
     )
     key = (preset, block, 0.5, "cond", cid)
-    steps = args.steps
+    steps = config.steps
     return {
         f"emergence ({steps} steps)": ((preset, prompt, 0, steps, block, "cond", ""), "/emergence"),
         "emergence: move the step slider": ((3,), "/emergence_step"),
@@ -82,27 +109,22 @@ def timed(client: Client, args: tuple, api_name: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_app")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--prompt", default="a red circle and a blue star")
-    parser.add_argument("--word", default="star", help="a concept label of the preset")
-    parser.add_argument("--block", default="up_blocks.1.attentions.0")
-    parser.add_argument("--steps", type=int, default=10, help="emergence steps")
-    args = parser.parse_args()
-    url, page, loaded = cold_start(args.preset)
+def bench_app(config: BenchAppConfig) -> None:
+    """Print the cold start, then a Markdown table of each request's times, row by row."""
+    url, page, loaded = cold_start(config.preset)
     print(f"cold start: page served after {page:.1f} s, preset loaded after {loaded:.1f} s\n")
     client = Client(url, verbose=False)
-    search = (args.preset, args.block, 0.5, "cond", args.word)
+    search = (config.preset, config.block, 0.5, "cond", config.word)
     _, cid, _ = client.predict(*search, api_name="/search_concepts")
-    print(f"| request | first call (s) | median of next {args.repeats} (s) |")
+    print(f"| request | first call (s) | median of next {config.repeats} (s) |")
     print("| --- | --- | --- |")
-    for name, (call_args, api_name) in requests(args, cid).items():
+    for name, (call_args, api_name) in requests(config, cid).items():
         first = timed(client, call_args, api_name)
-        rest = [timed(client, call_args, api_name) for _ in range(args.repeats)]
+        rest = [timed(client, call_args, api_name) for _ in range(config.repeats)]
         print(f"| {name} | {first:.2f} | {statistics.median(rest):.2f} |")
 
 
+main = command(BenchAppConfig, bench_app, "python -m scripts.bench_app", __doc__)
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from tests.app_server import app_url
+from scripts.app_server import app_url
 
 PRESET = "tiny"
 UP = "up_blocks.1.attentions.0"

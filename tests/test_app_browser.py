@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
-import app
-from core.diffusion.presets import default_preset_name
-from tests.app_server import ROOT, app_url
+from core.diffusion.presets import PRESETS, default_preset_name
+from core.files import REPO_ROOT
+from scripts.app_server import app_url
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SHOTS = ROOT / "runs" / "screenshots"
+SHOTS = REPO_ROOT / "runs" / "screenshots"
 WAIT_MS = 120_000
 ALL_LOADED = "(selector) => [...document.querySelectorAll(selector)].every(i => i.naturalWidth)"
 """True once every image the selector finds has loaded (the page loads images lazily)."""
@@ -99,7 +99,7 @@ def test_steer_tab_with_a_drawn_region(page):
 
 def test_inspect_tab_from_a_word(page):
     page.get_by_role("tab", name="inspect").click()
-    page.get_by_label("search by word").fill(app.DEFAULTS[default_preset_name()]["word"])
+    page.get_by_label("search by word").fill(PRESETS[default_preset_name()].app.word)
     page.click("#inspect-search")
     page.locator("#inspect-icon img").wait_for()
     assert page.locator("#inspect-examples img").count() >= 1

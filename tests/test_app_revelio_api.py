@@ -9,7 +9,7 @@ from PIL import Image
 import app
 from core.views.model_cache import ModelCache
 from core.views.revelio import PURITY_HEADERS, TOP_IMAGE_HEADERS
-from tests.app_server import app_url
+from scripts.app_server import app_url
 
 CACHE, SAES, IMAGES = (f"assets/revelio-demo/{name}" for name in ("cache", "ksaes", "images"))
 SHAPES = {"circle", "cross", "diamond", "square", "star", "triangle"}

@@ -112,10 +112,10 @@ def test_the_default_steering_word_labels_a_concept_of_the_default_block(preset)
     source = PRESETS[preset].sae_source
     if not Path(source).is_dir():
         pytest.skip(f"no SAEs shipped for {preset} at {source}")
-    block = app.preferred_block(preset, "steer")
-    dictionaries = load_dictionaries(source, [block])
+    defaults = PRESETS[preset].app
+    dictionaries = load_dictionaries(source, [defaults.steer_block])
     labels = {label for d in dictionaries.values() for label in d.vocabulary()}
-    assert app.DEFAULTS[preset]["word"] in labels, (
-        f"{preset}: {app.DEFAULTS[preset]['word']!r} labels no concept of {block}; set "
-        f"app.DEFAULTS to one of {sorted(labels)}"
+    assert defaults.word in labels, (
+        f"{preset}: {defaults.word!r} labels no concept of {defaults.steer_block}; set its "
+        f"AppDefaults.word in core/diffusion/presets.py to one of {sorted(labels)}"
     )

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.diffusion.presets import SD14_BLOCKS, STAGES, get_preset, load_pipeline
+from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset, load_pipeline
 from core.diffusion.tiny import build_tiny_pipeline
 from core.runtime import ModelNotAvailableError
 from tests.conftest import seeded
@@ -12,8 +12,14 @@ def test_sd14_preset_follows_the_paper():
     assert preset.model == "CompVis/stable-diffusion-v1-4"
     assert (preset.steps, preset.guidance_scale, preset.scheduler) == (50, 7.5, "ddim")
     assert preset.hook_points == SD14_BLOCKS
-    assert preset.stages == {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
-    assert preset.stages == STAGES
+    assert STAGES == {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_the_page_opens_each_preset_on_its_own_blocks(name):
+    preset = PRESETS[name]
+    assert {preset.app.block, preset.app.steer_block} <= set(preset.hook_points)
+    assert preset.app.about and not preset.app.about.endswith(".")  # the status line adds it
 
 
 def test_unknown_preset_names_the_known_ones():

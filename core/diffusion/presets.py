@@ -2,10 +2,11 @@
 
 A preset is plain data. `load_pipeline` turns one into a diffusers pipeline, exactly as
 a user with internet access would (`DiffusionPipeline.from_pretrained`), except for
-`tiny`, which is built from configs with random weights.
+`tiny`, which is built from configs with random weights. Each preset also carries what the
+app's page shows first for it (`AppDefaults`).
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,22 @@ TOY_ASSETS = ASSETS / "toy"
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
 """Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
+SD14_SAES_ENV = "SD14_SAES"
+"""Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
+
+
+@dataclass(frozen=True)
+class AppDefaults:
+    """What the app's page shows for a preset before a person changes anything."""
+
+    about: str
+    """What the preset is, for the status line."""
+    block: str
+    """The block the emergence and inspect tabs open on."""
+    steer_block: str
+    """The block the steer tab opens on."""
+    word: str = ""
+    """The steering word, a concept label of `steer_block`; empty: concepts by CID only."""
 
 
 @dataclass(frozen=True)
@@ -34,18 +51,16 @@ class Preset:
     """Default classifier-free guidance scale (<= 1 disables guidance)."""
     hook_points: tuple[str, ...]
     """Names of the Transformer2DModel blocks whose residual updates are studied."""
+    app: AppDefaults
+    """What the app's page opens with for this preset."""
     scheduler: str | None = "ddim"
     """`"ddim"` swaps in a DDIM scheduler built from the pipeline's own config; None keeps it."""
     sae_source: str | None = None
     """Hub repo id or local folder of the SAE bank; None until a user names or trains one."""
-    sae_format: str = "sparsify"
-    """`"sparsify"` (cfg.json + sae.safetensors) or `"sdlens"` (config.json + state_dict.pth)."""
     sae_variant: str | None = None
     """Which run to load where the SAE repo holds several per block (`SAEBank.from_pretrained`)."""
     word_vectors: str = "glove-6b-50d"
     """Word-vector source: a gensim-data name, a local file, or the offline GloVe default."""
-    stages: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(STAGES))
-    """Stage windows in t."""
     resolution: int | None = None
     """Image side in pixels; None uses the pipeline's default."""
     assets: str | None = None
@@ -60,6 +75,13 @@ PRESETS: dict[str, Preset] = {
         steps=50,
         guidance_scale=7.5,
         hook_points=SD14_BLOCKS,
+        app=AppDefaults(
+            "Stable Diffusion v1.4, 512 px, DDIM 50 (paper 1); SAEs from the repo named by "
+            f"--sd14-saes or {SD14_SAES_ENV}; wants a GPU",
+            block="up_blocks.1.attentions.0",
+            steer_block="mid_block.attentions.0",
+            word="cat",
+        ),
         word_vectors="word2vec-google-news-300",
         resolution=512,
     ),
@@ -74,9 +96,14 @@ PRESETS: dict[str, Preset] = {
             "up_blocks.0.attentions.0",
             "up_blocks.0.attentions.1",
         ),
+        app=AppDefaults(
+            "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
+            "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID",
+            block="up_blocks.0.attentions.1",
+            steer_block="down_blocks.2.attentions.1",
+        ),
         scheduler=None,
         sae_source="surokpro2/sdxl-saes",
-        sae_format="sdlens",
         sae_variant="k10_hidden5120",
         word_vectors="word2vec-google-news-300",
         resolution=512,
@@ -87,6 +114,12 @@ PRESETS: dict[str, Preset] = {
         steps=50,
         guidance_scale=4.0,
         hook_points=SD14_BLOCKS,
+        app=AppDefaults(
+            "the embedded shapes-world model (coloured shapes on patterned backgrounds), offline",
+            block="up_blocks.1.attentions.0",
+            steer_block="mid_block.attentions.0",
+            word="circle",
+        ),
         sae_source=str(TOY_ASSETS / "saes"),
         assets=str(TOY_ASSETS),
     ),
@@ -96,6 +129,13 @@ PRESETS: dict[str, Preset] = {
         steps=10,
         guidance_scale=7.5,
         hook_points=SD14_BLOCKS,
+        app=AppDefaults(
+            "random weights in SD v1.4's block layout, 32 px: images are noise and concepts "
+            "arbitrary; it runs offline in seconds and exercises every view",
+            block="up_blocks.1.attentions.0",
+            steer_block="up_blocks.1.attentions.0",
+            word="star",
+        ),
         sae_source=str(ASSETS / "tiny" / "saes"),
         resolution=32,
     ),

@@ -20,12 +20,12 @@ from PIL import Image
 from torch import Tensor
 
 from core.diffusion.hooks import record
-from core.diffusion.presets import ASSETS
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
 from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
 from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
+from core.files import ASSETS
 from core.sae.model import SAEKey, TopKSAE
 from core.training.activations import read_prompts
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.annotate.grounded_sam import Annotator
-from core.diffusion.presets import PRESETS, Preset, get_preset, load_pipeline
+from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, get_preset, load_pipeline
 from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.words import WordVectors, load_word_vectors
@@ -33,8 +33,6 @@ from core.files import local_or_snapshot
 from core.runtime import default_device
 from core.sae.model import SAEBank, SAEKey, SAELoadError, TopKSAE
 
-SD14_SAES_ENV = "SD14_SAES"
-"""Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 SHAPES_WORLD_PRESETS = ("tiny", "toy")
 """Presets whose images are annotated with the shapes-world annotator."""
 

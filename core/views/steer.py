@@ -1,13 +1,14 @@
 """Steer one generation with a concept and compare it with the unsteered one (same seed).
 
 The concept is a word (its CIDs in the dictionary of every t, `concept_cids`) or one CID
-of one SAE. The region of a spatial edit is a drawn mask at any resolution or a quadrant.
+of one SAE. The region of a spatial edit is a drawn mask at any resolution (`canvas_mask`
+reads it from an image editor's value) or a quadrant.
 What changed is measured by the mean absolute pixel difference (always), LPIPS and the
 change in CLIP similarity with the concept's word (when those models can be loaded).
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,7 +67,6 @@ class SteerResult:
     after: Image.Image
     difference: Image.Image
     metrics: dict[str, object]
-    notes: list[str] = field(default_factory=list)
 
 
 def stage_of(request: SteerRequest) -> str | tuple[float, float]:
@@ -104,6 +104,22 @@ def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -
         key, sae = loaded.sae(request.block, t, branch)
         cids[key] = [check_cid(request.cid, sae.cfg.num_latents)]
     return cids, f"CID {int(float(request.cid))} of the SAE at t={key.t}"
+
+
+def canvas_mask(value: dict | None) -> np.ndarray | None:
+    """The drawn region of an image editor's value (background, layers, composite): where any
+    layer is painted, else where the composite differs from the background; None if neither."""
+    if not value:
+        return None
+    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    if painted:
+        return np.logical_or.reduce(painted)
+    background, composite = value.get("background"), value.get("composite")
+    if background is None or composite is None:
+        return None
+    difference = np.abs(np.asarray(composite, float) - np.asarray(background, float))
+    return difference[..., :3].sum(axis=-1) > 0
 
 
 def region_of(request: SteerRequest, size: tuple[int, int]) -> np.ndarray | None:

@@ -1,8 +1,8 @@
-"""`python app.py`, started once per test session on a free port of 127.0.0.1.
+"""`python app.py`, started once per process on a free port of 127.0.0.1.
 
-The API and browser tests share the one server (starting it costs seconds); it is stopped
-when the test process exits. The app runs as a user runs it: its own process, offline,
-the default preset.
+The API and browser tests (and `scripts.bench_app`) share the one server per set of options
+(starting it costs seconds); it is stopped when the process exits. The app runs as a user
+runs it: its own process, offline, the default preset unless the options say otherwise.
 """
 
 import atexit
@@ -16,7 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from core.files import REPO_ROOT
+
 STARTUP_TIMEOUT = 180
 
 
@@ -35,7 +36,9 @@ def app_url(*options: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     atexit.register(_stop, process)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_TIMEOUT
