@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 from simple_parsing import ArgumentParser, DashVariant
-from simple_parsing.help_formatter import SimpleHelpFormatter
+from simple_parsing.help_formatter import TEMPORARY_TOKEN, SimpleHelpFormatter
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -80,7 +80,7 @@ class _HelpFormatter(SimpleHelpFormatter):
     """States each default once: not when it is None or False, nor when the help names one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").replace(TEMPORARY_TOKEN, "")
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return f"{text} (default: {action.default})"
