@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core.diffusion.presets import PRESETS, default_preset_name
+from core.diffusion.presets import PRESETS, check_preset, default_preset_name
 from core.emergence.steer import DEFAULT_STRENGTH, QUADRANTS
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio
@@ -140,9 +140,9 @@ def blank_canvas(side: int = 256) -> dict:
     return {"background": white, "layers": [], "composite": white}
 
 
+@user_errors
 def on_status(preset: str) -> str:
-    if preset not in PRESETS:
-        raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    check_preset(preset)
     loaded = CACHE.loaded_now(preset)
     state = "loaded" if loaded else "loads on first use"
     lines = [f"**Preset `{preset}`** ({state}): {ABOUT.get(preset, PRESETS[preset].model)}."]
