@@ -21,7 +21,7 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, default_preset_name
+from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, check_preset, default_preset_name
 from core.emergence.steer import DEFAULT_STRENGTH, KINDS, QUADRANTS
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
@@ -135,9 +135,9 @@ def blank_canvas(side: int = 256) -> dict:
 # Event handlers: module-level functions over CACHE (see its docstring).
 
 
+@user_errors
 def on_status(preset: str) -> str:
-    if preset not in PRESETS:
-        raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    check_preset(preset)
     loaded = CACHE.loaded_now(preset)
     state = "loaded" if loaded else "loads on first use"
     lines = [f"**Preset `{preset}`** ({state}): {PRESETS[preset].app.about}."]

@@ -38,10 +38,9 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from core.annotate.clipseg import ClipSegSegmenter, centre_of_mass
 from core.annotate.grounded_sam import (
-    QUADRANTS,
     Annotator,
-    ClipSegSegmenter,
     ClipTagger,
     Detection,
     GroundedSamAnnotator,
@@ -51,11 +50,10 @@ from core.annotate.grounded_sam import (
     SamBoxSegmenter,
     UnionTagger,
     box_iou,
-    centre_of_mass,
     deduplicate,
     grounding_query,
-    quadrant_of,
 )
+from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.annotate.tags import select_tags, singular_forms
 from core.diffusion.tokenizer import write_clip_tokenizer
 from core.runtime import ModelNotAvailableError

@@ -236,5 +236,5 @@ def test_presets_that_cannot_load_say_why():
     cache = ModelCache()
     with pytest.raises(ValueError, match="no SAEs configured"):
         cache.get("sd14")
-    with pytest.raises(ValueError, match="Unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset .sd15.; choose one of"):
         cache.get("sd15")

@@ -18,6 +18,7 @@ from core.emergence.concepts import load_dictionaries
 from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
 from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
+from tests.test_composition import dense_latents
 
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
 STEPS, SEED, SIZE = 4, 3, 32
@@ -46,7 +47,7 @@ def firing_maps(pipe, bank: SAEBank, key: SAEKey) -> torch.Tensor:
             generator = torch.Generator().manual_seed(SEED + i)
             pipe(prompt, num_inference_steps=STEPS, generator=generator, output_type="latent")
         grid = latent_grid(bank[key], rec.at(key.block, key.t, key.branch).delta)
-        maps.append(grid.dense(bank[key].cfg.num_latents)[0])
+        maps.append(dense_latents(grid, bank[key].cfg.num_latents)[0])
     return torch.stack(maps)
 
 

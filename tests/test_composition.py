@@ -5,6 +5,7 @@ from gensim.models import KeyedVectors
 
 from core.diffusion.hooks import record
 from core.emergence.composition import (
+    LatentGrid,
     concept_map,
     iou,
     latent_grid,
@@ -25,6 +26,12 @@ T, F_ = True, False
 keyed_vectors = KeyedVectors(vector_size=3)
 keyed_vectors.add_vectors(["cat", "dog", "car"], np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0]]))
 VECTORS = WordVectors(keyed_vectors, "test")
+
+
+def dense_latents(grid: LatentGrid, num_latents: int) -> torch.Tensor:
+    """[B, H, W, num_latents] latents of a grid's TopK code, zero outside each position's top k."""
+    shape = (*grid.top_acts.shape[:-1], num_latents)
+    return grid.top_acts.new_zeros(shape).scatter_(-1, grid.top_indices, grid.top_acts)
 
 
 def identity_sae(k: int = 2) -> TopKSAE:
@@ -61,7 +68,7 @@ def test_latent_grid_follows_to_rows_and_sorts_each_code():
     assert grid.top_indices[0, 0, 0].tolist() == [0, 1]
     assert grid.top_acts[0, 0, 2].tolist() == [5.0, 1.0]
     assert grid.top_indices[0, 0, 2].tolist() == [3, 0]
-    dense = grid.dense(4)
+    dense = dense_latents(grid, 4)
     assert dense[0, 1, 1].tolist() == [0, 0, 2, 0]
     torch.testing.assert_close(grid.spatial_means(4), dense.mean(dim=(1, 2)))
 

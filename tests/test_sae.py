@@ -14,7 +14,7 @@ from safetensors import safe_open
 import core.sae.model
 from core.sae.model import LatentStats, SAEBank, SAEConfig, SAEKey, SAELoadError, TopKSAE
 from core.sae.sparse_ops import encoder_acts_at
-from core.training.trainer import SAETrainer, TrainConfig
+from core.training.trainer import SAETrainer, TrainConfig, read_checkpoint
 
 BLOCK = "unet.mid_block.attentions.0"
 
@@ -46,7 +46,7 @@ def test_encode_decode_shapes_and_dense_equivalence():
     z = sae.encode_dense(x)
     assert z.shape == (10, 64)
     assert ((z != 0).sum(dim=1) <= 4).all()
-    torch.testing.assert_close(sae.decode(top_acts, top_indices), sae.decode_dense(z))
+    torch.testing.assert_close(sae.decode(top_acts, top_indices), z @ sae.W_dec + sae.b_dec)
     assert sae(x).x_hat.shape == (10, 16)
     torch.testing.assert_close(sae.concept_vectors.norm(dim=1), torch.ones(64))
 
@@ -494,7 +494,7 @@ def test_resume_is_bit_exact(tmp_path):
         first.step(x)
     first.save_checkpoint(tmp_path)
     resumed = SAETrainer(16, cfg, block=BLOCK, t=0.5)
-    resumed.load_checkpoint(tmp_path)
+    resumed.load_state_dict(*read_checkpoint(tmp_path))
     rebuilt = SAETrainer.from_checkpoint(tmp_path)
     for x in batches[7:]:
         resumed.step(x)

@@ -17,7 +17,7 @@ from core.emergence.steer import (
 from core.sae.model import SAEBank, SAEConfig, TopKSAE
 from core.training.activations import to_rows
 from tests.conftest import seeded
-from tests.test_hooks import hook_count
+from tests.test_hooks import hook_count, recorded_steps
 
 MID = "mid_block.attentions.0"
 SIZE = (32, 32)  # the tiny pipeline's images
@@ -55,7 +55,7 @@ def reference_change(sae, delta, cids, kind, beta, inside):
         edited[:, cids] += (beta * per_image / per_image.sum(1, keepdim=True)).reshape(-1, 1)
     else:
         edited[:, cids] *= 1 - beta
-    change = sae.decode_dense(edited) - sae.decode_dense(z)
+    change = (edited @ sae.W_dec + sae.b_dec) - (z @ sae.W_dec + sae.b_dec)
     b, c, h, w = delta.shape
     return change.view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -112,7 +112,7 @@ def test_cond_only_edits_leave_the_uncond_branch_alone(tiny_pipe, bank):
         generate(tiny_pipe, steps=2)
     with intervene(tiny_pipe, bank, MID, spec, SIZE), record(tiny_pipe, [MID]) as steered:
         generate(tiny_pipe, steps=2)
-    first = plain.steps()[0].t
+    first = recorded_steps(plain)[0].t
     assert torch.equal(plain.at(MID, first, "uncond").delta, steered.at(MID, first, "uncond").delta)
     assert not torch.equal(plain.at(MID, first, "cond").delta, steered.at(MID, first, "cond").delta)
 

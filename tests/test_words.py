@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from core.emergence.words import BUNDLED_GLOVE, WordVectors, cosine, load_word_vectors
+from core.emergence.words import BUNDLED_GLOVE, WordVectors, cosines, load_word_vectors
 
 
 def small_vectors(words: dict[str, list[float]]) -> KeyedVectors:
@@ -22,10 +22,11 @@ def test_bundled_glove_is_real_and_cached(glove):
     assert glove.dim == 50
     assert len(glove.keyed_vectors) == 400_000
     cat, dog, car = (glove.vector(w) for w in ("cat", "dog", "car"))
-    assert cosine(cat, dog) > 0.8 > 0.5 > cosine(cat, car)
-    assert cosine(glove.vector("king"), glove.vector("queen")) > cosine(
-        glove.vector("king"), glove.vector("banana")
-    )
+    with_dog, with_car = cosines(np.stack([dog, car]), cat)
+    assert with_dog > 0.8 > 0.5 > with_car
+    queen, banana = (glove.vector(w) for w in ("queen", "banana"))
+    with_queen, with_banana = cosines(np.stack([queen, banana]), glove.vector("king"))
+    assert with_queen > with_banana
 
 
 def test_names_are_case_folded_and_multi_word_names_average_their_words(glove):
@@ -64,8 +65,9 @@ def test_joined_forms_come_before_the_mean_of_words():
 
 
 def test_cosine_of_a_zero_vector_is_zero():
-    assert cosine(np.zeros(3), np.ones(3)) == 0.0
-    assert cosine(np.array([1.0, 0]), np.array([2.0, 0])) == pytest.approx(1.0)
+    assert cosines(np.zeros((1, 3)), np.ones(3)).tolist() == [0.0]
+    assert cosines(np.ones((1, 3)), np.zeros(3)).tolist() == [0.0]
+    assert cosines(np.array([[1.0, 0]]), np.array([2.0, 0])) == pytest.approx([1.0])
 
 
 def test_local_files_in_every_format(tmp_path):

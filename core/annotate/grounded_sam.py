@@ -25,13 +25,6 @@ from transformers import (
     SamModel,
 )
 
-from core.annotate.clipseg import (
-    CLIPSEG_ID,
-    QUADRANTS,
-    ClipSegSegmenter,
-    centre_of_mass,
-    quadrant_of,
-)
 from core.annotate.loading import (
     Source,
     load_model,
@@ -267,15 +260,12 @@ class GroundedSamAnnotator:
 
 
 __all__ = [
-    "CLIPSEG_ID",
     "CLIP_ID",
     "DINO_ID",
     "OBJECT_VOCABULARY",
-    "QUADRANTS",
     "SAM_ID",
     "Annotator",
     "Box",
-    "ClipSegSegmenter",
     "ClipTagger",
     "Detection",
     "GroundedSamAnnotator",
@@ -286,8 +276,6 @@ __all__ = [
     "Tagger",
     "UnionTagger",
     "box_iou",
-    "centre_of_mass",
     "deduplicate",
     "grounding_query",
-    "quadrant_of",
 ]

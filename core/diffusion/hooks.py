@@ -9,15 +9,21 @@ is reported as its own branch.
 
     with record(pipe, ["mid_block.attentions.0"]) as rec:
         pipe("a cat", guidance_scale=7.5)
-    rec.deltas("mid_block.attentions.0", "cond")   # [steps, batch, channels, H, W]
+    rec.at("mid_block.attentions.0", t=0.5).delta   # [batch, channels, H, W], cond branch
 
 Hooks are removed when the `with` block ends, also when generation raises.
+
+`DenoiserHooks` is the base of every hook manager of the project (the sessions here,
+Revelio's block outputs, the cross-attention trace): forward hooks on named modules, the
+current t read from the denoiser's own arguments, every hook removed in `finally`.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from functools import partial
+from typing import NamedTuple, Self
 
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -66,20 +72,90 @@ def resolve_blocks(unet: nn.Module, blocks: Iterable[str]) -> dict[str, nn.Modul
     return resolved
 
 
-def as_floats(timesteps: Sequence[float] | Tensor) -> list[float]:
-    """Timesteps as Python floats, read from the device in one transfer."""
-    if torch.is_tensor(timesteps):
-        return [float(ts) for ts in timesteps.tolist()]
-    return [float(ts) for ts in timesteps]
+def num_train_timesteps(pipe) -> int:
+    """Length of the training schedule that t is measured against (1000 without a scheduler)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return scheduler.config.num_train_timesteps if scheduler is not None else 1000
 
 
-def nearest_indices(timesteps: Sequence[float], targets_t: Iterable[float], n_train: int) -> set:
-    """Indices of the timesteps nearest to each target t (ties go to the earlier step)."""
+def schedule_t(pipe, timesteps: Sequence[float] | Tensor | None = None) -> list[float]:
+    """t (timestep / num_train_timesteps) of each step of `timesteps`, by default those of the
+    pipeline's scheduler as last set; empty when there are none. Read in one device transfer."""
+    if timesteps is None:
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    if timesteps is None:
+        return []
+    values = timesteps.tolist() if torch.is_tensor(timesteps) else timesteps
+    n_train = num_train_timesteps(pipe)
+    return [float(ts) / n_train for ts in values]
+
+
+def nearest_indices(ts: Sequence[float], targets: Iterable[float]) -> set[int]:
+    """Indices of the steps whose t is nearest to each target t (ties go to the earlier step)."""
     chosen = set()
-    for t in targets_t:
-        distances = [abs(ts / n_train - t) for ts in timesteps]
+    for target in targets:
+        distances = [abs(t - target) for t in ts]
         chosen.add(distances.index(min(distances)))
     return chosen
+
+
+class DenoiserHooks:
+    """Forward hooks on named modules of a denoiser, and the t of the denoiser call running.
+
+    A pre-hook on the denoiser (a U-Net or DiT) keeps each call's arguments, so `timestep`
+    and `t` are read from the call itself, whatever the scheduler, and only when asked for.
+    Subclasses override `on_call` (before each call) and `on_output` (after each named
+    module; a value other than None replaces the module's output). Hooks exist only inside
+    `with hooks.attached():` and are removed when it ends, also on errors.
+    """
+
+    def __init__(self, denoiser: nn.Module, modules: Mapping[str, nn.Module], n_train: int = 1000):
+        self.denoiser = denoiser
+        self.modules = dict(modules)
+        self.n_train = n_train
+        self._parameters = list(inspect.signature(denoiser.forward).parameters)
+        self._timestep_argument: object = None
+        self._timestep: float | None = None
+
+    @property
+    def timestep(self) -> float:
+        """Timestep of the denoiser call running now (of the first item of its batch)."""
+        if self._timestep is None:
+            value = self._timestep_argument
+            self._timestep = float(value.flatten()[0]) if torch.is_tensor(value) else float(value)
+        return self._timestep
+
+    @property
+    def t(self) -> float:
+        """timestep / num_train_timesteps of the call running now: 1 is pure noise."""
+        return self.timestep / self.n_train
+
+    def on_call(self, arguments: dict[str, object]) -> None:
+        """Called before each call of the denoiser with its arguments by parameter name."""
+
+    def on_output(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Called after module `name` ran; return a replacement output, or None."""
+        return None
+
+    @contextmanager
+    def attached(self) -> Iterator[Self]:
+        """Register the hooks for the `with` block; all of them go when it ends."""
+        handles = []
+        try:
+            pre = self.denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True)
+            handles.append(pre)
+            for name, module in self.modules.items():
+                hook = partial(self.on_output, name)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = dict(zip(self._parameters, args, strict=False)) | kwargs
+        self._timestep_argument, self._timestep = arguments.get("timestep"), None
+        self.on_call(arguments)
 
 
 @dataclass
@@ -88,85 +164,50 @@ class Recording:
 
     records: list[DeltaRecord] = field(default_factory=list)
 
-    def steps(self) -> list[StepInfo]:
-        """The distinct steps recorded, in order."""
-        return sorted({r.step for r in self.records})
-
-    def deltas(self, block: str, branch: str = "cond") -> Tensor:
-        """Updates of one block and branch stacked over steps: [steps, batch, C, H, W]."""
-        found = [r.delta for r in self.records if r.block == block and r.branch == branch]
+    def of(self, block: str, branch: str = "cond") -> list[DeltaRecord]:
+        """The records of one block and branch, in the order they were made."""
+        found = [r for r in self.records if r.block == block and r.branch == branch]
         if not found:
             have = sorted({(r.block, r.branch) for r in self.records})
-            raise KeyError(f"nothing recorded for {block!r}/{branch!r}; recorded: {have}")
-        return torch.stack(found)
+            raise KeyError(
+                f"nothing was recorded for block {block!r}, branch {branch!r} (recorded: {have})"
+            )
+        return found
 
     def at(self, block: str, t: float, branch: str = "cond") -> DeltaRecord:
         """The record of `block`/`branch` whose t is nearest to `t`."""
-        candidates = [r for r in self.records if r.block == block and r.branch == branch]
-        if not candidates:
-            raise KeyError(f"nothing recorded for {block!r}/{branch!r}")
-        return min(candidates, key=lambda r: abs(r.step.t - t))
+        return min(self.of(block, branch), key=lambda r: abs(r.step.t - t))
 
 
-class _Session:
+class _Session(DenoiserHooks):
     """The hooks of one `record`/`edit` block and the state they share."""
 
     def __init__(self, pipe, blocks: Iterable[str], *, at_t, edits, on_delta, cfg, timesteps):
-        self.unet = pipe.unet if hasattr(pipe, "unet") else pipe
+        unet = pipe.unet if hasattr(pipe, "unet") else pipe
+        super().__init__(unet, resolve_blocks(unet, blocks), num_train_timesteps(pipe))
         self.pipe = pipe
-        self.modules = resolve_blocks(self.unet, blocks)
         self.at_t = None if at_t is None else tuple(at_t)
         self.edits = edits or {}
         self.on_delta = on_delta
         self.cfg = cfg
         self.timesteps = timesteps
-        scheduler = getattr(pipe, "scheduler", None)
-        self.n_train = scheduler.config.num_train_timesteps if scheduler else 1000
         self.step: StepInfo | None = None
         self.recording_now = False
-        self.handles: list = []
-
-    def attach(self) -> None:
-        self.handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
-        for name, module in self.modules.items():
-            hook = self._block_hook(name)
-            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _schedule(self) -> list[float]:
-        timesteps = self.timesteps
-        if timesteps is None:
-            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        return [] if timesteps is None else as_floats(timesteps)
 
     def _uses_cfg(self) -> bool:
         if self.cfg is not None:
             return self.cfg
         return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
-    def _on_unet(self, module, args, kwargs) -> None:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        schedule = self._schedule()
-        index = schedule.index(timestep) if timestep in schedule else -1
-        self.step = StepInfo(index, timestep, timestep / self.n_train)
+    def on_call(self, arguments: dict[str, object]) -> None:
+        ts = schedule_t(self.pipe, self.timesteps)
+        index = ts.index(self.t) if self.t in ts else -1
+        self.step = StepInfo(index, self.timestep, self.t)
         self.branches = BRANCHES if self._uses_cfg() else ("cond",)
-        selected = self.at_t is None or (
-            index in nearest_indices(schedule, self.at_t, self.n_train) if schedule else False
-        )
+        selected = self.at_t is None or (index in nearest_indices(ts, self.at_t) if ts else False)
         self.recording_now = self.on_delta is not None and selected
 
-    def _block_hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            return self._on_block(name, args, kwargs, output)
-
-        return hook
-
-    def _on_block(self, name: str, args, kwargs, output):
+    def on_output(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
         edit = self.edits.get(name)
         if self.step is None or (edit is None and not self.recording_now):
             return None
@@ -218,11 +259,8 @@ def hooked(
     session = _Session(
         pipe, blocks, at_t=at_t, edits=edits, on_delta=on_delta, cfg=cfg, timesteps=timesteps
     )
-    session.attach()
-    try:
+    with session.attached():
         yield
-    finally:
-        session.detach()
 
 
 @contextmanager

@@ -142,10 +142,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class UnknownPresetError(KeyError, ValueError):
+    """A name that is not a preset: a failed lookup and a wrong input at once."""
+
+    __str__ = ValueError.__str__  # the message as written, without KeyError's quotes
+
+
+def check_preset(name: str) -> None:
+    """Raise an error that lists the presets unless `name` is one."""
+    if name not in PRESETS:
+        raise UnknownPresetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
 def get_preset(name: str, **overrides) -> Preset:
     """Look a preset up by name, optionally replacing some of its fields."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    check_preset(name)
     return replace(PRESETS[name], **overrides)
 
 

@@ -11,10 +11,11 @@ the same step.
     trace.maps["cat"]        # [steps, batch, h, w] at the latent resolution
     trace.steps              # t of each step (1 = noise)
 
-The attention probabilities are computed a second time beside the layer's own processor,
-which is left in charge of the output: generation is unchanged and any processor
-(memory-efficient, fused) keeps working. Only cross-attention layers are traced, on one
-guidance branch. Processors are restored when the `with` block ends, also on errors.
+The attention probabilities are computed a second time, in a forward hook on each
+cross-attention layer, from the layer's own inputs: the layer's processor is left in charge
+of the output, so generation is unchanged and any processor (memory-efficient, fused) keeps
+working. Only one guidance branch is traced. Hooks are removed when the `with` block ends,
+also on errors.
 """
 
 from collections.abc import Iterator, Sequence
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from core.annotate.tags import singular_forms
+from core.diffusion.hooks import DenoiserHooks, num_train_timesteps
 
 
 @dataclass
@@ -68,38 +70,33 @@ def _surface_forms(word: str) -> list[str]:
     return [f for f in forms if f == word or word in singular_forms(f)]
 
 
-class _TracingProcessor:
-    """Runs the original processor, and records the cross-attention of the traced words."""
+class _Tracer(DenoiserHooks):
+    """Hooks on the U-Net's cross-attention layers that add up the traced words' maps."""
 
-    def __init__(self, original, tracer: "_Tracer") -> None:
-        self.original = original
-        self.tracer = tracer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        if encoder_hidden_states is not None and hidden_states.ndim == 3:
-            self.tracer.add(attn, hidden_states, encoder_hidden_states)
-        return output
-
-
-class _Tracer:
     def __init__(self, trace: AttentionTrace, positions: dict[str, list[int]], branch: str, pipe):
+        layers = {
+            name: module
+            for name, module in pipe.unet.named_modules()
+            if name.endswith("attn2") and hasattr(module, "get_processor")
+        }
+        super().__init__(pipe.unet, layers, num_train_timesteps(pipe))
         self.trace = trace
         self.positions = positions
         self.branch = branch
         self.pipe = pipe
         self.latent_size: tuple[int, int] = (0, 0)
-        n_train = getattr(getattr(pipe, "scheduler", None), "config", None)
-        self.n_train = n_train.num_train_timesteps if n_train is not None else 1000
 
-    def on_unet(self, module, args, kwargs) -> None:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        self.latent_size = tuple(sample.shape[-2:])
-        self.trace.steps.append(timestep / self.n_train)
+    def on_call(self, arguments: dict[str, object]) -> None:
+        self.latent_size = tuple(arguments["sample"].shape[-2:])
+        self.trace.steps.append(self.t)
         for word in self.positions:
             self.trace.maps.setdefault(word, []).append(None)
+
+    def on_output(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        if context is not None and hidden_states.ndim == 3:
+            self.add(module, hidden_states, context)
 
     def _rows(self, batch: int) -> slice:
         if not getattr(self.pipe, "do_classifier_free_guidance", False):
@@ -147,16 +144,5 @@ def trace_cross_attention(
     found = {w: p for w, p in positions.items() if p}
     missing = [w for w in positions if w not in found]
     trace = AttentionTrace(list(found), missing)
-    tracer = _Tracer(trace, found, branch, pipe)
-    originals = dict(pipe.unet.attn_processors)
-    traced = {
-        name: _TracingProcessor(proc, tracer) if name.endswith("attn2.processor") else proc
-        for name, proc in originals.items()
-    }
-    handle = pipe.unet.register_forward_pre_hook(tracer.on_unet, with_kwargs=True)
-    pipe.unet.set_attn_processor(traced)
-    try:
+    with _Tracer(trace, found, branch, pipe).attached():
         yield trace
-    finally:
-        handle.remove()
-        pipe.unet.set_attn_processor(originals)

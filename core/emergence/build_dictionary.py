@@ -11,7 +11,7 @@ folder separately to the tools that need both, or build into the SAE folder itse
 
 Beside each dictionary, `spatial_means.safetensors` holds every image's latents averaged
 over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
-`top_examples` and `context_free_concepts` can be computed later without generating again.
+`top_examples` can be computed later without generating again.
 """
 
 import argparse

@@ -37,11 +37,6 @@ class LatentGrid(NamedTuple):
     top_indices: Tensor
     """[B, H, W, k] the CIDs they belong to."""
 
-    def dense(self, num_latents: int) -> Tensor:
-        """[B, H, W, num_latents] latents, zero outside each position's top k."""
-        shape = (*self.top_acts.shape[:-1], num_latents)
-        return self.top_acts.new_zeros(shape).scatter_(-1, self.top_indices, self.top_acts)
-
     def spatial_means(self, num_latents: int) -> Tensor:
         """[B, num_latents] each latent's activation averaged over the grid (paper 1 ranks
         top examples by it); computed from the sparse code, without the dense maps."""
@@ -196,13 +191,11 @@ def predict_over_steps(
     vector, so "kitten" is found through concepts labelled "cat".
     """
     vectors = _word_vectors_of(words, word_vectors)
-    records = [r for r in recording.records if r.block == block and r.branch == branch]
-    if not records:
-        recorded = sorted({(r.block, r.branch) for r in recording.records})
-        raise ValueError(
-            f"nothing was recorded for block {block!r}, branch {branch!r} (recorded: "
-            f"{recorded}); record that block, with guidance_scale > 1 for 'uncond'"
-        )
+    try:
+        records = recording.of(block, branch)
+    except KeyError as error:
+        hint = "record that block, with guidance_scale > 1 for 'uncond'"
+        raise ValueError(f"{error.args[0]}; {hint}") from error
     results = []
     for record in sorted(records, key=lambda r: r.step):
         sae = _nearest_sae(bank, block, record.step.t, branch)

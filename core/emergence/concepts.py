@@ -6,8 +6,8 @@ overlaps an object's mask with IoU > 0.5 gets that object's name added to its en
 entry is a multiset of names; the concept's embedding is the mean word vector of the names.
 
     builder = DictionaryBuilder(key, sae.cfg.num_latents)
-    for latent_map, objects in annotated_images:      # [H, W, n], [(name, mask), ...]
-        builder.add(latent_map, objects)
+    for grid, objects in annotated_images:     # LatentGrid of one image, [(name, mask), ...]
+        builder.add_codes(grid.top_acts[0], grid.top_indices[0], objects)
     dictionary = builder.build(load_word_vectors())
     dictionary.save(root / bank_subfolder(key))        # beside the SAE
 
@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from core.emergence.words import WordVectors
+from core.emergence.words import WordVectors, cosines
 from core.files import atomic_write, local_or_snapshot, write_json
 from core.sae.model import SAEKey, TopKSAE, bank_subfolder
 
@@ -171,21 +171,6 @@ class ConceptDictionary:
         """
         label = normalize_label(word)
         return [cid for cid, entry in self.evidence.items() if label in entry]
-
-    def require_cids(self, word: str) -> list[int]:
-        """`cids_for(word)`, or a ValueError saying which labels exist."""
-        cids = self.cids_for(word)
-        if not cids:
-            known = ", ".join(self.vocabulary()[:10]) or "none"
-            raise ValueError(
-                f"no concept of the SAE {self.key.describe()} is labelled {word!r}; pick one of "
-                f"its labels (most frequent: {known}) or build the dictionary from more images"
-            )
-        return cids
-
-    def embedding_matrix(self) -> Tensor:
-        """[num_latents, dim] concept embeddings; rows without one are zero (see has_embedding)."""
-        return self.embeddings
 
     def check_sae(self, sae: TopKSAE) -> None:
         """Raise if `sae` is not the SAE this dictionary was built for."""
@@ -382,32 +367,23 @@ class DictionaryBuilder:
         self._counts: Counter[tuple[int, str]] = Counter()
         self._iou_sums: Counter[tuple[int, str]] = Counter()
 
-    def add(self, latent_map: Tensor, objects: Sequence[tuple[str, np.ndarray | Tensor]]) -> int:
-        """Add the evidence of one image; returns the number of (CID, label) matches.
-
-        latent_map: [H, W, num_latents] dense SAE latents of the image's grid positions.
-        objects: (name, mask) pairs, each mask 2-D at the image's resolution, non-zero on
-        the object. Only latents that fire somewhere in the image are compared.
-        `add_codes` takes the SAE's sparse code instead and is about twice as fast.
-        """
-        if latent_map.ndim != 3 or latent_map.shape[-1] != self.num_latents:
-            raise ValueError(
-                f"expected one image's latents of shape [H, W, {self.num_latents}], got "
-                f"{tuple(latent_map.shape)}; is it from the SAE of {self.key.describe()}?"
-            )
-        height, width, _ = latent_map.shape
-        flat = latent_map.detach().reshape(height * width, -1)
-        cells, cids = flat.nonzero(as_tuple=True)
-        return self._add(cells, cids, flat[cells, cids], (height, width), objects)
-
     def add_codes(
         self,
         top_acts: Tensor,
         top_indices: Tensor,
         objects: Sequence[tuple[str, np.ndarray | Tensor]],
     ) -> int:
-        """`add` for one image's TopK code: top_acts and top_indices [H, W, k], as in
-        `LatentGrid` (grid.top_acts[i], grid.top_indices[i] for image i of a batch)."""
+        """Add the evidence of one image; returns the number of (CID, label) matches.
+
+        top_acts, top_indices: the image's TopK code on its latent grid, [H, W, k], as in
+        `LatentGrid` (grid.top_acts[i], grid.top_indices[i] for image i of a batch).
+        objects: (name, mask) pairs, each mask 2-D at the image's resolution, non-zero on
+        the object.
+
+        Per CID: on cells = activation / the CID's max in the image > threshold;
+        intersection = sum of the objects' coverage over its on cells, union = on cells +
+        object area - intersection, all in cells; only CIDs with an activation > 0 count.
+        """
         if top_acts.ndim != 3 or top_acts.shape != top_indices.shape:
             raise ValueError(
                 f"expected top_acts and top_indices of one shape [H, W, k], got "
@@ -421,32 +397,14 @@ class DictionaryBuilder:
                 f"the code has CIDs outside [0, {self.num_latents}); is it from the SAE of "
                 f"{self.key.describe()}?"
             )
-        height, width, k = top_acts.shape
-        cells = torch.arange(height * width, device=top_acts.device).repeat_interleave(k)
-        return self._add(
-            cells, top_indices.flatten(), top_acts.detach().flatten(), (height, width), objects
-        )
-
-    def _add(
-        self,
-        cells: Tensor,
-        cids: Tensor,
-        acts: Tensor,
-        grid: tuple[int, int],
-        objects: Sequence[tuple[str, np.ndarray | Tensor]],
-    ) -> int:
-        """Score every (cell, CID, activation) triple of one image against its objects.
-
-        Per CID: on cells = activation / the CID's max in the image > threshold;
-        intersection = sum of the objects' coverage over its on cells, union = on cells +
-        object area - intersection, all in cells; only CIDs with an activation > 0 count.
-        """
         self.num_images += 1
         if not objects:
             return 0
+        height, width, k = top_acts.shape
         labels = [_checked_label(name) for name, _ in objects]
-        coverage = _cell_coverage([mask for _, mask in objects], grid)  # [cells, objects]
-        cells, cids, acts = cells.cpu(), cids.cpu().long(), acts.cpu().float()
+        coverage = _cell_coverage([mask for _, mask in objects], (height, width))  # [HW, objects]
+        cells = torch.arange(height * width).repeat_interleave(k)
+        cids, acts = top_indices.flatten().cpu().long(), top_acts.detach().flatten().cpu().float()
         firing = acts > 0
         cells, cids, acts = cells[firing], cids[firing], acts[firing]
         maxima = torch.zeros(self.num_latents).scatter_reduce_(0, cids, acts, reduce="amax")
@@ -507,7 +465,7 @@ def cohesion(dictionary: ConceptDictionary, word_vectors: WordVectors, min_items
             continue
         vectors, counts = (np.stack(x) for x in zip(*items, strict=True))
         centre = np.average(vectors, axis=0, weights=counts)
-        per_concept.append(np.average(_cosines(vectors, centre), weights=counts))
+        per_concept.append(np.average(cosines(vectors, centre), weights=counts))
     if not per_concept:
         raise ValueError(
             f"no concept has {min_items} or more labels with word vectors in "
@@ -557,34 +515,6 @@ def top_examples(spatial_means: Tensor, cid: int, n: int = 9) -> TopExamples:
     return TopExamples(images[firing], values[firing])
 
 
-class ContextFree(NamedTuple):
-    cids: Tensor
-    """Latents, lowest variance first."""
-    variance: Tensor
-    """Variance of each one's spatial mean across images."""
-    firing_fraction: Tensor
-    """Fraction of images on which each one fires."""
-
-
-def context_free_concepts(
-    spatial_means: Tensor, *, min_firing_fraction: float = 0.9, top: int = 20
-) -> ContextFree:
-    """Latents that fire at fixed positions whatever the image shows (paper 1).
-
-    The paper ranks latents by the lowest variance of their spatially averaged activation
-    across images. A latent that rarely fires also has a low variance, so only latents that
-    fire (spatial mean > 0) on at least `min_firing_fraction` of the images are ranked; the
-    paper does not give its threshold, 0.9 is ours. Variance is that of the raw activation,
-    as in the paper.
-    """
-    firing_fraction = (spatial_means > 0).double().mean(dim=0)
-    candidates = (firing_fraction >= min_firing_fraction).nonzero().squeeze(1)
-    variance = spatial_means[:, candidates].double().var(dim=0, correction=0)
-    order = variance.argsort()[:top]
-    cids = candidates[order]
-    return ContextFree(cids, variance[order], firing_fraction[cids])
-
-
 def _cell_coverage(masks: Sequence[np.ndarray | Tensor], grid: tuple[int, int]) -> Tensor:
     """[H * W, num_masks]: fraction of each latent-grid cell that each mask covers."""
     masks = [torch.as_tensor(m) for m in masks]
@@ -624,11 +554,6 @@ def _check_cids(evidence: Mapping[int, object], num_latents: int) -> None:
     bad = [cid for cid in evidence if not 0 <= cid < num_latents]
     if bad:
         raise ValueError(f"CIDs {bad[:5]} are out of range for an SAE with {num_latents} latents")
-
-
-def _cosines(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(centre)
-    return np.divide(vectors @ centre, norms, out=np.zeros(len(vectors)), where=norms > 0)
 
 
 def _resolve(path_or_repo_id: str | os.PathLike, patterns: list[str], revision: str | None) -> Path:

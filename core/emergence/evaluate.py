@@ -29,15 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from core.annotate.grounded_sam import (
-    CLIPSEG_ID,
-    QUADRANTS,
-    Annotator,
-    ClipSegSegmenter,
-    PromptNounTagger,
-    centre_of_mass,
-    quadrant_of,
-)
+from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter, centre_of_mass
+from core.annotate.grounded_sam import Annotator, PromptNounTagger
+from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
@@ -46,6 +40,7 @@ from core.diffusion.presets import (  # noqa: E402
     get_preset,
     load_pipeline,  # noqa: E402
 )
+from core.diffusion.sampling import generate_images  # noqa: E402
 from core.emergence.build_dictionary import ANNOTATORS, make_annotator  # noqa: E402
 from core.emergence.composition import DEFAULT_THRESHOLD, iou, predict_over_steps  # noqa: E402
 from core.emergence.concepts import (  # noqa: E402
@@ -91,15 +86,9 @@ Rows = list[dict]
 
 def generate(pipe, prompt: str, seed: int, steps: int, guidance: float, resolution: int | None):
     """One image as PIL, from seed `seed`."""
-    return pipe(
-        prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator(pipe.device).manual_seed(seed),
-        height=resolution,
-        width=resolution,
-        output_type="pil",
-    ).images[0]
+    return generate_images(
+        pipe, [prompt], [seed], steps=steps, guidance_scale=guidance, resolution=resolution
+    )[0]
 
 
 def image_size(pipe, resolution: int | None) -> tuple[int, int]:

@@ -11,10 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.annotate.grounded_sam import (
-    Annotator,
-)
+from core.annotate.grounded_sam import Annotator
 from core.diffusion.hooks import record
+from core.diffusion.sampling import generate_images
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import (
     IOU_THRESHOLD,
@@ -119,17 +118,15 @@ def gather(
     for start in tqdm(starts, desc="batches", unit="batch"):
         indices = list(range(start, min(start + gen_batch, len(prompts))))
         batch = [prompts[i] for i in indices]
-        generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in indices]
         with record(pipe, blocks, at_t=targets) as recording:
-            images = pipe(
+            images = generate_images(
+                pipe,
                 batch,
-                num_inference_steps=steps,
+                [seed + i for i in indices],
+                steps=steps,
                 guidance_scale=guidance_scale,
-                generator=generators,
-                height=resolution,
-                width=resolution,
-                output_type="pil",
-            ).images
+                resolution=resolution,
+            )
         annotations = [
             annotator.annotate(image, prompt) for image, prompt in zip(images, batch, strict=True)
         ]

@@ -55,6 +55,11 @@ class ClipScorer:
         return (image_embeds @ text_embeds.T)[:, 0].tolist()
 
 
+def rgb_floats(*images: Image.Image) -> list[np.ndarray]:
+    """Each image as [H, W, 3] float32 RGB values in [0, 1]."""
+    return [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in images]
+
+
 def load_lpips(device: str | torch.device = "cpu") -> tuple[Callable | None, str | None]:
     """(LPIPS distance function, None) or (None, why it is unavailable).
 
@@ -70,16 +75,13 @@ def load_lpips(device: str | torch.device = "cpu") -> tuple[Callable | None, str
 
     @torch.no_grad()
     def distance(a: Image.Image, b: Image.Image) -> float:
-        tensors = [
-            torch.as_tensor(np.asarray(im.convert("RGB")), dtype=torch.float32) for im in (a, b)
-        ]
-        tensors = [t.permute(2, 0, 1)[None].to(device) / 127.5 - 1 for t in tensors]
-        return float(net(*tensors))
+        tensors = [torch.from_numpy(x).permute(2, 0, 1)[None].to(device) for x in rgb_floats(a, b)]
+        return float(net(*(t * 2 - 1 for t in tensors)))
 
     return distance, None
 
 
 def pixel_difference(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute difference of two images, with pixel values in [0, 1]."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (a, b)]
-    return float(np.abs(arrays[0] - arrays[1]).mean())
+    before, after = rgb_floats(a, b)
+    return float(np.abs(before - after).mean())

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.annotate.quadrants import QUADRANTS
 from core.diffusion.hooks import BRANCHES, edit, resolve_blocks
 from core.diffusion.presets import STAGES
 from core.sae.model import SAEBank, SAEKey, TopKSAE
@@ -39,7 +40,6 @@ DEFAULT_STRENGTH = {
     "ablate": {"early": 1.0, "middle": 1.0, "final": 1.0},
 }
 MAX_STRENGTH = 1e5
-QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 CIDs = Sequence[int] | Mapping[SAEKey, Sequence[int]]
 """The concept's CIDs: the same for every SAE, or per SAE (a dictionary's CIDs differ by t)."""

@@ -108,10 +108,10 @@ class WordVectors:
         return np.array(self.keyed_vectors[key], dtype=np.float32)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two vectors; 0.0 if either is zero."""
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.dot(a, b) / norms) if norms > 0 else 0.0
+def cosines(vectors: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `vectors` with `other`; 0.0 where either is zero."""
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(other)
+    return np.divide(vectors @ other, norms, out=np.zeros(len(vectors)), where=norms > 0)
 
 
 def load_word_vectors(source: str = BUNDLED_GLOVE) -> WordVectors:

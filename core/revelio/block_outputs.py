@@ -14,10 +14,11 @@ runs a forward only as far as the last requested block.
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from torch import Tensor, nn
 
+from core.diffusion.hooks import DenoiserHooks
 from core.revelio.feature_cache import LAYER_ALIASES, layer_name
 
 
@@ -61,45 +62,27 @@ def tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
     return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
-class _Recorder:
+class _Recorder(DenoiserHooks):
     """The hooks of one `block_outputs` block and the maps they fill."""
 
     def __init__(self, model: nn.Module, layers: Iterable[str], stop_when_done: bool):
-        self.model = model
-        self.modules = resolve_layers(model, layers)
+        super().__init__(model, resolve_layers(model, layers))
         self.stop_when_done = stop_when_done
         self.patch_size = getattr(getattr(model, "config", None), "patch_size", None)
         self.grid: tuple[int, int] | None = None
         self.maps: dict[str, Tensor] = {}
-        self.handles: list = []
 
-    def attach(self) -> None:
-        self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for layer, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._layer_hook(layer)))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _on_model(self, module, args, kwargs) -> None:
+    def on_call(self, arguments: dict[str, object]) -> None:
         self.maps.clear()
         if self.patch_size:
-            sample = args[0] if args else kwargs["hidden_states"]
+            sample = arguments["hidden_states"]
             self.grid = (sample.shape[-2] // self.patch_size, sample.shape[-1] // self.patch_size)
 
-    def _layer_hook(self, layer: str):
-        def hook(module, args, output):
-            self._on_layer(layer, output)
-
-        return hook
-
-    def _on_layer(self, layer: str, output) -> None:
+    def on_output(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         if hidden.ndim == 3:
             hidden = tokens_to_map(hidden, *self.grid)
-        self.maps[layer] = hidden
+        self.maps[name] = hidden
         if self.stop_when_done and len(self.maps) == len(self.modules):
             raise _AllCaptured
 
@@ -112,11 +95,8 @@ def block_outputs(model: nn.Module, layers: Iterable[str]) -> Iterator[dict[str,
     after a forward it holds that forward's [B, C, H, W] block outputs.
     """
     recorder = _Recorder(model, layers, stop_when_done=False)
-    recorder.attach()
-    try:
+    with recorder.attached():
         yield recorder.maps
-    finally:
-        recorder.detach()
 
 
 def capture(
@@ -128,11 +108,6 @@ def capture(
     `up_blocks.2`, `up_blocks.3` and the output convolution.
     """
     recorder = _Recorder(model, layers, stop_when_done=True)
-    recorder.attach()
-    try:
+    with suppress(_AllCaptured), recorder.attached():
         forward()
-    except _AllCaptured:
-        pass
-    finally:
-        recorder.detach()
     return dict(recorder.maps)

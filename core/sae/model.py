@@ -190,9 +190,6 @@ class TopKSAE(nn.Module):
         """Reconstruct from a sparse code, reading only the k selected rows of W_dec."""
         return _weighted_rows(self.W_dec, top_acts, top_indices) + self.b_dec
 
-    def decode_dense(self, z: Tensor) -> Tensor:
-        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
     def forward(
         self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 256
     ) -> ForwardOutput:

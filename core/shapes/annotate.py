@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 from core.annotate.grounded_sam import ObjectAnnotation
-from core.shapes.world import OBJECT_COLOURS, SHAPES, Scene, dataset, rgb_to_lab
+from core.shapes.world import OBJECT_COLOURS, SHAPES, dataset, rgb_to_lab
 
 CHROMA_MIN = 35.0
 """Object pixels have chroma above this (backgrounds stay <= 25, colours >= 70) ..."""
@@ -294,54 +293,3 @@ class StyleScorer:
 
     def similarity(self, images: Iterable[Image.Image | np.ndarray], text: str) -> list[float]:
         return [float(background_style(image) == text) for image in images]
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def evaluate_annotator(
-    annotator: ToyAnnotator,
-    scenes: Iterable[Scene],
-    images: Iterable[np.ndarray] | None = None,
-    iou_threshold: float = 0.5,
-) -> dict[str, float]:
-    """Detection rate, shape/colour accuracy, IoU and background accuracy against the truth.
-
-    True and found objects are paired one-to-one by maximum total IoU; a pair counts as a
-    detection when its IoU exceeds `iou_threshold`. `images` replaces the scenes' own
-    images (degraded copies, say). Returns:
-    detection_rate (detections / visible true objects), shape_accuracy and colour_accuracy
-    (among detections), mean_iou (among detections), false_positives_per_image (found
-    objects not detected as any true one), background_accuracy, and the counts.
-    """
-    scenes = list(scenes)
-    images = [scene.image for scene in scenes] if images is None else list(images)
-    truths = found = detected = shape_hits = colour_hits = background_hits = 0
-    ious = []
-    for scene, image in zip(scenes, images, strict=True):
-        truth = [obj for obj in scene.objects if obj.mask.any()]
-        predictions = annotator.detect(image)
-        truths += len(truth)
-        found += len(predictions)
-        background_hits += annotator.background_style(image) == scene.background.style
-        if not truth or not predictions:
-            continue
-        iou = np.array([[mask_iou(t.mask, p.mask) for p in predictions] for t in truth])
-        for row, col in zip(*linear_sum_assignment(-iou), strict=True):
-            if iou[row, col] > iou_threshold:
-                detected += 1
-                ious.append(iou[row, col])
-                shape_hits += truth[row].shape == predictions[col].shape
-                colour_hits += truth[row].colour == predictions[col].colour
-    return {
-        "detection_rate": detected / max(truths, 1),
-        "shape_accuracy": shape_hits / max(detected, 1),
-        "colour_accuracy": colour_hits / max(detected, 1),
-        "mean_iou": float(np.mean(ious)) if ious else 0.0,
-        "false_positives_per_image": (found - detected) / max(len(scenes), 1),
-        "background_accuracy": background_hits / max(len(scenes), 1),
-        "objects": float(truths),
-        "images": float(len(scenes)),
-    }

@@ -12,7 +12,7 @@ be checked against the truth:
 Design rules (the annotator in `core.shapes.annotate` relies on them):
 - Rendering is hard-edged, no anti-aliasing: each pixel belongs to exactly one object or
   to the background, so masks are exact. Shapes are tested at pixel centres, which sit at
-  integer coordinates (as in `core.annotate.clipseg.quadrant_of`).
+  integer coordinates (as in `core.annotate.quadrants.quadrant_of`).
 - Object colours are vivid (CIELAB chroma >= 50) or white (L* >= 90); background colours,
   pattern tones included, are muted (chroma <= 25, L* <= 60). Objects therefore always
   stand out, whatever the background, and a pixel's Lab value tells object from background.
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+
+from core.annotate.quadrants import QUADRANTS, quadrant_of
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -53,8 +54,6 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 PATTERN_LIFT = 30
 """RGB offset of a background's second tone (stripes, dots, checks, gradient end)."""
 STYLES = ("plain", "striped", "dotted", "checkered", "gradient")
-QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
-"""As `core.emergence.steer.QUADRANTS`."""
 POSITION_WORDS = {q: q.replace("_", " ") for q in QUADRANTS}
 
 RADIUS_RANGE = (0.1, 0.2)
@@ -185,19 +184,6 @@ def background_tones(colour: str) -> tuple[np.ndarray, np.ndarray]:
     """(base, second tone) RGB float of a background colour."""
     base = np.array(BACKGROUND_COLOURS[colour], dtype=float)
     return base, base + PATTERN_LIFT
-
-
-def quadrant_of(point: tuple[float, float], size: tuple[int, int]) -> str:
-    """Quadrant of an (x, y) pixel point in an image of (width, height).
-
-    Same rule as `core.annotate.clipseg.quadrant_of`, restated to keep this module free of
-    transformers: the middle is at ((width - 1) / 2, (height - 1) / 2).
-    """
-    x, y = point
-    width, height = size
-    vertical = "top" if y < (height - 1) / 2 else "bottom"
-    horizontal = "left" if x < (width - 1) / 2 else "right"
-    return f"{vertical}_{horizontal}"
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -414,15 +400,6 @@ def dataset(
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield sample_scene(rng, size, max_objects, position_phrases, min_visible)
-
-
-def degrade(
-    image: np.ndarray, rng: np.random.Generator, noise_std: float = 8.0, blur_sigma: float = 0.7
-) -> np.ndarray:
-    """Blur then add Gaussian noise (std in 0-255 units), mimicking a generated image's softness."""
-    blurred = gaussian_filter(image.astype(float), sigma=(blur_sigma, blur_sigma, 0))
-    noisy = blurred + rng.normal(0.0, noise_std, image.shape)
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
 LABELS = {

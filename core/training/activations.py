@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from core.diffusion.hooks import StepInfo, as_floats, hooked, nearest_indices
+from core.diffusion.hooks import StepInfo, hooked, nearest_indices, schedule_t
+from core.diffusion.sampling import generate_images
 from core.sae.model import SAEKey
 
 Round = dict[SAEKey, Tensor]
@@ -99,16 +100,14 @@ class GenerationSource:
             if key in wanted:
                 collected.setdefault(key, []).append(to_rows(delta.float()))
 
-        device = self.pipe.device
-        generators = [torch.Generator(device).manual_seed(self.seed + i) for i in prompt_indices]
         with hooked(self.pipe, self.blocks, on_delta=keep, at_t=self.targets):
-            self.pipe(
+            generate_images(
+                self.pipe,
                 [self.prompts[i] for i in prompt_indices],
-                num_inference_steps=self.steps,
+                [self.seed + i for i in prompt_indices],
+                steps=self.steps,
                 guidance_scale=self.guidance_scale,
-                generator=generators,
-                height=self.resolution,
-                width=self.resolution,
+                resolution=self.resolution,
                 output_type="latent",
                 callback_on_step_end=self._stop_after_last_target,
             )
@@ -116,9 +115,7 @@ class GenerationSource:
 
     def _stop_after_last_target(self, pipe, step_index: int, timestep, kwargs: dict) -> dict:
         """Skip the denoising steps after the last one any key needs."""
-        n_train = pipe.scheduler.config.num_train_timesteps
-        schedule = as_floats(pipe.scheduler.timesteps)
-        if step_index >= max(nearest_indices(schedule, self.targets, n_train)):
+        if step_index >= max(nearest_indices(schedule_t(pipe), self.targets)):
             pipe._interrupt = True
         return kwargs
 

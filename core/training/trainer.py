@@ -255,9 +255,6 @@ class SAETrainer:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, {STATE_KEY: json.dumps(meta)}))
         return path
 
-    def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        self.load_state_dict(*read_checkpoint(folder))
-
     @classmethod
     def from_checkpoint(
         cls, folder: str | os.PathLike, device: str | torch.device | None = None

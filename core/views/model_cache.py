@@ -25,7 +25,8 @@ from PIL import Image
 from torch import Tensor
 
 from core.annotate.grounded_sam import Annotator
-from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, get_preset, load_pipeline
+from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset, load_pipeline
+from core.diffusion.sampling import generate_images
 from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.words import WordVectors, load_word_vectors
@@ -112,23 +113,21 @@ class Loaded:
     ) -> list[Image.Image]:
         """One image per prompt, prompt i from seed i; `on_step(done, total)` after each step."""
         guidance = self.preset.guidance_scale if guidance_scale is None else guidance_scale
-        height, width = self.image_size()
 
         def step_end(pipe, index: int, timestep, callback_kwargs: dict) -> dict:
             if on_step is not None:
                 on_step(index + 1, steps)
             return callback_kwargs
 
-        return self.pipe(
+        return generate_images(
+            self.pipe,
             prompts,
-            num_inference_steps=steps,
+            seeds,
+            steps=steps,
             guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=[torch.Generator(self.device).manual_seed(s) for s in seeds],
+            resolution=self.image_size()[0],
             callback_on_step_end=step_end,
-            output_type="pil",
-        ).images
+        )
 
     def check_block(self, block: str, branch: str = "cond") -> None:
         """Raise a ValueError unless the bank has SAEs for `block` on `branch`."""
@@ -198,8 +197,6 @@ class ModelCache:
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
 
     def preset(self, name: str) -> Preset:
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
         source = self.sae_sources.get(name)
         return get_preset(name, sae_source=source) if source else get_preset(name)
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.emergence.metrics import rgb_floats
+
 DISPLAY = 256
 """Side in pixels of every panel the app shows."""
 INVALID_GREY = (128, 128, 128)
@@ -83,5 +85,5 @@ def normalised(values: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def difference_map(before: Image.Image, after: Image.Image, side: int = DISPLAY) -> Image.Image:
     """Per-pixel absolute difference (mean over RGB), 0 black to the largest change bright."""
-    a, b = (np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (before, after))
+    a, b = rgb_floats(before, after)
     return heat_map(np.abs(a - b).mean(axis=-1), side, low=0.0, cmap="inferno")

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from core.annotate.tags import CLIP_ID
+from core.diffusion.hooks import schedule_t
 from core.emergence.concepts import concept_cids
+from core.emergence.metrics import pixel_difference
 from core.emergence.steer import (
     BRANCHES,
     KINDS,
@@ -198,8 +200,7 @@ def _edited_steps(loaded: Loaded, block: str, edit: Intervention) -> str:
     """How many of the last generation's steps the edit touched: those in its window whose
     nearest SAE (on some edited branch) has CIDs of the concept."""
     low, high = edit.window
-    n_train = loaded.pipe.scheduler.config.num_train_timesteps
-    ts = [float(ts) / n_train for ts in loaded.pipe.scheduler.timesteps]
+    ts = schedule_t(loaded.pipe)
     edited = 0
     for t in ts:
         if low <= t <= high:
@@ -222,9 +223,8 @@ def compare(
     loaded: Loaded, before: Image.Image, after: Image.Image, word: str | None
 ) -> dict[str, object]:
     """Pixel difference, LPIPS and CLIP-similarity change, or why a metric is missing."""
-    a, b = (np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in (before, after))
     metrics: dict[str, object] = {
-        "mean_abs_pixel_difference": round(float(np.abs(a - b).mean()), 5)
+        "mean_abs_pixel_difference": round(pixel_difference(before, after), 5)
     }
     lpips, why = loaded.cached("lpips", lambda: _load_lpips(loaded.device))
     metrics["lpips"] = round(lpips(before, after), 5) if lpips else why.split(";")[0]
