@@ -14,16 +14,19 @@ Throughput is images/s; the target is (b) / (a) >= 0.95. Timings are medians ove
 repetitions that alternate between the variants, after one warm-up each.
 """
 
-import argparse
+import sys
 import tempfile
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from simple_parsing import field
 
 from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
 from core.revelio.block_outputs import block_outputs
 from core.revelio.feature_cache import save_features
 from core.revelio.features import UNET_LAYERS, FeatureExtractor, image_noise, pool
-from core.runtime import default_device
+from core.runtime import command, default_device
 from scripts.bench_core import alternate
 
 TIMESTEP = 25
@@ -57,21 +60,31 @@ def variants(extractor: FeatureExtractor, latents: torch.Tensor, cache: str) -> 
     return {"plain": plain, "extraction": extraction, "full_forward": full_forward}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--unet", choices=["tiny", "sd14"], default="tiny")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default=default_device())
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    pipe = (build_tiny_pipeline() if args.unet == "tiny" else sd14_shaped_pipeline()).to(device)
+@dataclass
+class BenchConfig:
+    """Settings of `python -m scripts.bench_features`."""
+
+    unet: Literal["tiny", "sd14"] = "tiny"
+    """The tiny test U-Net or an SD v1.4-shaped one (random weights)."""
+    batch: int = 8
+    """Images per batch."""
+    repeats: int = 15
+    """Timed repetitions of each variant."""
+    threads: int | None = None
+    """Torch CPU threads (default: torch's)."""
+    device: str = field(default_factory=default_device)
+    """Torch device."""
+
+
+def bench(config: BenchConfig) -> dict[str, float]:
+    """Median seconds per batch of each variant and of the VAE encode; printed as a table."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    pipe = (build_tiny_pipeline() if config.unet == "tiny" else sd14_shaped_pipeline()).to(device)
     extractor = FeatureExtractor.from_pipeline(pipe)
     side = extractor.resolution
-    pixels = torch.rand(args.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    pixels = torch.rand(config.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
     pixels = (pixels * 2 - 1).to(device)
 
     @torch.no_grad()
@@ -80,20 +93,23 @@ def main() -> None:
 
     latents = encode()
     with tempfile.TemporaryDirectory() as cache:
-        medians = alternate(variants(extractor, latents, cache), args.repeats, device)
-    vae = alternate({"vae": encode}, max(1, args.repeats // 3), device)["vae"]
+        medians = alternate(variants(extractor, latents, cache), config.repeats, device)
+    vae = alternate({"vae": encode}, max(1, config.repeats // 3), device)["vae"]
     print(
-        f"{args.unet} U-Net, {side}x{side} images, batch {args.batch}, device {device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+        f"{config.unet} U-Net, {side}x{side} images, batch {config.batch}, device {device}, "
+        f"{torch.get_num_threads()} threads, median of {config.repeats}"
     )
-    rate = {name: args.batch / seconds for name, seconds in medians.items()}
+    rate = {name: config.batch / seconds for name, seconds in medians.items()}
     for name, seconds in medians.items():
         ratio = rate[name] / rate["plain"]
         print(
             f"  {name:13s} {seconds * 1000:9.1f} ms/batch {rate[name]:8.2f} images/s  {ratio:.3f}x"
         )
     print(f"  VAE encode    {vae * 1000:9.1f} ms/batch (not in the figures above)")
+    return {**medians, "vae": vae}
 
+
+main = command(BenchConfig, bench, "python -m scripts.bench_features", __doc__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

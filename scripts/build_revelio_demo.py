@@ -11,6 +11,9 @@
    so that many fire on more than 10 of the images, as the purity table needs.
 4. Writes build.json: the commands and settings.
 
+Each step is written down as the command line that repeats it; that line is parsed into the
+command's config and the command's function runs it, so build.json records what ran.
+
 The tiny model has random weights: the demo shows the views working, not findings. Takes
 under a minute on a 2-core CPU and needs no network.
 """
@@ -18,13 +21,15 @@ under a minute on a 2-core CPU and needs no network.
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 from PIL import Image
 
 from core.diffusion.presets import ASSETS
-from core.revelio import features, ksae
+from core.revelio.features import FeaturesConfig, cache_features
+from core.revelio.ksae import KsaeConfig, train_ksaes
+from core.runtime import one_line_errors, parse_config
 from core.shapes.world import dataset
 
 OUT = ASSETS / "revelio-demo"
@@ -66,35 +71,35 @@ def write_images(folder: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def commands() -> list[tuple[ModuleType, list[str]]]:
-    """(module, argv) of each step, in order."""
+Step = tuple[type, Callable, list[str]]
+"""A command's config type, its function and the argument list of the step."""
+
+
+def steps() -> list[Step]:
+    """Each step, in order."""
     common = ["--preset", "tiny", "--images", str(IMAGES), "--out", str(CACHE), "--timesteps"]
     common += [*TIMESTEPS, "--seed", str(SEED), "--device", "cpu"]
     return [
-        (features, [*common, "--layers", *MAP_LAYERS, "--maps"]),
-        (features, [*common, "--layers", *POOLED_ONLY_LAYERS]),
-        (ksae, ["--cache", str(CACHE), "--out", str(SAES), *KSAE_ARGS]),
+        (FeaturesConfig, cache_features, [*common, "--layers", *MAP_LAYERS, "--maps"]),
+        (FeaturesConfig, cache_features, [*common, "--layers", *POOLED_ONLY_LAYERS]),
+        (KsaeConfig, train_ksaes, ["--cache", str(CACHE), "--out", str(SAES), *KSAE_ARGS]),
     ]
 
 
-def relative(argv: list[str]) -> list[str]:
-    """A command line with this repository's absolute paths written relative to it."""
+def command_line(run: Callable, argv: list[str]) -> str:
+    """How a person runs the step, with this repository's absolute paths made relative."""
     root = f"{ASSETS.parent}/"
-    return [arg.removeprefix(root) for arg in argv]
+    return " ".join(["python -m", run.__module__, *(arg.removeprefix(root) for arg in argv)])
 
 
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     counts = write_images(IMAGES)
-    steps = commands()
-    for module, argv in steps:
-        if module.main(argv) != 0:
-            return 1
+    for config_type, run, argv in steps():
+        run(parse_config(config_type, argv, f"python -m {run.__module__}", None))
     build = {
         "images": {"count": NUM_IMAGES, "size": IMAGE_SIZE, "seed": SEED, "per_class": counts},
-        "commands": [
-            " ".join(["python -m", module.__name__, *relative(argv)]) for module, argv in steps
-        ],
+        "commands": [command_line(run, argv) for _, run, argv in steps()],
     }
     (OUT / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
@@ -103,4 +108,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

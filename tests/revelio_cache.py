@@ -1,9 +1,14 @@
-"""Synthetic Revelio feature caches for the k-SAE, purity and Diff-C tests."""
+"""Helpers of the Revelio tests: synthetic feature caches, and each command's `--help` as a
+person sees it."""
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from core.files import REPO_ROOT
 from core.revelio.feature_cache import FeatureMeta, save_features, save_meta
 
 LAYERS = ["mid_block", "up_blocks.1"]
@@ -48,3 +53,56 @@ def write_cache(
             if maps:
                 save_features(root, layer, timestep, x, "maps")
     return meta
+
+
+def command_help(module: str) -> str:
+    """`python -m <module> --help`, run as a person runs it: in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {module} ")
+    return done.stdout
+
+
+def option_helps(help_text: str) -> dict[str, str]:
+    """Each option's help text (wrapped lines joined), keyed by its long option string."""
+    entries: list[str] = []
+    for line in help_text.splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif entries and line.startswith("      "):
+            entries[-1] += " " + line.strip()
+    found = {}
+    for entry in entries:
+        names = [word.rstrip(",") for word in entry.split() if word.startswith("--")]
+        found[names[0]] = entry
+    return found
+
+
+def config_defaults(config_type: type) -> dict[str, object]:
+    """`--option`: default of every field of a config, nested configs' fields included."""
+    found = {}
+    for field in dataclasses.fields(config_type):
+        if dataclasses.is_dataclass(field.type):
+            found.update(config_defaults(field.type))
+        elif field.default is not dataclasses.MISSING:
+            found["--" + field.name.replace("_", "-")] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            found["--" + field.name.replace("_", "-")] = field.default_factory()
+    return found
+
+
+def assert_defaults_stated_once(help_text: str, config_type: type) -> None:
+    """No option names a default twice, and every default is named except None and False,
+    which the help leaves out (as it does 0, which equals False)."""
+    helps = option_helps(help_text)
+    for option, default in config_defaults(config_type).items():
+        text = helps[option]
+        assert text.count("default") <= 1, text
+        if default not in (None, False):
+            assert "default" in text, text

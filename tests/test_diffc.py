@@ -6,7 +6,7 @@ import torch
 
 from core.revelio import diffc
 from core.revelio.feature_cache import FeatureMeta, load_features, save_meta
-from tests.revelio_cache import write_cache
+from tests.revelio_cache import assert_defaults_stated_once, command_help, write_cache
 
 
 @torch.no_grad()
@@ -147,3 +147,7 @@ def test_cli_without_test_images_is_one_line(tmp_path, capsys):
     save_meta(tmp_path / "cache", meta)
     assert diffc.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]) == 2
     assert "no test images" in capsys.readouterr().err
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.diffc"), diffc.DiffCRunConfig)

@@ -11,6 +11,7 @@ from core.revelio.block_outputs import block_outputs, capture, resolve_layers, t
 from core.revelio.feature_cache import feature_path, load_features, load_meta
 from core.revelio.features import (
     FeatureExtractor,
+    FeaturesConfig,
     check_timesteps,
     dataset_images,
     hf_dataset,
@@ -20,6 +21,7 @@ from core.revelio.features import (
     pixels,
 )
 from core.shapes.world import dataset
+from tests.revelio_cache import assert_defaults_stated_once, command_help
 
 N_IMAGES = 10
 LAYERS = ["bottleneck", "up_ft0", "up_ft1", "up_ft2"]
@@ -378,6 +380,18 @@ def test_cli_input_errors_are_one_sentence(case, expected, shapes_folder, tmp_pa
     assert err.startswith("error: ") and err.count("\n") == 1
     assert expected in err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("source", [[], ["--images", "a", "--dataset", "user/pets"]])
+def test_cli_takes_images_or_a_dataset(source, tmp_path, capsys):
+    assert main(["--out", str(tmp_path), *source]) == 2
+    err = capsys.readouterr().err
+    expected = "give the labelled images as --images FOLDER or as --dataset NAME, one of the two"
+    assert err == f"error: {expected}\n"
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.features"), FeaturesConfig)
 
 
 def test_layers_by_alias_or_path_are_read_once(extractor):

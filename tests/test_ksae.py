@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from core.revelio import ksae
+from core.revelio.ksae_folders import ksae_folder, load_ksaes, sae_timestep
 from core.sae.model import SAEBank, SAEKey, TopKSAE
-from tests.revelio_cache import LAYERS, TIMESTEPS, write_cache
+from tests.revelio_cache import (
+    LAYERS,
+    TIMESTEPS,
+    assert_defaults_stated_once,
+    command_help,
+    write_cache,
+)
 
 
 def test_paper_defaults():
@@ -38,7 +45,7 @@ def test_train_cache_round_trips_through_the_core_format(tmp_path):
     cfg = ksae.paper_config(expansion_factor=4, k=4, warmup_steps=5, batch_size=16)
     folders = ksae.train_cache(tmp_path / "cache", tmp_path / "saes", cfg, epochs=20)
     assert len(folders) == len(LAYERS) * len(TIMESTEPS)
-    folder = ksae.ksae_folder(tmp_path / "saes", "up_blocks.1", 25)
+    folder = ksae_folder(tmp_path / "saes", "up_blocks.1", 25)
     assert folder in folders
     raw = json.loads((folder / "cfg.json").read_text())
     assert (raw["d_in"], raw["num_latents"], raw["k"], raw["t"]) == (8, 32, 4, 0.025)
@@ -49,7 +56,7 @@ def test_train_cache_round_trips_through_the_core_format(tmp_path):
 
     bank = SAEBank.from_pretrained(tmp_path / "saes")
     assert SAEKey("up_blocks.1", 0.025, "cond") in bank
-    loaded = ksae.load_ksaes(tmp_path / "saes")
+    loaded = load_ksaes(tmp_path / "saes")
     assert sorted(loaded) == sorted((layer, t) for layer in LAYERS for t in TIMESTEPS)
     sae = loaded[("up_blocks.1", 25)]
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
@@ -63,7 +70,7 @@ def test_training_is_reproducible(tmp_path):
     cfg = ksae.paper_config(expansion_factor=2, k=2, warmup_steps=2, batch_size=8)
     a, b = (ksae.train_ksae(features, cfg, 10, layer="mid_block", timestep=0) for _ in "ab")
     assert torch.equal(a.W_dec, b.W_dec)
-    assert a.cfg.t == 0.0 and ksae.sae_timestep(a) == 0
+    assert a.cfg.t == 0.0 and sae_timestep(a) == 0
 
 
 def test_cli_trains_selected_pairs_and_refuses_to_overwrite(tmp_path, capsys):
@@ -72,7 +79,7 @@ def test_cli_trains_selected_pairs_and_refuses_to_overwrite(tmp_path, capsys):
     small = ["--layers", "up_ft1", "--timesteps", "200", "--expansion-factor", "2", "-k", "2"]
     small += ["--epochs", "1", "--device", "cpu"]
     assert ksae.main(args + small) == 0
-    assert ksae.load_ksaes(tmp_path / "saes").keys() == {("up_blocks.1", 200)}
+    assert load_ksaes(tmp_path / "saes").keys() == {("up_blocks.1", 200)}
     assert "explained variance" in capsys.readouterr().out
     assert ksae.main(args + small) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -97,3 +104,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, extra, message):
 def test_cli_missing_cache_is_one_line(tmp_path, capsys):
     assert ksae.main(["--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no feature cache at" in capsys.readouterr().err
+
+
+def test_cli_length_is_epochs_or_samples(tmp_path, capsys):
+    args = ["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "1"]
+    assert ksae.main([*args, "--samples", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: give the training length as --epochs or --samples, not both\n"
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.ksae"), ksae.KsaeConfig)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from core.revelio.feature_cache import save_features
-from core.revelio.pca_maps import cached_pca_images, main, pca_images, pca_rgb, principal_directions
+from core.revelio.pca import cached_pca_images, pca_images, pca_rgb, principal_directions
+from core.revelio.pca_maps import PcaConfig, main
+from tests.revelio_cache import assert_defaults_stated_once, command_help
 
 SIZE = 8
 
@@ -101,3 +103,7 @@ def test_cached_maps_to_png_files(tmp_path, capsys):
     ]
     assert main([*map(str, args[:4]), "--timestep", "50", "--out", str(tmp_path)]) == 2
     assert "no maps features for up_blocks.1 at t=50" in capsys.readouterr().err
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.pca_maps"), PcaConfig)

@@ -4,52 +4,52 @@ import pytest
 import torch
 from PIL import Image
 
-from core.revelio import ksae, purity
+from core.revelio import ksae, latents, purity
 from core.revelio.feature_cache import load_meta
 from core.sae.model import SAEConfig, TopKSAE
-from tests.revelio_cache import write_cache
+from tests.revelio_cache import assert_defaults_stated_once, command_help, write_cache
 
 HALF = [0] * 5 + [1] * 5
 ONE_OUT = [0] * 9 + [9]
 
 
 def test_sigma_label_matches_a_hand_computation():
-    assert purity.sigma_label(torch.tensor([[3] * 10, [7] * 10])) == 0.0
+    assert latents.sigma_label(torch.tensor([[3] * 10, [7] * 10])) == 0.0
     # sample std (n - 1): 5 zeros and 5 ones -> sqrt(10 * 0.25 / 9); 9 zeros and a 9 -> sqrt(8.1)
     expected = (math.sqrt(2.5 / 9) + math.sqrt(8.1)) / 2
-    assert purity.sigma_label(torch.tensor([HALF, ONE_OUT])) == pytest.approx(expected)
+    assert latents.sigma_label(torch.tensor([HALF, ONE_OUT])) == pytest.approx(expected)
 
 
 def test_majority_and_entropy_match_hand_computations():
     sets = torch.tensor([[3] * 10, HALF, ONE_OUT])
-    assert purity.majority_fraction(sets) == pytest.approx((1 + 0.5 + 0.9) / 3)
+    assert latents.majority_fraction(sets) == pytest.approx((1 + 0.5 + 0.9) / 3)
     half = math.log(2) / math.log(10)
     one_out = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(10)
-    assert purity.label_entropy(sets, num_classes=37) == pytest.approx((0 + half + one_out) / 3)
+    assert latents.label_entropy(sets, num_classes=37) == pytest.approx((0 + half + one_out) / 3)
     # with 2 classes the ceiling is log 2: an even split is maximally impure
-    assert purity.label_entropy(torch.tensor([HALF]), num_classes=2) == pytest.approx(1.0)
+    assert latents.label_entropy(torch.tensor([HALF]), num_classes=2) == pytest.approx(1.0)
 
 
 def test_only_sigma_label_depends_on_class_numbering():
     sets = torch.tensor([HALF, ONE_OUT, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
     permutation = torch.tensor([4, 9, 0, 7, 1, 8, 2, 6, 3, 5])  # class c is renamed permutation[c]
-    before, after = purity.purity(sets, 10), purity.purity(permutation[sets], 10)
+    before, after = latents.purity(sets, 10), latents.purity(permutation[sets], 10)
     assert after.majority_fraction == pytest.approx(before.majority_fraction)
     assert after.entropy == pytest.approx(before.entropy)
     assert after.sigma_label != pytest.approx(before.sigma_label)
     # classes 0 and 1 renamed 4 and 9: the same half-and-half latent looks 5 times less pure
     half = torch.tensor([HALF])
-    assert purity.sigma_label(permutation[half]) == pytest.approx(5 * purity.sigma_label(half))
+    assert latents.sigma_label(permutation[half]) == pytest.approx(5 * latents.sigma_label(half))
     # and sigma_label ranks it purer than a 9-in-10 latent, which the other two measures do not
     one_out = torch.tensor([ONE_OUT])
-    assert purity.sigma_label(half) < purity.sigma_label(one_out)
-    assert purity.majority_fraction(half) < purity.majority_fraction(one_out)
-    assert purity.label_entropy(half, 10) > purity.label_entropy(one_out, 10)
+    assert latents.sigma_label(half) < latents.sigma_label(one_out)
+    assert latents.majority_fraction(half) < latents.majority_fraction(one_out)
+    assert latents.label_entropy(half, 10) > latents.label_entropy(one_out, 10)
 
 
 def test_bad_label_sets_are_refused():
     with pytest.raises(ValueError, match="images >= 2"):
-        purity.sigma_label(torch.tensor([[1]]))
+        latents.sigma_label(torch.tensor([[1]]))
 
 
 def class_sae(num_classes: int) -> TopKSAE:
@@ -70,32 +70,32 @@ def class_features(labels: list[int], num_classes: int, scale: torch.Tensor) -> 
 def test_pure_latents_have_zero_sigma_and_full_majority():
     labels = [c for c in range(3) for _ in range(12)]
     scale = torch.linspace(1, 2, len(labels)) * torch.tensor(labels).add(1)  # class 2 is loudest
-    summary = purity.summarize_latents(class_sae(3), class_features(labels, 3, scale), 10)
+    summary = latents.summarize_latents(class_sae(3), class_features(labels, 3, scale), 10)
     assert summary.fire_count.tolist() == [12, 12, 12]
     assert summary.top_images[0].tolist() == list(range(11, 1, -1))  # largest activation first
-    assert purity.most_activating_latents(summary, 2).tolist() == [2, 1]
-    measured, chosen = purity.latent_purity(summary, labels, 3, latents=1000, images=10)
+    assert latents.most_activating_latents(summary, 2).tolist() == [2, 1]
+    measured, chosen = latents.latent_purity(summary, labels, 3, latents=1000, images=10)
     assert chosen.tolist() == [2, 1, 0]
     assert (measured.sigma_label, measured.majority_fraction, measured.entropy) == (0, 1, 0)
     assert measured.num_latents == 3
-    chance = purity.chance_purity(labels, 10, 200, 3)
+    chance = latents.chance_purity(labels, 10, 200, 3)
     assert chance.sigma_label > 0.6 and chance.majority_fraction < 0.7 and chance.entropy > 0.8
 
 
 def test_latents_firing_on_few_images_are_left_out():
     labels = [0] * 11 + [1] * 10
-    summary = purity.summarize_latents(class_sae(2), class_features(labels, 2, torch.ones(21)), 10)
-    assert purity.most_activating_latents(summary, min_fires=10).tolist() == [0]
+    summary = latents.summarize_latents(class_sae(2), class_features(labels, 2, torch.ones(21)), 10)
+    assert latents.most_activating_latents(summary, min_fires=10).tolist() == [0]
     with pytest.raises(ValueError, match="no latent fires on more than 11 images"):
-        purity.latent_purity(summary, labels, 2, min_fires=11)
+        latents.latent_purity(summary, labels, 2, min_fires=11)
 
 
 def test_summary_in_chunks_equals_the_dense_computation():
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=6, num_latents=24, k=3))
     x = torch.randn(50, 6)
-    small = purity.summarize_latents(sae, x, 5, chunk=7)
-    whole = purity.summarize_latents(sae, x, 5, chunk=1000)
+    small = latents.summarize_latents(sae, x, 5, chunk=7)
+    whole = latents.summarize_latents(sae, x, 5, chunk=1000)
     codes = sae.encode_dense(x).detach().T
     values, images = codes.topk(5, dim=1)
     for summary in (small, whole):
@@ -103,7 +103,7 @@ def test_summary_in_chunks_equals_the_dense_computation():
         firing = values > 0  # zero activations tie, so only firing images have a fixed order
         assert torch.equal(summary.top_images[firing], images[firing])
         assert torch.equal(summary.fire_count, (codes > 0).sum(dim=1))
-    dense = purity.summarize_latents(sae, x, 5, activations="dense")
+    dense = latents.summarize_latents(sae, x, 5, activations="dense")
     assert (dense.fire_count >= whole.fire_count).all() and dense.fire_count.sum() > 150
 
 
@@ -119,17 +119,17 @@ def test_latent_grid_shows_the_top_images_with_their_classes(tmp_path):
     write_images(tmp_path / "images", meta)
     scale = torch.arange(1, len(meta.labels) + 1).float()
     features = class_features(meta.labels, 3, scale)
-    summary = purity.summarize_latents(class_sae(3), features, 10)
-    load = purity.image_loader(tmp_path / "images", meta)
-    grid = purity.latent_grid(summary, 1, load, meta, images=7, columns=4, tile=32)
+    summary = latents.summarize_latents(class_sae(3), features, 10)
+    load = latents.image_loader(tmp_path / "images", meta)
+    grid = latents.latent_grid(summary, 1, load, meta, images=7, columns=4, tile=32)
     assert grid.size == (4 * 32, 2 * (32 + 14))
     assert grid.getpixel((5, 5)) == (0, 128, 0)  # class 1 is green
-    assert purity.image_grid([load(0)] * 3, columns=2, tile=10).size == (20, 20)
-    empty = purity.summarize_latents(class_sae(4), torch.nn.functional.pad(features, (0, 1)), 10)
+    assert latents.image_grid([load(0)] * 3, columns=2, tile=10).size == (20, 20)
+    empty = latents.summarize_latents(class_sae(4), torch.nn.functional.pad(features, (0, 1)), 10)
     with pytest.raises(ValueError, match="latent 3 fires on none of the images"):
-        purity.latent_grid(empty, 3, load, meta)
+        latents.latent_grid(empty, 3, load, meta)
     with pytest.raises(FileNotFoundError, match="img000.png"):
-        purity.image_loader(tmp_path, meta)(0)
+        latents.image_loader(tmp_path, meta)(0)
 
 
 def test_cli_prints_purity_beside_chance_and_draws_grids(tmp_path, capsys):
@@ -153,3 +153,13 @@ def test_cli_prints_purity_beside_chance_and_draws_grids(tmp_path, capsys):
     assert purity.main(args + ["--timesteps", "200"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no k-SAE for mid_block t=200") and err.count("\n") == 1
+
+
+def test_cli_images_and_grids_go_together(tmp_path, capsys):
+    args = ["--cache", str(tmp_path), "--saes", str(tmp_path), "--grids", str(tmp_path / "g")]
+    assert purity.main(args) == 2
+    assert capsys.readouterr().err == "error: --images and --grids go together\n"
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.purity"), purity.PurityConfig)

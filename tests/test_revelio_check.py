@@ -2,11 +2,12 @@
 
 import os
 
+from core.revelio.check import CheckConfig, main
 from core.shapes.world import SHAPES, write_image_folder
-from scripts.revelio_check import main
+from tests.revelio_cache import assert_defaults_stated_once, command_help
 
 
-def test_the_check_runs_end_to_end_on_the_tiny_preset(tmp_path):
+def test_the_check_runs_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     argv = [
         "--out",
         str(tmp_path),
@@ -29,7 +30,9 @@ def test_the_check_runs_end_to_end_on_the_tiny_preset(tmp_path):
         "1",
     ]
     assert main(argv) == 0
-    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if "| `" in line]
+    report = (tmp_path / "report.md").read_text()
+    assert capsys.readouterr().out.endswith(report + "\n")
+    rows = [line for line in report.splitlines() if "| `" in line]
     assert len(rows) == 8  # 4 layers x 2 timesteps, each with purity and Diff-C top-1
     assert all(" - " not in row for row in rows)
     assert sorted(os.listdir(tmp_path / "images" / "train")) == sorted(SHAPES)
@@ -43,3 +46,7 @@ def test_image_folder_is_balanced_and_seeded(tmp_path):
         p.relative_to(second).as_posix() for p in second.rglob("*.png")
     )
     assert all((first / n).read_bytes() == (second / n).read_bytes() for n in names)
+
+
+def test_help_states_each_default_once():
+    assert_defaults_stated_once(command_help("core.revelio.check"), CheckConfig)

@@ -9,8 +9,8 @@ import torch
 from core.files import REPO_ROOT
 from core.revelio.feature_cache import load_features, load_meta
 from core.revelio.ksae import paper_config, train_cache
-from core.revelio.pca_maps import pca_images
-from core.revelio.purity import chance_purity, latent_purity, most_activating_latents
+from core.revelio.latents import chance_purity, latent_purity, most_activating_latents
+from core.revelio.pca import pca_images
 from core.views import revelio as rv
 from tests.revelio_cache import write_cache
 

@@ -1,20 +1,24 @@
 """Choosing (layer, timestep) pairs of a feature cache, shared by the Revelio command lines."""
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simple_parsing import field
 
 from core.revelio.feature_cache import FeatureMeta, layer_name
+from core.runtime import default_device
 
 
-def add_selection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--layers",
-        nargs="+",
-        help="module paths or Revelio names (bottleneck, up_ft0..2); default: all in the cache",
-    )
-    parser.add_argument(
-        "--timesteps", nargs="+", type=int, help="integer timesteps; default: all in the cache"
-    )
+@dataclass
+class Selection:
+    """Which (layer, timestep) pairs of the feature cache to read, and where to compute."""
+
+    layers: tuple[str, ...] | None = None
+    """Module paths or Revelio names (bottleneck, up_ft0..2); default: all in the cache."""
+    timesteps: tuple[int, ...] | None = None
+    """Integer timesteps; default: all in the cache."""
+    device: str = field(default_factory=default_device)
+    """Torch device."""
 
 
 def select_pairs(

@@ -20,24 +20,24 @@ lr 1e-4, batch 16, 30 epochs, cosine annealing to 5e-5.
 on the cache's maps and reports top-1 test accuracy.
 """
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from simple_parsing import field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from core.files import atomic_write, read_safetensors, write_csv
-from core.revelio.cache_select import add_selection_args, select_pairs
+from core.revelio.cache_select import Selection, select_pairs
 from core.revelio.feature_cache import FeatureMeta, feature_path, load_features, load_meta
-from core.runtime import default_device, one_line_errors
+from core.runtime import command
 
 WEIGHTS_FILE, CSV_FILE = "diffc.safetensors", "accuracy.csv"
 
@@ -58,13 +58,17 @@ class Recipe:
     """How a head is trained: the paper's values by default."""
 
     epochs: int = 30
+    """Passes over the training images."""
     batch_size: int = 16
+    """Images per step."""
     lr: float = 1e-4
+    """AdamW learning rate."""
     min_lr: float = 5e-5
     """The cosine schedule's floor (eta_min), reached after the last epoch."""
     weight_decay: float = 0.01
-    """AdamW's (PyTorch's default; the paper gives none)."""
+    """AdamW's weight decay, PyTorch's own value (the paper gives none)."""
     seed: int = 0
+    """Seed of the held-out split, the initialisation and the batch order."""
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int, dropout: float) -> nn.Sequential:
@@ -262,61 +266,6 @@ class AccuracyRow:
     width: int
 
 
-def pair_data(
-    args: argparse.Namespace,
-    meta: FeatureMeta,
-    split: tuple[Tensor, Tensor] | None,
-    pair: tuple[str, int],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(train maps, train labels, test maps, test labels) of one (layer, timestep): the cache
-    split by `split`, or, when split is None, the whole cache against the whole --test-cache."""
-    maps = load_features(args.cache, *pair, "maps")
-    labels = torch.as_tensor(meta.labels)
-    if split is None:
-        test_labels = torch.as_tensor(load_meta(args.test_cache).labels)
-        return maps, labels, load_features(args.test_cache, *pair, "maps"), test_labels
-    train, test = split
-    return maps[train], labels[train], maps[test], labels[test]
-
-
-def run_pair(
-    args: argparse.Namespace,
-    meta: FeatureMeta,
-    split: tuple[Tensor, Tensor] | None,
-    pair: tuple[str, int],
-) -> AccuracyRow:
-    train_maps, train_labels, test_maps, test_labels = pair_data(args, meta, split, pair)
-    channels, height, width = train_maps.shape[1:]
-    cfg = DiffCConfig(channels, len(meta.classes), args.width, args.dropout)
-    recipe = Recipe(args.epochs, args.batch_size, args.lr, args.min_lr, seed=args.seed)
-    result = train_diffc(
-        train_maps,
-        train_labels,
-        test_maps,
-        test_labels,
-        cfg,
-        recipe,
-        device=args.device,
-        progress=True,
-    )
-    row = AccuracyRow(
-        *pair,
-        result.top1,
-        result.train_top1,
-        recipe.epochs,
-        len(train_maps),
-        len(test_maps),
-        channels,
-        height,
-        width,
-    )
-    folder = Path(args.out) / pair[0] / f"t{pair[1]:04d}"
-    info = {**asdict(row), "recipe": asdict(recipe), "classes": meta.classes}
-    save_diffc(folder / WEIGHTS_FILE, result.model, info)
-    (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-    return row
-
-
 def format_table(rows: Sequence[AccuracyRow]) -> str:
     """Top-1 accuracy (%), one row per timestep, one column per layer (as the paper's tables)."""
     layers = list(dict.fromkeys(r.layer for r in rows))
@@ -330,71 +279,113 @@ def format_table(rows: Sequence[AccuracyRow]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.revelio.diffc",
-        description="Train Revelio's Diff-C on a feature cache's maps; top-1 per layer and t.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--cache", required=True, help="feature cache folder (extracted with --maps)")
-    p.add_argument("--out", required=True, help="folder for checkpoints and accuracy.csv")
-    add_selection_args(p)
-    recipe = Recipe()
-    p.add_argument("--epochs", type=int, default=recipe.epochs)
-    p.add_argument("--batch-size", type=int, default=recipe.batch_size)
-    p.add_argument("--lr", type=float, default=recipe.lr, help="AdamW learning rate")
-    p.add_argument("--min-lr", type=float, default=recipe.min_lr, help="cosine schedule floor")
-    p.add_argument("--width", type=int, default=1024, help="channels of every conv (Table 10)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument(
-        "--test-cache",
-        help="cache of the test split (same classes, layers and timesteps); default: hold out",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.2,
-        help='share of each class held out, unless meta.extra["split"] gives the split',
-    )
-    p.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
-    p.add_argument("--device", default=default_device())
-    return p.parse_args(argv)
+@dataclass
+class DiffCRunConfig:
+    """Settings of `python -m core.revelio.diffc`."""
+
+    cache: Path
+    """Feature cache folder (extracted with --maps)."""
+    out: Path
+    """Folder for checkpoints and accuracy.csv."""
+    recipe: Recipe = field(default_factory=Recipe)
+    width: int = DiffCConfig.width
+    """Channels of every conv (Table 10's)."""
+    dropout: float = DiffCConfig.dropout
+    """Dropout after each conv block and before the FC layer (not in the paper)."""
+    test_cache: Path | None = None
+    """Cache of the test split (same classes, layers and timesteps); default: hold out images."""
+    test_fraction: float = 0.2
+    """Share of each class held out, unless meta.extra["split"] gives the split."""
+    select: Selection = field(default_factory=Selection)
 
 
-def check_test_cache(args: argparse.Namespace, meta: FeatureMeta, pairs: list) -> None:
-    test_meta = load_meta(args.test_cache)
+def pair_data(
+    config: DiffCRunConfig,
+    meta: FeatureMeta,
+    split: tuple[Tensor, Tensor] | None,
+    pair: tuple[str, int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train maps, train labels, test maps, test labels) of one (layer, timestep): the cache
+    split by `split`, or, when split is None, the whole cache against the whole --test-cache."""
+    maps = load_features(config.cache, *pair, "maps")
+    labels = torch.as_tensor(meta.labels)
+    if split is None:
+        test_labels = torch.as_tensor(load_meta(config.test_cache).labels)
+        return maps, labels, load_features(config.test_cache, *pair, "maps"), test_labels
+    train, test = split
+    return maps[train], labels[train], maps[test], labels[test]
+
+
+def run_pair(
+    config: DiffCRunConfig,
+    meta: FeatureMeta,
+    split: tuple[Tensor, Tensor] | None,
+    pair: tuple[str, int],
+) -> AccuracyRow:
+    """Train, test and save the head of one (layer, timestep)."""
+    train_maps, train_labels, test_maps, test_labels = pair_data(config, meta, split, pair)
+    channels, height, width = train_maps.shape[1:]
+    cfg = DiffCConfig(channels, len(meta.classes), config.width, config.dropout)
+    result = train_diffc(
+        train_maps,
+        train_labels,
+        test_maps,
+        test_labels,
+        cfg,
+        config.recipe,
+        device=config.select.device,
+        progress=True,
+    )
+    row = AccuracyRow(
+        *pair,
+        result.top1,
+        result.train_top1,
+        config.recipe.epochs,
+        len(train_maps),
+        len(test_maps),
+        channels,
+        height,
+        width,
+    )
+    folder = config.out / pair[0] / f"t{pair[1]:04d}"
+    info = {**asdict(row), "recipe": asdict(config.recipe), "classes": meta.classes}
+    save_diffc(folder / WEIGHTS_FILE, result.model, info)
+    (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    return row
+
+
+def check_test_cache(config: DiffCRunConfig, meta: FeatureMeta, pairs: list) -> None:
+    test_meta = load_meta(config.test_cache)
     if test_meta.classes != meta.classes:
         raise ValueError(
-            f"the test cache {args.test_cache} has other classes than {args.cache}; "
+            f"the test cache {config.test_cache} has other classes than {config.cache}; "
             "extract both with the same class list"
         )
     for layer, timestep in pairs:
-        require_maps(args.test_cache, layer, timestep)
+        require_maps(config.test_cache, layer, timestep)
 
 
-def run(args: argparse.Namespace) -> int:
-    meta = load_meta(args.cache)
-    pairs = select_pairs(meta, args.layers, args.timesteps)
+def train_heads(config: DiffCRunConfig) -> list[AccuracyRow]:
+    """A head per (layer, timestep) asked for, saved under config.out with accuracy.csv."""
+    meta = load_meta(config.cache)
+    pairs = select_pairs(meta, config.select.layers, config.select.timesteps)
     for layer, timestep in pairs:
-        require_maps(args.cache, layer, timestep)
+        require_maps(config.cache, layer, timestep)
     split = None
-    if args.test_cache:
-        check_test_cache(args, meta, pairs)
+    if config.test_cache:
+        check_test_cache(config, meta, pairs)
     else:
-        split = cache_split(meta, args.test_fraction, args.seed)
+        split = cache_split(meta, config.test_fraction, config.recipe.seed)
         if len(split[1]) == 0:
             raise ValueError("the split leaves no test images; raise --test-fraction")
-    rows = [run_pair(args, meta, split, pair) for pair in pairs]
-    write_csv(Path(args.out) / CSV_FILE, [asdict(row) for row in rows])
+    rows = [run_pair(config, meta, split, pair) for pair in pairs]
+    write_csv(config.out / CSV_FILE, [asdict(row) for row in rows])
     print(f"top-1 test accuracy (%), {rows[0].test_images} test images:")
     print(format_table(rows))
-    return 0
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: run(args))
-
+main = command(DiffCRunConfig, train_heads, "python -m core.revelio.diffc", __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,6 @@ on an extraction being resumed.
         --layers bottleneck up_ft1 --timesteps 25 200
 """
 
-import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from PIL import Image
+from simple_parsing import field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -41,7 +41,7 @@ from core.revelio.feature_cache import (
     save_features,
     save_meta,
 )
-from core.runtime import one_line_errors
+from core.runtime import command, default_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 UNET_LAYERS = ("bottleneck", "up_ft0", "up_ft1", "up_ft2")
@@ -376,67 +376,78 @@ def _missing(cache, layers: Sequence[str], t: int, kinds: Sequence[str], overwri
     ]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.revelio.features",
-        description="Cache pooled diffusion features of labelled images (Revelio).",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of class subfolders of images")
-    source.add_argument("--dataset", help="Hugging Face image dataset (needs `datasets`)")
-    parser.add_argument("--split", default="train", help="dataset split (with --dataset)")
-    parser.add_argument("--out", required=True, help="cache folder")
-    parser.add_argument(
-        "--preset", default=None, help="preset for the defaults (default: offline one)"
-    )
-    parser.add_argument("--model", help="pipeline folder or Hub id (overrides the preset's)")
-    parser.add_argument(
-        "--layers",
-        nargs="+",
-        help="block names or aliases (default: bottleneck up_ft0..2; DiT: all)",
-    )
-    parser.add_argument(
-        "--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS), help="integers 0..1000"
-    )
-    parser.add_argument("--prompt", default="", help="text condition (default: empty prompt)")
-    parser.add_argument("--maps", action="store_true", help="also cache unpooled maps (fp16, big)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resolution", type=int, help="image side (default: preset or model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the added noise")
-    parser.add_argument("--overwrite", action="store_true", help="recompute files already cached")
-    parser.add_argument("--device", default=None)
-    return parser.parse_args(argv)
+@dataclass
+class FeaturesConfig:
+    """Settings of `python -m core.revelio.features`."""
+
+    out: Path
+    """Cache folder."""
+    images: Path | None = None
+    """Folder of class subfolders of images (or give --dataset)."""
+    dataset: str | None = None
+    """Hugging Face image dataset (needs `datasets`; or give --images)."""
+    split: str = "train"
+    """Dataset split (with --dataset)."""
+    preset: str | None = None
+    """Preset giving the model and resolution (default: toy if its weights are here, else tiny)."""
+    model: str | None = None
+    """Pipeline folder or Hub id (overrides the preset's)."""
+    layers: tuple[str, ...] | None = None
+    """Block names or aliases (default: bottleneck up_ft0..2; DiT: all)."""
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    """Integer timesteps 0..1000."""
+    prompt: str = ""
+    """Text condition (default: the empty prompt)."""
+    maps: bool = False
+    """Also cache unpooled maps (fp16, big)."""
+    batch_size: int = 8
+    """Images per forward."""
+    resolution: int | None = None
+    """Image side (default: the preset's, else the model's)."""
+    seed: int = 0
+    """Seed of the added noise."""
+    overwrite: bool = False
+    """Recompute files already cached."""
+    device: str = field(default_factory=default_device)
+    """Torch device."""
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.dataset is None):
+            raise ValueError(
+                "give the labelled images as --images FOLDER or as --dataset NAME, one of the two"
+            )
 
 
-def run(args: argparse.Namespace) -> int:
-    check_timesteps(args.timesteps)
-    images = image_folder(args.images) if args.images else hf_dataset(args.dataset, args.split)
-    preset = get_preset(args.preset or default_preset_name())
-    resolution = args.resolution or (None if args.model else preset.resolution)
-    if args.model:
-        preset = get_preset(preset.name, model=args.model)
-    pipe = load_pipeline(preset, device=args.device)
+def cache_features(config: FeaturesConfig) -> list[Path]:
+    """Extract the features the config asks for into its cache folder; the files written."""
+    check_timesteps(config.timesteps)
+    if config.images is not None:
+        images = image_folder(config.images)
+    else:
+        images = hf_dataset(config.dataset, config.split)
+    preset = get_preset(config.preset or default_preset_name())
+    resolution = config.resolution or (None if config.model else preset.resolution)
+    if config.model:
+        preset = get_preset(preset.name, model=config.model)
+    pipe = load_pipeline(preset, device=config.device)
     extractor = FeatureExtractor.from_pipeline(
-        pipe, prompt=args.prompt, resolution=resolution, seed=args.seed, model=preset.model
+        pipe, prompt=config.prompt, resolution=resolution, seed=config.seed, model=preset.model
     )
     written = extractor.extract(
         images,
-        args.out,
-        args.layers,
-        args.timesteps,
-        batch_size=args.batch_size,
-        maps=args.maps,
-        overwrite=args.overwrite,
+        config.out,
+        config.layers,
+        config.timesteps,
+        batch_size=config.batch_size,
+        maps=config.maps,
+        overwrite=config.overwrite,
         progress=True,
     )
-    print(f"{len(images)} images, {len(written)} files written to {args.out}")
-    return 0
+    print(f"{len(images)} images, {len(written)} files written to {config.out}")
+    return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: run(args))
-
+main = command(FeaturesConfig, cache_features, "python -m core.revelio.features", __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

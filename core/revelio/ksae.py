@@ -1,11 +1,11 @@
 """Revelio's k-SAEs: one TopK SAE per (layer, timestep) on a feature cache's pooled features.
 
 `python -m core.revelio.ksae --cache CACHE --out FOLDER` trains them with the core's `SAETrainer`
-and writes each with `TopKSAE.save_pretrained` to `FOLDER/<layer>/t<timestep:04d>/`, so
-`SAEBank.from_pretrained(FOLDER)` loads them all. The defaults are the paper's (expansion 64,
+and writes each with `TopKSAE.save_pretrained` to `FOLDER/<layer>/t<timestep:04d>/`
+(`core.revelio.ksae_folders`). The defaults are the paper's (`KsaeRecipe`: expansion 64,
 k = 32, Adam lr 4e-4, 500 warm-up steps, decoder rows renormalised after every step, loss =
-normalised MSE, i.e. no AuxK). Each SAE's key is (layer, t = timestep / 1000, "cond"); the
-integer timestep and the training recipe are kept in `cfg.metrics`.
+normalised MSE, i.e. no AuxK). The integer timestep and the training recipe are kept in
+`cfg.metrics`.
 
 One difference from the paper: the core's TopKSAE applies ReLU before TopK,
 z = TopK(ReLU(W_enc (x - b_pre) + b_enc)), where Revelio has z = TopK(W_enc (x - b_pre) + b_enc).
@@ -13,42 +13,51 @@ They agree whenever the k largest pre-activations are positive; a negative value
 is zero here instead of negative.
 """
 
-import argparse
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from simple_parsing import field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.revelio.cache_select import add_selection_args, select_pairs
+from core.revelio.cache_select import Selection, select_pairs
 from core.revelio.feature_cache import load_features, load_meta
-from core.runtime import default_device, one_line_errors
-from core.sae.model import CFG_FILE, SAEBank, TopKSAE
+from core.revelio.ksae_folders import ksae_folder, sae_t
+from core.runtime import command
+from core.sae.model import CFG_FILE, TopKSAE
 from core.training.trainer import SAETrainer, TrainConfig
 
 PAPER_SAMPLES = 10_000_000
 """The paper trains for "10M steps"; read here as 10M training rows (samples)."""
 
 
+@dataclass
+class KsaeRecipe:
+    """Revelio's k-SAE recipe: the paper's values by default."""
+
+    expansion_factor: int = 64
+    """Latents per feature channel."""
+    k: int = field(default=32, alias="-k")
+    """Active latents per image."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    warmup_steps: int = 500
+    """Steps of linear learning-rate warm-up."""
+    batch_size: int = 1024
+    """Rows (images) per step, at most the number of images."""
+    auxk_alpha: float = 0.0
+    """Weight of the AuxK loss; 0 is the paper's loss, the normalised MSE alone."""
+    seed: int = 0
+    """Seed of the initialisation and of the shuffling."""
+
+
 def paper_config(**overrides: object) -> TrainConfig:
     """TrainConfig with Revelio's k-SAE recipe; keyword arguments override single fields."""
-    recipe = dict(
-        expansion_factor=64, k=32, lr=4e-4, warmup_steps=500, auxk_alpha=0.0, batch_size=1024
-    )
-    return TrainConfig(**{**recipe, **overrides})
-
-
-def sae_t(timestep: int) -> float:
-    """The SAEKey time of an integer DDPM timestep (t in [0, 1], 1 = noise)."""
-    return timestep / 1000
-
-
-def ksae_folder(out: str | Path, layer: str, timestep: int) -> Path:
-    return Path(out) / layer / f"t{int(timestep):04d}"
+    return TrainConfig(**{**asdict(KsaeRecipe()), **overrides})
 
 
 def num_steps(rows: int, batch_size: int, epochs: float | None, samples: int | None) -> int:
@@ -114,21 +123,6 @@ def explained_variance(sae: TopKSAE, x: Tensor, chunk: int = 1024) -> float:
     return 1.0 - residual / total if total > 0 else 0.0
 
 
-def sae_timestep(sae: TopKSAE) -> int:
-    """The integer timestep a k-SAE was trained at (from its metrics, else from t)."""
-    if "timestep" in sae.cfg.metrics:
-        return int(sae.cfg.metrics["timestep"])
-    if sae.cfg.t is None:
-        raise ValueError(f"the SAE for {sae.cfg.block} has no timestep; is it a k-SAE?")
-    return round(sae.cfg.t * 1000)
-
-
-def load_ksaes(folder: str | Path, device: str = "cpu") -> dict[tuple[str, int], TopKSAE]:
-    """Every k-SAE under `folder`, keyed by (layer, integer timestep)."""
-    bank = SAEBank.from_pretrained(Path(folder), device=device)
-    return {(key.block, sae_timestep(sae)): sae for key, sae in bank.items()}
-
-
 def train_cache(
     cache: str | Path,
     out: str | Path,
@@ -169,53 +163,40 @@ def train_cache(
     return folders
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.revelio.ksae",
-        description="Train Revelio's k-SAEs on a feature cache's pooled features.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--cache", required=True, help="feature cache folder")
-    p.add_argument("--out", required=True, help="folder to write the SAEs to")
-    add_selection_args(p)
-    paper = paper_config()
-    p.add_argument("--expansion-factor", type=int, default=paper.expansion_factor)
-    p.add_argument("-k", "--k", type=int, default=paper.k, help="active latents per image")
-    p.add_argument("--lr", type=float, default=paper.lr, help="Adam learning rate")
-    p.add_argument("--warmup-steps", type=int, default=paper.warmup_steps)
-    p.add_argument("--batch-size", type=int, default=paper.batch_size, help="rows per step")
-    p.add_argument("--auxk-alpha", type=float, default=paper.auxk_alpha, help="0: paper's loss")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, help="passes over the images")
-    length.add_argument(
-        "--samples", type=int, help=f"training rows in all (default {PAPER_SAMPLES:,})"
-    )
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--overwrite", action="store_true", help="replace existing SAEs")
-    return p.parse_args(argv)
+@dataclass
+class KsaeConfig:
+    """Settings of `python -m core.revelio.ksae`."""
+
+    cache: Path
+    """Feature cache folder."""
+    out: Path
+    """Folder to write the SAEs to."""
+    recipe: KsaeRecipe = field(default_factory=KsaeRecipe)
+    epochs: float | None = None
+    """Passes over the images (or give --samples)."""
+    samples: int | None = None
+    """Training rows in all (default: 10,000,000, the paper's "10M steps")."""
+    overwrite: bool = False
+    """Replace existing SAEs."""
+    select: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.samples is not None:
+            raise ValueError("give the training length as --epochs or --samples, not both")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = paper_config(
-        expansion_factor=args.expansion_factor,
-        k=args.k,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size,
-        auxk_alpha=args.auxk_alpha,
-        seed=args.seed,
-    )
+def train_ksaes(config: KsaeConfig) -> dict[Path, dict]:
+    """Train and save the k-SAEs the config asks for; each folder's metrics."""
     folders = train_cache(
-        args.cache,
-        args.out,
-        cfg,
-        layers=args.layers,
-        timesteps=args.timesteps,
-        epochs=args.epochs,
-        samples=args.samples,
-        device=args.device,
-        overwrite=args.overwrite,
+        config.cache,
+        config.out,
+        paper_config(**asdict(config.recipe)),
+        layers=config.select.layers,
+        timesteps=config.select.timesteps,
+        epochs=config.epochs,
+        samples=config.samples,
+        device=config.select.device,
+        overwrite=config.overwrite,
         progress=True,
     )
     for folder, metrics in folders.items():
@@ -223,13 +204,10 @@ def run(args: argparse.Namespace) -> int:
             f"{folder}: {metrics['num_steps']} steps, explained variance "
             f"{metrics['final_explained_variance']:.3f} (all images, after training)"
         )
-    return 0
+    return folders
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: run(args))
-
+main = command(KsaeConfig, train_ksaes, "python -m core.revelio.ksae", __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

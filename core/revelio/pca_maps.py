@@ -1,124 +1,53 @@
-"""Feature maps as colour images: the first three principal components as RGB.
+"""Write PCA images (first three components as RGB) of cached feature maps.
 
-Every spatial position of a [C, H, W] map is a C-dimensional feature; PCA over the
-positions (of one map, or of several maps jointly so that a colour means the same thing in
-every image) gives three directions, and each position's coordinates along them, each
-min-max scaled to [0, 1] over all positions, are its red, green and blue.
+    python -m core.revelio.pca_maps --cache cache/ --layer up_ft1 --timestep 25 --out pca/
 
-Sign convention: a principal direction is only defined up to sign, so each is flipped to
-make its largest-magnitude channel loading positive. The same maps always give the same
-colours.
-
-    rgb = pca_rgb(maps)                      # [N, C, H, W] -> [N, H, W, 3] in [0, 1]
-    images = pca_images(maps, size=256)      # PIL images, upsampled (nearest)
+One PCA over all the chosen images, so that a colour means the same in every file
+(`core.revelio.pca`); the cache must hold maps (extracted with `--maps`).
 """
 
-import argparse
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
-
-from core.revelio.feature_cache import load_features
-from core.runtime import one_line_errors
-
-COMPONENTS = 3
-RELATIVE_TOLERANCE = 1e-6
-"""A direction whose singular value is below this fraction of the first one is noise."""
+from core.revelio.pca import cached_pca_images
+from core.runtime import command
 
 
-def principal_directions(rows: Tensor, count: int = COMPONENTS) -> Tensor:
-    """[k, C] leading principal directions of [P, C] rows, signs fixed (see module).
+@dataclass
+class PcaConfig:
+    """Settings of `python -m core.revelio.pca_maps`."""
 
-    k <= count: directions along which the rows do not vary are left out.
-    """
-    centred = rows - rows.mean(dim=0)
-    _, strengths, directions = torch.linalg.svd(centred, full_matrices=False)
-    varies = strengths[:count] > strengths[0] * RELATIVE_TOLERANCE
-    directions = directions[:count][varies]
-    largest = directions.abs().argmax(dim=1, keepdim=True)
-    return directions * directions.gather(1, largest).sign()
-
-
-def _minmax(values: Tensor) -> Tensor:
-    """Scale each column of [P, k] to [0, 1]."""
-    low, high = values.min(dim=0).values, values.max(dim=0).values
-    return (values - low) / (high - low)
-
-
-def pca_rgb(maps: Tensor) -> Tensor:
-    """[C, H, W] -> [H, W, 3], or [N, C, H, W] -> [N, H, W, 3] with one PCA over all N.
-
-    Channels beyond the number of directions the features vary along are 0.
-    """
-    single = maps.ndim == 3
-    maps = maps[None] if single else maps
-    n, channels, height, width = maps.shape
-    rows = maps.double().permute(0, 2, 3, 1).reshape(-1, channels)
-    directions = principal_directions(rows)
-    rgb = torch.zeros(rows.shape[0], COMPONENTS, dtype=torch.float64)
-    rgb[:, : len(directions)] = _minmax((rows - rows.mean(dim=0)) @ directions.T)
-    rgb = rgb.reshape(n, height, width, COMPONENTS).float()
-    return rgb[0] if single else rgb
+    cache: Path
+    """Feature cache extracted with --maps."""
+    layer: str
+    """Module path or alias (up_ft1, ...)."""
+    timestep: int
+    """Integer timestep of the maps."""
+    out: Path
+    """Folder for the PNG files."""
+    indices: tuple[int, ...] = (0, 1, 2, 3)
+    """Images of the cache to draw, with one PCA over all of them."""
+    size: int = 256
+    """Side of each image in pixels."""
 
 
-def to_image(rgb: Tensor, size: int | None = None) -> Image.Image:
-    """An [H, W, 3] array in [0, 1] as a PIL image, upsampled (nearest) to size x size."""
-    array = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    image = Image.fromarray(np.ascontiguousarray(array))
-    return image if size is None else image.resize((size, size), Image.Resampling.NEAREST)
-
-
-def pca_images(maps: Tensor, size: int | None = None) -> list[Image.Image]:
-    """One image per map of [N, C, H, W] (or [C, H, W]), colours from one joint PCA."""
-    rgb = pca_rgb(maps)
-    rgb = rgb[None] if rgb.ndim == 3 else rgb
-    return [to_image(one, size) for one in rgb]
-
-
-def cached_pca_images(
-    cache: str | Path, layer: str, timestep: int, indices: Sequence[int], size: int | None = None
-) -> list[Image.Image]:
-    """PCA images of cached maps (extracted with `--maps`) of images `indices`, jointly."""
-    maps = load_features(cache, layer, timestep, "maps")
-    bad = [i for i in indices if not 0 <= i < len(maps)]
-    if bad:
-        raise ValueError(f"image indices {bad} are outside 0..{len(maps) - 1}")
-    return pca_images(maps[list(indices)], size)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.revelio.pca_maps",
-        description="Write PCA images (first three components as RGB) of cached feature maps.",
+def write_pca_maps(config: PcaConfig) -> list[Path]:
+    """One PNG per chosen image, `pca_<layer>_t<timestep>_<index>.png`; their paths."""
+    images = cached_pca_images(
+        config.cache, config.layer, config.timestep, config.indices, config.size
     )
-    parser.add_argument("--cache", required=True, help="feature cache extracted with --maps")
-    parser.add_argument("--layer", required=True, help="module path or alias (up_ft1, ...)")
-    parser.add_argument("--timestep", type=int, required=True)
-    parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--size", type=int, default=256, help="output side in pixels")
-    parser.add_argument("--out", required=True, help="folder for the PNG files")
-    return parser.parse_args(argv)
+    config.out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in zip(config.indices, images, strict=True):
+        path = config.out / f"pca_{config.layer}_t{config.timestep:04d}_{index}.png"
+        image.save(path)
+        paths.append(path)
+    print(f"wrote {len(paths)} images to {config.out}")
+    return paths
 
 
-def run(args: argparse.Namespace) -> int:
-    images = cached_pca_images(args.cache, args.layer, args.timestep, args.indices, args.size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for index, image in zip(args.indices, images, strict=True):
-        image.save(out / f"pca_{args.layer}_t{args.timestep:04d}_{index}.png")
-    print(f"wrote {len(images)} images to {out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: run(args))
-
+main = command(PcaConfig, write_pca_maps, "python -m core.revelio.pca_maps", __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,9 +32,8 @@ from core.revelio.feature_cache import (
     load_features,
     load_meta,
 )
-from core.revelio.ksae import ksae_folder
-from core.revelio.pca_maps import cached_pca_images
-from core.revelio.purity import (
+from core.revelio.ksae_folders import ksae_folder
+from core.revelio.latents import (
     PAPER_IMAGES,
     PAPER_LATENTS,
     PAPER_MIN_FIRES,
@@ -46,6 +45,7 @@ from core.revelio.purity import (
     most_activating_latents,
     summarize_latents,
 )
+from core.revelio.pca import cached_pca_images
 from core.sae.model import CFG_FILE, TopKSAE
 from core.views.render import DISPLAY, for_display
 
