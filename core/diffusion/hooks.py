@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -138,7 +138,7 @@ class DenoiserHooks:
         return None
 
     @contextmanager
-    def attached(self) -> Iterator[Self]:
+    def attached(self) -> Iterator["DenoiserHooks"]:
         """Register the hooks for the `with` block; all of them go when it ends."""
         handles = []
         try:
