@@ -77,10 +77,12 @@ def command(
 
 
 class _HelpFormatter(SimpleHelpFormatter):
-    """States each default once: not when it is None or False, nor when the help names one."""
+    """States each default once: not when it is None or False (a flag), nor when the help
+    names one already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = (action.help or "").replace(TEMPORARY_TOKEN, "")
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        unstated = action.default in (None, argparse.SUPPRESS) or action.default is False
+        if unstated or "default" in text:
             return text
         return f"{text} (default: {action.default})"
