@@ -13,7 +13,3 @@ from core.diffusion.tiny import build_tiny_pipeline  # noqa: E402
 def tiny_pipe():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return build_tiny_pipeline()
-
-
-def seeded(*seeds: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]

@@ -15,14 +15,8 @@ from PIL import Image
 from transformers import (
     BertConfig,
     BertTokenizer,
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPSegConfig,
     CLIPSegForImageSegmentation,
     CLIPSegProcessor,
-    CLIPTokenizer,
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessorPil,
@@ -35,7 +29,6 @@ from transformers import (
     SamPromptEncoderConfig,
     SamVisionConfig,
     SwinConfig,
-    ViTImageProcessorPil,
 )
 
 from core.annotate.clipseg import ClipSegSegmenter, centre_of_mass
@@ -55,11 +48,9 @@ from core.annotate.grounded_sam import (
 )
 from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.annotate.tags import select_tags, singular_forms
-from core.diffusion.tokenizer import write_clip_tokenizer
 from core.runtime import ModelNotAvailableError
+from tests.helpers import VOCABULARY, WORDS, save_clip, save_clipseg
 
-VOCABULARY = ("cat", "dog", "car", "tree", "person", "traffic light")
-WORDS = sorted({"a", "photo", "of", *(w for name in VOCABULARY for w in name.split())})
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
 WIDTH, HEIGHT = IMAGE.size
 
@@ -149,61 +140,6 @@ def save_sam(folder: Path) -> Path:
         ),
     )
     SamModel(config).save_pretrained(folder)
-    return folder
-
-
-def tiny_clip_configs(tokenizer: CLIPTokenizer) -> tuple[dict, dict]:
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        **ids,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    return text, vision
-
-
-def save_clip(folder: Path) -> Path:
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, WORDS))
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor, tokenizer).save_pretrained(folder)
-    text, vision = tiny_clip_configs(tokenizer)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    return folder
-
-
-def save_clipseg(folder: Path) -> Path:
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, WORDS))
-    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
-    CLIPSegProcessor(image_processor, tokenizer).save_pretrained(folder)
-    text, vision = tiny_clip_configs(tokenizer)
-    config = CLIPSegConfig(
-        text_config=text,
-        vision_config=vision,
-        projection_dim=16,
-        extract_layers=[0, 1],
-        reduce_dim=8,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=16,
-    )
-    CLIPSegForImageSegmentation(config).save_pretrained(folder)
     return folder
 
 

@@ -18,7 +18,7 @@ from core.views.model_cache import ModelCache
 from core.views.render import difference_map, heat_map, overlay
 from core.views.steer import SteerRequest, canvas_mask, run_steer
 from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
-from tests.test_hooks import hook_count
+from tests.helpers import hook_count
 
 UP = "up_blocks.1.attentions.0"
 MID = "mid_block.attentions.0"

@@ -18,7 +18,7 @@ from core.emergence.concepts import load_dictionaries
 from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
 from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
-from tests.test_composition import dense_latents
+from tests.helpers import dense_latents
 
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
 STEPS, SEED, SIZE = 4, 3, 32

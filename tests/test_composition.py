@@ -5,7 +5,6 @@ from gensim.models import KeyedVectors
 
 from core.diffusion.hooks import record
 from core.emergence.composition import (
-    LatentGrid,
     concept_map,
     iou,
     latent_grid,
@@ -16,7 +15,7 @@ from core.emergence.composition import (
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.words import WordVectors, load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
-from tests.conftest import seeded
+from tests.helpers import dense_latents, seeded
 
 UP = "up_blocks.1.attentions.0"
 NARROW = "down_blocks.0.attentions.0"  # 32 channels in the tiny model, against 64 for UP
@@ -26,12 +25,6 @@ T, F_ = True, False
 keyed_vectors = KeyedVectors(vector_size=3)
 keyed_vectors.add_vectors(["cat", "dog", "car"], np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0]]))
 VECTORS = WordVectors(keyed_vectors, "test")
-
-
-def dense_latents(grid: LatentGrid, num_latents: int) -> torch.Tensor:
-    """[B, H, W, num_latents] latents of a grid's TopK code, zero outside each position's top k."""
-    shape = (*grid.top_acts.shape[:-1], num_latents)
-    return grid.top_acts.new_zeros(shape).scatter_(-1, grid.top_indices, grid.top_acts)
 
 
 def identity_sae(k: int = 2) -> TopKSAE:

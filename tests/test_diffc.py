@@ -6,7 +6,7 @@ import torch
 
 from core.revelio import diffc
 from core.revelio.feature_cache import FeatureMeta, load_features, save_meta
-from tests.revelio_cache import assert_defaults_stated_once, command_help, write_cache
+from tests.helpers import assert_defaults_stated_once, command_help, write_cache
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from core.emergence.evaluate import (
 from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, TopKSAE
-from tests.test_annotate import save_clip, save_clipseg
+from tests.helpers import save_clip, save_clipseg
 
 MID = "mid_block.attentions.0"
 N, STEPS, SIZE = 16, 4, 32

@@ -21,7 +21,7 @@ from core.revelio.features import (
     pixels,
 )
 from core.shapes.world import dataset
-from tests.revelio_cache import assert_defaults_stated_once, command_help
+from tests.helpers import assert_defaults_stated_once, command_help
 
 N_IMAGES = 10
 LAYERS = ["bottleneck", "up_ft0", "up_ft1", "up_ft2"]

@@ -3,7 +3,7 @@ import torch
 
 from core.diffusion.hooks import edit, record, transformer_blocks
 from core.diffusion.presets import SD14_BLOCKS
-from tests.conftest import seeded
+from tests.helpers import hook_count, recorded_steps, seeded
 
 MID = "mid_block.attentions.0"
 
@@ -17,16 +17,6 @@ def generate(pipe, prompts, steps=4, guidance=7.5, seeds=None):
         generator=seeded(*seeds),
         output_type="np",
     ).images
-
-
-def recorded_steps(recording) -> list:
-    """The distinct steps of a recording, in order."""
-    return sorted({r.step for r in recording.records})
-
-
-def hook_count(pipe) -> int:
-    modules = [pipe.unet, *dict(pipe.unet.named_modules()).values()]
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
 
 
 def test_tiny_unet_has_sd14_block_names(tiny_pipe):

@@ -6,13 +6,7 @@ import torch
 from core.revelio import ksae
 from core.revelio.ksae_folders import ksae_folder, load_ksaes, sae_timestep
 from core.sae.model import SAEBank, SAEKey, TopKSAE
-from tests.revelio_cache import (
-    LAYERS,
-    TIMESTEPS,
-    assert_defaults_stated_once,
-    command_help,
-    write_cache,
-)
+from tests.helpers import LAYERS, TIMESTEPS, assert_defaults_stated_once, command_help, write_cache
 
 
 def test_paper_defaults():

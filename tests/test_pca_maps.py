@@ -6,7 +6,7 @@ import torch
 from core.revelio.feature_cache import save_features
 from core.revelio.pca import cached_pca_images, pca_images, pca_rgb, principal_directions
 from core.revelio.pca_maps import PcaConfig, main
-from tests.revelio_cache import assert_defaults_stated_once, command_help
+from tests.helpers import assert_defaults_stated_once, command_help
 
 SIZE = 8
 

@@ -4,7 +4,7 @@ import torch
 from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset, load_pipeline
 from core.diffusion.tiny import build_tiny_pipeline
 from core.runtime import ModelNotAvailableError
-from tests.conftest import seeded
+from tests.helpers import seeded
 
 
 def test_sd14_preset_follows_the_paper():

@@ -4,7 +4,7 @@ import os
 
 from core.revelio.check import CheckConfig, main
 from core.shapes.world import SHAPES, write_image_folder
-from tests.revelio_cache import assert_defaults_stated_once, command_help
+from tests.helpers import assert_defaults_stated_once, command_help
 
 
 def test_the_check_runs_end_to_end_on_the_tiny_preset(tmp_path, capsys):

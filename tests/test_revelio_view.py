@@ -12,7 +12,7 @@ from core.revelio.ksae import paper_config, train_cache
 from core.revelio.latents import chance_purity, latent_purity, most_activating_latents
 from core.revelio.pca import pca_images
 from core.views import revelio as rv
-from tests.revelio_cache import write_cache
+from tests.helpers import write_cache
 
 DEMO = rv.DEMO_CACHE, rv.DEMO_SAES
 UP1 = ("up_blocks.1", 25)

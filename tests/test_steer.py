@@ -14,21 +14,12 @@ from core.emergence.steer import (
     region_on_grid,
     stage_window,
 )
-from core.sae.model import SAEBank, SAEConfig, TopKSAE
+from core.sae.model import SAEBank
 from core.training.activations import to_rows
-from tests.conftest import seeded
-from tests.test_hooks import hook_count, recorded_steps
+from tests.helpers import hook_count, random_sae, recorded_steps, seeded
 
 MID = "mid_block.attentions.0"
 SIZE = (32, 32)  # the tiny pipeline's images
-
-
-def random_sae(d: int, n: int, k: int, t: float | None = None, seed: int = 0) -> TopKSAE:
-    torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d, n, k, block=MID, t=t))
-    with torch.no_grad():
-        sae.encoder.bias.uniform_(0.0, 0.5)  # every row keeps k positive latents
-    return sae
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Helpers of the Revelio tests: synthetic feature caches, and each command's `--help` as a
+"""What several test files share: seeded generators, random SAEs, hook counts, tiny CLIP
+models saved as a user's folders, synthetic feature caches, and a command's `--help` as a
 person sees it."""
 
 import dataclasses
@@ -7,10 +8,25 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPSegConfig,
+    CLIPSegForImageSegmentation,
+    CLIPSegProcessor,
+    CLIPTokenizer,
+    ViTImageProcessorPil,
+)
 
+from core.diffusion.tokenizer import write_clip_tokenizer
+from core.emergence.composition import LatentGrid
 from core.files import REPO_ROOT
 from core.revelio.feature_cache import FeatureMeta, save_features, save_meta
+from core.sae.model import SAEConfig, TopKSAE
 
+MID = "mid_block.attentions.0"
 LAYERS = ["mid_block", "up_blocks.1"]
 TIMESTEPS = [25, 200]
 
@@ -106,3 +122,95 @@ def assert_defaults_stated_once(help_text: str, config_type: type) -> None:
         assert text.count("default") <= 1, text
         if default not in (None, False):
             assert "default" in text, text
+
+
+VOCABULARY = ("cat", "dog", "car", "tree", "person", "traffic light")
+
+
+WORDS = sorted({"a", "photo", "of", *(w for name in VOCABULARY for w in name.split())})
+
+
+def tiny_clip_configs(tokenizer: CLIPTokenizer) -> tuple[dict, dict]:
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        **ids,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    return text, vision
+
+
+def save_clip(folder: Path) -> Path:
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, WORDS))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor, tokenizer).save_pretrained(folder)
+    text, vision = tiny_clip_configs(tokenizer)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_clipseg(folder: Path) -> Path:
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, WORDS))
+    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    CLIPSegProcessor(image_processor, tokenizer).save_pretrained(folder)
+    text, vision = tiny_clip_configs(tokenizer)
+    config = CLIPSegConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=16,
+        extract_layers=[0, 1],
+        reduce_dim=8,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=16,
+    )
+    CLIPSegForImageSegmentation(config).save_pretrained(folder)
+    return folder
+
+
+def seeded(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def recorded_steps(recording) -> list:
+    """The distinct steps of a recording, in order."""
+    return sorted({r.step for r in recording.records})
+
+
+def hook_count(pipe) -> int:
+    modules = [pipe.unet, *dict(pipe.unet.named_modules()).values()]
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+
+def dense_latents(grid: LatentGrid, num_latents: int) -> torch.Tensor:
+    """[B, H, W, num_latents] latents of a grid's TopK code, zero outside each position's top k."""
+    shape = (*grid.top_acts.shape[:-1], num_latents)
+    return grid.top_acts.new_zeros(shape).scatter_(-1, grid.top_indices, grid.top_acts)
+
+
+def random_sae(
+    d: int, n: int, k: int, t: float | None = None, seed: int = 0, block: str = MID
+) -> TopKSAE:
+    """A random SAE whose encoder biases keep k latents positive on every row."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d, n, k, block=block, t=t))
+    with torch.no_grad():
+        sae.encoder.bias.uniform_(0.0, 0.5)  # every row keeps k positive latents
+    return sae
