@@ -19,12 +19,12 @@ The mid block has a 2x2 grid at 32 pixels: only backgrounds are large enough to 
 latents. Takes a few minutes on a 2-core CPU and needs no network.
 """
 
-import argparse
 import json
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,15 +34,16 @@ from core.emergence.build_dictionary import quality_lines
 from core.emergence.concepts import save_dictionaries
 from core.emergence.gathering import gather, save_examples
 from core.emergence.words import BUNDLED_GLOVE, load_word_vectors
+from core.runtime import command
 from core.sae.model import SAEBank
 from core.shapes.annotate import ToyAnnotator
-from core.training import train
 from core.training.activations import read_prompts
+from core.training.train import RunConfig, train
 
 PROMPTS = ASSETS / "prompts" / "tiny.txt"
 OUT = ASSETS / "tiny" / "saes"
 BUILD_FILE = ASSETS / "tiny" / "build.json"
-TRAIN_ARGS = ["--batch-size", "64", "--buffer-size", "256", "--lr", "1e-3"]
+TRAIN_SETTINGS = {"batch_size": 64, "buffer_size": 256, "lr": 1e-3}
 """As the Makefile's demo run: small batches, since a tiny image has few grid positions."""
 DICTIONARY_PROMPTS = 128
 GEN_BATCH = 8
@@ -68,11 +69,14 @@ def pipeline_fingerprint(pipe) -> dict[str, float]:
 
 def train_saes(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--preset", "tiny", "--prompts", str(PROMPTS), "--out", tmp, "--overwrite"]
-        if train.main(argv + TRAIN_ARGS) != 0:
-            raise SystemExit("training failed")
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(Path(tmp) / "saes", out)
+        config = RunConfig(
+            preset="tiny", prompts=str(PROMPTS), out=tmp, overwrite=True, **TRAIN_SETTINGS
+        )
+        bank = train(config)
+    if bank is None:
+        raise SystemExit("training was interrupted")
+    shutil.rmtree(out, ignore_errors=True)
+    bank.save_pretrained(out)
 
 
 def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
@@ -108,24 +112,32 @@ def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
     return {"fingerprint": pipeline_fingerprint(pipe), "torch": torch.__version__}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.build_tiny_assets")
-    parser.add_argument("--skip-training", action="store_true", help="reuse the saved SAEs")
-    args = parser.parse_args(argv)
+@dataclass
+class TinyAssetsConfig:
+    """Settings of `python -m scripts.build_tiny_assets`."""
+
+    skip_training: bool = False
+    """Reuse the saved SAEs."""
+
+
+def build_assets(config: TinyAssetsConfig) -> None:
+    """Train the SAEs (unless skipped), build their dictionaries and write build.json."""
     torch.manual_seed(0)
-    if not args.skip_training:
+    if not config.skip_training:
         train_saes(OUT)
     prompts = read_prompts(PROMPTS)[:DICTIONARY_PROMPTS]
     pipeline = build_dictionaries(OUT, prompts)
     build = {
-        "train_args": TRAIN_ARGS,
+        "train_settings": TRAIN_SETTINGS,
         "dictionary_prompts": len(prompts),
         "dictionary_seed": DICTIONARY_SEED,
         "pipeline": pipeline,
     }
     BUILD_FILE.write_text(json.dumps(build, indent=2) + "\n")
     print(f"wrote {OUT} and {BUILD_FILE}")
-    return 0
+
+
+main = command(TinyAssetsConfig, build_assets, "python -m scripts.build_tiny_assets", __doc__)
 
 
 if __name__ == "__main__":

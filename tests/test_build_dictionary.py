@@ -3,6 +3,10 @@ masks are known: it outlines where one chosen latent fires, so that latent must 
 label, with IoU 1."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
 from tests.helpers import dense_latents
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
 STEPS, SEED, SIZE = 4, 3, 32
 UP = "up_blocks.1.attentions.0"
@@ -137,7 +142,7 @@ def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, m
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     monkeypatch.setattr(
-        build_dictionary, "make_annotator", lambda n, a: OutlineAnnotator(maps, cid)
+        build_dictionary, "make_annotator", lambda config, device: OutlineAnnotator(maps, cid)
     )
     out = tmp_path / "dicts"
     code = build_dictionary.main(
@@ -219,3 +224,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+def test_help_from_the_command_line_states_the_defaults():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "core.emergence.build_dictionary", "--help"]
+    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--gen-batch" in text and "(default: 4)" in text
+    assert "(default: grounded-sam)" in text and "(default: None)" not in text

@@ -3,6 +3,10 @@ and tiny random CLIP / CLIPSeg models (built as tests/test_annotate.py builds th
 
 import csv
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from core.emergence.words import load_word_vectors
 from core.sae.model import SAEBank, SAEConfig, TopKSAE
 from tests.helpers import save_clip, save_clipseg
 
+ROOT = Path(__file__).resolve().parents[1]
 MID = "mid_block.attentions.0"
 N, STEPS, SIZE = 16, 4, 32
 PROMPTS = ["a cat on a table", "a black cat", "a cat and a tree"]
@@ -190,7 +195,7 @@ def test_cli_writes_csvs_plots_and_summaries(
     save_dictionaries(mixed.values(), tmp_path / "bank")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    monkeypatch.setattr(evaluate, "make_annotator", lambda name, args: LeftHalfCat())
+    monkeypatch.setattr(evaluate, "make_annotator", lambda config, device: LeftHalfCat())
     out = tmp_path / "eval"
     code = evaluate.main(
         [
@@ -278,3 +283,14 @@ def test_cli_errors_are_one_line(bank, mixed, tmp_path, capsys, extra, expected)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+def test_help_from_the_command_line_states_the_defaults():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "core.emergence.evaluate", "--help"]
+    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--edit-block" in text and "(default: mid_block.attentions.0)" in text
+    assert "(default: CIDAS/clipseg-rd64-refined)" in text
+    assert "(default: None)" not in text

@@ -1,7 +1,10 @@
 """The toy preset's build: model, training and resume, SAEs, dictionaries, check, shipping."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +26,7 @@ from core.toy.build import MAX_SHIPPED_MB, main
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
 from core.toy.training import TRAIN_SCALES, ToyTrainer
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOKE = TRAIN_SCALES["smoke"]
 
 
@@ -162,8 +166,7 @@ def test_resume_with_other_settings_or_a_corrupt_checkpoint_is_one_sentence(tmp_
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["ship", "--out", str(tmp_path)])
+    assert main(["ship", "--out", str(tmp_path)]) == 2
     assert "ship needs --to" in capsys.readouterr().err
     argv = ["check", "--scale", "smoke", "--out", str(tmp_path / "none"), "--device", "cpu"]
     assert main(argv) == 2
@@ -219,3 +222,13 @@ def test_shipped_toy_model_follows_captions_and_the_paper_claims(tmp_path):
     assert all(v for k, v in holds.items() if "rises with the steps" in k)
     assert holds["spatial edits succeed more often early than in the middle or final stage"]
     assert holds["global style edits change the background style most in the middle stage"]
+
+
+def test_help_from_the_command_line_states_the_defaults():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "core.toy.build", "--help"]
+    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--scale" in text and "(default: full)" in text
+    assert "(default: None)" not in text

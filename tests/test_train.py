@@ -1,4 +1,5 @@
-"""The training CLI end to end on the tiny preset, in subprocesses as a user runs it."""
+"""The training CLI end to end on the tiny preset: `main(argv)` in this process, and in
+subprocesses where a real process matters (a user's run, interruption, accelerate)."""
 
 import os
 import re
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.sae.model import SAEBank
+from core.training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = "mid_block.attentions.0"
@@ -58,6 +60,22 @@ def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.
     return subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use one thread, as the subprocesses do, so that all give the same SAEs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`main(args)` in this process: (exit code, stdout, stderr)."""
+    code = main(list(args))
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
@@ -67,7 +85,7 @@ def prompt_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, prompt_file) -> Path:
-    """An uninterrupted run, the reference for the others."""
+    """An uninterrupted run as a user starts it, the reference for the others."""
     out = tmp_path_factory.mktemp("runs") / "full"
     done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -95,10 +113,12 @@ def test_cli_trains_one_sae_per_block_t_and_branch(finished):
     assert (finished / "metrics.json").is_file()
 
 
-def test_help_describes_the_paper_defaults():
-    done = cli("--help")
-    assert done.returncode == 0
-    assert "--k-aux" in done.stdout and "default: 256" in done.stdout
+def test_help_describes_the_paper_defaults(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--help"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    assert "--k-aux" in out and "default: 256" in out
 
 
 def run_until_checkpoint(prompt_file: Path, out: Path, sig: int) -> subprocess.Popen:
@@ -115,37 +135,52 @@ def run_until_checkpoint(prompt_file: Path, out: Path, sig: int) -> subprocess.P
     return process
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, prompt_file) -> Path:
+    """A run killed (SIGKILL) after its first checkpoint; tests take copies."""
+    out = tmp_path_factory.mktemp("runs") / "killed"
+    run_until_checkpoint(prompt_file, out, signal.SIGKILL)
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_interruption_matches_an_uninterrupted_run(
-    tmp_path, prompt_file, finished, sig
+    tmp_path, prompt_file, finished, killed, capsys, sig
 ):
     out = tmp_path / "run"
-    process = run_until_checkpoint(prompt_file, out, sig)
-    if sig == signal.SIGINT:
+    if sig == signal.SIGKILL:
+        shutil.copytree(killed, out)
+    else:
+        process = run_until_checkpoint(prompt_file, out, sig)
         assert process.returncode == 130
         assert "--resume" in process.stdout.read()
     assert not (out / "saes").exists()
-    resumed = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert re.search(r"resuming after round [1-9]", resumed.stderr)
+    code, out_text, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume"
+    )
+    assert code == 0, out_text + err
+    assert re.search(r"resuming after round [1-9]", err)
     expected, got = weights(finished), weights(out)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_resume_refuses_changed_settings(tmp_path, prompt_file):
+def test_resume_refuses_changed_settings(tmp_path, prompt_file, killed, capsys):
     out = tmp_path / "run"
-    run_until_checkpoint(prompt_file, out, signal.SIGKILL)
+    shutil.copytree(killed, out)
     changed = [a if a != "128" else "256" for a in SMALL]
-    done = cli("--prompts", str(prompt_file), "--out", str(out), *changed, "--resume")
-    assert done.returncode != 0
-    assert "--num-latents" in done.stderr and "cannot resume" in done.stderr
+    code, _, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *changed, "--resume"
+    )
+    assert code != 0
+    assert "--num-latents" in err and "cannot resume" in err
 
 
-def test_training_from_shards(tmp_path, prompt_file, finished):
+def test_training_from_shards(tmp_path, prompt_file, finished, capsys):
     shards = tmp_path / "shards"
-    first = cli(
+    code, _, err = run_main(
+        capsys,
         "--prompts",
         str(prompt_file),
         "--out",
@@ -154,9 +189,11 @@ def test_training_from_shards(tmp_path, prompt_file, finished):
         "--write-shards",
         str(shards),
     )
-    assert first.returncode == 0, first.stderr
-    again = cli("--from-shards", str(shards), "--out", str(tmp_path / "b"), *SMALL)
-    assert again.returncode == 0, again.stderr
+    assert code == 0, err
+    code, _, err = run_main(
+        capsys, "--from-shards", str(shards), "--out", str(tmp_path / "b"), *SMALL
+    )
+    assert code == 0, err
     a = SAEBank.from_pretrained(tmp_path / "a" / "saes")
     b = SAEBank.from_pretrained(tmp_path / "b" / "saes")
     for key in a:
@@ -200,44 +237,44 @@ def test_two_processes_under_accelerate(tmp_path, prompt_file, finished):
         (["--prompts", "MISSING"], "does not exist"),
     ],
 )
-def test_bad_input_gets_one_clear_message(tmp_path, prompt_file, args, message):
+def test_bad_input_gets_one_clear_message(tmp_path, prompt_file, capsys, args, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     args = [{"EMPTY": str(empty), "MISSING": str(tmp_path / "nope.txt")}.get(a, a) for a in args]
     if "--prompts" not in args:
         args = ["--prompts", str(prompt_file), *args]
-    done = cli(*args, "--out", str(tmp_path / "out"), *SMALL)
-    assert done.returncode != 0
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    code, _, err = run_main(capsys, *args, "--out", str(tmp_path / "out"), *SMALL)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
 
 
-def test_an_earlier_run_is_never_overwritten_silently(tmp_path, prompt_file, finished):
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, prompt_file, finished, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     before = weights(out)
-    done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL)
-    assert done.returncode != 0 and "--resume" in done.stderr and "--overwrite" in done.stderr
+    code, _, err = run_main(capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL)
+    assert code != 0 and "--resume" in err and "--overwrite" in err
     assert weights(out).keys() == before.keys()
 
 
 @pytest.mark.parametrize("damaged", ["trainer.safetensors", "buffer.safetensors"])
-def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, prompt_file, damaged):
+def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, prompt_file, killed, capsys, damaged):
     out = tmp_path / "run"
-    run_until_checkpoint(prompt_file, out, signal.SIGKILL)
+    shutil.copytree(killed, out)
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     target = next(latest.rglob(damaged))
     target.write_bytes(target.read_bytes()[:100])
-    done = cli("--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume")
-    assert done.returncode != 0
-    assert "corrupt or truncated" in done.stderr and "Traceback" not in done.stderr
+    code, _, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL, "--resume"
+    )
+    assert code != 0
+    assert "corrupt or truncated" in err and "Traceback" not in err
     assert target.exists() and (out / "checkpoints" / "latest").exists()
 
 
 def test_push_to_hub_uploads_the_bank(tmp_path, prompt_file, monkeypatch):
     import huggingface_hub
-
-    from core.training.train import parse_args, train
 
     calls = {}
 
@@ -257,7 +294,7 @@ def test_push_to_hub_uploads_the_bank(tmp_path, prompt_file, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     args = ["--prompts", str(prompt_file), "--out", str(tmp_path / "run"), *SMALL]
     args += ["--blocks", MID, "--push-to-hub", "someone/tiny-saes"]
-    assert train(parse_args(args)) is not None
+    assert main(args) == 0
     assert calls["created"] == ("someone/tiny-saes", True)
     assert calls["path_in_repo"] is None
     assert calls["files"] == [f"{MID}/t0.00/cond/cfg.json", f"{MID}/t1.00/cond/cfg.json"]

@@ -14,10 +14,11 @@ over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
 `top_examples` can be computed later without generating again.
 """
 
-import argparse
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from simple_parsing import field
 
 from core.annotate.grounded_sam import (
     DINO_ID,
@@ -39,7 +40,7 @@ from core.emergence.concepts import (
 )
 from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
-from core.runtime import one_line_errors
+from core.runtime import command
 from core.sae.model import SAEBank, SAEKey
 from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
@@ -69,105 +70,117 @@ def quality_lines(
     return lines
 
 
-def make_annotator(name: str, args: argparse.Namespace) -> Annotator:
-    """The named annotator with the given (or core.annotate.grounded_sam's default) model ids."""
-    if name not in ANNOTATORS:
-        raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}")
-    if name == "toy":
+@dataclass(kw_only=True)
+class AnnotatorConfig:
+    """The annotator that labels generated images, and its models."""
+
+    annotator: str = field(default="grounded-sam", choices=ANNOTATORS)
+    """grounded-sam tags with CLIP and the prompt's nouns, grounded-sam-image-tags with CLIP
+    only; toy reads shapes-world pixels."""
+    clip_model: str = CLIP_ID
+    """CLIP id or folder: the tagger (and, in evaluate, the scorer of global edits)."""
+    dino_model: str = DINO_ID
+    """Grounding DINO id or folder."""
+    sam_model: str = SAM_ID
+    """SAM id or folder."""
+
+    def __post_init__(self) -> None:
+        if self.annotator not in ANNOTATORS:
+            raise ValueError(
+                f"unknown annotator {self.annotator!r}; choose one of {', '.join(ANNOTATORS)}"
+            )
+
+
+def make_annotator(config: AnnotatorConfig, device: str | None) -> Annotator:
+    """The annotator `config` names, on `device`."""
+    if config.annotator == "toy":
         return ToyAnnotator(with_background=True)
-    clip = ClipTagger(args.clip_model or CLIP_ID, device=args.device)
-    tagger = clip if name == "grounded-sam-image-tags" else UnionTagger(PromptNounTagger(), clip)
-    dino, sam = args.dino_model or DINO_ID, args.sam_model or SAM_ID
-    return GroundedSamAnnotator(tagger, dino, sam, device=args.device)
+    clip = ClipTagger(config.clip_model, device=device)
+    image_tags = config.annotator == "grounded-sam-image-tags"
+    tagger = clip if image_tags else UnionTagger(PromptNounTagger(), clip)
+    return GroundedSamAnnotator(tagger, config.dino_model, config.sam_model, device=device)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.emergence.build_dictionary",
-        description="Label SAE latents with object names from annotated generated images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--preset", default="sd14", choices=sorted(PRESETS))
-    p.add_argument("--model", help="pipeline Hub id or local folder (default: the preset's)")
-    p.add_argument("--saes", required=True, help="SAE bank: local folder or Hub repo")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, help="output folder (bank layout)")
-    p.add_argument("--blocks", nargs="+", help="blocks (default: every block of the bank)")
-    p.add_argument("--branches", nargs="+", default=["cond"], choices=BRANCHES)
-    p.add_argument("--t", nargs="+", type=float, help="SAE times to use (default: all)")
-    p.add_argument(
-        "--annotator",
-        default="grounded-sam",
-        choices=ANNOTATORS,
-        help="grounded-sam tags with CLIP and the prompt's nouns; -image-tags with CLIP only",
-    )
-    p.add_argument(
-        "--clip-model", help="CLIP tagger id or folder (default: core.annotate.grounded_sam's)"
-    )
-    p.add_argument("--dino-model", help="Grounding DINO id or folder")
-    p.add_argument("--sam-model", help="SAM id or folder")
-    p.add_argument(
-        "--word-vectors",
-        default=BUNDLED_GLOVE,
-        help="word vectors (the paper: word2vec-google-news-300, a 1.6 GB download)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    p.add_argument("--gen-batch", type=int, default=4, help="prompts generated at once")
-    p.add_argument("--limit", type=int, help="use at most this many prompts")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the preset's)")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    return p.parse_args(argv)
+@dataclass(kw_only=True)
+class DictionaryConfig:
+    """Settings of `python -m core.emergence.build_dictionary`."""
+
+    saes: str
+    """SAE bank: local folder or Hub repo."""
+    prompts: str
+    """Text file, one prompt per line."""
+    out: str
+    """Output folder (bank layout)."""
+    preset: str = field(default="sd14", choices=sorted(PRESETS))
+    """Preset: pipeline and sampling."""
+    model: str | None = None
+    """Pipeline Hub id or local folder (default: the preset's)."""
+    blocks: tuple[str, ...] | None = None
+    """Blocks (default: every block of the bank)."""
+    branches: tuple[str, ...] = field(default=("cond",), choices=BRANCHES, nargs="*")
+    """CFG branches whose SAEs get dictionaries."""
+    t: tuple[float, ...] | None = None
+    """SAE times to use (default: all)."""
+    annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    """Which annotator labels the generated images, and its models."""
+    word_vectors: str = BUNDLED_GLOVE
+    """Word vectors (the paper: word2vec-google-news-300, a 1.6 GB download)."""
+    seed: int = 0
+    """Prompt i uses seed + i (as in `core.training.train`)."""
+    gen_batch: int = 4
+    """Prompts generated at once."""
+    limit: int | None = None
+    """Use at most this many prompts."""
+    steps: int | None = None
+    """Denoising steps (default: the preset's)."""
+    guidance: float | None = None
+    """CFG scale (default: the preset's)."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
 
 
-def run(args: argparse.Namespace) -> dict[SAEKey, ConceptDictionary]:
-    prompts = read_prompts(args.prompts)[: args.limit]
-    preset = get_preset(args.preset, **({"model": args.model} if args.model else {}))
-    bank = SAEBank.from_pretrained(args.saes, args.blocks, args.branches, device="cpu")
-    keys = select_keys(bank, args.blocks, args.branches, args.t)
-    word_vectors = load_word_vectors(args.word_vectors)
-    pipe = load_pipeline(preset, device=args.device)
+def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
+    """Build, save and return the dictionaries `config` asks for, printing their quality."""
+    prompts = read_prompts(config.prompts)[: config.limit]
+    preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
+    bank = SAEBank.from_pretrained(config.saes, config.blocks, config.branches, device="cpu")
+    keys = select_keys(bank, config.blocks, config.branches, config.t)
+    word_vectors = load_word_vectors(config.word_vectors)
+    pipe = load_pipeline(preset, device=config.device)
     bank = SAEBank(bank[k].to(pipe.device) for k in keys)
-    annotator = make_annotator(args.annotator, args)
-    steps = args.steps or preset.steps
-    guidance = preset.guidance_scale if args.guidance is None else args.guidance
+    annotator = make_annotator(config.annotation, config.device)
+    steps = config.steps or preset.steps
+    guidance = preset.guidance_scale if config.guidance is None else config.guidance
     gathered = gather(
         pipe,
         bank,
         prompts,
         annotator,
         keys=keys,
-        seed=args.seed,
-        gen_batch=args.gen_batch,
+        seed=config.seed,
+        gen_batch=config.gen_batch,
         steps=steps,
         guidance_scale=guidance,
         resolution=preset.resolution,
     )
     dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
-    out = Path(args.out)
+    out = Path(config.out)
     save_dictionaries(dictionaries.values(), out)
     info = {
         "model": preset.model,
         "steps": steps,
         "guidance_scale": guidance,
-        "annotator": args.annotator,
-        "word_vectors": args.word_vectors,
+        "annotator": config.annotation.annotator,
+        "word_vectors": config.word_vectors,
     }
-    save_examples(out, gathered, prompts, args.seed, info)
+    save_examples(out, gathered, prompts, config.seed, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
     print(f"{len(prompts)} images, {gathered.num_objects} annotated objects")
     print(f"saved {len(dictionaries)} dictionaries to {out}")
     return dictionaries
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def work() -> int:
-        run(args)
-        return 0
-
-    return one_line_errors(work)
+main = command(DictionaryConfig, build, "python -m core.emergence.build_dictionary", __doc__)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ The functions below take built objects (pipeline, bank, dictionaries, annotators
 tests and the app call them directly; the CLI only loads things and writes files.
 """
 
-import argparse
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -27,12 +27,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from simple_parsing import field  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter, centre_of_mass
 from core.annotate.grounded_sam import Annotator, PromptNounTagger
 from core.annotate.quadrants import QUADRANTS, quadrant_of
-from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
     PRESETS,
@@ -41,7 +41,7 @@ from core.diffusion.presets import (  # noqa: E402
     load_pipeline,  # noqa: E402
 )
 from core.diffusion.sampling import generate_images  # noqa: E402
-from core.emergence.build_dictionary import ANNOTATORS, make_annotator  # noqa: E402
+from core.emergence.build_dictionary import AnnotatorConfig, make_annotator  # noqa: E402
 from core.emergence.composition import DEFAULT_THRESHOLD, iou, predict_over_steps  # noqa: E402
 from core.emergence.concepts import (  # noqa: E402
     ConceptDictionary,
@@ -60,7 +60,7 @@ from core.emergence.steer import (  # noqa: E402
 )
 from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
 from core.files import write_csv  # noqa: E402
-from core.runtime import one_line_errors  # noqa: E402
+from core.runtime import command  # noqa: E402
 from core.sae.model import SAEBank, SAEKey  # noqa: E402
 from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
 from core.training.activations import read_prompts  # noqa: E402
@@ -504,104 +504,120 @@ def format_table(rows: Rows, title: str) -> str:
 # CLI
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.emergence.evaluate",
-        description="Evaluate SAEs and concept dictionaries as paper 1 does.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--preset", default="sd14", choices=sorted(PRESETS))
-    p.add_argument("--model", help="pipeline Hub id or local folder (default: the preset's)")
-    p.add_argument("--saes", help="SAE bank folder or Hub repo (all tasks but quality)")
-    p.add_argument("--dictionaries", help="concept dictionaries (default: --saes)")
-    p.add_argument("--prompts", help="text file, one prompt per line (composition, global)")
-    p.add_argument("--out", required=True, help="output folder for CSVs and plots")
-    p.add_argument("--blocks", nargs="+", help="composition blocks (default: the preset's)")
-    p.add_argument("--branch", default="cond", choices=BRANCHES)
-    p.add_argument(
-        "--targets", default="nouns", help="composition words: nouns, labels, or a comma list"
-    )
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="composition cosine")
-    p.add_argument("--objects", nargs="+", default=list(PAPER_OBJECTS), help="spatial-edit objects")
-    p.add_argument("--quadrants", nargs="+", default=list(QUADRANTS), choices=QUADRANTS)
-    p.add_argument(
-        "--concepts", nargs="+", default=["snow", "painting", "flower"], help="global-edit concepts"
-    )
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
-    p.add_argument("--edit-block", default=MID, help="block edited by spatial/global edits")
-    p.add_argument("--annotator", default="grounded-sam", choices=ANNOTATORS)
-    p.add_argument("--clip-model", help=f"CLIP id or folder (default {CLIP_ID})")
-    p.add_argument("--clipseg-model", help=f"CLIPSeg id or folder (default {CLIPSEG_ID})")
-    p.add_argument("--dino-model", help="Grounding DINO id or folder")
-    p.add_argument("--sam-model", help="SAM id or folder")
-    p.add_argument("--word-vectors", help="default: the source the dictionaries were built with")
-    p.add_argument("--seed", type=int, default=0, help="prompt/object i uses seed + i")
-    p.add_argument("--limit", type=int, help="use at most this many prompts")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the preset's)")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    args = p.parse_args(argv)
-    needs_model = set(args.tasks) - {"quality"}
-    if needs_model and not args.saes:
-        p.error(f"--saes is needed for {', '.join(sorted(needs_model))}")
-    if not (args.dictionaries or args.saes):
-        p.error("give --dictionaries (or --saes holding them)")
-    if {"composition", "global"} & set(args.tasks) and not args.prompts:
-        p.error("--prompts is needed for composition and global")
-    return args
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Settings of `python -m core.emergence.evaluate`."""
+
+    out: str
+    """Output folder for CSVs and plots."""
+    tasks: tuple[str, ...] = field(default=TASKS, choices=TASKS, nargs="*")
+    """Evaluations to run."""
+    preset: str = field(default="sd14", choices=sorted(PRESETS))
+    """Preset: pipeline, sampling and hook points."""
+    model: str | None = None
+    """Pipeline Hub id or local folder (default: the preset's)."""
+    saes: str | None = None
+    """SAE bank folder or Hub repo (all tasks but quality)."""
+    dictionaries: str | None = None
+    """Concept dictionaries (default: --saes)."""
+    prompts: str | None = None
+    """Text file, one prompt per line (composition, global)."""
+    blocks: tuple[str, ...] | None = None
+    """Composition blocks (default: the preset's)."""
+    branch: str = field(default="cond", choices=BRANCHES)
+    """CFG branch of the SAEs and edits."""
+    targets: str = "nouns"
+    """Composition words: nouns, labels, or a comma list."""
+    threshold: float = DEFAULT_THRESHOLD
+    """Composition cosine threshold."""
+    objects: tuple[str, ...] = PAPER_OBJECTS
+    """Spatial-edit objects."""
+    quadrants: tuple[str, ...] = field(default=QUADRANTS, choices=QUADRANTS, nargs="*")
+    """Spatial-edit target quadrants."""
+    concepts: tuple[str, ...] = ("snow", "painting", "flower")
+    """Global-edit concepts."""
+    stages: tuple[str, ...] = field(default=tuple(STAGES), choices=tuple(STAGES), nargs="*")
+    """Stages the edits act in."""
+    edit_block: str = MID
+    """Block edited by spatial/global edits."""
+    annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    """Which annotator labels the generated images (composition), and its models."""
+    clipseg_model: str = CLIPSEG_ID
+    """CLIPSeg id or folder (spatial edits)."""
+    word_vectors: str | None = None
+    """Word vectors (default: the source the dictionaries were built with)."""
+    seed: int = 0
+    """Prompt/object i uses seed + i."""
+    limit: int | None = None
+    """Use at most this many prompts."""
+    steps: int | None = None
+    """Denoising steps (default: the preset's)."""
+    guidance: float | None = None
+    """CFG scale (default: the preset's)."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
+
+    def __post_init__(self) -> None:
+        needs_model = set(self.tasks) - {"quality"}
+        if needs_model and not self.saes:
+            raise ValueError(f"--saes is needed for {', '.join(sorted(needs_model))}")
+        if not (self.dictionaries or self.saes):
+            raise ValueError("give --dictionaries (or --saes holding them)")
+        if {"composition", "global"} & set(self.tasks) and not self.prompts:
+            raise ValueError("--prompts is needed for composition and global")
 
 
-def make_segmenter(args: argparse.Namespace) -> ClipSegSegmenter | ToySegmenter:
-    if args.annotator == "toy":
+def make_segmenter(config: EvaluateConfig) -> ClipSegSegmenter | ToySegmenter:
+    if config.annotation.annotator == "toy":
         return ToySegmenter()
-    return ClipSegSegmenter(args.clipseg_model or CLIPSEG_ID, device=args.device)
+    return ClipSegSegmenter(config.clipseg_model, device=config.device)
 
 
-def make_scorer(args: argparse.Namespace) -> ClipScorer | StyleScorer:
-    if args.annotator == "toy":
+def make_scorer(config: EvaluateConfig) -> ClipScorer | StyleScorer:
+    if config.annotation.annotator == "toy":
         return StyleScorer()
-    return ClipScorer(args.clip_model or CLIP_ID, device=args.device)
+    return ClipScorer(config.annotation.clip_model, device=config.device)
 
 
-def run(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    prompts = read_prompts(args.prompts)[: args.limit] if args.prompts else []
-    dictionaries = load_dictionaries(args.dictionaries or args.saes, branches=[args.branch])
-    source = args.word_vectors or next(iter(dictionaries.values())).word_vectors
+def evaluate(config: EvaluateConfig) -> None:
+    """Run the tasks `config` names, writing their CSVs and plots and printing summaries."""
+    out = Path(config.out)
+    prompts = read_prompts(config.prompts)[: config.limit] if config.prompts else []
+    dictionaries = load_dictionaries(config.dictionaries or config.saes, branches=[config.branch])
+    source = config.word_vectors or next(iter(dictionaries.values())).word_vectors
     word_vectors = load_word_vectors(source)
-    targets = args.targets if args.targets in ("nouns", "labels") else args.targets.split(",")
+    targets = config.targets if config.targets in ("nouns", "labels") else config.targets.split(",")
     if not isinstance(targets, str):
         check_words(targets, word_vectors)
-    if "quality" in args.tasks:
+    if "quality" in config.tasks:
         rows = quality_rows(dictionaries, word_vectors)
         write_csv(out / "quality.csv", rows)
         plot_quality(rows, out / "quality.png")
         print(format_table(rows, "concept cohesion / separability per SAE"))
-    if set(args.tasks) == {"quality"}:
+    if set(config.tasks) == {"quality"}:
         return
-    preset = get_preset(args.preset, **({"model": args.model} if args.model else {}))
-    pipe = load_pipeline(preset, device=args.device)
-    bank = SAEBank.from_pretrained(args.saes, branches=[args.branch], device=pipe.device)
+    preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
+    pipe = load_pipeline(preset, device=config.device)
+    bank = SAEBank.from_pretrained(config.saes, branches=[config.branch], device=pipe.device)
     common = dict(
-        seed=args.seed,
-        steps=args.steps or preset.steps,
+        seed=config.seed,
+        steps=config.steps or preset.steps,
         resolution=preset.resolution,
-        guidance_scale=preset.guidance_scale if args.guidance is None else args.guidance,
+        guidance_scale=preset.guidance_scale if config.guidance is None else config.guidance,
     )
-    if "composition" in args.tasks:
-        blocks = args.blocks or list(preset.hook_points)
+    if "composition" in config.tasks:
+        blocks = config.blocks or list(preset.hook_points)
         rows = composition_rows(
             pipe,
             bank,
             dictionaries,
             prompts,
-            make_annotator(args.annotator, args),
+            make_annotator(config.annotation, config.device),
             word_vectors,
             blocks=blocks,
-            branch=args.branch,
+            branch=config.branch,
             targets=targets,
-            threshold=args.threshold,
+            threshold=config.threshold,
             **common,
         )
         write_csv(out / "composition.csv", rows)
@@ -612,18 +628,20 @@ def run(args: argparse.Namespace) -> None:
         write_csv(out / "composition_summary.csv", summary)
         plot_composition(rows, out / "composition.png")
         print(format_table(summary, f"composition IoU ({PAPER_COMPOSITION})"))
-    edit = dict(block=args.edit_block, branch=args.branch, stages=args.stages, **common)
-    if "spatial" in args.tasks:
-        _, skipped = object_cids(dictionaries, args.objects, args.edit_block, args.branch)
+    edit = dict(block=config.edit_block, branch=config.branch, stages=config.stages, **common)
+    if "spatial" in config.tasks:
+        _, skipped = object_cids(dictionaries, config.objects, config.edit_block, config.branch)
         if skipped:
-            print(f"spatial: skipping {skipped}: no concept of {args.edit_block} has those labels")
+            print(
+                f"spatial: skipping {skipped}: no concept of {config.edit_block} has those labels"
+            )
         rows = spatial_edit_rows(
             pipe,
             bank,
             dictionaries,
-            args.objects,
-            make_segmenter(args),
-            quadrants=args.quadrants,
+            config.objects,
+            make_segmenter(config),
+            quadrants=config.quadrants,
             **edit,
         )
         summary = spatial_summary(rows)
@@ -633,10 +651,10 @@ def run(args: argparse.Namespace) -> None:
             summary, "success_rate", "paper", "spatial edits: success", out / "spatial.png"
         )
         print(format_table(summary, "spatial edits: CLIPSeg centre of mass in the target quadrant"))
-    if "global" in args.tasks:
-        _, skipped = object_cids(dictionaries, args.concepts, args.edit_block, args.branch)
+    if "global" in config.tasks:
+        _, skipped = object_cids(dictionaries, config.concepts, config.edit_block, config.branch)
         if skipped:
-            print(f"global: skipping {skipped}: no concept of {args.edit_block} has those labels")
+            print(f"global: skipping {skipped}: no concept of {config.edit_block} has those labels")
         distance, why = load_lpips(pipe.device)
         if why:
             print(why)
@@ -644,9 +662,9 @@ def run(args: argparse.Namespace) -> None:
             pipe,
             bank,
             dictionaries,
-            args.concepts,
+            config.concepts,
             prompts,
-            make_scorer(args),
+            make_scorer(config),
             lpips_distance=distance,
             **edit,
         )
@@ -660,14 +678,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote results to {out}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def work() -> int:
-        run(args)
-        return 0
-
-    return one_line_errors(work)
+main = command(EvaluateConfig, evaluate, "python -m core.emergence.evaluate", __doc__)
 
 
 if __name__ == "__main__":

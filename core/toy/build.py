@@ -13,29 +13,27 @@ a 32x32 version for a 2-core CPU (about 40 minutes in all); `--scale smoke` runs
 step in 20 s (the tests use it).
 """
 
-import argparse
 import json
 import shutil
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from simple_parsing import field
 
 from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_files
 from core.diffusion.presets import SD14_BLOCKS, get_preset, load_pipeline
 from core.emergence import build_dictionary
-from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
+from core.emergence.concepts import CONCEPTS_FILE, ConceptDictionary, load_dictionaries
 from core.emergence.words import load_word_vectors
-from core.runtime import default_device, one_line_errors
-from core.sae.model import SAEBank
+from core.runtime import command, default_device
+from core.sae.model import SAEBank, SAEKey
 from core.shapes.world import dataset
 from core.toy.check import CheckSettings, report, run_check
 from core.toy.model import parameter_count
 from core.toy.training import TRAIN_SCALES, ToyTrainConfig, ToyTrainer
-from core.training import train as sae_train
-from core.training.train import stop_on_signals
+from core.training.train import RunConfig, stop_on_signals, train
 
 STEPS = ("train", "saes", "dictionary", "check", "ship")
 MAX_SHIPPED_MB = 30.0
@@ -83,7 +81,8 @@ ANALYSIS_SCALES: dict[str, AnalysisSettings] = {
 
 
 class ToyRun:
-    """The folder of one toy build and the settings of its scale."""
+    """The folder of one toy build, the settings of its scale, and what its steps made in
+    this process (so that a later step need not read it back)."""
 
     def __init__(self, out: str | Path, scale: str, device: str | None):
         self.out, self.scale = Path(out), scale
@@ -93,6 +92,10 @@ class ToyRun:
         self.check_settings = replace(
             self.analysis.check, resolution=self.training.model.image_size
         )
+        self.dictionaries: dict[SAEKey, ConceptDictionary] | None = None
+        """Set by the dictionary step."""
+        self.check_report: str | None = None
+        """Set by the check step."""
 
     @property
     def pipeline(self) -> Path:
@@ -130,20 +133,16 @@ class ToyRun:
             )
         }
 
-    def common_args(self) -> list[str]:
+    def generation(self) -> dict:
+        """The pipeline and sampling settings shared by the SAE and dictionary configs."""
         a = self.analysis
-        return [
-            "--preset",
-            "toy",
-            "--model",
-            str(self.pipeline),
-            "--device",
-            self.device,
-            "--steps",
-            str(a.steps),
-            "--guidance",
-            str(a.guidance_scale),
-        ]
+        return dict(
+            preset="toy",
+            model=str(self.pipeline),
+            device=self.device,
+            steps=a.steps,
+            guidance=a.guidance_scale,
+        )
 
 
 def train_model(run: ToyRun) -> bool:
@@ -170,38 +169,26 @@ def train_saes(run: ToyRun) -> bool:
         return True
     work = run.out / "sae_run"
     a = run.analysis
-    argv = [
-        *run.common_args(),
-        "--prompts",
-        str(run.prompts("sae")),
-        "--out",
-        str(work),
-        "--t",
-        "1.0",
-        "0.5",
-        "0.0",
-        "--blocks",
-        *SD14_BLOCKS,
-        "--branches",
-        "cond",
-        "--gen-batch",
-        str(a.gen_batch),
-        "--batch-size",
-        str(a.sae_batch),
-        "--buffer-size",
-        str(a.buffer_size),
-        "--lr",
-        str(a.sae_lr),
-        "--resolution",
-        str(run.training.model.image_size),
-    ]
-    if (work / "checkpoints" / "latest").is_file():
-        argv.append("--resume")
-    elif work.exists():
-        argv.append("--overwrite")
-    if sae_train.train(sae_train.parse_args(argv)) is None:
+    resume = (work / "checkpoints" / "latest").is_file()
+    config = RunConfig(
+        **run.generation(),
+        prompts=str(run.prompts("sae")),
+        out=str(work),
+        t=(1.0, 0.5, 0.0),
+        blocks=SD14_BLOCKS,
+        branches=("cond",),
+        gen_batch=a.gen_batch,
+        batch_size=a.sae_batch,
+        buffer_size=a.buffer_size,
+        lr=a.sae_lr,
+        resolution=run.training.model.image_size,
+        resume=resume,
+        overwrite=not resume and work.exists(),
+    )
+    bank = train(config)
+    if bank is None:
         return False
-    shutil.copytree(work / "saes", run.saes, dirs_exist_ok=True)
+    bank.save_pretrained(run.saes)
     shutil.copy(work / "metrics.json", run.saes / "metrics.json")
     return True
 
@@ -214,20 +201,15 @@ def build_dictionaries(run: ToyRun) -> bool:
     if any(run.saes.rglob(CONCEPTS_FILE)):
         print(f"{run.saes} holds dictionaries already")
         return True
-    argv = [
-        *run.common_args(),
-        "--saes",
-        str(run.saes),
-        "--prompts",
-        str(run.prompts("dictionary")),
-        "--out",
-        str(run.saes),
-        "--annotator",
-        "toy",
-        "--gen-batch",
-        str(run.analysis.gen_batch),
-    ]
-    build_dictionary.run(build_dictionary.parse_args(argv))
+    config = build_dictionary.DictionaryConfig(
+        **run.generation(),
+        saes=str(run.saes),
+        prompts=str(run.prompts("dictionary")),
+        out=str(run.saes),
+        annotation=build_dictionary.AnnotatorConfig(annotator="toy"),
+        gen_batch=run.analysis.gen_batch,
+    )
+    run.dictionaries = build_dictionary.build(config)
     return True
 
 
@@ -239,7 +221,7 @@ def check(run: ToyRun) -> bool:
         )
     preset = get_preset("toy", model=str(run.pipeline), guidance_scale=run.analysis.guidance_scale)
     pipe = load_pipeline(preset, device=run.device)
-    dictionaries = load_dictionaries(run.saes, branches=["cond"])
+    dictionaries = run.dictionaries or load_dictionaries(run.saes, branches=["cond"])
     bank = SAEBank.from_pretrained(run.saes, branches=["cond"], device=pipe.device)
     words = load_word_vectors(next(iter(dictionaries.values())).word_vectors)
     out = run.out / "check"
@@ -254,8 +236,9 @@ def check(run: ToyRun) -> bool:
         SD14_BLOCKS,
         out,
     )
-    (out / "report.md").write_text(report(results))
-    print(report(results))
+    run.check_report = report(results)
+    (out / "report.md").write_text(run.check_report)
+    print(run.check_report)
     return True
 
 
@@ -280,7 +263,9 @@ def model_card(run: ToyRun, size_mb: float) -> str:
     log_path = run.out / "work" / "log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     check_path = run.out / "check" / "report.md"
-    check_text = check_path.read_text() if check_path.is_file() else "Not run.\n"
+    check_text = run.check_report or (
+        check_path.read_text() if check_path.is_file() else "Not run.\n"
+    )
     return "\n".join(
         [
             "---",
@@ -319,29 +304,34 @@ def model_card(run: ToyRun, size_mb: float) -> str:
     )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.toy.build",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("step", choices=[*STEPS, "all"])
-    p.add_argument("--out", required=True, help="run folder (created; reruns resume)")
-    p.add_argument("--scale", default="full", choices=sorted(TRAIN_SCALES))
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--to", "--ship", dest="to", help="assets folder to ship to (ship, all)")
-    p.add_argument("--overwrite", action="store_true", help="delete --out first")
-    args = p.parse_args(argv)
-    if args.step == "ship" and not args.to:
-        p.error("ship needs --to, e.g. --to assets/toy")
-    return args
+@dataclass(kw_only=True)
+class BuildConfig:
+    """Settings of `python -m core.toy.build`."""
+
+    step: str = field(positional=True, choices=(*STEPS, "all"))
+    """The step to run, or all of them in order."""
+    out: str
+    """Run folder (created; reruns resume)."""
+    scale: str = field(default="full", choices=sorted(TRAIN_SCALES))
+    """full: the shipped recipe (one GPU); cpu: 32x32 for a 2-core CPU; smoke: 20 s."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
+    to: str | None = field(default=None, alias="--ship")
+    """Assets folder to ship to (ship, all)."""
+    overwrite: bool = False
+    """Delete --out first."""
+
+    def __post_init__(self) -> None:
+        if self.step == "ship" and not self.to:
+            raise ValueError("ship needs --to, e.g. --to assets/toy")
 
 
-def run_steps(args: argparse.Namespace) -> int:
-    if args.overwrite:
-        shutil.rmtree(args.out, ignore_errors=True)
-    run = ToyRun(args.out, args.scale, args.device)
-    steps = STEPS if args.step == "all" else (args.step,)
+def build_toy(config: BuildConfig) -> bool:
+    """Run the step (or all steps) `config` names; False if training was interrupted."""
+    if config.overwrite:
+        shutil.rmtree(config.out, ignore_errors=True)
+    run = ToyRun(config.out, config.scale, config.device)
+    steps = STEPS if config.step == "all" else (config.step,)
     work = {
         "train": train_model,
         "saes": train_saes,
@@ -350,16 +340,20 @@ def run_steps(args: argparse.Namespace) -> int:
     }
     for step in steps:
         if step == "ship":
-            if args.to:
-                ship(run, Path(args.to))
+            if config.to:
+                ship(run, Path(config.to))
         elif not work[step](run):
-            return 130
-    return 0
+            return False
+    return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: run_steps(args))
+main = command(
+    BuildConfig,
+    build_toy,
+    "python -m core.toy.build",
+    __doc__,
+    exit_code=lambda finished: 0 if finished else 130,
+)
 
 
 if __name__ == "__main__":

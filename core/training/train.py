@@ -9,22 +9,23 @@ SAEs as an uninterrupted run. Under `accelerate launch` each process generates i
 share of the prompts and gradients are averaged over processes, so all hold the same SAEs.
 """
 
-import argparse
 import json
 import shutil
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from simple_parsing import field
 from tqdm.auto import tqdm
 
 from core.diffusion.hooks import BRANCHES, resolve_blocks
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
-from core.runtime import one_line_errors
+from core.runtime import command
 from core.sae.model import SAEBank, SAEKey
 from core.training.activations import (
     GenerationSource,
@@ -69,24 +70,78 @@ RESUME_MUST_MATCH = (
 )
 
 
+@dataclass(kw_only=True)
+class RunConfig(TrainConfig):
+    """Settings of `python -m core.training.train`: the SAE fields of TrainConfig (the emergence
+    paper's values), then the model, the data and the run. Prompt i is generated from seed + i."""
+
+    out: str
+    """Output folder."""
+    preset: str = field(default="tiny", choices=sorted(PRESETS))
+    """Preset: pipeline, sampling and hook points."""
+    model: str | None = None
+    """Pipeline Hub id or local folder (default: the preset's)."""
+    prompts: str | None = None
+    """Text file, one prompt per line."""
+    dataset: str | None = None
+    """Hugging Face dataset to read prompts from."""
+    column: str = "text"
+    """Dataset column holding the prompts."""
+    split: str = "train"
+    """Dataset split."""
+    limit: int | None = None
+    """Use at most this many prompts."""
+    blocks: tuple[str, ...] | None = None
+    """Hook points (default: the preset's)."""
+    t: tuple[float, ...] = (1.0, 0.5, 0.0)
+    """Denoising times to train SAEs for (1 = noise)."""
+    branches: tuple[str, ...] = field(default=("cond",), choices=BRANCHES, nargs="*")
+    """CFG branches to train SAEs for."""
+    steps: int | None = None
+    """Denoising steps (default: the preset's)."""
+    guidance: float | None = None
+    """CFG scale (default: the preset's)."""
+    resolution: int | None = None
+    """Image side in pixels (default: the preset's)."""
+    gen_batch: int = 8
+    """Prompts generated at once."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
+    buffer_size: int = 65536
+    """Rows held per SAE before training starts drawing batches."""
+    save_every: int = 500
+    """Checkpoint every N training steps."""
+    resume: bool = False
+    """Continue from the last checkpoint."""
+    overwrite: bool = False
+    """Discard an earlier run in --out."""
+    write_shards: str | None = None
+    """Also write the activations as fp16 shards to this folder."""
+    from_shards: str | None = None
+    """Train from shards in this folder instead of generating."""
+    push_to_hub: str | None = field(default=None, metavar="REPO")
+    """Upload the SAEs to this Hub repo."""
+
+    def __post_init__(self) -> None:
+        if not (self.prompts or self.dataset or self.from_shards):
+            raise ValueError("give --prompts FILE, --dataset NAME or --from-shards FOLDER")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; choose one")
+
+    def train_config(self) -> TrainConfig:
+        """The SAE settings alone, as each trainer keeps them in its checkpoints."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+
 class Run:
     """One training run's state: a buffer and a trainer per key, and the next round."""
 
-    def __init__(self, args: argparse.Namespace, keys: Sequence[SAEKey], model_name: str):
-        self.args, self.keys, self.model_name = args, list(keys), model_name
+    def __init__(self, config: RunConfig, keys: Sequence[SAEKey], model_name: str):
+        self.args = config
+        """The run's settings; `Checkpointer` stores them under this name."""
+        self.keys, self.model_name = list(keys), model_name
         self.state = PartialState()
-        self.cfg = TrainConfig(
-            expansion_factor=args.expansion_factor,
-            num_latents=args.num_latents,
-            k=args.k,
-            k_aux=args.k_aux,
-            auxk_alpha=args.auxk_alpha,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-            dead_after=args.dead_after,
-            seed=args.seed,
-        )
+        self.cfg = config.train_config()
         self.buffers: dict[SAEKey, ShuffleBuffer] = {}
         self.trainers: dict[SAEKey, SAETrainer] = {}
         self.next_round = 0
@@ -150,134 +205,64 @@ class Run:
         }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m core.training.train",
-        description="Train TopK SAEs on residual updates of a diffusion model's blocks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    src = p.add_argument_group("model and data")
-    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    src.add_argument("--model", help="pipeline Hub id or local folder (default: the preset's)")
-    src.add_argument("--prompts", help="text file, one prompt per line")
-    src.add_argument("--dataset", help="Hugging Face dataset to read prompts from")
-    src.add_argument("--column", default="text", help="dataset column holding the prompts")
-    src.add_argument("--split", default="train")
-    src.add_argument("--limit", type=int, help="use at most this many prompts")
-    src.add_argument("--blocks", nargs="+", help="hook points (default: the preset's)")
-    src.add_argument(
-        "--t",
-        nargs="+",
-        type=float,
-        default=[1.0, 0.5, 0.0],
-        help="denoising times to train SAEs for (1 = noise)",
-    )
-    src.add_argument("--branches", nargs="+", default=["cond"], choices=BRANCHES)
-    src.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    src.add_argument("--guidance", type=float, help="CFG scale (default: the preset's)")
-    src.add_argument("--resolution", type=int, help="image side in pixels")
-    src.add_argument("--gen-batch", type=int, default=8, help="prompts generated at once")
-    src.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    src.add_argument("--device", help="default: cuda if available, else cpu")
-
-    sae = p.add_argument_group("SAE and optimisation (defaults: the emergence paper)")
-    sae.add_argument("--expansion-factor", type=int, default=4, help="latents per input channel")
-    sae.add_argument("--num-latents", type=int, help="overrides --expansion-factor")
-    sae.add_argument("-k", "--k", type=int, default=10, help="active latents per row")
-    sae.add_argument("--k-aux", type=int, default=256, help="dead latents used by AuxK")
-    sae.add_argument("--auxk-alpha", type=float, default=1 / 32, help="weight of the AuxK loss")
-    sae.add_argument("--batch-size", type=int, default=4096, help="rows per training step")
-    sae.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    sae.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-    sae.add_argument(
-        "--dead-after",
-        type=int,
-        default=10_000_000,
-        help="a latent silent for this many samples counts as dead",
-    )
-    sae.add_argument(
-        "--buffer-size",
-        type=int,
-        default=65536,
-        help="rows held per SAE before training starts drawing batches",
-    )
-
-    run = p.add_argument_group("run")
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
-    run.add_argument("--write-shards", help="also write the activations as fp16 shards here")
-    run.add_argument("--from-shards", help="train from shards instead of generating")
-    run.add_argument("--push-to-hub", metavar="REPO", help="upload the SAEs to this Hub repo")
-    args = p.parse_args(argv)
-    if not (args.prompts or args.dataset or args.from_shards):
-        p.error("give --prompts FILE, --dataset NAME or --from-shards FOLDER")
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; choose one")
-    return args
-
-
-def prepare_output(args: argparse.Namespace, state: PartialState) -> Checkpointer:
-    out = Path(args.out)
+def prepare_output(config: RunConfig, state: PartialState) -> Checkpointer:
+    out = Path(config.out)
     checkpoints = Checkpointer(out / "checkpoints")
     earlier = out.exists() and any(out.iterdir())
-    if earlier and not (args.resume or args.overwrite):
-        raise SystemExit(
-            f"error: {out} already holds a run; pass --resume to continue it "
-            "or --overwrite to start again"
+    if earlier and not (config.resume or config.overwrite):
+        raise ValueError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
         )
-    if args.resume and checkpoints.latest() is None:
-        raise SystemExit(f"error: --resume, but {out} has no checkpoint to resume from")
-    if args.overwrite and earlier and state.is_main_process:
+    if config.resume and checkpoints.latest() is None:
+        raise ValueError(f"--resume, but {out} has no checkpoint to resume from")
+    if config.overwrite and earlier and state.is_main_process:
         shutil.rmtree(out)
     state.wait_for_everyone()
     return checkpoints
 
 
-def check_resumable(args: argparse.Namespace, saved: dict, world_size: int) -> None:
-    changed = [k for k in RESUME_MUST_MATCH if saved["args"].get(k) != vars(args).get(k)]
+def check_resumable(config: RunConfig, saved: dict, world_size: int) -> None:
+    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as the checkpoint has them
+    changed = [k for k in RESUME_MUST_MATCH if saved["args"].get(k) != current.get(k)]
     if changed:
-        raise SystemExit(
-            f"error: cannot resume: these settings differ from the run being "
+        raise ValueError(
+            f"cannot resume: these settings differ from the run being "
             f"resumed: {', '.join('--' + c.replace('_', '-') for c in changed)}"
         )
     if saved["world_size"] != world_size:
-        raise SystemExit(
-            f"error: cannot resume with {world_size} processes a run that used "
-            f"{saved['world_size']}"
+        raise ValueError(
+            f"cannot resume with {world_size} processes a run that used {saved['world_size']}"
         )
 
 
-def make_source(args, keys, state: PartialState):
-    if args.from_shards:
-        return ShardSource(args.from_shards, keys, rank=state.process_index)
-    preset = get_preset(args.preset)
+def make_source(
+    config: RunConfig, keys: Sequence[SAEKey], state: PartialState
+) -> GenerationSource | ShardSource:
+    if config.from_shards:
+        return ShardSource(config.from_shards, keys, rank=state.process_index)
     prompts = (
-        read_prompts(args.prompts)
-        if args.prompts
-        else dataset_prompts(args.dataset, args.column, args.split, args.limit)
+        read_prompts(config.prompts)
+        if config.prompts
+        else dataset_prompts(config.dataset, config.column, config.split, config.limit)
     )
-    prompts = prompts[: args.limit]
+    prompts = prompts[: config.limit]
     if len(prompts) < state.num_processes:
-        raise SystemExit(f"error: {len(prompts)} prompts for {state.num_processes} processes")
-    if args.model:
-        preset = get_preset(args.preset, model=args.model)
-    pipe = load_pipeline(preset, device=args.device or str(state.device))
+        raise ValueError(f"{len(prompts)} prompts for {state.num_processes} processes")
+    preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
+    pipe = load_pipeline(preset, device=config.device or str(state.device))
     resolve_blocks(pipe.unet, {k.block for k in keys})
-    source = GenerationSource(
+    return GenerationSource(
         pipe,
         prompts,
         keys,
-        steps=args.steps or preset.steps,
-        guidance_scale=preset.guidance_scale if args.guidance is None else args.guidance,
-        batch_size=args.gen_batch,
-        seed=args.seed,
-        resolution=args.resolution or preset.resolution,
+        steps=config.steps or preset.steps,
+        guidance_scale=preset.guidance_scale if config.guidance is None else config.guidance,
+        batch_size=config.gen_batch,
+        seed=config.seed,
+        resolution=config.resolution or preset.resolution,
         rank=state.process_index,
         world_size=state.num_processes,
     )
-    return source
 
 
 class StopFlag:
@@ -307,17 +292,17 @@ def stop_on_signals() -> Iterator[StopFlag]:
             signal.signal(sig, handler)
 
 
-def train(args: argparse.Namespace) -> SAEBank | None:
-    """Run training as `args` say; returns the SAEs, or None if interrupted."""
+def train(config: RunConfig) -> SAEBank | None:
+    """Run training as `config` says; returns the SAEs, or None if interrupted."""
     state = PartialState()
-    preset = get_preset(args.preset)
-    blocks = args.blocks or list(preset.hook_points)
-    keys = [SAEKey(b, t, br) for b in blocks for t in args.t for br in args.branches]
-    source = make_source(args, keys, state)
-    checkpoints = prepare_output(args, state)
-    run = Run(args, keys, model_name=args.model or preset.model)
-    if args.resume:
-        check_resumable(args, checkpoints.saved_state(), state.num_processes)
+    preset = get_preset(config.preset)
+    blocks = config.blocks or list(preset.hook_points)
+    keys = [SAEKey(b, t, br) for b in blocks for t in config.t for br in config.branches]
+    source = make_source(config, keys, state)
+    checkpoints = prepare_output(config, state)
+    run = Run(config, keys, model_name=config.model or preset.model)
+    if config.resume:
+        check_resumable(config, checkpoints.saved_state(), state.num_processes)
         checkpoints.load(run)
         if state.is_main_process:
             print(f"resuming after round {run.next_round} of {source.num_rounds}", file=sys.stderr)
@@ -332,15 +317,19 @@ def train(args: argparse.Namespace) -> SAEBank | None:
     run.train_ready(drain=True)
     bank = run.bank()
     if state.is_main_process:
-        save_results(args, run, bank)
+        save_results(config, run, bank)
     state.wait_for_everyone()
     return bank
 
 
-def train_rounds(run: Run, source, checkpoints: Checkpointer, stop: StopFlag) -> bool:
+def train_rounds(
+    run: Run, source: GenerationSource | ShardSource, checkpoints: Checkpointer, stop: StopFlag
+) -> bool:
     """Feed every remaining round to the buffers and train; False if stopped early."""
-    args = run.args
-    writer = ShardWriter(args.write_shards, run.state.process_index) if args.write_shards else None
+    config = run.args
+    writer = (
+        ShardWriter(config.write_shards, run.state.process_index) if config.write_shards else None
+    )
     tail_start = int(0.9 * source.num_rounds)
     with tqdm(
         total=source.num_rounds,
@@ -360,15 +349,15 @@ def train_rounds(run: Run, source, checkpoints: Checkpointer, stop: StopFlag) ->
             bar.update(1)
             bar.set_postfix(steps=sum(t.num_steps for t in run.trainers.values()))
             interrupted = agree_sum(int(stop.raised)) > 0
-            if interrupted or run.steps_since_save >= args.save_every:
+            if interrupted or run.steps_since_save >= config.save_every:
                 checkpoints.save(run)
             if interrupted:
                 return False
     return True
 
 
-def save_results(args: argparse.Namespace, run: Run, bank: SAEBank) -> None:
-    out = Path(args.out)
+def save_results(config: RunConfig, run: Run, bank: SAEBank) -> None:
+    out = Path(config.out)
     bank.save_pretrained(out / "saes")
     metrics = run.metrics()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -380,14 +369,18 @@ def save_results(args: argparse.Namespace, run: Run, bank: SAEBank) -> None:
             f"{m['l0']:6.1f} {m['dead_fraction']:6.3f}"
         )
     print(f"saved {len(bank)} SAEs to {out / 'saes'}")
-    if args.push_to_hub:
-        bank.push_to_hub(args.push_to_hub)
-        print(f"pushed to the Hub repo {args.push_to_hub}")
+    if config.push_to_hub:
+        bank.push_to_hub(config.push_to_hub)
+        print(f"pushed to the Hub repo {config.push_to_hub}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors(lambda: 0 if train(args) is not None else 130)
+main = command(
+    RunConfig,
+    train,
+    "python -m core.training.train",
+    __doc__,
+    exit_code=lambda bank: 0 if bank is not None else 130,
+)
 
 
 if __name__ == "__main__":
