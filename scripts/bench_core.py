@@ -30,7 +30,8 @@ from core.emergence.composition import concept_map
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.steer import Intervention, intervene, quadrant_mask
 from core.emergence.words import load_word_vectors
-from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import SAEConfig, TopKSAE
 from core.training.activations import GenerationSource
 from core.training.trainer import SAETrainer, TrainConfig
 

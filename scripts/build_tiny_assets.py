@@ -35,7 +35,7 @@ from core.emergence.concepts import save_dictionaries
 from core.emergence.gathering import gather, save_examples
 from core.emergence.words import BUNDLED_GLOVE, load_word_vectors
 from core.runtime import command
-from core.sae.model import SAEBank
+from core.sae.bank import SAEBank
 from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
 from core.training.train import RunConfig, train

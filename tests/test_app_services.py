@@ -10,7 +10,7 @@ from PIL import Image
 
 from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
-from core.sae.model import SAEKey
+from core.sae.bank import SAEKey
 from core.views import inspection
 from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words

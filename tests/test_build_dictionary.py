@@ -21,7 +21,8 @@ from core.emergence.composition import latent_grid
 from core.emergence.concepts import load_dictionaries
 from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
 from core.emergence.words import load_word_vectors
-from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import SAEConfig, TopKSAE
 from tests.helpers import dense_latents
 
 ROOT = Path(__file__).resolve().parents[1]

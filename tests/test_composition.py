@@ -14,7 +14,8 @@ from core.emergence.composition import (
 )
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.words import WordVectors, load_word_vectors
-from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import SAEConfig, TopKSAE
 from tests.helpers import dense_latents, seeded
 
 UP = "up_blocks.1.attentions.0"

@@ -21,7 +21,8 @@ from core.emergence.concepts import (
     top_examples,
 )
 from core.emergence.words import WordVectors
-from core.sae.model import SAEBank, SAEConfig, SAEKey, TopKSAE, bank_subfolder
+from core.sae.bank import SAEBank, SAEKey, bank_subfolder
+from core.sae.model import SAEConfig, TopKSAE
 
 KEY = SAEKey("up_blocks.1.attentions.0", 1.0, "cond")
 

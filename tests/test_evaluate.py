@@ -27,7 +27,8 @@ from core.emergence.evaluate import (
 )
 from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
-from core.sae.model import SAEBank, SAEConfig, TopKSAE
+from core.sae.bank import SAEBank
+from core.sae.model import SAEConfig, TopKSAE
 from tests.helpers import save_clip, save_clipseg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import torch
 
 from core.revelio import ksae
 from core.revelio.ksae_folders import ksae_folder, load_ksaes, sae_timestep
-from core.sae.model import SAEBank, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import TopKSAE
 from tests.helpers import LAYERS, TIMESTEPS, assert_defaults_stated_once, command_help, write_cache
 
 

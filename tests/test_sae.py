@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import core.sae.model
-from core.sae.model import LatentStats, SAEBank, SAEConfig, SAEKey, SAELoadError, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import LatentStats, SAEConfig, SAELoadError, TopKSAE
 from core.sae.sparse_ops import encoder_acts_at
 from core.training.trainer import SAETrainer, TrainConfig, read_checkpoint
 

@@ -14,7 +14,7 @@ from core.emergence.steer import (
     region_on_grid,
     stage_window,
 )
-from core.sae.model import SAEBank
+from core.sae.bank import SAEBank
 from core.training.activations import to_rows
 from tests.helpers import hook_count, random_sae, recorded_steps, seeded
 

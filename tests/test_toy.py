@@ -19,7 +19,7 @@ from core.annotate.clipseg import centre_of_mass
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
 from core.diffusion.hooks import resolve_blocks
 from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset, load_pipeline
-from core.sae.model import SAEBank
+from core.sae.bank import SAEBank
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
 from core.toy.build import MAX_SHIPPED_MB, main

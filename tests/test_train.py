@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.sae.model import SAEBank
+from core.sae.bank import SAEBank
 from core.training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,7 @@ from core.emergence.concepts import (
 from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 from core.runtime import command
-from core.sae.model import SAEBank, SAEKey
+from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
 

@@ -23,7 +23,8 @@ from torch import Tensor
 from core.diffusion.hooks import Recording, StepInfo
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.words import WordVectors
-from core.sae.model import SAEBank, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import TopKSAE
 from core.training.activations import to_rows
 
 DEFAULT_THRESHOLD = 0.7

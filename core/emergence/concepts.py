@@ -33,7 +33,8 @@ from torch import Tensor
 
 from core.emergence.words import WordVectors, cosines
 from core.files import atomic_write, local_or_snapshot, write_json
-from core.sae.model import SAEKey, TopKSAE, bank_subfolder
+from core.sae.bank import SAEKey, bank_subfolder
+from core.sae.model import TopKSAE
 
 CONCEPTS_FILE = "concepts.json"
 EMBEDDINGS_FILE = "concept_embeddings.safetensors"

@@ -61,7 +61,7 @@ from core.emergence.steer import (  # noqa: E402
 from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
 from core.files import write_csv  # noqa: E402
 from core.runtime import command  # noqa: E402
-from core.sae.model import SAEBank, SAEKey  # noqa: E402
+from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
 from core.training.activations import read_prompts  # noqa: E402
 

@@ -21,7 +21,7 @@ from core.emergence.concepts import (
     DictionaryBuilder,
 )
 from core.emergence.words import WordVectors
-from core.sae.model import SAEBank, SAEKey, bank_subfolder
+from core.sae.bank import SAEBank, SAEKey, bank_subfolder
 
 SPATIAL_MEANS_FILE = "spatial_means.safetensors"
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from core.annotate.quadrants import QUADRANTS
 from core.diffusion.hooks import BRANCHES, edit, resolve_blocks
 from core.diffusion.presets import STAGES
-from core.sae.model import SAEBank, SAEKey, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import TopKSAE
 from core.training.activations import to_rows
 
 KINDS = ("spatial", "global", "ablate")

@@ -7,7 +7,8 @@ kept in `cfg.metrics["timestep"]`.
 
 from pathlib import Path
 
-from core.sae.model import SAEBank, TopKSAE
+from core.sae.bank import SAEBank
+from core.sae.model import TopKSAE
 
 
 def sae_t(timestep: int) -> float:

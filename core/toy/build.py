@@ -28,7 +28,7 @@ from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, ConceptDictionary, load_dictionaries
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device
-from core.sae.model import SAEBank, SAEKey
+from core.sae.bank import SAEBank, SAEKey
 from core.shapes.world import dataset
 from core.toy.check import CheckSettings, report, run_check
 from core.toy.model import parameter_count

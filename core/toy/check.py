@@ -40,7 +40,7 @@ from core.emergence.evaluate import (
 )
 from core.emergence.words import WordVectors
 from core.files import write_csv
-from core.sae.model import SAEBank, SAEKey
+from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import SHAPES, STYLES, Scene, dataset
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from core.diffusion.hooks import StepInfo, hooked, nearest_indices, schedule_t
 from core.diffusion.sampling import generate_images
-from core.sae.model import SAEKey
+from core.sae.bank import SAEKey
 
 Round = dict[SAEKey, Tensor]
 

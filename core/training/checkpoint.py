@@ -20,7 +20,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 from core.files import read_safetensors
-from core.sae.model import SAEKey, bank_subfolder
+from core.sae.bank import SAEKey, bank_subfolder
 from core.training.distributed import average_gradients
 from core.training.trainer import SAETrainer
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from core.diffusion.hooks import BRANCHES, resolve_blocks
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
 from core.runtime import command
-from core.sae.model import SAEBank, SAEKey
+from core.sae.bank import SAEBank, SAEKey
 from core.training.activations import (
     GenerationSource,
     Round,

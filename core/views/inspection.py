@@ -26,7 +26,8 @@ from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
 from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
 from core.files import ASSETS
-from core.sae.model import SAEKey, TopKSAE
+from core.sae.bank import SAEKey
+from core.sae.model import TopKSAE
 from core.training.activations import read_prompts
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import ExampleIndex, Loaded

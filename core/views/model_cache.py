@@ -32,7 +32,8 @@ from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spa
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
 from core.runtime import default_device
-from core.sae.model import SAEBank, SAEKey, SAELoadError, TopKSAE
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import SAELoadError, TopKSAE
 
 SHAPES_WORLD_PRESETS = ("tiny", "toy")
 """Presets whose images are annotated with the shapes-world annotator."""

@@ -31,7 +31,7 @@ from core.emergence.steer import (
     validate,
 )
 from core.runtime import ModelNotAvailableError
-from core.sae.model import SAEKey
+from core.sae.bank import SAEKey
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import Loaded
 from core.views.render import difference_map
