@@ -31,23 +31,25 @@ from transformers import (
     SwinConfig,
 )
 
+from core.annotate.annotation import Annotator, ObjectAnnotation
 from core.annotate.clipseg import ClipSegSegmenter, centre_of_mass
 from core.annotate.grounded_sam import (
-    Annotator,
-    ClipTagger,
     Detection,
     GroundedSamAnnotator,
     GroundingDinoDetector,
-    ObjectAnnotation,
-    PromptNounTagger,
     SamBoxSegmenter,
-    UnionTagger,
     box_iou,
     deduplicate,
     grounding_query,
 )
 from core.annotate.quadrants import QUADRANTS, quadrant_of
-from core.annotate.tags import select_tags, singular_forms
+from core.annotate.tags import (
+    ClipTagger,
+    PromptNounTagger,
+    UnionTagger,
+    select_tags,
+    singular_forms,
+)
 from core.runtime import ModelNotAvailableError
 from tests.helpers import VOCABULARY, WORDS, save_clip, save_clipseg
 

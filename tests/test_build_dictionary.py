@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.annotate.grounded_sam import Annotator, ObjectAnnotation
+from core.annotate.annotation import Annotator, ObjectAnnotation
 from core.diffusion.hooks import record
 from core.diffusion.presets import SD14_BLOCKS
 from core.emergence import build_dictionary

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.annotate.annotation import ObjectAnnotation
 from core.annotate.clipseg import ClipSegSegmenter
-from core.annotate.grounded_sam import ObjectAnnotation
 from core.diffusion.presets import SD14_BLOCKS
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries

@@ -4,7 +4,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from scipy.optimize import linear_sum_assignment
 
-from core.annotate.grounded_sam import Annotator
+from core.annotate.annotation import Annotator
 from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.emergence import steer
 from core.emergence.words import load_word_vectors

@@ -13,7 +13,6 @@ The CLIPSeg evaluator of spatial edits lives in `core.annotate.clipseg`.
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from transformers import (
     SamModel,
 )
 
+from core.annotate.annotation import Box, ObjectAnnotation
 from core.annotate.loading import (
     Source,
     load_model,
@@ -33,8 +33,6 @@ from core.annotate.loading import (
     resolve_device_dtype,
 )
 from core.annotate.tags import (
-    CLIP_ID,
-    OBJECT_VOCABULARY,
     ClipTagger,
     PromptNounTagger,
     Tagger,
@@ -44,26 +42,6 @@ from core.annotate.tags import (
 
 DINO_ID = "IDEA-Research/grounding-dino-tiny"
 SAM_ID = "facebook/sam-vit-base"
-
-Box = tuple[float, float, float, float]
-"""(x0, y0, x1, y1) in pixels of the image."""
-
-
-@dataclass(frozen=True, eq=False)
-class ObjectAnnotation:
-    """One labelled object of an image (arrays make equality ambiguous, so there is none)."""
-
-    label: str
-    mask: np.ndarray
-    """bool [H, W] at the image's resolution."""
-    score: float
-    """Confidence in [0, 1]; for `GroundedSamAnnotator`, Grounding DINO's box score."""
-    box: Box | None = None
-
-
-@runtime_checkable
-class Annotator(Protocol):
-    def annotate(self, image: Image.Image, prompt: str | None = None) -> list[ObjectAnnotation]: ...
 
 
 @dataclass(frozen=True)
@@ -257,25 +235,3 @@ class GroundedSamAnnotator:
             for det, mask in zip(detections, masks, strict=True)
             if mask.any()
         ]
-
-
-__all__ = [
-    "CLIP_ID",
-    "DINO_ID",
-    "OBJECT_VOCABULARY",
-    "SAM_ID",
-    "Annotator",
-    "Box",
-    "ClipTagger",
-    "Detection",
-    "GroundedSamAnnotator",
-    "GroundingDinoDetector",
-    "ObjectAnnotation",
-    "PromptNounTagger",
-    "SamBoxSegmenter",
-    "Tagger",
-    "UnionTagger",
-    "box_iou",
-    "deduplicate",
-    "grounding_query",
-]

@@ -20,16 +20,9 @@ from pathlib import Path
 
 from simple_parsing import field
 
-from core.annotate.grounded_sam import (
-    DINO_ID,
-    SAM_ID,
-    Annotator,
-    ClipTagger,
-    GroundedSamAnnotator,
-    PromptNounTagger,
-    UnionTagger,
-)
-from core.annotate.tags import CLIP_ID
+from core.annotate.annotation import Annotator
+from core.annotate.grounded_sam import DINO_ID, SAM_ID, GroundedSamAnnotator
+from core.annotate.tags import CLIP_ID, ClipTagger, PromptNounTagger, UnionTagger
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
 from core.emergence.concepts import (

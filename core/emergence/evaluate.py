@@ -30,9 +30,10 @@ import torch  # noqa: E402
 from simple_parsing import field  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from core.annotate.annotation import Annotator
 from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter, centre_of_mass
-from core.annotate.grounded_sam import Annotator, PromptNounTagger
 from core.annotate.quadrants import QUADRANTS, quadrant_of
+from core.annotate.tags import PromptNounTagger
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
     PRESETS,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.annotate.grounded_sam import Annotator
+from core.annotate.annotation import Annotator
 from core.diffusion.hooks import record
 from core.diffusion.sampling import generate_images
 from core.emergence.composition import latent_grid

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from core.annotate.grounded_sam import ObjectAnnotation
+from core.annotate.annotation import ObjectAnnotation
 from core.shapes.world import OBJECT_COLOURS, SHAPES, dataset, rgb_to_lab
 
 CHROMA_MIN = 35.0

@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from core.annotate.grounded_sam import Annotator
+from core.annotate.annotation import Annotator
 from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset, load_pipeline
 from core.diffusion.sampling import generate_images
 from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
