@@ -608,75 +608,116 @@ def evaluate(config: EvaluateConfig) -> None:
     )
     if "composition" in config.tasks:
         blocks = config.blocks or list(preset.hook_points)
-        rows = composition_rows(
-            pipe,
-            bank,
-            dictionaries,
-            prompts,
-            make_annotator(config.annotation, config.device),
-            word_vectors,
-            blocks=blocks,
-            branch=config.branch,
-            targets=targets,
-            threshold=config.threshold,
-            **common,
+        composition_task(
+            config, pipe, bank, dictionaries, prompts, word_vectors, targets, blocks, common
         )
-        write_csv(out / "composition.csv", rows)
-        summary = [
-            {"block": b, "t": t, "mean_iou": v}
-            for (b, t), v in mean_by(rows, ("block", "t"), "iou").items()
-        ]
-        write_csv(out / "composition_summary.csv", summary)
-        plot_composition(rows, out / "composition.png")
-        print(format_table(summary, f"composition IoU ({PAPER_COMPOSITION})"))
     edit = dict(block=config.edit_block, branch=config.branch, stages=config.stages, **common)
     if "spatial" in config.tasks:
-        _, skipped = object_cids(dictionaries, config.objects, config.edit_block, config.branch)
-        if skipped:
-            print(
-                f"spatial: skipping {skipped}: no concept of {config.edit_block} has those labels"
-            )
-        rows = spatial_edit_rows(
-            pipe,
-            bank,
-            dictionaries,
-            config.objects,
-            make_segmenter(config),
-            quadrants=config.quadrants,
-            **edit,
-        )
-        summary = spatial_summary(rows)
-        write_csv(out / "spatial.csv", rows)
-        write_csv(out / "spatial_summary.csv", summary)
-        plot_stage_rates(
-            summary, "success_rate", "paper", "spatial edits: success", out / "spatial.png"
-        )
-        print(format_table(summary, "spatial edits: CLIPSeg centre of mass in the target quadrant"))
+        spatial_task(config, pipe, bank, dictionaries, edit)
     if "global" in config.tasks:
-        _, skipped = object_cids(dictionaries, config.concepts, config.edit_block, config.branch)
-        if skipped:
-            print(f"global: skipping {skipped}: no concept of {config.edit_block} has those labels")
-        distance, why = load_lpips(pipe.device)
-        if why:
-            print(why)
-        rows = global_edit_rows(
-            pipe,
-            bank,
-            dictionaries,
-            config.concepts,
-            prompts,
-            make_scorer(config),
-            lpips_distance=distance,
-            **edit,
-        )
-        summary = global_summary(rows)
-        write_csv(out / "global.csv", rows)
-        write_csv(out / "global_summary.csv", summary)
-        plot_stage_rates(
-            summary, "success_rate", "paper_success", "global edits: success", out / "global.png"
-        )
-        print(format_table(summary, "global edits: CLIP similarity to the concept rises"))
+        global_task(config, pipe, bank, dictionaries, prompts, edit)
     print(f"wrote results to {out}")
+
+
+def composition_task(
+    config: EvaluateConfig,
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    prompts: Sequence[str],
+    word_vectors: WordVectors,
+    targets: str | Sequence[str],
+    blocks: Sequence[str],
+    common: dict,
+) -> None:
+    """(a) IoU of predicted masks against the annotation, per block and step."""
+    rows = composition_rows(
+        pipe,
+        bank,
+        dictionaries,
+        prompts,
+        make_annotator(config.annotation, config.device),
+        word_vectors,
+        blocks=blocks,
+        branch=config.branch,
+        targets=targets,
+        threshold=config.threshold,
+        **common,
+    )
+    out = Path(config.out)
+    write_csv(out / "composition.csv", rows)
+    summary = [
+        {"block": b, "t": t, "mean_iou": v}
+        for (b, t), v in mean_by(rows, ("block", "t"), "iou").items()
+    ]
+    write_csv(out / "composition_summary.csv", summary)
+    plot_composition(rows, out / "composition.png")
+    print(format_table(summary, f"composition IoU ({PAPER_COMPOSITION})"))
+
+
+def spatial_task(
+    config: EvaluateConfig,
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    edit: dict,
+) -> None:
+    """(b) Spatial edits: does the object's centre of mass move to the target quadrant?"""
+    _, skipped = object_cids(dictionaries, config.objects, config.edit_block, config.branch)
+    if skipped:
+        print(f"spatial: skipping {skipped}: no concept of {config.edit_block} has those labels")
+    rows = spatial_edit_rows(
+        pipe,
+        bank,
+        dictionaries,
+        config.objects,
+        make_segmenter(config),
+        quadrants=config.quadrants,
+        **edit,
+    )
+    out = Path(config.out)
+    summary = spatial_summary(rows)
+    write_csv(out / "spatial.csv", rows)
+    write_csv(out / "spatial_summary.csv", summary)
+    plot_stage_rates(
+        summary, "success_rate", "paper", "spatial edits: success", out / "spatial.png"
+    )
+    print(format_table(summary, "spatial edits: CLIPSeg centre of mass in the target quadrant"))
+
+
+def global_task(
+    config: EvaluateConfig,
+    pipe,
+    bank: SAEBank,
+    dictionaries: Mapping[SAEKey, ConceptDictionary],
+    prompts: Sequence[str],
+    edit: dict,
+) -> None:
+    """(c) Global edits: does the image's CLIP similarity to the concept rise?"""
+    _, skipped = object_cids(dictionaries, config.concepts, config.edit_block, config.branch)
+    if skipped:
+        print(f"global: skipping {skipped}: no concept of {config.edit_block} has those labels")
+    distance, why = load_lpips(pipe.device)
+    if why:
+        print(why)
+    rows = global_edit_rows(
+        pipe,
+        bank,
+        dictionaries,
+        config.concepts,
+        prompts,
+        make_scorer(config),
+        lpips_distance=distance,
+        **edit,
+    )
+    out = Path(config.out)
+    summary = global_summary(rows)
+    write_csv(out / "global.csv", rows)
+    write_csv(out / "global_summary.csv", summary)
+    plot_stage_rates(
+        summary, "success_rate", "paper_success", "global edits: success", out / "global.png"
+    )
+    print(format_table(summary, "global edits: CLIP similarity to the concept rises"))
 
 
 main = command(EvaluateConfig, evaluate, "python -m core.emergence.evaluate", __doc__)
