@@ -11,9 +11,8 @@ import yaml
 import app
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.emergence.concepts import load_dictionaries
+from core.files import REPO_ROOT
 from core.views.model_cache import ModelCache
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def front_matter(text: str) -> dict:
@@ -23,22 +22,22 @@ def front_matter(text: str) -> dict:
 
 
 def test_readme_front_matter_repeats_space_yaml():
-    space = yaml.safe_load((ROOT / "space.yaml").read_text())
-    assert front_matter((ROOT / "README.md").read_text()) == space
-    assert space["sdk"] == "gradio" and (ROOT / space["app_file"]).is_file()
-    required = re.search(r"^gradio>=(\d+)", (ROOT / "requirements.txt").read_text(), re.M)
+    space = yaml.safe_load((REPO_ROOT / "space.yaml").read_text())
+    assert front_matter((REPO_ROOT / "README.md").read_text()) == space
+    assert space["sdk"] == "gradio" and (REPO_ROOT / space["app_file"]).is_file()
+    required = re.search(r"^gradio>=(\d+)", (REPO_ROOT / "requirements.txt").read_text(), re.M)
     assert required and space["sdk_version"].split(".")[0] == required.group(1)
     assert int(gr.__version__.split(".")[0]) >= int(required.group(1))
     assert any(item.startswith("surokpro2/sdxl-saes") for item in space["preload_from_hub"])
 
 
 def test_readme_has_two_commands_and_make_run_starts_the_app():
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     first_block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make run", "make test"]
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (REPO_ROOT / "Makefile").read_text()
     run_recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
     assert "app.py" in run_recipe
     assert "/usr/bin/chromium" in makefile and "apt-get install" in makefile

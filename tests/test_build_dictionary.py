@@ -3,10 +3,6 @@ masks are known: it outlines where one chosen latent fires, so that latent must 
 label, with IoU 1."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +19,8 @@ from core.emergence.gathering import build_dictionaries, gather, load_spatial_me
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import SAEConfig, TopKSAE
-from tests.helpers import dense_latents
+from tests.helpers import command_help, dense_latents
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]
 STEPS, SEED, SIZE = 4, 3, 32
 UP = "up_blocks.1.attentions.0"
@@ -228,10 +223,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
 
 
 def test_help_from_the_command_line_states_the_defaults():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "core.emergence.build_dictionary", "--help"]
-    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
-    assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.split())
+    text = " ".join(command_help("core.emergence.build_dictionary").split())
     assert "--gen-batch" in text and "(default: 4)" in text
     assert "(default: grounded-sam)" in text and "(default: None)" not in text

@@ -3,10 +3,6 @@ and tiny random CLIP / CLIPSeg models (built as tests/test_annotate.py builds th
 
 import csv
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +25,8 @@ from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
 from core.sae.model import SAEConfig, TopKSAE
-from tests.helpers import save_clip, save_clipseg
+from tests.helpers import command_help, save_clip, save_clipseg
 
-ROOT = Path(__file__).resolve().parents[1]
 MID = "mid_block.attentions.0"
 N, STEPS, SIZE = 16, 4, 32
 PROMPTS = ["a cat on a table", "a black cat", "a cat and a tree"]
@@ -287,11 +282,7 @@ def test_cli_errors_are_one_line(bank, mixed, tmp_path, capsys, extra, expected)
 
 
 def test_help_from_the_command_line_states_the_defaults():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "core.emergence.evaluate", "--help"]
-    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
-    assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.split())
+    text = " ".join(command_help("core.emergence.evaluate").split())
     assert "--edit-block" in text and "(default: mid_block.attentions.0)" in text
     assert "(default: CIDAS/clipseg-rd64-refined)" in text
     assert "(default: None)" not in text

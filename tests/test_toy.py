@@ -1,10 +1,7 @@
 """The toy preset's build: model, training and resume, SAEs, dictionaries, check, shipping."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +22,8 @@ from core.shapes.world import VOCABULARY, dataset
 from core.toy.build import MAX_SHIPPED_MB, main
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
 from core.toy.training import TRAIN_SCALES, ToyTrainer
+from tests.helpers import command_help
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = TRAIN_SCALES["smoke"]
 
 
@@ -139,17 +136,25 @@ def _weights(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": v for n, m in parts.items() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("stop_after", [5, 11], ids=["in-vae", "in-denoiser"])
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, stop_after):
-    config = replace(SMOKE, scenes=16, vae_steps=8, denoiser_steps=8, save_every=3)
-    straight = ToyTrainer(tmp_path / "straight", config, "cpu")
+RESUME_CONFIG = replace(SMOKE, scenes=16, vae_steps=8, denoiser_steps=8, save_every=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of a training run that nothing stopped."""
+    straight = ToyTrainer(tmp_path_factory.mktemp("straight"), RESUME_CONFIG, "cpu")
     assert straight.run() is not None
+    return _weights(straight)
+
+
+@pytest.mark.parametrize("stop_after", [5, 11], ids=["in-vae", "in-denoiser"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, stop_after, uninterrupted):
     calls = iter(range(10_000))  # stop() is asked once per step, across both phases
-    first = ToyTrainer(tmp_path / "resumed", config, "cpu")
+    first = ToyTrainer(tmp_path / "resumed", RESUME_CONFIG, "cpu")
     assert first.run(stop=lambda: next(calls) >= stop_after) is None
-    resumed = ToyTrainer(tmp_path / "resumed", config, "cpu")
+    resumed = ToyTrainer(tmp_path / "resumed", RESUME_CONFIG, "cpu")
     assert resumed.run() is not None
-    expected, got = _weights(straight), _weights(resumed)
+    expected, got = uninterrupted, _weights(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -225,10 +230,6 @@ def test_shipped_toy_model_follows_captions_and_the_paper_claims(tmp_path):
 
 
 def test_help_from_the_command_line_states_the_defaults():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "core.toy.build", "--help"]
-    done = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
-    assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.split())
+    text = " ".join(command_help("core.toy.build").split())
     assert "--scale" in text and "(default: full)" in text
     assert "(default: None)" not in text

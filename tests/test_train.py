@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
 from core.training.train import main
 
-ROOT = Path(__file__).resolve().parents[1]
 MID = "mid_block.attentions.0"
 PROMPTS = [
     "a red cat",
@@ -55,9 +55,14 @@ def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.
     command = [sys.executable, *launcher, *args]
     if not wait:
         return subprocess.Popen(
-            command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
-    return subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True)
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, text=True, capture_output=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -55,7 +55,7 @@ class Checkpointer:
             state = {
                 "next_round": run.next_round,
                 "world_size": self.state.num_processes,
-                "args": vars(run.args),
+                "args": vars(run.config),
                 "trained": [list(k) for k in run.trainers],
                 "buffered": [list(k) for k in run.buffers],
             }

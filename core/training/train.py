@@ -137,7 +137,7 @@ class Run:
     """One training run's state: a buffer and a trainer per key, and the next round."""
 
     def __init__(self, config: RunConfig, keys: Sequence[SAEKey], model_name: str):
-        self.args = config
+        self.config = config
         """The run's settings; `Checkpointer` stores them under this name."""
         self.keys, self.model_name = list(keys), model_name
         self.state = PartialState()
@@ -149,9 +149,9 @@ class Run:
 
     def buffer(self, key: SAEKey, dim: int) -> ShuffleBuffer:
         if key not in self.buffers:
-            seed = self.args.seed + 1000 * self.state.process_index + self.keys.index(key)
+            seed = self.config.seed + 1000 * self.state.process_index + self.keys.index(key)
             self.buffers[key] = ShuffleBuffer(
-                dim, self.args.buffer_size, seed, device=self.state.device
+                dim, self.config.buffer_size, seed, device=self.state.device
             )
         return self.buffers[key]
 
@@ -167,7 +167,7 @@ class Run:
         """Step every SAE whose buffer, on every process, is full (or, draining, non-empty)."""
         batch = self.cfg.batch_size
         for key in self.keys:
-            while self.held(key) >= (batch if drain else self.args.buffer_size):
+            while self.held(key) >= (batch if drain else self.config.buffer_size):
                 self.step(key, self.buffers[key].take(batch))
             if drain and (rest := self.held(key)) >= 2:
                 self.step(key, self.buffers[key].take(rest))
@@ -326,7 +326,7 @@ def train_rounds(
     run: Run, source: GenerationSource | ShardSource, checkpoints: Checkpointer, stop: StopFlag
 ) -> bool:
     """Feed every remaining round to the buffers and train; False if stopped early."""
-    config = run.args
+    config = run.config
     writer = (
         ShardWriter(config.write_shards, run.state.process_index) if config.write_shards else None
     )
