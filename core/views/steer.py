@@ -17,7 +17,7 @@ from PIL import Image
 from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import schedule_t
 from core.emergence.concepts import concept_cids
-from core.emergence.metrics import pixel_difference
+from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
     BRANCHES,
     KINDS,
@@ -226,7 +226,7 @@ def compare(
     metrics: dict[str, object] = {
         "mean_abs_pixel_difference": round(pixel_difference(before, after), 5)
     }
-    lpips, why = loaded.cached("lpips", lambda: _load_lpips(loaded.device))
+    lpips, why = loaded.cached("lpips", lambda: load_lpips(loaded.device))
     metrics["lpips"] = round(lpips(before, after), 5) if lpips else why.split(";")[0]
     if word is None:
         metrics["clip_delta"] = "no word to compare with (the concept has no label)"
@@ -240,15 +240,7 @@ def compare(
     return metrics
 
 
-def _load_lpips(device: torch.device):
-    from core.emergence.metrics import load_lpips
-
-    return load_lpips(device)
-
-
 def _load_clip(device: torch.device):
-    from core.emergence.metrics import ClipScorer
-
     try:
         return ClipScorer(device=device), None
     except (OSError, ValueError, ModelNotAvailableError):
