@@ -74,18 +74,18 @@ def write_cache(
     return meta
 
 
-COMMANDS = (
-    "core.training.train",
-    "core.emergence.build_dictionary",
-    "core.emergence.evaluate",
-    "core.toy.build",
-    "core.revelio.features",
-    "core.revelio.ksae",
-    "core.revelio.purity",
-    "core.revelio.diffc",
-    "core.revelio.pca_maps",
-    "core.revelio.check",
+def module_name(path: Path) -> str:
+    """`core/training/train.py` -> `core.training.train`."""
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+COMMANDS = tuple(
+    module_name(path)
+    for path in sorted((REPO_ROOT / "core").rglob("*.py"))
+    if 'if __name__ == "__main__":' in path.read_text()
 )
+"""Every command of the core: the modules that run as `python -m`."""
 _RUN_HELPS = """
 import contextlib, io, json, runpy, sys
 found = {}

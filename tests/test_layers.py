@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 from core.files import REPO_ROOT
+from tests.helpers import COMMANDS, module_name
 
 LAYERS = (
     "runtime",
@@ -19,11 +20,6 @@ LAYERS = (
     "views",
 )
 """Bottom to top: a module may import its own part and the parts before it."""
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def project_imports(path: Path) -> set[str]:
@@ -45,10 +41,6 @@ def part(module: str) -> str:
     return module.split(".")[1] if module.startswith("core.") else module.split(".")[0]
 
 
-def is_command(path: Path) -> bool:
-    return 'if __name__ == "__main__":' in path.read_text()
-
-
 CORE = sorted((REPO_ROOT / "core").rglob("*.py"))
 
 
@@ -68,7 +60,7 @@ def test_imports_point_down():
 
 
 def test_views_and_app_import_no_command():
-    commands = {module_name(p) for p in CORE if is_command(p)}
+    commands = set(COMMANDS)
     assert "core.training.train" in commands and "core.emergence.evaluate" in commands
     views = [*(REPO_ROOT / "core" / "views").glob("*.py"), REPO_ROOT / "app.py"]
     found = [f"{p.name} imports {t}" for p in views for t in project_imports(p) & commands]

@@ -2,10 +2,10 @@
 
 - `contents(cache, saes)`: the (layer, timestep) pairs with a k-SAE and those with maps;
 - `purity_table(cache, saes)`: per pair, label purity of the most activating latents and the
-  chance reference (`core.revelio.purity`);
+  chance reference (`core.revelio.latents`);
 - `inspect_latent(...)`: one latent's top images, as a grid when the image folder is given,
   and their class labels and activations;
-- `pca_view(...)`: images beside the PCA maps of their features (`core.revelio.pca_maps`), one PCA
+- `pca_view(...)`: images beside the PCA maps of their features (`core.revelio.pca`), one PCA
   over all of them so that a colour means the same in every map.
 
 Every bad input is a ValueError (or FileNotFoundError) whose message says what to change.
