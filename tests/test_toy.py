@@ -1,8 +1,13 @@
 """The toy preset's build: model, training and resume, SAEs, dictionaries, check, shipping."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,12 +21,13 @@ from core.annotate.clipseg import centre_of_mass
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
 from core.diffusion.hooks import resolve_blocks
 from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset, load_pipeline
+from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
 from core.toy.build import MAX_SHIPPED_MB, main
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
-from core.toy.training import TRAIN_SCALES, ToyTrainer
+from core.toy.training import OVERRUN, PROBE_STEPS, TRAIN_SCALES, ToyTrainer
 from tests.helpers import command_help
 
 SMOKE = TRAIN_SCALES["smoke"]
@@ -29,12 +35,35 @@ SMOKE = TRAIN_SCALES["smoke"]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, shipped folder) of a whole smoke-scale build."""
+    """(run folder, shipped folder) of a whole smoke-scale build by the GPU script."""
     root = tmp_path_factory.mktemp("toy")
-    run, shipped = root / "run", root / "assets"
-    argv = ["all", "--scale", "smoke", "--out", str(run), "--device", "cpu", "--to", str(shipped)]
-    assert main(argv) == 0
+    out, shipped = root / "out", root / "assets"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    script = REPO_ROOT / "scripts" / "gpu_toy.sh"
+    subprocess.run(["bash", script, out, "smoke"], cwd=root, env=env, check=True)
+    run = root / "runs" / "toy-smoke"
+    assert main(["ship", "--scale", "smoke", "--out", str(run), "--to", str(shipped)]) == 0
     return run, shipped
+
+
+def test_gpu_script_packs_the_run_in_pieces_that_unpack_to_it(built, tmp_path):
+    run, _ = built
+    out = run.parent.parent / "out"
+    with open(tmp_path / "toy.tar", "wb") as joined:
+        for part in sorted(out.glob("toy.tar.part-*")):
+            joined.write(part.read_bytes())
+    with tarfile.open(tmp_path / "toy.tar") as tar:
+        names = set(tar.getnames())
+    for path in ("pipeline/model_index.json", "check/report.md", "saes/metrics.json"):
+        assert f"toy-smoke/{path}" in names
+    assert not any(name.endswith((".pt", "latents.safetensors")) for name in names)
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"train_s", "saes_s", "dictionary_s", "check_s"} <= timings.keys()
+    assert "done in" in (out / "log.txt").read_text()
 
 
 def test_tokenizer_keeps_every_world_word_whole():
@@ -168,6 +197,28 @@ def test_resume_with_other_settings_or_a_corrupt_checkpoint_is_one_sentence(tmp_
     (tmp_path / "work" / "vae.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="vae.pt is unreadable"):
         ToyTrainer(tmp_path, config, "cpu").run()
+
+
+def test_a_budgeted_phase_fits_its_steps_to_the_budget_and_records_them(tmp_path):
+    budget = 8.0
+    config = replace(
+        SMOKE,
+        scenes=16,
+        vae_steps=4,
+        denoiser_batch=2,
+        denoiser_steps=100_000,
+        denoiser_budget_s=budget,
+        save_every=100_000,
+    )
+    started = time.perf_counter()
+    trainer = ToyTrainer(tmp_path, config, "cpu")
+    assert trainer.run() is not None
+    assert time.perf_counter() - started < OVERRUN * budget + 10
+    recorded = json.loads((tmp_path / "work" / "steps.json").read_text())["denoiser"]
+    assert PROBE_STEPS[1] < recorded["steps"] < 100_000 and recorded["seconds_per_step"] > 0
+    assert trainer.log["denoiser_steps"] == recorded["steps"]
+    again = ToyTrainer(tmp_path, config, "cpu")
+    assert again.run() is not None and again.log["denoiser_steps"] == recorded["steps"]
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -25,6 +25,7 @@ Design rules (the annotator in `core.shapes.annotate` relies on them):
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,6 +389,10 @@ def sample_scene(
     return render(spec, size, position_phrases)
 
 
+SCENES_PER_CHUNK = 1000
+"""Scenes drawn from one generator; each chunk has its own, so chunks render in parallel."""
+
+
 def dataset(
     n: int,
     seed: int,
@@ -395,11 +400,40 @@ def dataset(
     max_objects: int = 3,
     position_phrases: bool = False,
     min_visible: float = 0.5,
+    workers: int = 1,
 ) -> Iterator[Scene]:
-    """`n` scenes from one seeded generator: the same seed gives the same scenes."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        yield sample_scene(rng, size, max_objects, position_phrases, min_visible)
+    """`n` scenes, the same for the same seed whatever `workers` (processes that render).
+
+    Scene i comes from the generator of chunk i // SCENES_PER_CHUNK, seeded by (seed, chunk).
+    """
+    chunks = [
+        (
+            seed,
+            chunk,
+            min(SCENES_PER_CHUNK, n - start),
+            size,
+            max_objects,
+            position_phrases,
+            min_visible,
+        )
+        for chunk, start in enumerate(range(0, n, SCENES_PER_CHUNK))
+    ]
+    workers = min(workers, len(chunks))
+    if workers <= 1:
+        for args in chunks:
+            yield from _chunk(args)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for scenes in pool.imap(_chunk, chunks):
+            yield from scenes
+
+
+def _chunk(args: tuple) -> list[Scene]:
+    seed, chunk, count, size, max_objects, position_phrases, min_visible = args
+    rng = np.random.default_rng([seed, chunk])
+    return [
+        sample_scene(rng, size, max_objects, position_phrases, min_visible) for _ in range(count)
+    ]
 
 
 LABELS = {

@@ -14,8 +14,10 @@ step in 20 s (the tests use it).
 """
 
 import json
+import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -57,7 +59,7 @@ class AnalysisSettings:
 
 
 ANALYSIS_SCALES: dict[str, AnalysisSettings] = {
-    "full": AnalysisSettings(),
+    "full": AnalysisSettings(gen_batch=500),
     "cpu": AnalysisSettings(
         steps=25,
         sae_prompts=1_000,
@@ -84,10 +86,16 @@ class ToyRun:
     """The folder of one toy build, the settings of its scale, and what its steps made in
     this process (so that a later step need not read it back)."""
 
-    def __init__(self, out: str | Path, scale: str, device: str | None):
+    def __init__(
+        self,
+        out: str | Path,
+        scale: str,
+        device: str | None,
+        training: ToyTrainConfig | None = None,
+    ):
         self.out, self.scale = Path(out), scale
         self.device = device or default_device()
-        self.training: ToyTrainConfig = TRAIN_SCALES[scale]
+        self.training: ToyTrainConfig = training or TRAIN_SCALES[scale]
         self.analysis = ANALYSIS_SCALES[scale]
         self.check_settings = replace(
             self.analysis.check, resolution=self.training.model.image_size
@@ -130,6 +138,7 @@ class ToyRun:
                 self.training.seed,
                 self.training.model.image_size,
                 self.training.max_objects,
+                workers=os.cpu_count() or 1,
             )
         }
 
@@ -260,8 +269,10 @@ def ship(run: ToyRun, to: Path) -> bool:
 
 
 def model_card(run: ToyRun, size_mb: float) -> str:
-    log_path = run.out / "work" / "log.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    log, timings = (
+        json.loads(path.read_text()) if path.is_file() else {}
+        for path in (run.out / "work" / "log.json", run.out / "timings.json")
+    )
     check_path = run.out / "check" / "report.md"
     check_text = run.check_report or (
         check_path.read_text() if check_path.is_file() else "Not run.\n"
@@ -285,12 +296,16 @@ def model_card(run: ToyRun, size_mb: float) -> str:
             "## How it was made",
             "",
             f"`python -m core.toy.build all --scale {run.scale} --out <folder> "
-            f"--ship <assets folder>` on {run.device}; every step is seeded.",
+            f"--ship <assets folder>` on {timings.get('device', run.device)}; every step is "
+            "seeded. The step counts below (`vae_steps`, `denoiser_steps` in the losses line) "
+            "were fitted to the recipe's wall-clock budget; `--vae-steps N --denoiser-steps M` "
+            "reproduces them on any machine.",
             "",
             f"- model: `{json.dumps(run.training.model.to_dict())}`",
             f"- training: `{json.dumps(asdict(run.training))}`",
             f"- SAEs, dictionaries and check: `{json.dumps(asdict(run.analysis))}`",
-            f"- final losses: `{json.dumps(log)}`",
+            f"- final losses and step counts: `{json.dumps(log)}`",
+            f"- wall time of each step in seconds: `{json.dumps(timings)}`",
             f"- shipped size: {size_mb:.1f} MB (pipeline in fp16)",
             "",
             "## Check (held-out captions)",
@@ -320,6 +335,11 @@ class BuildConfig:
     """Assets folder to ship to (ship, all)."""
     overwrite: bool = False
     """Delete --out first."""
+    vae_steps: int | None = None
+    """Train the VAE this many steps instead of fitting the scale's wall-clock budget."""
+    denoiser_steps: int | None = None
+    """Train the denoiser this many steps instead of fitting the scale's wall-clock budget
+    (the model card records the count of the shipped run)."""
 
     def __post_init__(self) -> None:
         if self.step == "ship" and not self.to:
@@ -330,7 +350,12 @@ def build_toy(config: BuildConfig) -> bool:
     """Run the step (or all steps) `config` names; False if training was interrupted."""
     if config.overwrite:
         shutil.rmtree(config.out, ignore_errors=True)
-    run = ToyRun(config.out, config.scale, config.device)
+    training = TRAIN_SCALES[config.scale]
+    if config.vae_steps is not None:
+        training = replace(training, vae_steps=config.vae_steps, vae_budget_s=None)
+    if config.denoiser_steps is not None:
+        training = replace(training, denoiser_steps=config.denoiser_steps, denoiser_budget_s=None)
+    run = ToyRun(config.out, config.scale, config.device, training)
     steps = STEPS if config.step == "all" else (config.step,)
     work = {
         "train": train_model,
@@ -342,9 +367,26 @@ def build_toy(config: BuildConfig) -> bool:
         if step == "ship":
             if config.to:
                 ship(run, Path(config.to))
-        elif not work[step](run):
+            continue
+        started = time.perf_counter()
+        finished = work[step](run)
+        record_timing(run, step, time.perf_counter() - started)
+        if not finished:
             return False
     return True
+
+
+def record_timing(run: ToyRun, step: str, seconds: float) -> None:
+    """Add the wall time of `step` (and the device's name) to `<out>/timings.json`."""
+    path = run.out / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    device = torch.device(run.device)
+    if device.type == "cuda":
+        timings["device"] = torch.cuda.get_device_name(device)
+    timings.setdefault("device", str(device))
+    timings[f"{step}_s"] = round(timings.get(f"{step}_s", 0.0) + seconds, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timings, indent=2))
 
 
 main = command(

@@ -7,18 +7,29 @@ Three phases, each leaving its result in `<out>/work/` so a restarted run skips 
    sets the VAE's `scaling_factor`, as Stable Diffusion's 0.18215 was set.
 3. `denoiser`: U-Net and text encoder learn to predict the noise added to those latents
    (SD v1.4's noise schedule), with 10% of the captions dropped so that classifier-free
-   guidance works.
+   guidance works. The loss is weighted by min-SNR-5 (Hang et al., 2023) and the weights
+   that are saved are an exponential moving average (EMA) of the trained ones.
+
+A phase with a wall-clock budget (`vae_budget_s`, `denoiser_budget_s`) times its first
+steps and sets its step count to fit the budget (at most `vae_steps`/`denoiser_steps`);
+the count is written to `<out>/work/steps.json` and to the log, so that the same count
+given as a fixed number of steps reproduces the run on any machine. A phase that still
+outruns its budget by a fifth stops there and keeps what it has.
 
 Every batch, noise draw and caption drop comes from a generator seeded by (seed, phase,
 step), so a run that is interrupted and resumed ends with the same weights as one that
-was not (exactly so on the CPU). Checkpoints are written atomically every `save_every`
+was not (exactly so on the CPU). On a GPU the data stay on the GPU, random numbers are
+drawn there, and the loop reads nothing back from the GPU but every `log_every` steps.
+Checkpoints are written atomically every `save_every`
 steps and when `stop()` says so.
 """
 
 import json
 import math
+import os
 import pickle
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -61,7 +73,15 @@ class ToyTrainConfig:
     denoiser_lr: float = 3e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    """Largest EMA decay; diffusers' EMA warm-up ramps up to it."""
+    vae_budget_s: float | None = None
+    """Wall-clock seconds for the VAE phase (None: exactly `vae_steps` steps)."""
+    denoiser_budget_s: float | None = None
+    """Wall-clock seconds for the denoiser phase (None: exactly `denoiser_steps` steps)."""
     save_every: int = 500
+    log_every: int = 100
 
     @property
     def model(self) -> ToyModelConfig:
@@ -69,7 +89,9 @@ class ToyTrainConfig:
 
 
 TRAIN_SCALES: dict[str, ToyTrainConfig] = {
-    "full": ToyTrainConfig(),
+    "full": ToyTrainConfig(
+        vae_steps=6_000, denoiser_steps=40_000, vae_budget_s=45, denoiser_budget_s=240
+    ),
     "cpu": ToyTrainConfig(
         scale="cpu",
         scenes=6_000,
@@ -90,8 +112,13 @@ TRAIN_SCALES: dict[str, ToyTrainConfig] = {
         denoiser_batch=16,
         warmup_steps=2,
         save_every=5,
+        log_every=4,
     ),
 }
+PROBE_STEPS = (5, 25)
+"""A budgeted phase times the steps from the first to the second number (after warm-up)."""
+OVERRUN = 1.2
+"""A budgeted phase stops once it has taken this multiple of its budget."""
 
 Stop = Callable[[], bool]
 
@@ -100,10 +127,10 @@ def _never() -> bool:
     return False
 
 
-def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
-    """The generator of one training step, independent of every other step's."""
+def step_generator(seed: int, phase: str, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step on `device`, independent of every other step's."""
     entropy = np.random.SeedSequence([seed, PHASES.index(phase), step]).generate_state(2)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    return torch.Generator(device).manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
@@ -124,7 +151,8 @@ class Scenes:
 def render_scenes(config: ToyTrainConfig) -> Scenes:
     images, captions = [], []
     size = config.model.image_size
-    for scene in tqdm(dataset(config.scenes, config.seed, size, config.max_objects), "render"):
+    scenes = dataset(config.scenes, config.seed, size, config.max_objects, workers=os.cpu_count())
+    for scene in tqdm(scenes, "render", total=config.scenes):
         images.append(scene.image)
         captions.append(scene.caption)
     return Scenes(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions)
@@ -141,6 +169,9 @@ class ToyTrainer:
         self.out, self.config = Path(out), config
         self.work = self.out / "work"
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.tokenizer = toy_tokenizer(self.work / "tokenizer")
         self.vae, self.text_encoder, self.unet = build_toy_parts(
             config.model, self.tokenizer, config.seed
@@ -155,10 +186,10 @@ class ToyTrainer:
         return self._scenes
 
     def run(self, stop: Stop = _never) -> StableDiffusionPipeline | None:
-        """Train what is not done yet; the pipeline (fp32), or None if stopped."""
+        """Train what is not done yet; the pipeline (fp32, EMA weights), or None if stopped."""
         self._check_settings()
         if not (self.work / "vae.safetensors").is_file():
-            if not self._train("vae", stop, self._vae_loss):
+            if not self._train("vae", stop, self._vae_loss()):
                 return None
             save_file(self.vae.state_dict(), self.work / "vae.safetensors")
         self.vae.load_state_dict(load_file(self.work / "vae.safetensors"))
@@ -191,52 +222,77 @@ class ToyTrainer:
     def _train(self, phase: str, stop: Stop, loss_of: Callable) -> bool:
         """Train one phase from its last checkpoint; False if `stop()` cut it short."""
         cfg = self.config
-        steps, lr = (
-            (cfg.vae_steps, cfg.vae_lr) if phase == "vae" else (cfg.denoiser_steps, cfg.denoiser_lr)
-        )
+        lr = cfg.vae_lr if phase == "vae" else cfg.denoiser_lr
         modules = self._modules(phase)
         for m in modules:
-            m.to(self.device).train()
+            m.to(self.device, memory_format=torch.channels_last).train()
         params = [p for m in modules for p in m.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
+        ema = None
+        if phase == "denoiser":
+            ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
         checkpoint = self.work / f"{phase}.pt"
-        start = self._load_checkpoint(checkpoint, modules, optimizer)
-        bar = tqdm(range(start, steps), phase, initial=start, total=steps)
-        for step in bar:
+        start = self._load_checkpoint(checkpoint, modules, optimizer, ema)
+        budget = StepBudget(self, phase)
+        running_loss = torch.zeros((), device=self.device)
+        bar = tqdm(range(start, budget.steps), phase, initial=start, total=budget.steps)
+        step = start
+        while step < budget.steps:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, lr, cfg.warmup_steps, steps)
-            loss = loss_of(step_generator(cfg.seed, phase, step))
+                group["lr"] = learning_rate(step, lr, cfg.warmup_steps, budget.steps)
+            loss = loss_of(step_generator(cfg.seed, phase, step, self.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             optimizer.step()
-            self.log[f"{phase}_loss"] = loss.item()
-            bar.set_postfix(loss=f"{self.log[f'{phase}_loss']:.4f}")
-            done, stopping = step + 1, stop()
-            if done % cfg.save_every == 0 or done == steps or stopping:
-                self._save_checkpoint(checkpoint, modules, optimizer, done)
-            if stopping and done < steps:
+            if ema is not None:
+                ema.step(params)
+            running_loss += loss.detach()
+            step, stopping = step + 1, stop()
+            budget.after(step)
+            bar.total = budget.steps
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == budget.steps:
+                self.log[f"{phase}_loss"] = running_loss.item() / (
+                    step % cfg.log_every or cfg.log_every
+                )
+                running_loss.zero_()
+                bar.set_postfix(loss=f"{self.log[f'{phase}_loss']:.4f}", total=budget.steps)
+            if step % cfg.save_every == 0 or step == budget.steps or stopping:
+                self._save_checkpoint(checkpoint, modules, optimizer, ema, step)
+            if stopping and step < budget.steps:
                 return False
+        self.log[f"{phase}_steps"] = budget.steps
+        if ema is not None:
+            ema.copy_to(params)
         for m in modules:
-            m.eval()
+            m.to(memory_format=torch.contiguous_format).eval()
         return True
 
-    def _vae_loss(self, generator: torch.Generator) -> torch.Tensor:
-        images = self.scenes.images
-        index = torch.randint(len(images), (self.config.vae_batch,), generator=generator)
-        x = to_unit_range(images[index], self.device)
-        posterior = self.vae.encode(x).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
-        z = posterior.mean + posterior.std * noise
-        reconstruction = self.vae.decode(z).sample
-        kl = posterior.kl().mean() / z[0].numel()
-        return F.mse_loss(reconstruction, x) + self.config.kl_weight * kl
+    def _vae_loss(self) -> Callable:
+        """The loss of one VAE step: reconstruction of scenes kept on the training device."""
+        images = self.scenes.images.to(self.device)
+
+        def loss(generator: torch.Generator) -> torch.Tensor:
+            batch = self.config.vae_batch
+            index = torch.randint(len(images), (batch,), generator=generator, device=self.device)
+            x = to_unit_range(images[index], self.device)
+            with self._autocast():
+                posterior = self.vae.encode(x).latent_dist
+                noise = torch.randn(posterior.mean.shape, generator=generator, device=self.device)
+                z = posterior.mean + posterior.std * noise
+                reconstruction = self.vae.decode(z).sample
+            kl = posterior.kl().float().mean() / z[0].numel()
+            return F.mse_loss(reconstruction.float(), x) + self.config.kl_weight * kl
+
+        return loss
 
     @torch.no_grad()
     def _encode_latents(self) -> None:
         self.vae.to(self.device).eval()
         chunks = []
-        for batch in self.scenes.images.split(256):
+        for batch in self.scenes.images.split(1024):
             posterior = self.vae.encode(to_unit_range(batch, self.device)).latent_dist
             chunks.append(posterior.mean.float().cpu())
         latents = torch.cat(chunks)
@@ -259,27 +315,35 @@ class ToyTrainer:
         return float(F.mse_loss(decoded, truth))
 
     def _denoiser_loss(self, data: dict[str, torch.Tensor]) -> Callable:
-        """The loss of one step: noise prediction on cached latents and caption tokens."""
-        latents, tokens = data["latents"], data["tokens"].long()
+        """The loss of one step: min-SNR-weighted noise prediction on cached latents."""
+        latents = data["latents"].to(self.device)
+        tokens = data["tokens"].to(self.device, torch.long)
         empty = self.tokenizer("", padding="max_length", return_tensors="pt").input_ids[0]
+        empty = empty.to(self.device)
         noise_schedule = DDPMScheduler(
             **{k: v for k, v in SD14_SCHEDULER.items() if k != "set_alpha_to_one"}
         )
         timesteps = noise_schedule.config.num_train_timesteps
+        snr = compute_snr(noise_schedule, torch.arange(timesteps)).to(self.device)
+        weight = snr.clamp(max=self.config.min_snr_gamma) / snr
+        cfg, device = self.config, self.device
 
         def loss(generator: torch.Generator) -> torch.Tensor:
-            batch = self.config.denoiser_batch
-            index = torch.randint(len(latents), (batch,), generator=generator)
-            drop = torch.rand(batch, generator=generator) < self.config.caption_dropout
-            ids = torch.where(drop[:, None], empty, tokens[index]).to(self.device)
-            noise = torch.randn(latents[index].shape, generator=generator)
-            t = torch.randint(timesteps, (batch,), generator=generator)
+            batch = cfg.denoiser_batch
+            index = torch.randint(len(latents), (batch,), generator=generator, device=device)
+            drop = torch.rand(batch, generator=generator, device=device) < cfg.caption_dropout
+            ids = torch.where(drop[:, None], empty, tokens[index])
             x0 = latents[index].float()
-            noisy = noise_schedule.add_noise(x0, noise, t).to(self.device)
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            t = torch.randint(timesteps, (batch,), generator=generator, device=device)
+            noisy = noise_schedule.add_noise(x0, noise, t)
             with self._autocast():
                 context = self.text_encoder(ids)[0]
-                prediction = self.unet(noisy, t.to(self.device), context).sample
-            return F.mse_loss(prediction.float(), noise.to(self.device))
+                prediction = self.unet(
+                    noisy.contiguous(memory_format=torch.channels_last), t, context
+                ).sample
+            per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3))
+            return (per_sample * weight[t]).mean()
 
         return loss
 
@@ -287,15 +351,16 @@ class ToyTrainer:
         enabled = self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _save_checkpoint(self, path: Path, modules, optimizer, step: int) -> None:
+    def _save_checkpoint(self, path: Path, modules, optimizer, ema, step: int) -> None:
         state = {
             "step": step,
             "modules": [m.state_dict() for m in modules],
             "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
         }
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    def _load_checkpoint(self, path: Path, modules, optimizer) -> int:
+    def _load_checkpoint(self, path: Path, modules, optimizer, ema) -> int:
         if not path.is_file():
             return 0
         try:
@@ -303,6 +368,8 @@ class ToyTrainer:
             for module, weights in zip(modules, state["modules"], strict=True):
                 module.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
         except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(
                 f"the checkpoint {path} is unreadable ({type(error).__name__}); delete it to "
@@ -315,3 +382,59 @@ class ToyTrainer:
         path = self.work / "log.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         path.write_text(json.dumps({**saved, **self.log}, indent=2))
+
+
+class StepBudget:
+    """The step count of one phase: fixed, or fitted to a wall-clock budget.
+
+    A budgeted phase times steps `PROBE_STEPS` of this process, then sets its count so that
+    the whole phase fits the budget, and writes the count to `work/steps.json`, where a
+    resumed run finds it. If the phase still takes `OVERRUN` times its budget, the count
+    becomes the steps done.
+    """
+
+    def __init__(self, trainer: ToyTrainer, phase: str):
+        cfg = trainer.config
+        self.phase, self.device = phase, trainer.device
+        self.path = trainer.work / "steps.json"
+        self.budget = cfg.vae_budget_s if phase == "vae" else cfg.denoiser_budget_s
+        self.steps = cfg.vae_steps if phase == "vae" else cfg.denoiser_steps
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if phase in saved:
+            self.steps, self.budget = saved[phase]["steps"], None
+        self.started = time.perf_counter()
+        self.probe_start: float | None = None
+        self.steps_taken = 0
+
+    def after(self, step: int) -> None:
+        """Called after each step; may change `steps`."""
+        if self.budget is None:
+            return
+        self.steps_taken += 1
+        if self.steps_taken in PROBE_STEPS:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            if self.steps_taken == PROBE_STEPS[0]:
+                self.probe_start = now
+            else:
+                per_step = (now - self.probe_start) / (PROBE_STEPS[1] - PROBE_STEPS[0])
+                left = self.budget - (now - self.started)
+                self._settle(min(self.steps, step + max(0, int(left / per_step))), per_step)
+        elif (
+            self.steps_taken > PROBE_STEPS[1]
+            and step < self.steps
+            and time.perf_counter() - self.started > OVERRUN * self.budget
+        ):
+            self._settle(step, None)
+
+    def _settle(self, steps: int, seconds_per_step: float | None) -> None:
+        self.steps = steps
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        entry = {"steps": steps, "budget_s": self.budget, "seconds_per_step": seconds_per_step}
+        if seconds_per_step is None:
+            entry["seconds_per_step"] = saved.get(self.phase, {}).get("seconds_per_step")
+            entry["stopped_at_overrun"] = True
+        saved[self.phase] = entry
+        self.path.write_text(json.dumps(saved, indent=2))
+        print(f"{self.phase}: {steps} steps fit the {self.budget:g} s budget", file=sys.stderr)
