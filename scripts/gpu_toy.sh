@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=10
 
 pack() {
     rm -f "$out"/toy.tar.part-*
-    tar -c -C runs --exclude='*.pt' --exclude=latents.safetensors --exclude=shards \
+    tar -c -C runs --exclude='*.pt' --exclude=latents.safetensors --exclude=sae_run \
         "toy-$scale" | split -b 15M - "$out/toy.tar.part-"
     cp "$run/timings.json" "$out/" 2>/dev/null || true
     echo "packed $(du -ch "$out"/toy.tar.part-* | tail -1 | cut -f1) after $SECONDS s"

@@ -26,6 +26,7 @@ Design rules (the annotator in `core.shapes.annotate` relies on them):
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,7 +424,9 @@ def dataset(
         for args in chunks:
             yield from _chunk(args)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # fork: a spawned worker would first import the caller's main module (torch and all)
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers) as pool:
         for scenes in pool.imap(_chunk, chunks):
             yield from scenes
 
