@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset, load_pipeline
 from core.diffusion.tiny import build_tiny_pipeline
+from core.files import REPO_ROOT
 from core.runtime import ModelNotAvailableError
 from tests.helpers import seeded
 
@@ -51,3 +55,11 @@ def test_offline_hub_model_says_what_to_do():
     message = str(error.value)
     assert "CompVis/stable-diffusion-v1-4" in message
     assert "internet" in message and "tiny" in message
+
+
+def test_start_prints_no_warning_a_user_cannot_act_on():
+    code = "import core.diffusion.presets, core.emergence.steer, diffusers.loaders.ip_adapter"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert "torchvision" not in result.stderr, result.stderr
