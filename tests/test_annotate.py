@@ -44,12 +44,16 @@ from core.annotate.grounded_sam import (
 )
 from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.annotate.tags import (
+    OBJECT_VOCABULARY,
     ClipTagger,
     PromptNounTagger,
     UnionTagger,
+    load_vocabulary,
+    make_tagger,
     select_tags,
     singular_forms,
 )
+from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.runtime import ModelNotAvailableError
 from tests.helpers import VOCABULARY, WORDS, save_clip, save_clipseg
 
@@ -210,6 +214,47 @@ def test_clip_tagger_tags_from_its_vocabulary(folders):
     assert tags == sorted(tags, key=probs.get, reverse=True)
 
 
+def test_clip_tagger_reads_no_prompt_words(folders):
+    tagger = ClipTagger(folders["clip"], vocabulary=VOCABULARY, threshold=None, top_k=None)
+    assert "giraffe" not in VOCABULARY
+    tags = tagger.tag(IMAGE, "a giraffe and a zebra next to a dog")
+    assert sorted(tags) == sorted(VOCABULARY)  # every name, none from the prompt
+    assert tagger.tag(IMAGE) == tags == tagger.tag(IMAGE, "a car")
+
+
+def test_clip_tagger_keeps_names_above_its_threshold_by_falling_probability(folders):
+    ranked = ClipTagger(folders["clip"], vocabulary=VOCABULARY, threshold=None, top_k=None)
+    probs = ranked.probabilities(IMAGE)
+    threshold = sorted(probs.values())[2]  # the third least likely name is the last one kept
+    tagger = ClipTagger(ranked.model, ranked.processor, vocabulary=VOCABULARY, threshold=threshold)
+    expected = sorted((n for n in VOCABULARY if probs[n] >= threshold), key=probs.get)[::-1]
+    assert tagger.tag(IMAGE, "a dog") == expected and len(expected) == len(VOCABULARY) - 2
+
+
+def test_make_tagger_builds_each_kind_by_name(folders):
+    assert isinstance(make_tagger("vision", folders["clip"], VOCABULARY), ClipTagger)
+    prompt_only = make_tagger("prompt", "nobody/no-such-model", VOCABULARY)  # CLIP not loaded
+    assert prompt_only.tag(IMAGE, "two dogs") == ["dog"]
+    both = make_tagger("prompt+vision", folders["clip"], VOCABULARY)
+    assert both.tag(IMAGE, "two dogs")[0] == "dog" and isinstance(both, UnionTagger)
+    with pytest.raises(ValueError, match="unknown tags 'words'; choose one of vision, prompt"):
+        make_tagger("words")
+
+
+def test_shipped_vocabulary_is_coco_and_common_things(tmp_path):
+    assert len(OBJECT_VOCABULARY) == 153
+    assert {"person", "traffic light", "hair drier", "sky", "grass", "robot"} <= set(
+        OBJECT_VOCABULARY
+    )
+    (tmp_path / "names.txt").write_text("# comment\nCat\n\n  traffic_light \ncat\n")
+    assert load_vocabulary(tmp_path / "names.txt") == ("cat", "traffic light")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="has no names"):
+        load_vocabulary(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_vocabulary(tmp_path / "missing.txt")
+
+
 def test_union_tagger_keeps_first_occurrence():
     class Fixed:
         def __init__(self, tags):
@@ -313,6 +358,20 @@ def test_grounded_sam_annotates_end_to_end(folders, detector, segmenter):
     for i, a in enumerate(annotations):
         for b in annotations[i + 1 :]:
             assert a.label != b.label or box_iou(a.box, b.box) <= annotator.nms_iou
+
+
+def test_commands_label_with_the_vision_tagger_by_default(folders, tmp_path):
+    (tmp_path / "names.txt").write_text("\n".join(VOCABULARY) + "\n")
+    models = {f"{name}_model": str(folders[name]) for name in ("clip", "dino", "sam")}
+    config = AnnotatorConfig(vocabulary=str(tmp_path / "names.txt"), **models)
+    annotator = make_annotator(config, "cpu")
+    assert isinstance(annotator.tagger, ClipTagger)
+    assert annotator.tagger.vocabulary == VOCABULARY
+    assert config.record()["tags"] == "vision"
+    prompted = make_annotator(AnnotatorConfig(tags="prompt", **models), "cpu")
+    assert prompted.tagger.tag(IMAGE, "a hot dog") == ["hot dog"]  # the shipped vocabulary
+    with pytest.raises(ValueError, match="unknown tags"):
+        AnnotatorConfig(tags="nouns")
 
 
 def test_half_precision_runs_end_to_end(folders):

@@ -176,6 +176,9 @@ def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, m
     examples = json.loads((out / "examples.json").read_text())
     assert examples["prompts"] == PROMPTS
     assert examples["seeds"] == [SEED + i for i in range(len(PROMPTS))]
+    assert (examples["annotator"], examples["tags"]) == ("grounded-sam", "vision")
+    assert examples["vocabulary"] == "core/annotate/vocabulary.txt"
+    assert "(annotator grounded-sam, tags vision, vocabulary" in printed.out
 
 
 def test_select_keys_refuses_missing_blocks_and_times():
@@ -226,3 +229,9 @@ def test_help_from_the_command_line_states_the_defaults():
     text = " ".join(command_help("core.emergence.build_dictionary").split())
     assert "--gen-batch" in text and "(default: 4)" in text
     assert "(default: grounded-sam)" in text and "(default: None)" not in text
+    assert "--tags {vision,prompt,prompt+vision}" in text and "(default: vision)" in text
+
+
+def test_images_are_labelled_without_the_prompt_by_default():
+    config = build_dictionary.DictionaryConfig(saes="saes", prompts="prompts.txt", out="out")
+    assert (config.annotation.annotator, config.annotation.tags) == ("grounded-sam", "vision")

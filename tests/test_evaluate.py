@@ -285,4 +285,7 @@ def test_help_from_the_command_line_states_the_defaults():
     text = " ".join(command_help("core.emergence.evaluate").split())
     assert "--edit-block" in text and "(default: mid_block.attentions.0)" in text
     assert "(default: CIDAS/clipseg-rd64-refined)" in text
+    assert "--tags {vision,prompt,prompt+vision}" in text and "(default: vision)" in text
+    config = evaluate.EvaluateConfig(out="out", tasks=("quality",), dictionaries="dicts")
+    assert config.annotation.tags == "vision"
     assert "(default: None)" not in text

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,21 +91,66 @@ def test_latents_firing_on_few_images_are_left_out():
         latents.latent_purity(summary, labels, 2, min_fires=11)
 
 
+def test_a_rare_impure_latent_does_not_count():
+    """Latent 0 fires on 11 images of class 0; latent 1 on 10 images, half of each class."""
+    labels = [0] * 11 + HALF
+    axis = [0] * 11 + [1] * 10
+    features = class_features(axis, 2, torch.linspace(1, 2, len(axis)))
+    summary = latents.summarize_latents(class_sae(2), features, 10)
+    assert summary.fire_count.tolist() == [11, 10]
+    measured, chosen = latents.latent_purity(summary, labels, 2)  # the paper's: more than 10
+    assert chosen.tolist() == [0] and measured.sigma_label == 0.0
+    measured, chosen = latents.latent_purity(summary, labels, 2, min_fires=9)
+    assert chosen.tolist() == [1, 0]  # latent 1's images are brighter
+    assert measured.sigma_label == pytest.approx(math.sqrt(2.5 / 9) / 2)
+
+
+def mixing_sae() -> TopKSAE:
+    """k = 1; latents 0 and 1 read axes 0 and 1, latent 2 reads half of each, so it is never
+    the top latent of an image that lies on one axis: the k-sparse code never uses it."""
+    sae = TopKSAE(SAEConfig(d_in=2, num_latents=3, k=1))
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.eye(3, 2))
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_dense_scores_count_latents_the_topk_code_leaves_out():
+    labels = [i % 2 for i in range(24)]  # classes alternate; image i has size i + 1
+    features = class_features(labels, 2, torch.arange(1.0, 25.0))
+    dense = latents.summarize_latents(mixing_sae(), features, 10)  # the default: dense
+    assert dense.fire_count.tolist() == [12, 12, 24]
+    assert dense.top_images[2].tolist() == list(range(23, 13, -1))  # 5 of each class
+    measured, chosen = latents.latent_purity(dense, labels, 2)
+    assert chosen.tolist() == [1, 0, 2]  # mean score 13, 12 and 6.25
+    assert measured.sigma_label == pytest.approx(math.sqrt(2.5 / 9) / 3)
+    assert measured.majority_fraction == pytest.approx((1 + 1 + 0.5) / 3)
+    top_two, _ = latents.latent_purity(dense, labels, 2, latents=2)
+    assert top_two.sigma_label == 0.0
+    code = latents.summarize_latents(mixing_sae(), features, 10, activations="code")
+    assert code.fire_count.tolist() == [12, 12, 0]
+    measured, chosen = latents.latent_purity(code, labels, 2)
+    assert chosen.tolist() == [1, 0] and measured.sigma_label == 0.0
+
+
 def test_summary_in_chunks_equals_the_dense_computation():
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=6, num_latents=24, k=3))
     x = torch.randn(50, 6)
-    small = latents.summarize_latents(sae, x, 5, chunk=7)
-    whole = latents.summarize_latents(sae, x, 5, chunk=1000)
-    codes = sae.encode_dense(x).detach().T
-    values, images = codes.topk(5, dim=1)
-    for summary in (small, whole):
-        assert torch.allclose(summary.top_values, values)
-        firing = values > 0  # zero activations tie, so only firing images have a fixed order
-        assert torch.equal(summary.top_images[firing], images[firing])
-        assert torch.equal(summary.fire_count, (codes > 0).sum(dim=1))
-    dense = latents.summarize_latents(sae, x, 5, activations="dense")
-    assert (dense.fire_count >= whole.fire_count).all() and dense.fire_count.sum() > 150
+    dense_scores = torch.relu(x @ sae.encoder.weight.T + sae.encoder.bias).detach().T
+    for activations, scores in (("code", sae.encode_dense(x).detach().T), ("dense", dense_scores)):
+        values, images = scores.topk(5, dim=1)
+        for chunk in (7, 1000):
+            summary = latents.summarize_latents(sae, x, 5, activations=activations, chunk=chunk)
+            assert torch.allclose(summary.top_values, values)
+            firing = values > 0  # zero activations tie, so only firing images have a fixed order
+            assert torch.equal(summary.top_images[firing], images[firing])
+            assert torch.equal(summary.fire_count, (scores > 0).sum(dim=1))
+            assert torch.allclose(summary.act_sum, scores.double().sum(dim=1))
+    default = latents.summarize_latents(sae, x, 5)
+    assert torch.allclose(default.top_values, dense_scores.topk(5, dim=1).values)
 
 
 def write_images(folder, meta) -> None:
@@ -162,4 +208,7 @@ def test_cli_images_and_grids_go_together(tmp_path, capsys):
 
 
 def test_help_states_each_default_once():
-    assert_defaults_stated_once(command_help("core.revelio.purity"), purity.PurityConfig)
+    text = command_help("core.revelio.purity")
+    assert_defaults_stated_once(text, purity.PurityConfig)
+    assert "(default: dense)" in " ".join(text.split())
+    assert purity.PurityConfig(Path("cache"), Path("saes")).activations == "dense"

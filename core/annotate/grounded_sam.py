@@ -3,7 +3,8 @@
 The emergence paper labels each generated image with RAM tags, Grounding DINO boxes for
 those tags, and SAM masks inside the boxes, giving (label, mask) pairs that SAE latents
 are matched against by IoU. `GroundedSamAnnotator` does the same with transformers'
-Grounding DINO and SAM; the tag step is one of the taggers in `core.annotate.tags`.
+Grounding DINO and SAM; the tag step is one of the taggers in `core.annotate.tags`
+(by default the vision-only one).
 Anything with an `annotate(image, prompt)` method returning `ObjectAnnotation`s is an
 `Annotator`, so a ground-truth labeller can stand in for the models.
 
@@ -32,13 +33,7 @@ from core.annotate.loading import (
     model_inputs,
     resolve_device_dtype,
 )
-from core.annotate.tags import (
-    ClipTagger,
-    PromptNounTagger,
-    Tagger,
-    UnionTagger,
-    normalise_vocabulary,
-)
+from core.annotate.tags import Tagger, make_tagger, normalise_vocabulary
 
 DINO_ID = "IDEA-Research/grounding-dino-tiny"
 SAM_ID = "facebook/sam-vit-base"
@@ -198,12 +193,11 @@ class SamBoxSegmenter:
 class GroundedSamAnnotator:
     """Tags -> Grounding DINO boxes -> per-label NMS -> SAM masks, as in the emergence paper.
 
-    The default tagger is the union of `PromptNounTagger` and `ClipTagger`. The paper
-    tags the image (RAM) because the dictionary must also name what the model drew
-    unasked (sky, grass, a table); CLIP is the image tagger transformers ships for that.
-    The prompt's nouns are added because they are free, exact for what was asked, and
-    often missed by a softmax over many names when the image holds several objects.
-    Detections SAM finds no pixel for are dropped.
+    The default tagger is the paper's kind: vision only (`ClipTagger` over the shipped
+    vocabulary, standing in for RAM), so no label comes from the prompt. Pass
+    `make_tagger("prompt+vision")` to add the prompt's nouns, which a softmax over many
+    names often misses when the image holds several objects. Detections SAM finds no
+    pixel for are dropped.
     """
 
     def __init__(
@@ -217,7 +211,7 @@ class GroundedSamAnnotator:
         dtype: torch.dtype | None = None,
     ):
         if tagger is None:
-            tagger = UnionTagger(PromptNounTagger(), ClipTagger(device=device, dtype=dtype))
+            tagger = make_tagger("vision", device=device, dtype=dtype)
         if isinstance(detector, str | Path):
             detector = GroundingDinoDetector(detector, device=device, dtype=dtype)
         if isinstance(segmenter, str | Path):

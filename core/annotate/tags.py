@@ -1,19 +1,25 @@
 """Image tagging, the first step of the labeller: which object names to look for.
 
-The emergence paper tags images with RAM, which transformers does not ship. Two taggers
-stand in for it, both restricted to a fixed vocabulary of object names:
+The emergence paper tags images with RAM, which takes no words from the prompt and which
+transformers does not ship. Both taggers here are restricted to a vocabulary of object names
+(by default `vocabulary.txt` beside this file: COCO's 80 classes and 73 common things that
+COCO leaves out):
 
+- `ClipTagger`: zero-shot CLIP over the vocabulary, standing in for RAM. Vision only: it
+  sees the image, so it catches unprompted objects (sky, grass, a table), at the cost of one
+  CLIP forward pass and some wrong guesses. The default where the paper's numbers are
+  reproduced.
 - `PromptNounTagger`: the vocabulary's names that occur in the prompt. Free, and exact
-  for what was asked, but blind to what the model added unasked (sky, grass, a table).
-- `ClipTagger`: zero-shot CLIP over the vocabulary. Sees the image, so it catches
-  unprompted objects, at the cost of one CLIP forward pass and some wrong guesses.
+  for what was asked, but blind to what the model added unasked; not the paper's labeller,
+  since its labels come from the words the image was generated from.
 
 `UnionTagger` combines them; wrong tags are cheap, because the detector that follows
-finds no box for an absent object.
+finds no box for an absent object. `make_tagger` builds one of `TAGS` by name.
 """
 
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -30,33 +36,32 @@ from core.annotate.loading import (
 )
 
 CLIP_ID = "openai/clip-vit-base-patch32"
+VOCABULARY_FILE = Path(__file__).with_name("vocabulary.txt")
+TAGS = ("vision", "prompt", "prompt+vision")
+"""Taggers by name: CLIP over the vocabulary (the paper's vision-only labelling), the
+prompt's nouns, or both."""
 
-COCO_NAMES = (
-    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
-    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
-    "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite "
-    "baseball_bat baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork "
-    "knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake "
-    "chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
-    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear "
-    "hair_drier toothbrush"
-).split()
-"""The 80 COCO detection classes (underscores stand for spaces)."""
 
-SCENE_NAMES = (
-    "man woman child boy girl baby face hair hand eye hat shirt dress shoe glasses "
-    "sky cloud sun moon star tree grass flower leaf mountain hill rock sea lake river "
-    "beach sand snow water road street building house bridge tower castle church city "
-    "window door wall floor fence lamp table plate glass box bag ball flag sign ship "
-    "fish lion tiger monkey rabbit deer duck chicken butterfly fruit bread guitar piano "
-    "painting robot"
-).split()
-"""Common things in generated images (scenery, people, clothing) that COCO leaves out."""
+def normalise_vocabulary(names: Iterable[str]) -> tuple[str, ...]:
+    """Lower-case, single-spaced, de-duplicated names, in their first order."""
+    cleaned = (" ".join(re.findall(r"[a-z0-9]+", name.lower())) for name in names)
+    return tuple(dict.fromkeys(name for name in cleaned if name))
 
-OBJECT_VOCABULARY: tuple[str, ...] = tuple(
-    dict.fromkeys(name.replace("_", " ") for name in COCO_NAMES + SCENE_NAMES)
-)
-"""Default tag vocabulary: COCO's classes plus `SCENE_NAMES`, lower-case, singular."""
+
+def load_vocabulary(path: str | Path) -> tuple[str, ...]:
+    """The names of a text file, one a line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the tag vocabulary {path} is not a file")
+    lines = (line.strip() for line in path.read_text().splitlines())
+    names = normalise_vocabulary(line for line in lines if not line.startswith("#"))
+    if not names:
+        raise ValueError(f"the tag vocabulary {path} has no names (one a line)")
+    return names
+
+
+OBJECT_VOCABULARY = load_vocabulary(VOCABULARY_FILE)
+"""The default tag vocabulary, read from `VOCABULARY_FILE`."""
 
 
 class Tagger(Protocol):
@@ -99,12 +104,6 @@ def singular_forms(word: str) -> list[str]:
     if word.endswith("s") and not word.endswith("ss"):
         forms.append(word[:-1])
     return forms
-
-
-def normalise_vocabulary(names: Iterable[str]) -> tuple[str, ...]:
-    """Lower-case, single-spaced, de-duplicated names, in their first order."""
-    cleaned = (" ".join(re.findall(r"[a-z0-9]+", name.lower())) for name in names)
-    return tuple(dict.fromkeys(name for name in cleaned if name))
 
 
 class PromptNounTagger:
@@ -159,9 +158,11 @@ def select_tags(
 class ClipTagger:
     """Zero-shot CLIP tagging: softmax over "a photo of a {name}." for every vocabulary name.
 
-    A softmax spreads probability over everything in the picture, so an image of several
-    objects gives each a modest share: the default keeps up to `top_k` = 5 names with at
-    least `threshold` = 0.05 probability.
+    Vision only, as the paper's RAM tagger: the prompt is never read, so every tag is a
+    vocabulary name, ranked by CLIP's probability for the image. A softmax spreads
+    probability over everything in the picture, so an image of several objects gives each a
+    modest share: the default keeps up to `top_k` = 5 names with at least `threshold` = 0.05
+    probability.
     """
 
     def __init__(
@@ -215,3 +216,20 @@ class UnionTagger:
     def tag(self, image: Image.Image, prompt: str | None = None) -> list[str]:
         found = dict.fromkeys(t for tagger in self.taggers for t in tagger.tag(image, prompt))
         return list(found)
+
+
+def make_tagger(
+    tags: str,
+    clip_model: Source = CLIP_ID,
+    vocabulary: Sequence[str] = OBJECT_VOCABULARY,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tagger:
+    """The tagger `tags` names (one of `TAGS`) over `vocabulary`; CLIP is loaded only if needed."""
+    if tags not in TAGS:
+        raise ValueError(f"unknown tags {tags!r}; choose one of {', '.join(TAGS)}")
+    if tags == "prompt":
+        return PromptNounTagger(vocabulary)
+    clip = ClipTagger(clip_model, vocabulary=vocabulary, device=device, dtype=dtype)
+    return clip if tags == "vision" else UnionTagger(PromptNounTagger(vocabulary), clip)

@@ -3,7 +3,8 @@
 For each prompt (prompt i from seed + i, as in `core.training.train`) an image is generated while
 the residual updates of the SAEs' blocks are recorded at the steps nearest each SAE's t.
 Each update is encoded with its SAE, the final image is annotated (tags -> Grounding DINO
--> SAM, vision only) and every (block, t, branch) gets the image's IoU evidence
+-> SAM; by default the tags are zero-shot CLIP's over a fixed vocabulary, vision only, as
+the paper's RAM tags) and every (block, t, branch) gets the image's IoU evidence
 (`DictionaryBuilder.add_codes`). The dictionaries are written with `save_dictionaries`,
 i.e. in the SAE bank's layout (out/{block}/t{t:.2f}/{branch}/concepts.json), so the output
 folder can also hold the SAEs; they are not copied: pass the SAE folder and the dictionary
@@ -22,7 +23,14 @@ from simple_parsing import field
 
 from core.annotate.annotation import Annotator
 from core.annotate.grounded_sam import DINO_ID, SAM_ID, GroundedSamAnnotator
-from core.annotate.tags import CLIP_ID, ClipTagger, PromptNounTagger, UnionTagger
+from core.annotate.tags import (
+    CLIP_ID,
+    OBJECT_VOCABULARY,
+    TAGS,
+    VOCABULARY_FILE,
+    load_vocabulary,
+    make_tagger,
+)
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
 from core.emergence.concepts import (
@@ -33,12 +41,13 @@ from core.emergence.concepts import (
 )
 from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
+from core.files import REPO_ROOT
 from core.runtime import command
 from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
 
-ANNOTATORS = ("grounded-sam", "grounded-sam-image-tags", "toy")
+ANNOTATORS = ("grounded-sam", "toy")
 """`toy` labels shapes-world images from their pixels (`core.shapes.annotate`), needing no model."""
 
 
@@ -68,8 +77,13 @@ class AnnotatorConfig:
     """The annotator that labels generated images, and its models."""
 
     annotator: str = field(default="grounded-sam", choices=ANNOTATORS)
-    """grounded-sam tags with CLIP and the prompt's nouns, grounded-sam-image-tags with CLIP
-    only; toy reads shapes-world pixels."""
+    """grounded-sam: tags -> Grounding DINO -> SAM; toy reads shapes-world pixels."""
+    tags: str = field(default="vision", choices=TAGS)
+    """grounded-sam's tags: vision (zero-shot CLIP over the vocabulary, no prompt words, as
+    the paper's RAM), prompt (the prompt's nouns) or prompt+vision."""
+    vocabulary: str | None = None
+    """Tag vocabulary, a text file with one object name a line (default:
+    core/annotate/vocabulary.txt, COCO's 80 classes and 73 common things)."""
     clip_model: str = CLIP_ID
     """CLIP id or folder: the tagger (and, in evaluate, the scorer of global edits)."""
     dino_model: str = DINO_ID
@@ -82,15 +96,27 @@ class AnnotatorConfig:
             raise ValueError(
                 f"unknown annotator {self.annotator!r}; choose one of {', '.join(ANNOTATORS)}"
             )
+        if self.tags not in TAGS:
+            raise ValueError(f"unknown tags {self.tags!r}; choose one of {', '.join(TAGS)}")
+
+    def record(self) -> dict[str, str]:
+        """What labelled the images, for the files written beside the results."""
+        if self.annotator == "toy":
+            return {"annotator": self.annotator}
+        vocabulary = self.vocabulary or str(VOCABULARY_FILE.resolve().relative_to(REPO_ROOT))
+        return {"annotator": self.annotator, "tags": self.tags, "vocabulary": vocabulary}
+
+    def describe(self) -> str:
+        """`record()` as one line: "annotator grounded-sam, tags vision, vocabulary ..."."""
+        return ", ".join(f"{what} {value}" for what, value in self.record().items())
 
 
 def make_annotator(config: AnnotatorConfig, device: str | None) -> Annotator:
     """The annotator `config` names, on `device`."""
     if config.annotator == "toy":
         return ToyAnnotator(with_background=True)
-    clip = ClipTagger(config.clip_model, device=device)
-    image_tags = config.annotator == "grounded-sam-image-tags"
-    tagger = clip if image_tags else UnionTagger(PromptNounTagger(), clip)
+    vocabulary = load_vocabulary(config.vocabulary) if config.vocabulary else OBJECT_VOCABULARY
+    tagger = make_tagger(config.tags, config.clip_model, vocabulary, device=device)
     return GroundedSamAnnotator(tagger, config.dino_model, config.sam_model, device=device)
 
 
@@ -163,12 +189,13 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
         "model": preset.model,
         "steps": steps,
         "guidance_scale": guidance,
-        "annotator": config.annotation.annotator,
+        **config.annotation.record(),
         "word_vectors": config.word_vectors,
     }
     save_examples(out, gathered, prompts, config.seed, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
-    print(f"{len(prompts)} images, {gathered.num_objects} annotated objects")
+    labeller = config.annotation.describe()
+    print(f"{len(prompts)} images, {gathered.num_objects} annotated objects ({labeller})")
     print(f"saved {len(dictionaries)} dictionaries to {out}")
     return dictionaries
 

@@ -652,7 +652,8 @@ def composition_task(
     ]
     write_csv(out / "composition_summary.csv", summary)
     plot_composition(rows, out / "composition.png")
-    print(format_table(summary, f"composition IoU ({PAPER_COMPOSITION})"))
+    labeller = config.annotation.describe()
+    print(format_table(summary, f"composition IoU, labelled by {labeller} ({PAPER_COMPOSITION})"))
 
 
 def spatial_task(

@@ -2,15 +2,19 @@
 
 Revelio measures how class-specific a k-SAE's latents are by sigma_label: "the average
 standard deviation in the class labels of the top-10 most highly activating images among the
-top 1000 most highly activating features". Read here, as in the authors' released code:
+top 1000 most highly activating features". The text does not say which activations; read
+here as in the authors' released code (SD-kSAE/training/save_feature.py):
 
-- a latent's activation on an image is its entry in the SAE code of the image's pooled
-  features (`activations="dense"` ranks by the pre-TopK ReLU activations instead, which is
-  what the released code ranks by);
-- the "most highly activating" latents are those with the largest mean activation over the
-  images they fire on, among latents that fire on more than 10 images;
-- the std is the sample standard deviation (n - 1 in the denominator) of the 10 class
-  indices, averaged over the latents.
+- a latent's score on an image is its dense encoder output before TopK, after a ReLU:
+  relu(W_enc (x - b_pre) + b_enc) (`activations="dense"`, the default); `"code"` scores by
+  the latent's entry in the k-sparse code instead, so a latent fires only where it is among
+  the image's top k;
+- the "most highly activating" latents are those with the largest mean score over the
+  images they fire on (score > 0), among latents that fire on more than 10 images (fewer
+  than 1000 when fewer qualify, where the released code fills up with latents that do not);
+- each latent's top images are its 10 highest-scoring ones, and the std is the sample
+  standard deviation (n - 1 in the denominator) of their 10 class indices, averaged over
+  the latents.
 
 sigma_label depends on how the classes happen to be numbered (a latent firing on classes 0
 and 1 scores far better than one firing on classes 0 and 36), so two measures that do not are
@@ -33,6 +37,8 @@ from core.revelio.feature_cache import FeatureMeta
 from core.sae.model import TopKSAE
 
 Activations = Literal["code", "dense"]
+DEFAULT_ACTIVATIONS: Activations = "dense"
+"""The paper does not say which activations rank images; Revelio's released code uses these."""
 PAPER_LATENTS, PAPER_IMAGES, PAPER_MIN_FIRES = 1000, 10, 10
 
 
@@ -68,8 +74,11 @@ class Purity:
 
 
 @torch.no_grad()
-def latent_activations(sae: TopKSAE, x: Tensor, activations: Activations = "code") -> Tensor:
-    """[N, n] activations of every latent on rows x [N, d]."""
+def latent_activations(
+    sae: TopKSAE, x: Tensor, activations: Activations = DEFAULT_ACTIVATIONS
+) -> Tensor:
+    """[N, n] scores of every latent on rows x [N, d]: the dense ReLU encoder output, or the
+    k-sparse code."""
     if activations == "code":
         return sae.encode_dense(x)
     if activations == "dense":
@@ -83,7 +92,7 @@ def summarize_latents(
     features: Tensor,
     top_m: int = PAPER_IMAGES,
     *,
-    activations: Activations = "code",
+    activations: Activations = DEFAULT_ACTIVATIONS,
     chunk: int = 256,
 ) -> LatentSummary:
     """Top images, firing counts and activation sums of every latent on pooled features [N, d].

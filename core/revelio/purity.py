@@ -4,8 +4,9 @@
 
 Per (layer, timestep) with a k-SAE: sigma_label, majority fraction and label entropy of the
 top images of the most activating latents, beside the same measures on random image sets
-(`core.revelio.latents` says how each is read from the paper). With `--images` and `--grids`,
-the top images of the 8 most activating latents (or `--latents`) are drawn as grids.
+(`core.revelio.latents` says how each is read from the paper and the authors' released code).
+With `--images` and `--grids`, the top images of the 8 most activating latents (or
+`--latents`) are drawn as grids.
 """
 
 import sys
@@ -21,6 +22,7 @@ from core.revelio.cache_select import Selection, select_pairs
 from core.revelio.feature_cache import FeatureMeta, load_features, load_meta
 from core.revelio.ksae_folders import load_ksaes
 from core.revelio.latents import (
+    DEFAULT_ACTIVATIONS,
     PAPER_IMAGES,
     PAPER_LATENTS,
     PAPER_MIN_FIRES,
@@ -51,8 +53,10 @@ class PurityConfig:
     """Images per latent."""
     min_fires: int = PAPER_MIN_FIRES
     """A latent is measured only if it fires on more images than this."""
-    activations: Activations = "code"
-    """What ranks the images: the SAE code, or the pre-TopK (dense) activations."""
+    activations: Activations = DEFAULT_ACTIVATIONS
+    """A latent's score on an image, which decides where it fires, its mean and its top
+    images: dense (the encoder output before TopK, after ReLU, as Revelio's released code)
+    or code (its entry in the k-sparse code)."""
     images: Path | None = None
     """Image folder (meta.images are relative to it); goes with --grids."""
     grids: Path | None = None

@@ -92,14 +92,18 @@ class Loaded:
         return self.cached("annotator", self._load_annotator)
 
     def _load_annotator(self) -> tuple[Annotator | None, str | None]:
+        """The emergence view scores the prompt's words against the final image's annotation,
+        so the labeller looks for the prompt's nouns as well as CLIP's tags."""
         if self.preset.name in SHAPES_WORLD_PRESETS:
             from core.shapes.annotate import ToyAnnotator
 
             return ToyAnnotator(), None
         from core.annotate.grounded_sam import GroundedSamAnnotator
+        from core.annotate.tags import make_tagger
 
         try:
-            return GroundedSamAnnotator(device=self.device), None
+            tagger = make_tagger("prompt+vision", device=self.device)
+            return GroundedSamAnnotator(tagger, device=self.device), None
         except (OSError, ValueError) as error:
             return None, f"no annotator ({error.args[0] if error.args else error})"
 
