@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, check_preset, default_preset_name
-from core.emergence.steer import DEFAULT_STRENGTH, KINDS, QUADRANTS
+from core.emergence.steer import DEFAULT_STRENGTH, KINDS, QUADRANTS, SAE_CHOICES
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio
@@ -291,6 +291,7 @@ def on_steer(
     t_min,
     t_max,
     strength,
+    sae_choice,
     region_by,
     quadrant,
     canvas,
@@ -300,13 +301,23 @@ def on_steer(
     drawn = kind == "spatial" and region_by == "drawn"
     region = {"quadrant": quadrant, "mask": drawn_region(canvas) if drawn else None}
     request = SteerRequest(
-        prompt, seed, block, kind, stage, (t_min, t_max), strength, branch, **concept, **region
+        prompt,
+        seed,
+        block,
+        kind,
+        stage,
+        (t_min, t_max),
+        strength,
+        branch,
+        **concept,
+        **region,
+        sae_choice=sae_choice,
     )
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_steer(loaded, request, hooks["on_step"])
     pair = (for_display(result.before), for_display(result.after))
-    return pair, result.difference, result.metrics
+    return pair, result.difference, result.record.summary(), result.metrics
 
 
 def on_request_inspect(runs: int) -> int:
@@ -588,14 +599,21 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
                 label="before | after (same seed)", format="png", elem_id="steer-pair"
             )
             difference = gr.Image(label="difference", height=256, format="png")
+            edits = gr.Textbox(
+                label="steps edited (with which SAE and CIDs) and skipped (why)",
+                interactive=False,
+                elem_id="steer-edits",
+            )
             metrics = gr.JSON(label="what changed", elem_id="steer-metrics")
     inputs = [preset_box, prompt, seed, block, branch, by, word, cid, cid_t, *edit, *region]
-    run.click(on_steer, inputs, [pair, difference, metrics], api_name="steer", **MODEL)
+    outputs = [pair, difference, edits, metrics]
+    run.click(on_steer, inputs, outputs, api_name="steer", **MODEL)
     return block, word
 
 
 def steer_edit() -> list:
-    """The edit's type, stage (or t range) and strength, which follows the paper's default."""
+    """The edit's type, stage (or t range), strength (which follows the paper's default) and
+    the SAE each step edits with."""
     kind = gr.Radio(list(KINDS), value="spatial", label="type")
     stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
     with gr.Row(visible=False) as t_range:
@@ -610,7 +628,12 @@ def steer_edit() -> list:
         api_name="default_strength",
         **LIGHT,
     )
-    return [kind, stage, t_min, t_max, strength]
+    sae_choice = gr.Radio(
+        list(SAE_CHOICES),
+        value="stage",
+        label="SAE per edited step: the stage's (t = 1.0, 0.5, 0.0) or the nearest to its t",
+    )
+    return [kind, stage, t_min, t_max, strength, sae_choice]
 
 
 def steer_region() -> list:

@@ -55,6 +55,7 @@ def steer(client: Client, seed: int = 0, **changes) -> tuple:
         "t_min": 0.6,
         "t_max": 1.0,
         "strength": 4000,
+        "sae_choice": "stage",
         "region_by": "quadrant",
         "quadrant": "top_left",
         "canvas": None,
@@ -96,15 +97,18 @@ def test_emergence_and_its_step_slider(client):
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
-    (before, after), difference, changes = steer(client)
+    (before, after), difference, edits, changes = steer(client)
+    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs ")
+    assert edits.endswith("; skipped none")
     assert pixels(before).shape == pixels(after).shape == (256, 256, 3)
     assert not np.array_equal(pixels(before), pixels(after))
     assert pixels(difference).shape[:2] == (256, 256)
     assert changes["concept"] == "'star'" and changes["mean_abs_pixel_difference"] > 0
     drawn = canvas(tmp_path, (slice(0, 32), slice(32, 64)))
-    (before2, _), _, changes = steer(
+    (before2, _), _, edits, changes = steer(
         client, concept_by="CID", cid=5, cid_t=0.5, region_by="drawn", canvas=drawn
     )
+    assert edits.startswith("edited no step; skipped steps 0–3: ")
     assert changes["cids"] == {"t=0.5": "5"} and changes["region"] == "drawn, 25% of the image"
     assert np.array_equal(pixels(before), pixels(before2))
 
@@ -215,5 +219,5 @@ def test_two_clients_at_once_get_what_each_gets_alone():
     assert together_a[4] == alone_a[4]
     for together, alone in zip(together_b[0], alone_b[0], strict=True):
         assert np.array_equal(pixels(together), pixels(alone))
-    assert together_b[2] == alone_b[2]
+    assert together_b[2:] == alone_b[2:]
     assert isinstance(results["other preset"], AppError)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,13 +137,19 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     result = run_steer(loaded, request)
     assert result.before.size == result.after.size == (32, 32)
     assert result.metrics["mean_abs_pixel_difference"] > 0
-    assert result.metrics["edited_steps"] != "0 of 10"
+    assert result.metrics["edited_steps"] == "4 of 10"
+    assert "SAE per step: stage" in result.metrics["edit"]
+    # the early stage (t = 0.901 .. 0.601: steps 0-3) edits with the t = 1 SAE only
+    edits = result.record.summary()
+    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 11, 12, 15,")
+    assert edits.endswith("; skipped none")
     lpips = result.metrics["lpips"]  # a distance, or why there is none (lpips not installed)
     assert lpips > 0 if isinstance(lpips, float) else lpips.startswith(NO_LPIPS)
     zero = run_steer(loaded, SteerRequest(PROMPT, 1, UP, word="star", strength=0))
     assert zero.metrics["mean_abs_pixel_difference"] == 0
     lpips = zero.metrics["lpips"]
     assert lpips == 0 if isinstance(lpips, float) else lpips.startswith(NO_LPIPS)
+    assert zero.record.summary() == "edited no step; skipped steps 0–3: the strength is 0"
     assert np.array_equal(np.asarray(zero.before), np.asarray(result.before))
     assert hook_count(loaded.pipe) == 0
 
@@ -158,6 +165,15 @@ def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     assert result.metrics["region"] == "drawn, 25% of the image"
     assert result.metrics["edit"].startswith("spatial, custom stage (t in [0.3, 0.9])")
     assert result.difference.size == (256, 256)
+    # t = 0.801 .. 0.301 (steps 1-6); the range's midpoint 0.6 is in the early stage, whose
+    # t = 1 SAE is not the CID's; the SAE nearest each step's t is the CID's from t = 0.701
+    why = f"{UP} (t=1, cond) has no CIDs for CID 5 of the SAE at t=0.5"
+    assert result.record.summary() == f"edited no step; skipped steps 1–6: {why}"
+    assert result.metrics["edited_steps"] == "0 of 10"
+    nearest = run_steer(loaded, replace(request, sae_choice="nearest"))
+    assert nearest.record.summary() == (
+        f"edited steps 2–6 with {UP} (t=0.5, cond), CIDs 5; skipped step 1: {why}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -171,6 +187,7 @@ def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
         ({"word": "", "cid": 9999}, "from 0 to 255"),
         ({"stage": "custom", "t_range": (0.9, 0.1)}, "t_min <= t_max"),
         ({"branch": "uncond"}, "no SAE for"),
+        ({"sae_choice": "closest"}, "unknown sae_choice 'closest'; choose one of stage, nearest"),
     ],
 )
 def test_bad_steering_requests_say_what_is_wrong(loaded, changes, fragment):

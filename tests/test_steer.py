@@ -3,18 +3,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
-from core.diffusion.hooks import record
+from core.diffusion.hooks import record, schedule_t
+from core.diffusion.presets import STAGES
 from core.emergence.steer import (
+    EditRecord,
     Intervention,
+    StepEdit,
     default_strength,
     delta_change,
     intervene,
+    plan_step,
     quadrant_mask,
     region_on_grid,
+    stage_t,
     stage_window,
 )
-from core.sae.bank import SAEBank
+from core.sae.bank import SAEBank, SAEKey
 from core.training.activations import to_rows
 from tests.helpers import hook_count, random_sae, recorded_steps, seeded
 
@@ -77,20 +83,110 @@ def test_stages_and_paper_strengths():
     assert default_strength("spatial", "early") == 4000
     assert default_strength("global", "middle") == 10
     assert default_strength("global", (0.3, 0.5)) == 10
+    assert [stage_t(s) for s in STAGES] == [stage_t(stage_window(s)) for s in STAGES]
+    assert [stage_t(s) for s in STAGES] == [1.0, 0.5, 0.0]
+    assert stage_t((0.3, 0.9)) == 1.0  # a custom range: the stage of its midpoint
 
 
-def steer(pipe, bank, **fields):
+def steered(pipe, bank, **fields) -> tuple[np.ndarray, EditRecord]:
+    """The image generated under the intervention `fields` describe, and its record."""
     spec = dict(kind="global", cids=[3, 4], strength=10.0, window=(0.0, 1.0))
     spec.update(fields)
-    with intervene(pipe, bank, MID, Intervention(**spec), SIZE):
-        return generate(pipe)
+    with intervene(pipe, bank, MID, Intervention(**spec), SIZE) as edits:
+        return generate(pipe), edits
+
+
+def steer(pipe, bank, **fields) -> np.ndarray:
+    return steered(pipe, bank, **fields)[0]
+
+
+def ddim_ts(pipe, steps: int) -> list[float]:
+    """t of each step of a DDIM schedule of `steps` steps, as the hooks see it."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return schedule_t(pipe, scheduler.timesteps)
+
+
+def sae_t_per_step(bank, ts, stage: str, **choice: str) -> list[float]:
+    """The t of the SAE that edits each step of `stage` (by default, or as `choice` says)."""
+    low, high = STAGES[stage]
+    edit = Intervention("global", [3], 10.0, (low, high), **choice)
+    return [plan_step(bank, MID, edit, t, "cond").sae.t for t in ts if low <= t <= high]
+
+
+def test_each_stage_edits_with_its_own_sae_by_default(tiny_pipe, bank):
+    ts = ddim_ts(tiny_pipe, 50)
+    early = sae_t_per_step(bank, ts, "early")
+    assert len(early) == 20 and set(early) == {1.0}
+    assert set(sae_t_per_step(bank, ts, "middle")) == {0.5}
+    assert set(sae_t_per_step(bank, ts, "final")) == {0.0}
+    nearest = sae_t_per_step(bank, ts, "early", sae_choice="nearest")
+    assert nearest == [1.0] * 12 + [0.5] * 8  # t = 0.741 .. 0.601 is nearer 0.5
+    others = sum(
+        t != stage_t(stage)
+        for stage in STAGES
+        for t in sae_t_per_step(bank, ts, stage, sae_choice="nearest")
+    )
+    assert others == 11
+
+
+def test_the_record_names_each_steps_sae_and_cids_and_why_steps_were_skipped(tiny_pipe, bank):
+    keys = {k.t: k for k in bank}
+    plain = generate(tiny_pipe)
+    # With 10 steps the early stage is t = 0.901 .. 0.601 (steps 0-3); the CIDs are the
+    # t = 0.5 SAE's only, which the nearest choice uses at t = 0.701 and 0.601.
+    fields = dict(cids={keys[0.5]: [3, 4]}, window=(0.6, 1.0), concept="'cat'")
+    image, edits = steered(tiny_pipe, bank, **fields)
+    assert (image == plain).all()
+    assert edits.summary() == (
+        f"edited no step; skipped steps 0–3: {MID} (t=1, cond) has no CIDs for 'cat'"
+    )
+    image, edits = steered(tiny_pipe, bank, sae_choice="nearest", **fields)
+    assert not (image == plain).all()
+    assert [(s.index, s.sae.t, s.cids) for s in edits.edited()] == [
+        (2, 0.5, (3, 4)),
+        (3, 0.5, (3, 4)),
+    ]
+    assert edits.summary() == (
+        f"edited steps 2–3 with {MID} (t=0.5, cond), CIDs 3, 4; "
+        f"skipped steps 0–1: {MID} (t=1, cond) has no CIDs for 'cat'"
+    )
+
+
+def test_a_stage_whose_t_the_bank_lacks_uses_the_nearest_and_says_so(tiny_pipe):
+    bank = SAEBank(random_sae(64, 256, 8, t=t, seed=i) for i, t in enumerate((1.0, 0.4)))
+    edit = Intervention("global", [3], 10.0, STAGES["middle"])
+    with intervene(tiny_pipe, bank, MID, edit, SIZE) as edits:
+        pass
+    assert edits.notes == [
+        f"no SAE of {MID} (cond) is at the middle stage's t=0.5; the nearest, t=0.4, edits it"
+    ]
+    assert plan_step(bank, MID, edit, 0.55, "cond").sae.t == 0.4
+    assert hook_count(tiny_pipe) == 0
+
+
+def test_the_summary_groups_consecutive_steps_by_sae_and_cids():
+    one, half = SAEKey(MID, 1.0, "cond"), SAEKey(MID, 0.5, "cond")
+    steps = [StepEdit(MID, i, 1 - i / 10, "cond", one, (5,)) for i in (0, 1, 2, 4)]
+    steps += [StepEdit(MID, 3, 0.7, "cond", half, (), "no CIDs here")]
+    steps += [StepEdit(MID, 5, 0.5, "cond", half, tuple(range(10)))]
+    edits = EditRecord(steps, ["a note"])
+    assert edits.summary() == (
+        f"edited steps 0–2, 4 with {MID} (t=1, cond), CIDs 5; step 5 with {MID} (t=0.5, "
+        "cond), CIDs 0, 1, 2, 3, 4, 5, 6, 7, ... (10 in all); skipped step 3: no CIDs here; "
+        "a note"
+    )
+    assert EditRecord().summary() == "edited no step: no step's t lies in the window"
 
 
 def test_edits_outside_the_window_or_at_zero_strength_change_nothing(tiny_pipe, bank):
     plain = generate(tiny_pipe)
     # With 10 DDIM steps, t runs from 0.901 down to 0.001: no step lies in (0.95, 1.0).
-    assert (steer(tiny_pipe, bank, window=(0.95, 1.0)) == plain).all()
-    assert (steer(tiny_pipe, bank, strength=0.0) == plain).all()
+    image, edits = steered(tiny_pipe, bank, window=(0.95, 1.0))
+    assert (image == plain).all() and not edits.steps
+    image, edits = steered(tiny_pipe, bank, strength=0.0)
+    assert (image == plain).all() and not edits.edited()
+    assert {s.skipped for s in edits.steps} == {"the strength is 0"} and len(edits.steps) == 10
     region = quadrant_mask("top_left", SIZE)
     assert (steer(tiny_pipe, bank, kind="spatial", region=region, strength=0.0) == plain).all()
     assert not (steer(tiny_pipe, bank, window=(0.0, 0.3)) == plain).all()
@@ -112,9 +208,10 @@ def test_per_t_cids_follow_the_sae_in_use(tiny_pipe, bank):
     keys = {k.t: k for k in bank}
     plain = generate(tiny_pipe)
     only_final = {keys[0.0]: [3, 4]}
+    nearest = dict(cids=only_final, sae_choice="nearest")
     # t = 0.901 .. 0.401 use the t = 1.0 and t = 0.5 SAEs, which have no CIDs here.
-    assert (steer(tiny_pipe, bank, cids=only_final, window=(0.4, 1.0)) == plain).all()
-    assert not (steer(tiny_pipe, bank, cids=only_final, window=(0.0, 0.3)) == plain).all()
+    assert (steer(tiny_pipe, bank, window=(0.4, 1.0), **nearest) == plain).all()
+    assert not (steer(tiny_pipe, bank, window=(0.0, 0.3), **nearest) == plain).all()
 
 
 full = np.ones(SIZE, dtype=bool)
@@ -131,6 +228,7 @@ BAD = [
     (dict(cids=[]), "no CIDs"),
     (dict(window=(0.7, 0.2)), "t_min <= t_max"),
     (dict(branches=("both",)), "branches must be among"),
+    (dict(sae_choice="closest"), "unknown sae_choice 'closest'; choose one of stage, nearest"),
 ]
 
 
@@ -162,5 +260,10 @@ def test_a_word_steers_through_each_dictionarys_cids(tiny_pipe, bank):
     with pytest.raises(ValueError, match="labelled 'boat' at any t; try one of cat, dog, tree"):
         concept_cids(dictionaries, "boat", MID)
     plain = generate(tiny_pipe)
-    assert (steer(tiny_pipe, bank, cids=cids, window=(0.0, 0.1)) == plain).all()
+    image, edits = steered(tiny_pipe, bank, cids=cids, window=(0.0, 0.1), concept="'cat'")
+    assert (image == plain).all()
+    assert (
+        edits.summary()
+        == f"edited no step; skipped step 9: {MID} (t=0, cond) has no CIDs for 'cat'"
+    )
     assert not (steer(tiny_pipe, bank, cids=cids, window=(0.4, 0.6)) == plain).all()

@@ -90,6 +90,11 @@ def schedule_t(pipe, timesteps: Sequence[float] | Tensor | None = None) -> list[
     return [float(ts) / n_train for ts in values]
 
 
+def step_index(ts: Sequence[float], t: float) -> int:
+    """Position of t among a schedule's ts (0 = first, noisiest step); -1 if not among them."""
+    return ts.index(t) if t in ts else -1
+
+
 def nearest_indices(ts: Sequence[float], targets: Iterable[float]) -> set[int]:
     """Indices of the steps whose t is nearest to each target t (ties go to the earlier step)."""
     chosen = set()
@@ -201,7 +206,7 @@ class _Session(DenoiserHooks):
 
     def on_call(self, arguments: dict[str, object]) -> None:
         ts = schedule_t(self.pipe, self.timesteps)
-        index = ts.index(self.t) if self.t in ts else -1
+        index = step_index(ts, self.t)
         self.step = StepInfo(index, self.timestep, self.t)
         self.branches = BRANCHES if self._uses_cfg() else ("cond",)
         selected = self.at_t is None or (index in nearest_indices(ts, self.at_t) if ts else False)

@@ -22,6 +22,9 @@ TOY_ASSETS = ASSETS / "toy"
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
 """Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
+STAGE_T = {"early": 1.0, "middle": 0.5, "final": 0.0}
+"""The t of the SAE that edits each stage in the emergence paper (its SAEs are trained at
+these three t)."""
 SD14_SAES_ENV = "SD14_SAES"
 """Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 

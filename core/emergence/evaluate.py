@@ -11,6 +11,10 @@ Four tasks, each writing a CSV of raw rows (and a summary) plus a plot into --ou
 - global: add a concept everywhere in each stage; success when CLIP similarity with the
   concept's word rises; also mean absolute pixel difference and (if available) LPIPS.
 
+Spatial and global edits use the stage's SAE at every step, as the paper does (early
+t = 1.0, middle 0.5, final 0.0; `--sae-choice nearest`: each step's nearest). Each edit's
+row (`edits`) says which steps it edited with which SAE and CIDs, and which it skipped and why.
+
 The functions below take built objects (pipeline, bank, dictionaries, annotators), so
 tests and the app call them directly; the CLI only loads things and writes files.
 """
@@ -53,6 +57,7 @@ from core.emergence.concepts import (  # noqa: E402
 )
 from core.emergence.metrics import ClipScorer, label_masks, load_lpips, pixel_difference  # noqa: E402
 from core.emergence.steer import (  # noqa: E402
+    SAE_CHOICES,
     Intervention,
     default_strength,
     intervene,
@@ -335,12 +340,14 @@ def spatial_edit_rows(
     quadrants: Sequence[str] = QUADRANTS,
     strengths: Mapping[str, float] | None = None,
     template: str = "a photo of a {}",
+    sae_choice: str = "stage",
     seed: int = 0,
     steps: int = 50,
     guidance_scale: float = 7.5,
     resolution: int | None = None,
 ) -> Rows:
-    """One row per (object, quadrant, stage). Object j is generated from seed + j."""
+    """One row per (object, quadrant, stage). Object j is generated from seed + j; `edits`
+    says which steps were edited with which SAE (`sae_choice`) and which were skipped."""
     cids, _ = object_cids(dictionaries, objects, block, branch)
     size = image_size(pipe, resolution)
     rows = []
@@ -350,8 +357,17 @@ def spatial_edit_rows(
     for j, obj, quadrant, stage in tqdm(jobs, desc="spatial edits"):
         strength = strength_for("spatial", stage, strengths)
         region = quadrant_mask(quadrant, size)
-        edit = Intervention("spatial", cids[obj], strength, stage_window(stage), (branch,), region)
-        with intervene(pipe, bank, block, edit, size):
+        edit = Intervention(
+            "spatial",
+            cids[obj],
+            strength,
+            stage_window(stage),
+            (branch,),
+            region,
+            sae_choice=sae_choice,
+            concept=repr(obj),
+        )
+        with intervene(pipe, bank, block, edit, size) as record:
             image = generate(
                 pipe, template.format(obj), seed + j, steps, guidance_scale, resolution
             )
@@ -368,6 +384,7 @@ def spatial_edit_rows(
                 "com_y": point[1] if point else math.nan,
                 "found_quadrant": found,
                 "success": int(found == quadrant),
+                "edits": record.summary(),
             }
         )
     return rows
@@ -403,31 +420,41 @@ def global_edit_rows(
     stages: Sequence[str] = tuple(STAGES),
     strengths: Mapping[str, float] | None = None,
     lpips_distance: Callable | None = None,
+    sae_choice: str = "stage",
     seed: int = 0,
     steps: int = 50,
     guidance_scale: float = 7.5,
     resolution: int | None = None,
 ) -> Rows:
     """One row per (concept, prompt, stage): CLIP similarity with the concept's word before
-    and after the edit, their difference, and how much the image changed."""
+    and after the edit, their difference, how much the image changed, and which steps were
+    edited with which SAE (`sae_choice`) and which were skipped."""
     cids, _ = object_cids(dictionaries, concepts, block, branch)
     size = image_size(pipe, resolution)
     rows = []
     for i, prompt in enumerate(tqdm(prompts, desc="global edits")):
         before = generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
         for concept in cids:
-            edited = []
+            edited, records = [], []
             for stage in stages:
                 strength = strength_for("global", stage, strengths)
                 edit = Intervention(
-                    "global", cids[concept], strength, stage_window(stage), (branch,)
+                    "global",
+                    cids[concept],
+                    strength,
+                    stage_window(stage),
+                    (branch,),
+                    sae_choice=sae_choice,
+                    concept=repr(concept),
                 )
-                with intervene(pipe, bank, block, edit, size):
+                with intervene(pipe, bank, block, edit, size) as record:
                     edited.append(
                         generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
                     )
+                records.append(record)
             scores = scorer.similarity([before, *edited], concept)
-            for stage, after, score in zip(stages, edited, scores[1:], strict=True):
+            results = zip(stages, edited, scores[1:], records, strict=True)
+            for stage, after, score, record in results:
                 rows.append(
                     {
                         "concept": concept,
@@ -441,6 +468,7 @@ def global_edit_rows(
                         "success": int(score > scores[0]),
                         "pixel_diff": pixel_difference(before, after),
                         "lpips": lpips_distance(before, after) if lpips_distance else math.nan,
+                        "edits": record.summary(),
                     }
                 )
     return rows
@@ -541,6 +569,8 @@ class EvaluateConfig:
     """Stages the edits act in."""
     edit_block: str = MID
     """Block edited by spatial/global edits."""
+    sae_choice: str = field(default="stage", choices=SAE_CHOICES)
+    """SAE of each edited step: the stage's t (1.0, 0.5, 0.0), or the t nearest the step's."""
     annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     """Which annotator labels the generated images (composition), and its models."""
     clipseg_model: str = CLIPSEG_ID
@@ -611,7 +641,13 @@ def evaluate(config: EvaluateConfig) -> None:
         composition_task(
             config, pipe, bank, dictionaries, prompts, word_vectors, targets, blocks, common
         )
-    edit = dict(block=config.edit_block, branch=config.branch, stages=config.stages, **common)
+    edit = dict(
+        block=config.edit_block,
+        branch=config.branch,
+        stages=config.stages,
+        sae_choice=config.sae_choice,
+        **common,
+    )
     if "spatial" in config.tasks:
         spatial_task(config, pipe, bank, dictionaries, edit)
     if "global" in config.tasks:

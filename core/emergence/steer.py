@@ -12,15 +12,22 @@ concept's CIDs, f_c the concept vector of CID c (row c of W_dec) and S the targe
 
 Delta is edited directly with concept vectors, never replaced by the SAE's reconstruction,
 so whatever the SAE does not explain passes through untouched. Edits apply only at steps
-whose t lies in the stage window (bounds included) and only on the chosen branches, each
-step using the SAE trained nearest to its t. ||Z_ij|| is the L2 norm of the position's
-k-sparse code. The paper's strengths are the defaults.
+whose t lies in the stage window (bounds included) and only on the chosen branches.
+||Z_ij|| is the L2 norm of the position's k-sparse code. The paper's strengths are the
+defaults.
+
+Which SAE edits a step (`sae_choice`): by default the stage's, as in the paper's experiments:
+every step of the early stage uses the SAE trained at t = 1.0, of the middle stage t = 0.5,
+of the final stage t = 0.0 (a custom window: the stage its midpoint falls in; a bank without
+that t: the SAE nearest to it, and the record says so). "nearest" gives each step the SAE
+trained nearest to its own t. `intervene` yields an `EditRecord` of which steps were edited
+with which SAE and CIDs, and which were skipped and why.
 """
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.annotate.quadrants import QUADRANTS
-from core.diffusion.hooks import BRANCHES, edit, resolve_blocks
-from core.diffusion.presets import STAGES
+from core.diffusion.hooks import BRANCHES, edit, resolve_blocks, schedule_t, step_index
+from core.diffusion.presets import STAGE_T, STAGES
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import TopKSAE
 from core.training.activations import to_rows
@@ -41,6 +48,8 @@ DEFAULT_STRENGTH = {
     "ablate": {"early": 1.0, "middle": 1.0, "final": 1.0},
 }
 MAX_STRENGTH = 1e5
+SAE_CHOICES = ("stage", "nearest")
+"""How an edited step picks its SAE: the one of its stage's t, or the one nearest its own t."""
 
 CIDs = Sequence[int] | Mapping[SAEKey, Sequence[int]]
 """The concept's CIDs: the same for every SAE, or per SAE (a dictionary's CIDs differ by t)."""
@@ -58,6 +67,91 @@ class Intervention:
     branches: tuple[str, ...] = ("cond",)
     region: np.ndarray | None = None
     """Spatial only: bool/float mask at image resolution (> 0.5 = inside)."""
+    sae_choice: str = "stage"
+    """"stage": every step uses the SAE at the window's stage t (`stage_t`); "nearest": each
+    step uses the SAE trained nearest to its own t."""
+    concept: str = "the concept"
+    """How the record names the concept, e.g. "'cat'"."""
+
+
+@dataclass(frozen=True)
+class StepEdit:
+    """What an intervention did at one step of one block and branch."""
+
+    block: str
+    index: int
+    """The step's position in the schedule (0 = first, noisiest); -1 if t is not in it."""
+    t: float
+    branch: str
+    sae: SAEKey
+    """The SAE chosen for the step, whether or not it edited."""
+    cids: tuple[int, ...]
+    """That SAE's CIDs of the concept."""
+    skipped: str = ""
+    """Why the step was left alone; empty when it was edited."""
+
+
+@dataclass
+class EditRecord:
+    """Which steps an intervention edited, with which SAE and CIDs, and which it skipped and why.
+
+    Every step whose t lies in the window, on every edited branch, is one entry. The notes
+    are about the whole edit, e.g. a stage whose t the bank has no SAE at.
+    """
+
+    steps: list[StepEdit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def edited(self) -> list[StepEdit]:
+        return [step for step in self.steps if not step.skipped]
+
+    def skipped(self) -> list[StepEdit]:
+        return [step for step in self.steps if step.skipped]
+
+    def summary(self) -> str:
+        """The record in one line, e.g. "edited steps 0–19 with mid_block.attentions.0 (t=1,
+        cond), CIDs 12, 40; skipped none"."""
+        if not self.steps:
+            return "; ".join(["edited no step: no step's t lies in the window", *self.notes])
+        edited = [
+            f"{_step_ranges(indices)} with {sae.describe()}, CIDs {list_cids(cids)}"
+            for (sae, cids), indices in _indices_by(self.edited(), lambda s: (s.sae, s.cids))
+        ]
+        skipped = [
+            f"skipped {_step_ranges(indices)}: {why}"
+            for why, indices in _indices_by(self.skipped(), lambda s: s.skipped)
+        ]
+        edited_text = "edited " + "; ".join(edited) if edited else "edited no step"
+        return "; ".join([edited_text, *(skipped or ["skipped none"]), *self.notes])
+
+
+def _indices_by(
+    steps: Iterable[StepEdit], key: Callable[[StepEdit], object]
+) -> list[tuple[object, list[int]]]:
+    """The steps' indices grouped by `key`, groups in order of first appearance."""
+    groups: dict[object, list[int]] = {}
+    for step in steps:
+        groups.setdefault(key(step), []).append(step.index)
+    return list(groups.items())
+
+
+def _step_ranges(indices: Iterable[int]) -> str:
+    """ "step 4" or "steps 0–3, 6": runs of consecutive indices as ranges."""
+    values = sorted(set(indices))
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    text = ", ".join(f"{run[0]}–{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"step{'s' if len(values) > 1 else ''} {text}"
+
+
+def list_cids(cids: Sequence[int], shown: int = 8) -> str:
+    """ "3, 7, 12" or, for many, the first few and the count."""
+    text = ", ".join(map(str, cids[:shown]))
+    return text if len(cids) <= shown else f"{text}, ... ({len(cids)} in all)"
 
 
 def stage_window(stage: str | tuple[float, float]) -> tuple[float, float]:
@@ -72,13 +166,24 @@ def stage_window(stage: str | tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
+def stage_name(stage: str | tuple[float, float]) -> str:
+    """A named stage itself; a t range: the named stage its midpoint falls in."""
+    if isinstance(stage, str):
+        stage_window(stage)
+        return stage
+    middle = sum(stage_window(stage)) / 2
+    return next(name for name, (low, high) in STAGES.items() if low <= middle <= high)
+
+
 def default_strength(kind: str, stage: str | tuple[float, float]) -> float:
     """The paper's strength for a named stage; for a custom range, that of its midpoint."""
-    if isinstance(stage, str):
-        return DEFAULT_STRENGTH[kind][stage]
-    middle = sum(stage_window(stage)) / 2
-    name = next(n for n, (lo, hi) in STAGES.items() if lo <= middle <= hi)
-    return DEFAULT_STRENGTH[kind][name]
+    return DEFAULT_STRENGTH[kind][stage_name(stage)]
+
+
+def stage_t(stage: str | tuple[float, float]) -> float:
+    """The t of the SAE that edits a stage in the paper (early 1.0, middle 0.5, final 0.0);
+    for a custom range, that of its midpoint's stage."""
+    return STAGE_T[stage_name(stage)]
 
 
 def quadrant_mask(name: str, size: tuple[int, int]) -> np.ndarray:
@@ -110,6 +215,10 @@ def validate(intervention: Intervention, image_size: tuple[int, int]) -> None:
     if beta > MAX_STRENGTH or (iv.kind == "ablate" and beta > 1):
         limit = 1 if iv.kind == "ablate" else MAX_STRENGTH
         raise ValueError(f"the strength {beta} is too large for {iv.kind!r}; use at most {limit}")
+    if iv.sae_choice not in SAE_CHOICES:
+        raise ValueError(
+            f"unknown sae_choice {iv.sae_choice!r}; choose one of {', '.join(SAE_CHOICES)}"
+        )
     unknown = [b for b in iv.branches if b not in BRANCHES]
     if unknown or not iv.branches:
         raise ValueError(f"branches must be among {BRANCHES}, got {iv.branches}")
@@ -180,8 +289,9 @@ def intervene(
     blocks: str | Sequence[str],
     intervention: Intervention,
     image_size: tuple[int, int],
-) -> Iterator[None]:
-    """Apply `intervention` to the residual updates of `blocks` while the `with` block runs.
+) -> Iterator[EditRecord]:
+    """Apply `intervention` to the residual updates of `blocks` while the `with` block runs;
+    the record it yields fills in as the steps run (one generation per `with` block).
 
     Everything is checked before generation starts, so a bad input edits nothing. A
     strength of 0 edits nothing for every kind (for "spatial" the formula would otherwise
@@ -191,14 +301,29 @@ def intervene(
     validate(intervention, image_size)
     for block in blocks:
         _check_bank(bank, pipe, block, intervention.branches)
-    if intervention.strength == 0:
-        yield
-        return
-    with edit(pipe, {block: _edit_fn(bank, block, intervention) for block in blocks}):
-        yield
+    record = EditRecord(notes=_missing_stage_t(bank, blocks, intervention))
+    edits = {block: _edit_fn(pipe, bank, block, intervention, record) for block in blocks}
+    with edit(pipe, edits):
+        yield record
 
 
-def _edit_fn(bank: SAEBank, block: str, intervention: Intervention):
+def plan_step(
+    bank: SAEBank, block: str, intervention: Intervention, t: float, branch: str, index: int = -1
+) -> StepEdit:
+    """How one step in the window is edited: its SAE (the stage's or the one nearest t, as
+    `sae_choice` says) and that SAE's CIDs of the concept, or why the step is skipped."""
+    nearest = intervention.sae_choice == "nearest"
+    key = bank.nearest_key(block, t if nearest else stage_t(intervention.window), branch)
+    cids = tuple(_cids_for(intervention.cids, key))
+    why = ""
+    if not cids:
+        why = f"{key.describe()} has no CIDs for {intervention.concept}"
+    elif intervention.strength == 0:
+        why = "the strength is 0"
+    return StepEdit(block, index, t, branch, key, cids, why)
+
+
+def _edit_fn(pipe, bank: SAEBank, block: str, intervention: Intervention, record: EditRecord):
     """The hooks' edit function for one block: (delta, t, branch) -> new delta or None."""
     low, high = stage_window(intervention.window)
     regions: dict[tuple[int, int], Tensor] = {}
@@ -206,9 +331,10 @@ def _edit_fn(bank: SAEBank, block: str, intervention: Intervention):
     def apply(delta: Tensor, t: float, branch: str) -> Tensor | None:
         if branch not in intervention.branches or not low <= t <= high:
             return None
-        sae = bank.get(block, t, branch)
-        cids = _cids_for(intervention.cids, sae)
-        if not cids:
+        index = step_index(schedule_t(pipe), t)
+        step = plan_step(bank, block, intervention, t, branch, index)
+        record.steps.append(step)
+        if step.skipped:
             return None
         inside = None
         if intervention.kind == "spatial":
@@ -217,19 +343,36 @@ def _edit_fn(bank: SAEBank, block: str, intervention: Intervention):
                 regions[grid] = region_on_grid(intervention.region, grid)
             inside = regions[grid]
         kind, beta = intervention.kind, intervention.strength
-        return delta + delta_change(kind, sae, delta, cids, beta, inside)
+        return delta + delta_change(kind, bank[step.sae], delta, step.cids, beta, inside)
 
     return apply
 
 
+def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Intervention) -> list[str]:
+    """For "stage" choice: a note per block and branch whose bank has no SAE at the stage's t."""
+    if intervention.sae_choice != "stage":
+        return []
+    stage, target = stage_name(intervention.window), stage_t(intervention.window)
+    notes = []
+    for block in blocks:
+        for branch in intervention.branches:
+            key = bank.nearest_key(block, target, branch)
+            if key.t is not None and not math.isclose(key.t, target, abs_tol=1e-9):
+                notes.append(
+                    f"no SAE of {block} ({branch}) is at the {stage} stage's t={target:g}; "
+                    f"the nearest, t={key.t:g}, edits it"
+                )
+    return notes
+
+
 def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str]) -> None:
-    """The bank has SAEs for `block` on `branches`, all as wide as the block."""
+    """The bank has SAEs for `block` on each of `branches`, all as wide as the block."""
     channels = resolve_blocks(pipe.unet, [block])[block].config.in_channels
-    saes = [sae for key, sae in bank.items() if key.block == block and key.branch in branches]
-    if not saes:
-        raise ValueError(f"there is no SAE for {block} on the {'/'.join(branches)} branch")
-    for sae in saes:
-        if sae.cfg.d_in != channels:
+    for branch in branches:
+        if not any(key.block == block and key.branch == branch for key in bank):
+            raise ValueError(f"there is no SAE for {block} on the {branch} branch")
+    for key, sae in bank.items():
+        if key.block == block and key.branch in branches and sae.cfg.d_in != channels:
             raise ValueError(
                 f"the SAE for {block} (t={sae.cfg.t}, {sae.cfg.branch}) reads width "
                 f"{sae.cfg.d_in} but the block has {channels} channels; it was trained for "
@@ -237,8 +380,8 @@ def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str]) -> Non
             )
 
 
-def _cids_for(cids: CIDs, sae: TopKSAE) -> list[int]:
-    """The concept's CIDs in the SAE in use at this step."""
+def _cids_for(cids: CIDs, key: SAEKey) -> list[int]:
+    """The concept's CIDs in the SAE of `key`."""
     if not isinstance(cids, Mapping):
         return list(cids)
-    return list(cids.get(SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch), ()))
+    return list(cids.get(key, ()))

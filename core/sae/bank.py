@@ -59,7 +59,11 @@ class SAEBank:
         return key
 
     def get(self, block: str, t: float, branch: str = "cond") -> TopKSAE:
-        """The SAE for (block, branch) whose training time is nearest to t.
+        """The SAE for (block, branch) whose training time is nearest to t (see `nearest_key`)."""
+        return self._saes[self.nearest_key(block, t, branch)]
+
+    def nearest_key(self, block: str, t: float, branch: str = "cond") -> SAEKey:
+        """The key of the SAE for (block, branch) whose training time is nearest to t.
 
         Ties (t halfway between two times, up to 1e-9) go to the larger, noisier time; an SAE
         trained on all times (t None) is used only when there is no time-specific one.
@@ -75,7 +79,7 @@ class SAEBank:
                 return (True, 0.0, 0.0)
             return (False, round(abs(key.t - t), 9), -key.t)
 
-        return self._saes[min(candidates, key=distance)]
+        return min(candidates, key=distance)
 
     def keys(self) -> list[SAEKey]:
         return list(self._saes)

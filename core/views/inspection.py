@@ -291,7 +291,9 @@ def feature_icon(
     key, _, cid = _sae(loaded, block, t, branch, cid)
     strength = check_number(strength, "The icon strength", 0.0, MAX_STRENGTH)
     seed = check_seed(seed)
-    edit = Intervention("global", {key: [cid]}, strength, (0.0, 1.0), (key.branch,))
+    edit = Intervention(
+        "global", {key: [cid]}, strength, (0.0, 1.0), (key.branch,), sae_choice="nearest"
+    )
     size = loaded.image_size()
     with intervene(loaded.pipe, loaded.bank, key.block, edit, size):
         image = loaded.generate([""], [seed], loaded.preset.steps, on_step=on_step)[0]

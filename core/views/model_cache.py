@@ -151,8 +151,8 @@ class Loaded:
     def sae(self, block: str, t: float, branch: str) -> tuple[SAEKey, TopKSAE]:
         """The SAE of (block, branch) trained nearest to t, and its key."""
         self.check_block(block, branch)
-        sae = self.bank.get(block, t, branch)
-        return SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch), sae
+        key = self.bank.nearest_key(block, t, branch)
+        return key, self.bank[key]
 
     def example_index(self) -> ExampleIndex | None:
         """The index shipped beside the SAEs (examples.json + spatial means), or None."""

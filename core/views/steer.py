@@ -4,7 +4,9 @@ The concept is a word (its CIDs in the dictionary of every t, `concept_cids`) or
 of one SAE. The region of a spatial edit is a drawn mask at any resolution (`canvas_mask`
 reads it from an image editor's value) or a quadrant.
 What changed is measured by the mean absolute pixel difference (always), LPIPS and the
-change in CLIP similarity with the concept's word (when those models can be loaded).
+change in CLIP similarity with the concept's word (when those models can be loaded). Each
+result carries the edit's record: which steps each SAE edited with which CIDs, which steps
+were skipped and why.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +17,6 @@ import torch
 from PIL import Image
 
 from core.annotate.tags import CLIP_ID
-from core.diffusion.hooks import schedule_t
 from core.emergence.concepts import concept_cids
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
@@ -23,9 +24,11 @@ from core.emergence.steer import (
     KINDS,
     MAX_STRENGTH,
     QUADRANTS,
+    EditRecord,
     Intervention,
     default_strength,
     intervene,
+    list_cids,
     quadrant_mask,
     stage_window,
     validate,
@@ -61,6 +64,9 @@ class SteerRequest:
     quadrant: str | None = "top_left"
     mask: np.ndarray | None = None
     """A drawn region (any resolution, > 0 inside); overrides `quadrant`."""
+    sae_choice: str = "stage"
+    """"stage": every edited step uses the SAE at its stage's t (the paper's way); "nearest":
+    each uses the SAE trained nearest to its own t."""
 
 
 @dataclass
@@ -69,6 +75,8 @@ class SteerResult:
     after: Image.Image
     difference: Image.Image
     metrics: dict[str, object]
+    record: EditRecord
+    """Which steps were edited with which SAE and CIDs, which were skipped and why."""
 
 
 def stage_of(request: SteerRequest) -> str | tuple[float, float]:
@@ -153,8 +161,10 @@ def run_steer(
     stage, strength = stage_of(request), strength_of(request)
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
+    region = region_of(request, size)
+    window = stage_window(stage)
     edit = Intervention(
-        request.kind, cids, strength, stage_window(stage), branches, region_of(request, size)
+        request.kind, cids, strength, window, branches, region, request.sae_choice, concept
     )
     validate(edit, size)
     steps = loaded.preset.steps
@@ -164,17 +174,18 @@ def run_steer(
         return None if on_step is None else lambda done, _: on_step(offset + done, total)
 
     before = loaded.generate([prompt], [seed], steps, on_step=progress(0))[0]
-    with intervene(loaded.pipe, loaded.bank, request.block, edit, size):
+    with intervene(loaded.pipe, loaded.bank, request.block, edit, size) as record:
         after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
+    edit_text = f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}"
     metrics = {
         **compare(loaded, before, after, request.word.strip() or _top_label(loaded, cids)),
         "concept": concept,
-        "edit": f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}",
+        "edit": f"{edit_text}, SAE per step: {request.sae_choice}",
         "region": _describe_region(request, edit.region),
-        "edited_steps": _edited_steps(loaded, request.block, edit),
-        "cids": {f"t={key.t}": _list_cids(ids) for key, ids in sorted(cids.items())},
+        "edited_steps": f"{len({step.index for step in record.edited()})} of {steps}",
+        "cids": {f"t={key.t}": list_cids(ids) for key, ids in sorted(cids.items())},
     }
-    return SteerResult(before, after, difference_map(before, after), metrics)
+    return SteerResult(before, after, difference_map(before, after), metrics, record)
 
 
 def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
@@ -184,29 +195,10 @@ def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
     return f"{where}, {region.mean():.0%} of the image"
 
 
-def _list_cids(cids: Sequence[int], shown: int = 8) -> str:
-    """ "3, 7, 12" or, for many, the first few and the count."""
-    text = ", ".join(map(str, cids[:shown]))
-    return text if len(cids) <= shown else f"{text}, ... ({len(cids)} in all)"
-
-
 def _describe_stage(stage: str | tuple[float, float]) -> str:
     low, high = stage_window(stage)
     name = stage if isinstance(stage, str) else "custom"
     return f"{name} stage (t in [{low:g}, {high:g}])"
-
-
-def _edited_steps(loaded: Loaded, block: str, edit: Intervention) -> str:
-    """How many of the last generation's steps the edit touched: those in its window whose
-    nearest SAE (on some edited branch) has CIDs of the concept."""
-    low, high = edit.window
-    ts = schedule_t(loaded.pipe)
-    edited = 0
-    for t in ts:
-        if low <= t <= high:
-            keys = [loaded.sae(block, t, branch)[0] for branch in edit.branches]
-            edited += any(edit.cids.get(key) for key in keys)
-    return f"{edited} of {len(ts)}"
 
 
 def _top_label(loaded: Loaded, cids: Mapping[SAEKey, list[int]]) -> str | None:
