@@ -297,6 +297,33 @@ def on_steer(
     canvas,
     progress=PROGRESS,
 ):
+    """Generate an image twice, without and with a concept edit during one stage.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        prompt: the text prompt.
+        seed: the generation seed (the same for both images).
+        block: the U-Net block whose SAE edits the residual updates.
+        branch: "cond", "uncond" or "both" (the guidance branches edited).
+        concept_by: "word" (the concepts labelled `word`) or "cid" (the concept `cid`).
+        word: the concept's word when `concept_by` is "word".
+        cid: the concept id when `concept_by` is "cid".
+        cid_t: the timestep of the SAE that `cid` belongs to.
+        kind: "spatial" (move the concept into a region) or "global" (add it everywhere).
+        stage: "early", "middle", "final" or "custom" (then `t_min` to `t_max`).
+        t_min: the start of a custom stage, in [0, 1].
+        t_max: the end of a custom stage, in [0, 1].
+        strength: the edit's strength (the paper's default for the kind and stage if unsure).
+        sae_choice: "stage" (every step edited with the stage's SAE, as the paper) or
+            "nearest" (each step with the SAE of the nearest t).
+        region_by: "quadrant" or "drawn" (the canvas) for spatial edits.
+        quadrant: "top_left", "top_right", "bottom_left" or "bottom_right".
+        canvas: the drawn region (an image editor value) when `region_by` is "drawn".
+
+    Returns:
+        The images before and after, the difference map, one line saying which steps were
+        edited with which SAE and concepts (and which were skipped, and why), and metrics.
+    """
     concept = {"word": word if concept_by == "word" else "", "cid": cid, "cid_t": cid_t}
     drawn = kind == "spatial" and region_by == "drawn"
     region = {"quadrant": quadrant, "mask": drawn_region(canvas) if drawn else None}
