@@ -23,8 +23,15 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core.diffusion.presets import PRESETS, SD14_SAES_ENV, Preset, check_preset, default_preset_name
-from core.emergence.steer import DEFAULT_STRENGTH, KINDS, QUADRANTS, SAE_CHOICES
+from core.diffusion.presets import (
+    PRESETS,
+    SD14_SAES_ENV,
+    Preset,
+    check_preset,
+    default_preset_name,
+    get_preset,
+)
+from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio
@@ -260,10 +267,12 @@ def on_emergence_step(result: EmergenceResult | None, index: float) -> list:
 
 
 @user_errors
-def on_default_strength(kind: str, stage: str, t_min: float, t_max: float) -> tuple:
-    """The paper's strength for the type and stage; the t range shows for "custom"."""
+def on_default_strength(preset: str, kind: str, stage: str, t_min: float, t_max: float) -> tuple:
+    """The preset's or the paper's strength for the type and stage; the t range shows for
+    "custom"."""
     request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
-    return gr.Number(value=strength_of(request)), gr.Row(visible=stage == "custom")
+    strength = strength_of(request, get_preset(preset).app)
+    return gr.Number(value=strength), gr.Row(visible=stage == "custom")
 
 
 def drawn_region(canvas: dict | None) -> np.ndarray:
@@ -618,7 +627,7 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
                 word = gr.Textbox(preset.app.word, label="word")
                 cid = gr.Number(0, label="CID", precision=0)
             cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
-            edit = steer_edit()
+            edit = steer_edit(preset_box, preset)
             region = steer_region()
             run = gr.Button("generate before and after", variant="primary", elem_id="steer-run")
         with gr.Column(scale=1):
@@ -638,19 +647,24 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
     return block, word
 
 
-def steer_edit() -> list:
-    """The edit's type, stage (or t range), strength (which follows the paper's default) and
+def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
+    """The edit's type, stage (or t range), strength (which follows the preset's default) and
     the SAE each step edits with."""
     kind = gr.Radio(list(KINDS), value="spatial", label="type")
     stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
     with gr.Row(visible=False) as t_range:
         t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
         t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
-    strength = gr.Number(DEFAULT_STRENGTH["spatial"]["early"], label="strength (paper default)")
+    strength = gr.Number(
+        strength_of(SteerRequest("", 0, ""), preset.app),
+        label="strength",
+        info="By default the paper's for the type and stage; with SDLens SAEs (sdxl-turbo) a "
+        "multiple of the concept's mean activation, as in the SDLens demo.",
+    )
     gr.on(
-        [kind.change, stage.change, t_min.release, t_max.release],
+        [preset_box.change, kind.change, stage.change, t_min.release, t_max.release],
         on_default_strength,
-        [kind, stage, t_min, t_max],
+        [preset_box, kind, stage, t_min, t_max],
         [strength, t_range],
         api_name="default_strength",
         **LIGHT,

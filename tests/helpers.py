@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
@@ -247,12 +248,41 @@ def dense_latents(grid: LatentGrid, num_latents: int) -> torch.Tensor:
     return grid.top_acts.new_zeros(shape).scatter_(-1, grid.top_indices, grid.top_acts)
 
 
+def write_saeuron(folder: Path, d: int, expansion: int = 4, k: int = 4, seed: int = 0) -> dict:
+    """An SAE saved as SAeUron publishes them, in sparsify's layout, with random weights:
+    cfg.json with the fields of SAeUron's SaeConfig plus d_in (num_latents 0 means
+    expansion_factor * d_in), and sae.safetensors with sparsify's tensor names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    n = d * expansion
+    tensors = {
+        "encoder.weight": torch.randn(n, d, generator=generator),
+        "encoder.bias": torch.rand(n, generator=generator) * 0.5,
+        "W_dec": torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1),
+        "b_dec": torch.randn(d, generator=generator) * 0.1,
+    }
+    save_file(tensors, folder / "sae.safetensors")
+    cfg = {
+        "expansion_factor": expansion,
+        "normalize_decoder": True,
+        "num_latents": 0,
+        "k": k,
+        "batch_topk": True,
+        "sample_topk": False,
+        "input_unit_norm": False,
+        "multi_topk": False,
+        "d_in": d,
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return tensors
+
+
 def random_sae(
-    d: int, n: int, k: int, t: float | None = None, seed: int = 0, block: str = MID
+    d: int, n: int, k: int, t: float | None = None, seed: int = 0, block: str = MID, **cfg
 ) -> TopKSAE:
     """A random SAE whose encoder biases keep k latents positive on every row."""
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d, n, k, block=block, t=t))
+    sae = TopKSAE(SAEConfig(d, n, k, block=block, t=t, **cfg))
     with torch.no_grad():
         sae.encoder.bias.uniform_(0.0, 0.5)  # every row keeps k positive latents
     return sae

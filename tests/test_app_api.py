@@ -113,11 +113,15 @@ def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_pa
     assert np.array_equal(pixels(before), pixels(before2))
 
 
-def test_default_strength_follows_type_and_stage(client):
-    strength = client.predict("global", "middle", 0.6, 1.0, api_name="/default_strength")
-    assert strength["value"] == 10.0
-    strength = client.predict("spatial", "custom", 0.7, 0.9, api_name="/default_strength")
-    assert strength["value"] == 4000.0
+def test_default_strength_follows_preset_type_and_stage(client):
+    def default(*args) -> float:
+        return client.predict(*args, api_name="/default_strength")["value"]
+
+    assert default(PRESET, "global", "middle", 0.6, 1.0) == 10.0
+    assert default(PRESET, "spatial", "custom", 0.7, 0.9) == 4000.0
+    # SDLens SAEs: a multiple of the concept's mean activation, 10 as in their demo.
+    assert default("sdxl-turbo", "spatial", "early", 0.6, 1.0) == 10.0
+    assert default("sdxl-turbo", "ablate", "early", 0.6, 1.0) == 1.0
 
 
 def test_inspect_endpoints(client):

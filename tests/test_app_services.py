@@ -9,17 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
+from core.diffusion.presets import get_preset
 from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
-from core.sae.bank import SAEKey
+from core.sae.bank import SAEBank, SAEKey
 from core.views import inspection
 from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
-from core.views.model_cache import ModelCache
+from core.views.model_cache import Loaded, ModelCache
 from core.views.render import difference_map, heat_map, overlay
-from core.views.steer import SteerRequest, canvas_mask, run_steer
+from core.views.steer import SteerRequest, canvas_mask, run_steer, strength_of
 from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
-from tests.helpers import hook_count
+from tests.helpers import hook_count, random_sae
 
 UP = "up_blocks.1.attentions.0"
 MID = "mid_block.attentions.0"
@@ -174,6 +175,22 @@ def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     assert nearest.record.summary() == (
         f"edited steps 2–6 with {UP} (t=0.5, cond), CIDs 5; skipped step 1: {why}"
     )
+
+
+def test_sdlens_strengths_are_multiples_of_each_concepts_mean_activation(loaded):
+    turbo, tiny = get_preset("sdxl-turbo").app, loaded.preset.app
+    assert strength_of(SteerRequest("", 0, UP, kind="spatial"), turbo) == 10  # SDLens's default
+    assert strength_of(SteerRequest("", 0, UP, kind="ablate"), turbo) == 1
+    assert strength_of(SteerRequest("", 0, UP, kind="spatial"), tiny) == 4000  # the paper's
+    assert strength_of(SteerRequest("", 0, UP, kind="global", strength="3"), turbo) == 3
+
+    sae = random_sae(64, 256, 8, block=UP)
+    sae.mean_acts = torch.full((256,), 20.0)
+    sdlens = Loaded(loaded.preset, loaded.pipe, SAEBank([sae]), {})
+    request = SteerRequest(PROMPT, 1, UP, kind="global", cid=5, strength=2)
+    edit = run_steer(sdlens, request).metrics["edit"]
+    assert edit.endswith("strength 2 x each CID's mean activation (mean.pt), as in the SDLens demo")
+    assert run_steer(loaded, request).metrics["edit"].endswith(", strength 2")
 
 
 @pytest.mark.parametrize(

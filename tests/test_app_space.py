@@ -8,11 +8,14 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 import yaml
+from huggingface_hub.utils import filter_repo_objects
 
 import app
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.emergence.concepts import load_dictionaries
 from core.files import REPO_ROOT
+from core.sae.bank import hub_patterns
+from core.sae.model import SDLENS_FILES, folder_block
 from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
 
@@ -33,6 +36,19 @@ def test_readme_front_matter_repeats_space_yaml():
     assert required and space["sdk_version"].split(".")[0] == required.group(1)
     assert int(gr.__version__.split(".")[0]) >= int(required.group(1))
     assert any(item.startswith("surokpro2/sdxl-saes") for item in space["preload_from_hub"])
+
+
+def test_preload_lists_the_files_the_app_loads():
+    space = yaml.safe_load((REPO_ROOT / "space.yaml").read_text())
+    files = dict(item.partition(" ")[::2] for item in space["preload_from_hub"])
+    assert {PRESETS["sd14"].model, PRESETS["sdxl-turbo"].model} < set(files)
+    turbo = PRESETS["sdxl-turbo"]
+    listed = files[turbo.sae_source].split(",")
+    patterns = hub_patterns(turbo.hook_points, turbo.sae_variant)
+    assert list(filter_repo_objects(listed, allow_patterns=patterns)) == listed
+    every = {(block, name) for block in turbo.hook_points for name in SDLENS_FILES}
+    assert {(folder_block(f), f.rsplit("/", 1)[1]) for f in listed} == every
+    assert len(listed) == len(every) and all("/final/" in f for f in listed)
 
 
 def test_readme_has_two_commands_and_make_run_starts_the_app():

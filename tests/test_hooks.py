@@ -1,11 +1,19 @@
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from core.diffusion.hooks import edit, record, transformer_blocks
 from core.diffusion.presets import SD14_BLOCKS
-from tests.helpers import hook_count, recorded_steps, seeded
+from core.emergence.composition import latent_grid
+from core.sae.bank import SAEBank
+from core.training.activations import to_rows
+from tests.helpers import dense_latents, hook_count, recorded_steps, seeded, write_saeuron
 
 MID = "mid_block.attentions.0"
+SAEURON_BLOCK = "up_blocks.1.attentions.1"
+"""The block of SAeUron's object-unlearning SAE (64 channels in the tiny U-Net)."""
 
 
 def generate(pipe, prompts, steps=4, guidance=7.5, seeds=None):
@@ -105,3 +113,71 @@ def test_edit_replaces_the_update_of_one_branch(tiny_pipe):
     assert not (plain == edited).all()
     assert all(r.delta.abs().max() == 0 for r in rec.of(MID, "cond"))
     assert max(r.delta.abs().max() for r in rec.of(MID, "uncond")) > 0
+
+
+@contextmanager
+def block_outputs(pipe, block: str) -> Iterator[list[torch.Tensor]]:
+    """The outputs of `block` at every U-Net call, captured by a plain forward hook."""
+    outputs = []
+    module = dict(pipe.unet.named_modules())[block]
+    handle = module.register_forward_hook(lambda m, args, out: outputs.append(out[0].clone()))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def test_the_output_site_reads_and_edits_the_block_output(tiny_pipe):
+    with record(tiny_pipe, [MID], site="output") as outputs, record(tiny_pipe, [MID]) as deltas:
+        plain = generate(tiny_pipe, ["a cat"], steps=2)
+    first = recorded_steps(outputs)[0].t
+    output, delta = outputs.at(MID, first, "cond"), deltas.at(MID, first, "cond")
+    assert output.site == "output" and delta.site == "delta"
+    assert not torch.allclose(output.delta, delta.delta)
+
+    def halve(output, t, branch):
+        return output / 2 if branch == "cond" else None
+
+    with edit(tiny_pipe, {MID: halve}, site="output"), block_outputs(tiny_pipe, MID) as seen:
+        generate(tiny_pipe, ["a cat"], steps=2)
+    uncond, cond = seen[0].chunk(2)
+    torch.testing.assert_close(cond, output.delta / 2)
+    torch.testing.assert_close(uncond, outputs.at(MID, first, "uncond").delta)
+
+    with edit(tiny_pipe, {MID: lambda output, t, branch: output}, site="output"):
+        assert (generate(tiny_pipe, ["a cat"], steps=2) == plain).all()
+
+
+def test_an_unknown_site_is_refused(tiny_pipe):
+    with (
+        pytest.raises(ValueError, match="unknown activation site 'input'; choose delta or output"),
+        record(tiny_pipe, [MID], site="input"),
+    ):
+        pass
+    assert hook_count(tiny_pipe) == 0
+
+
+def test_a_saeuron_bank_encodes_the_block_output(tiny_pipe, tmp_path):
+    write_saeuron(tmp_path / f"unet.{SAEURON_BLOCK}", d=64, expansion=4, k=8)
+    bank = SAEBank.from_pretrained(tmp_path)
+    blocks = [SAEURON_BLOCK]
+    with (
+        record(tiny_pipe, blocks, site=bank.sites(blocks)) as recording,
+        record(tiny_pipe, blocks) as deltas,
+        block_outputs(tiny_pipe, SAEURON_BLOCK) as outputs,
+    ):
+        generate(tiny_pipe, ["a red cat"], steps=3)
+    records = recording.of(SAEURON_BLOCK, "cond")
+    assert len(records) == len(outputs) == 3
+    for record_, output in zip(records, outputs, strict=True):
+        sae = bank.get(SAEURON_BLOCK, record_.step.t, "cond")  # one SAE for every t
+        grid = latent_grid(sae, record_.delta, record_.site)
+        cond = output.chunk(2)[1]  # diffusers' CFG batch is [uncond, cond]
+        expected = sae.encode_dense(to_rows(cond)).detach()
+        got = dense_latents(grid, sae.cfg.num_latents).reshape(expected.shape)
+        torch.testing.assert_close(got, expected)
+        delta = deltas.at(SAEURON_BLOCK, record_.step.t, "cond").delta
+        assert not torch.allclose(sae.encode_dense(to_rows(delta)).detach(), expected)
+    message = r"trained on the block output, not on the residual update \(block output minus"
+    with pytest.raises(ValueError, match=message):
+        latent_grid(sae, delta, "delta")

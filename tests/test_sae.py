@@ -2,6 +2,8 @@
 
 import copy
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -9,13 +11,15 @@ import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
 
 import core.sae.model
-from core.sae.bank import SAEBank, SAEKey
+from core.sae.bank import SAEBank, SAEKey, hub_patterns
 from core.sae.model import LatentStats, SAEConfig, SAELoadError, TopKSAE
 from core.sae.sparse_ops import encoder_acts_at
 from core.training.trainer import SAETrainer, TrainConfig, read_checkpoint
+from tests.helpers import write_saeuron
 
 BLOCK = "unet.mid_block.attentions.0"
 
@@ -215,6 +219,19 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded.stats.to_tensors()[name], t), name
 
 
+def test_site_is_saved_and_is_the_residual_update_when_absent(tmp_path):
+    make_sae(block=BLOCK, site="output").save_pretrained(tmp_path / "output")
+    assert json.loads((tmp_path / "output" / "cfg.json").read_text())["site"] == "output"
+    assert TopKSAE.from_pretrained(tmp_path / "output").cfg.site == "output"
+    make_sae(block=BLOCK).save_pretrained(tmp_path / "older")
+    cfg = json.loads((tmp_path / "older" / "cfg.json").read_text())
+    del cfg["site"]  # written before sites were recorded
+    (tmp_path / "older" / "cfg.json").write_text(json.dumps(cfg))
+    assert TopKSAE.from_pretrained(tmp_path / "older").cfg.site == "delta"
+    with pytest.raises(ValueError, match="site must be one of delta, output, got 'input'"):
+        SAEConfig(16, 64, 4, site="input")
+
+
 def test_loads_sparsify_config_with_unknown_keys(tmp_path):
     make_sae().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -223,10 +240,44 @@ def test_loads_sparsify_config_with_unknown_keys(tmp_path):
     assert TopKSAE.from_pretrained(tmp_path).cfg.num_latents == 64
 
 
+def test_saeuron_hookpoint_folder_reads_the_block_output(tmp_path):
+    tensors = write_saeuron(tmp_path, d=16, expansion=4, k=4)
+    sae = TopKSAE.from_pretrained(tmp_path)
+    assert (sae.cfg.num_latents, sae.cfg.k, sae.cfg.site, sae.cfg.t) == (64, 4, "output", None)
+    for name, tensor in tensors.items():
+        assert torch.equal(sae.state_dict()[name], tensor), name
+
+    # sparsify: z = TopK(ReLU(W_enc (x - b_dec) + b_enc)); x_hat = W_dec^T z + b_dec.
+    x = torch.randn(6, 16)
+    pre = torch.relu((x - tensors["b_dec"]) @ tensors["encoder.weight"].T + tensors["encoder.bias"])
+    values, indices = pre.topk(4, dim=1)
+    z = torch.zeros_like(pre).scatter(1, indices, values)
+    torch.testing.assert_close(sae.encode_dense(x), z)
+    torch.testing.assert_close(sae(x).x_hat, z @ tensors["W_dec"] + tensors["b_dec"])
+
+
+OPTIONS = [("input_unit_norm", True), ("transcode", True), ("activation", "groupmax")]
+
+
+@pytest.mark.parametrize(("option", "value"), OPTIONS)
+def test_sparsify_options_this_sae_lacks_are_refused(tmp_path, option, value):
+    write_saeuron(tmp_path, d=8)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, option: value}))
+    with pytest.raises(SAELoadError, match="which this project's TopK SAE does not implement"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
 def write_sdlens(
-    folder: Path, d: int = 8, n: int = 32, k: int = 3, nested: bool = False
+    folder: Path,
+    d: int = 8,
+    n: int = 32,
+    k: int = 3,
+    nested: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """An SDLens checkpoint; `nested` wraps the weights in {"state_dict": ...} as SDLens saves."""
+    """An SDLens checkpoint; `nested` wraps the weights in {"state_dict": ...} as SDLens saves,
+    `mean` is saved as its mean.pt."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "encoder.weight": torch.randn(n, d),
@@ -238,6 +289,8 @@ def write_sdlens(
     torch.save({"state_dict": state} if nested else state, folder / "state_dict.pth")
     config = {"n_dirs_local": n, "d_model": d, "k": k, "auxk": 16, "dead_steps_threshold": 100}
     (folder / "config.json").write_text(json.dumps(config))
+    if mean is not None:
+        torch.save(mean, folder / "mean.pt")
     return state
 
 
@@ -257,12 +310,57 @@ def test_sdlens_checkpoint_computes_the_same_sae(tmp_path):
     torch.testing.assert_close(sae(x).x_hat, x_hat)
 
 
+def test_sdlens_mean_activations_load_with_the_sae(tmp_path):
+    mean = torch.rand(32) * 20
+    write_sdlens(tmp_path, mean=mean)
+    sae = TopKSAE.from_pretrained(tmp_path)
+    torch.testing.assert_close(sae.mean_acts, mean)
+    assert "mean_acts" not in sae.state_dict()  # not written by save_pretrained
+    assert sae.to(torch.float64).mean_acts.dtype == torch.float64  # it follows the SAE
+    assert make_sae().mean_acts is None
+
+
+class RunsCode:
+    """Unpickling this would make a folder: what an untrusted pickle could do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_mean_pt_is_never_run_as_code_and_must_fit_the_sae(tmp_path):
+    write_sdlens(tmp_path)
+    torch.save(RunsCode(tmp_path / "ran"), tmp_path / "mean.pt")
+    with pytest.raises(SAELoadError, match="mean.pt is corrupt or truncated"):
+        TopKSAE.from_pretrained(tmp_path)
+    assert not (tmp_path / "ran").exists()
+    torch.save(torch.ones(31), tmp_path / "mean.pt")
+    with pytest.raises(SAELoadError, match=r"per latent \(32 values\) but holds shape \(31,\)"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
 def test_missing_folder_or_files(tmp_path):
-    with pytest.raises(SAELoadError, match="no SAE found at .*expected cfg.json"):
+    with pytest.raises(SAELoadError, match="no SAE found at .*expected cfg.json.*no such folder"):
         TopKSAE.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "cfg.json").write_text("{}")
-    with pytest.raises(SAELoadError, match="no SAE found"):
+    with pytest.raises(SAELoadError, match="no SAE found.*, found cfg.json$"):
         TopKSAE.from_pretrained(tmp_path)
+
+
+def test_an_unknown_layout_says_what_was_expected_and_what_was_found(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    expected = (
+        "expected cfg.json + sae.safetensors (sparsify, SAeUron, this project) or config.json "
+        "+ state_dict.pth (SDLens, also in a run's final/), found notes/, weights.bin"
+    )
+    for load in (TopKSAE.from_pretrained, SAEBank.from_pretrained):
+        with pytest.raises(SAELoadError) as error:
+            load(tmp_path)
+        assert f"no SAE found at {tmp_path}: {expected}" in str(error.value)
+        assert ". " not in str(error.value)  # one sentence
 
 
 @pytest.mark.parametrize("name", ["sae.safetensors", "cfg.json", "latent_stats.safetensors"])
@@ -394,9 +492,78 @@ def test_bank_of_sdlens_folders_from_the_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     bank = SAEBank.from_pretrained("someone/sdlens-saes", blocks=[block], variant="k3_hidden32")
-    assert requests == [("someone/sdlens-saes", [f"{block}/*", f"unet.{block}_k3_hidden32*"])]
+    assert requests == [("someone/sdlens-saes", hub_patterns([block], "k3_hidden32"))]
     assert bank.keys() == [SAEKey(block, None, "cond")]
     assert bank.get(block, 0.7).cfg.d_in == 8  # an SAE for all times serves any time
+
+    # Only what is loaded is downloaded: final/'s config, weights and mean activations.
+    run = f"unet.{block}{SDLENS_RUN.format(k=3, n=32)}"
+    loaded = [f"{run}/final/{name}" for name in ("config.json", "state_dict.pth", "mean.pt")]
+    other_run = f"unet.{block}{SDLENS_RUN.format(k=5, n=32)}/final/config.json"
+    skipped = [f"{run}/final/std.pt", f"{run}/1000/state_dict.pth", other_run]
+    assert list(filter_repo_objects(loaded + skipped, allow_patterns=requests[0][1])) == loaded
+
+
+def test_sdlens_run_folders_resolve_to_final(tmp_path, caplog):
+    block = "mid_block.attentions.0"
+    run = tmp_path / f"unet.{block}{SDLENS_RUN.format(k=3, n=32)}"
+    write_sdlens(run / "final", k=3)
+    for step in ("1000", "2000"):
+        write_sdlens(run / step, k=5)
+    with caplog.at_level(logging.INFO, logger="core.sae.model"):
+        assert SAEBank.from_pretrained(tmp_path).get(block, 0.5).cfg.k == 3
+        assert TopKSAE.from_pretrained(run).cfg.k == 3
+    said = [record.getMessage() for record in caplog.records]
+    assert (
+        said
+        == [f"Loading the final checkpoint of the SDLens run {run}, not those of steps 1000, 2000."]
+        * 2
+    )
+    assert TopKSAE.from_pretrained(run / "1000").cfg.k == 5  # a step, when asked for
+
+
+def test_an_sdlens_run_without_final_is_refused(tmp_path):
+    run = tmp_path / f"unet.mid_block.attentions.0{SDLENS_RUN.format(k=3, n=32)}"
+    for step in ("1000", "2000"):
+        write_sdlens(run / step)
+    message = r"intermediate steps only \(1000, 2000\) and no final/; pass the folder of the step"
+    with pytest.raises(SAELoadError, match=message):
+        SAEBank.from_pretrained(tmp_path)
+    with pytest.raises(SAELoadError, match=message):
+        TopKSAE.from_pretrained(run)
+
+
+def test_saeuron_layout_is_a_bank_of_output_saes_for_every_t(tmp_path, monkeypatch):
+    block = "up_blocks.1.attentions.1"
+    tensors = write_saeuron(tmp_path / f"unet.{block}", d=16)
+    write_saeuron(tmp_path / "unet.up_blocks.1.attentions.2", d=16, seed=1)
+    requests = []
+
+    def snapshot_download(repo_id, **kwargs):
+        requests.append((repo_id, kwargs["allow_patterns"]))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    bank = SAEBank.from_pretrained("bcywinski/SAeUron", blocks=[block])
+    published = [f"unet.{block}/cfg.json", f"unet.{block}/sae.safetensors"]
+    assert list(filter_repo_objects(published, allow_patterns=requests[0][1])) == published
+    assert bank.keys() == [SAEKey(block, None, "cond")]
+    assert bank.sites([block]) == {block: "output"}
+    for t in (1.0, 0.37, 0.0):
+        assert torch.equal(bank.get(block, t).W_dec, tensors["W_dec"])
+    with pytest.raises(KeyError, match="no SAE for block 'up_blocks.1.attentions.1', branch"):
+        bank.get(block, 0.5, "uncond")
+
+
+def test_a_bank_keeps_one_site_per_block():
+    bank = SAEBank([make_sae(block=BLOCK, t=1.0)])
+    message = (
+        r"SAEs of unet.mid_block.attentions.0 read the residual update \(block output minus "
+        r"block input\) but the SAE for .* \(t=0.5, cond\) reads the block output; keep them"
+    )
+    with pytest.raises(ValueError, match=message):
+        bank.add(make_sae(block=BLOCK, t=0.5, site="output"))
+    assert bank.sites([BLOCK]) == {BLOCK: "delta"}
 
 
 def test_sdlens_variants_of_one_block_are_told_apart(tmp_path):

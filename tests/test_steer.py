@@ -22,7 +22,7 @@ from core.emergence.steer import (
 )
 from core.sae.bank import SAEBank, SAEKey
 from core.training.activations import to_rows
-from tests.helpers import hook_count, random_sae, recorded_steps, seeded
+from tests.helpers import hook_count, random_sae, recorded_steps, seeded, write_saeuron
 
 MID = "mid_block.attentions.0"
 SIZE = (32, 32)  # the tiny pipeline's images
@@ -67,6 +67,31 @@ def test_edit_equals_decoded_change_of_the_edited_code(kind, beta):
     got = delta_change(kind, sae, delta, cids, beta, inside)
     expected = reference_change(sae, delta, cids, kind, beta, inside)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "beta"), [("spatial", 3.0), ("global", 2.0), ("ablate", 0.5)])
+def test_mean_activations_are_the_unit_of_strength(kind, beta):
+    """SDLens's demo adds strength * mean.pt[c] * f_c; spatial sets the latent to that value
+    inside the region (removing it outside, as the paper does), ablation ignores the means."""
+    sae = random_sae(8, 32, 4)
+    sae.mean_acts = torch.rand(32) * 20 + 1
+    delta = torch.randn(2, 8, 4, 4)
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[:2, :2] = True
+    cids = [1, 5]
+    z = sae.encode_dense(to_rows(delta)).detach()
+    edited = z.clone()
+    target = beta * sae.mean_acts[cids]
+    if kind == "spatial":
+        inside_rows = inside.flatten().repeat(2)[:, None]
+        edited[:, cids] = torch.where(inside_rows, target, torch.zeros_like(target))
+    elif kind == "global":
+        edited[:, cids] += target
+    else:
+        edited[:, cids] *= 1 - beta
+    expected = ((edited - z) @ sae.W_dec).view(2, 4, 4, 8).permute(0, 3, 1, 2)
+    got = delta_change(kind, sae, delta, cids, beta, inside)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_quadrants_and_grids():
@@ -267,3 +292,38 @@ def test_a_word_steers_through_each_dictionarys_cids(tiny_pipe, bank):
         == f"edited no step; skipped step 9: {MID} (t=0, cond) has no CIDs for 'cat'"
     )
     assert not (steer(tiny_pipe, bank, cids=cids, window=(0.4, 0.6)) == plain).all()
+
+
+def test_an_output_sae_edits_the_block_output_and_is_never_applied_to_deltas(tiny_pipe):
+    bank = SAEBank([random_sae(64, 256, 8, site="output")])
+    edit = Intervention("global", [3, 4], 10.0, (0.0, 1.0))
+    with record(tiny_pipe, [MID], site="output") as plain:
+        generate(tiny_pipe, steps=2)
+    with (
+        intervene(tiny_pipe, bank, MID, edit, SIZE),
+        record(tiny_pipe, [MID], site="output") as steered,
+    ):
+        generate(tiny_pipe, steps=2)
+    t = recorded_steps(plain)[0].t
+    before = plain.at(MID, t, "cond").delta
+    expected = before + delta_change("global", bank.get(MID, t), before, [3, 4], 10.0, None)
+    torch.testing.assert_close(steered.at(MID, t, "cond").delta, expected, rtol=1e-4, atol=1e-4)
+
+    message = (
+        r"the SAE of mid_block.attentions.0 \(any t, cond\) was trained on the block output, not "
+        r"on the residual update \(block output minus block input\), so it cannot read or edit"
+    )
+    with (
+        pytest.raises(ValueError, match=message),
+        intervene(tiny_pipe, bank, MID, edit, SIZE, site="delta"),
+    ):
+        pass
+    assert hook_count(tiny_pipe) == 0
+
+
+def test_a_saeuron_sae_of_another_width_is_refused(tiny_pipe, tmp_path):
+    write_saeuron(tmp_path / f"unet.{MID}", d=32)
+    bank = SAEBank.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="reads width 32 but the block has 64 channels"):
+        steer(tiny_pipe, bank)
+    assert hook_count(tiny_pipe) == 0

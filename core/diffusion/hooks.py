@@ -1,7 +1,10 @@
-"""Record and edit residual updates of a U-Net's transformer blocks during generation.
+"""Record and edit residual updates (or outputs) of a U-Net's transformer blocks during
+generation.
 
 The residual update of a block is Delta = block output - block input. It is read (and,
 for edits, replaced) by PyTorch forward hooks on the named `Transformer2DModel` blocks;
+with `site="output"` (for SAEs trained on it, as SAeUron's are) the block's output itself is
+read and replaced instead, per block if `site` maps block names to sites;
 a pre-hook on the U-Net itself reads each call's timestep, so the current t
 (timestep / num_train_timesteps, 1 = noise) is known whatever the scheduler. Under
 classifier-free guidance diffusers runs the U-Net on the batch [uncond, cond]; each half
@@ -29,10 +32,16 @@ import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
+from core.sae.model import SITES
+
 BRANCHES = ("uncond", "cond")
 
 EditFn = Callable[[Tensor, float, str], Tensor | None]
-"""(delta of one branch, t, branch) -> replacement delta, or None to leave it untouched."""
+"""(delta of one branch, t, branch) -> replacement delta, or None to leave it untouched. At
+the `output` site it receives and returns the block's output instead."""
+
+Sites = str | Mapping[str, str]
+"""The activation read and edited: one key of SITES for every block, or one per block."""
 
 DeltaCallback = Callable[[str, "StepInfo", str, Tensor], None]
 """(block, step, branch, delta) -> None; called for every recorded update."""
@@ -53,6 +62,8 @@ class DeltaRecord(NamedTuple):
     block: str
     branch: str
     delta: Tensor
+    """The residual update, or at the `output` site the block's output."""
+    site: str = "delta"
 
 
 def transformer_blocks(unet: nn.Module) -> list[str]:
@@ -70,6 +81,15 @@ def resolve_blocks(unet: nn.Module, blocks: Iterable[str]) -> dict[str, nn.Modul
             raise ValueError(f"unknown hook point {name!r}; valid ones are: {', '.join(valid)}")
         resolved[name] = modules[name]
     return resolved
+
+
+def block_sites(site: Sites, blocks: Iterable[str]) -> dict[str, str]:
+    """The site of each block; an unknown site is an error naming the valid ones."""
+    sites = {block: site if isinstance(site, str) else site[block] for block in blocks}
+    unknown = sorted(set(sites.values()) - set(SITES))
+    if unknown:
+        raise ValueError(f"unknown activation site {unknown[0]!r}; choose {' or '.join(SITES)}")
+    return sites
 
 
 def num_train_timesteps(pipe) -> int:
@@ -187,9 +207,10 @@ class Recording:
 class _Session(DenoiserHooks):
     """The hooks of one `record`/`edit` block and the state they share."""
 
-    def __init__(self, pipe, blocks: Iterable[str], *, at_t, edits, on_delta, cfg, timesteps):
+    def __init__(self, pipe, blocks: Iterable[str], *, at_t, edits, on_delta, cfg, timesteps, site):
         unet = pipe.unet if hasattr(pipe, "unet") else pipe
         super().__init__(unet, resolve_blocks(unet, blocks), num_train_timesteps(pipe))
+        self.sites = block_sites(site, self.modules)
         self.pipe = pipe
         self.at_t = None if at_t is None else tuple(at_t)
         self.edits = edits or {}
@@ -218,7 +239,9 @@ class _Session(DenoiserHooks):
             return None
         hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output[0] if isinstance(output, tuple) else output.sample
-        delta = hidden_out - hidden_in
+        at_output = self.sites[name] == "output"
+        # A copy, so that at either site the edits and records get a tensor of their own.
+        delta = hidden_out.clone() if at_output else hidden_out - hidden_in
         edited = None
         for branch, rows in zip(self.branches, delta.chunk(len(self.branches)), strict=True):
             new = edit(rows, self.step.t, branch) if edit is not None else None
@@ -226,7 +249,8 @@ class _Session(DenoiserHooks):
                 if edited is None:
                     edited = hidden_out.clone()
                 sl = self._rows(branch, delta.shape[0])
-                edited[sl] = hidden_in[sl] + new.to(hidden_out.dtype)
+                new = new.to(hidden_out.dtype)
+                edited[sl] = new if at_output else hidden_in[sl] + new
                 rows = new
             if self.recording_now:
                 self.on_delta(name, self.step, branch, rows)
@@ -253,16 +277,25 @@ def hooked(
     at_t: Iterable[float] | None = None,
     cfg: bool | None = None,
     timesteps: Sequence[float] | None = None,
+    site: Sites = "delta",
 ) -> Iterator[None]:
     """The general form behind `record` and `edit`.
 
     `pipe` is a diffusers pipeline or a bare U-Net. With a bare U-Net, say whether the
     batch is [uncond, cond] (`cfg`) and, to select steps with `at_t`, pass `timesteps`.
     `at_t` restricts `on_delta` to the steps nearest those t values; edits run at
-    every step and decide themselves (they receive t).
+    every step and decide themselves (they receive t). `site` says what `on_delta` and the
+    edits see and return: the residual update ("delta") or the block's output ("output").
     """
     session = _Session(
-        pipe, blocks, at_t=at_t, edits=edits, on_delta=on_delta, cfg=cfg, timesteps=timesteps
+        pipe,
+        blocks,
+        at_t=at_t,
+        edits=edits,
+        on_delta=on_delta,
+        cfg=cfg,
+        timesteps=timesteps,
+        site=site,
     )
     with session.attached():
         yield
@@ -276,24 +309,30 @@ def record(
     at_t: Iterable[float] | None = None,
     device: str | torch.device | None = "cpu",
     cfg: bool | None = None,
+    site: Sites = "delta",
 ) -> Iterator[Recording]:
-    """Record residual updates of `blocks` at every step (or those nearest `at_t`).
+    """Record residual updates of `blocks` (or their outputs, at the site "output") at every
+    step (or those nearest `at_t`).
 
     Updates are copied to `device` (None keeps them where they are computed).
     """
     recording = Recording()
+    sites = block_sites(site, blocks)
 
     def keep(block: str, step: StepInfo, branch: str, delta: Tensor) -> None:
         # `delta` is computed afresh in the hook, so keeping it (or a view of it) is safe.
         kept = delta.detach() if device is None else delta.detach().to(device)
-        recording.records.append(DeltaRecord(step, block, branch, kept))
+        recording.records.append(DeltaRecord(step, block, branch, kept, sites[block]))
 
-    with hooked(pipe, blocks, on_delta=keep, at_t=at_t, cfg=cfg):
+    with hooked(pipe, sites, on_delta=keep, at_t=at_t, cfg=cfg, site=sites):
         yield recording
 
 
 @contextmanager
-def edit(pipe, edits: dict[str, EditFn], *, cfg: bool | None = None) -> Iterator[None]:
-    """Replace residual updates: `edits[block](delta, t, branch)` returns the new delta."""
-    with hooked(pipe, edits.keys(), edits=edits, cfg=cfg):
+def edit(
+    pipe, edits: dict[str, EditFn], *, cfg: bool | None = None, site: Sites = "delta"
+) -> Iterator[None]:
+    """Replace residual updates: `edits[block](delta, t, branch)` returns the new delta (at
+    the site "output", the block's new output)."""
+    with hooked(pipe, edits.keys(), edits=edits, cfg=cfg, site=site):
         yield

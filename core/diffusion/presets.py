@@ -41,6 +41,9 @@ class AppDefaults:
     """The block the steer tab opens on."""
     word: str = ""
     """The steering word, a concept label of `steer_block`; empty: concepts by CID only."""
+    strength: float | None = None
+    """The steering strength proposed for spatial and global edits at every stage; None: the
+    paper's for the edit type and stage."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,12 @@ PRESETS: dict[str, Preset] = {
         ),
         app=AppDefaults(
             "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
-            "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID",
+            "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID; "
+            "steering strengths are multiples of the concept's mean activation, as in the "
+            "SDLens demo",
             block="up_blocks.0.attentions.1",
             steer_block="down_blocks.2.attentions.1",
+            strength=10.0,  # the SDLens demo's default
         ),
         scheduler=None,
         sae_source="surokpro2/sdxl-saes",

@@ -72,12 +72,14 @@ class StepPrediction(NamedTuple):
     """Word -> its predicted mask and similarity map at this step."""
 
 
-def latent_grid(sae: TopKSAE, delta: Tensor) -> LatentGrid:
+def latent_grid(sae: TopKSAE, delta: Tensor, site: str = "delta") -> LatentGrid:
     """Encode a residual update [C, H, W] or [B, C, H, W] position by position.
 
     Rows follow `to_rows`: image by image, positions (i, j) in row-major order. A 3-D delta
-    is one image, and the result keeps a batch dimension of 1.
+    is one image, and the result keeps a batch dimension of 1. `site` says what `delta` is (a
+    record's `site`); an SAE trained on another site is refused.
     """
+    sae.check_site(site)
     if delta.ndim == 3:
         delta = delta.unsqueeze(0)
     if delta.ndim != 4:
@@ -100,7 +102,9 @@ def latent_grid(sae: TopKSAE, delta: Tensor) -> LatentGrid:
     return LatentGrid(top_acts.reshape(shape), top_indices.reshape(shape))
 
 
-def concept_map(sae: TopKSAE, dictionary: ConceptDictionary, delta: Tensor) -> ConceptMap:
+def concept_map(
+    sae: TopKSAE, dictionary: ConceptDictionary, delta: Tensor, site: str = "delta"
+) -> ConceptMap:
     """The embedding of the top concept at every position of `delta` ([C, H, W] or [B, ...]).
 
     The paper takes the top activating concept. Many latents have no label, so here it is
@@ -108,7 +112,7 @@ def concept_map(sae: TopKSAE, dictionary: ConceptDictionary, delta: Tensor) -> C
     a position where none has one is marked invalid and gets a zero embedding.
     """
     dictionary.check_sae(sae)
-    grid = latent_grid(sae, delta)
+    grid = latent_grid(sae, delta, site)
     has_embedding = dictionary.has_embedding.to(grid.top_indices.device)
     labelled = has_embedding[grid.top_indices] & (grid.top_acts > 0)
     first = labelled.int().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
@@ -202,7 +206,7 @@ def predict_over_steps(
         sae = _nearest_sae(bank, block, record.step.t, branch)
         key = SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch)
         dictionary = _dictionary_for(dictionaries, key)
-        cmap = concept_map(sae, dictionary, record.delta)
+        cmap = concept_map(sae, dictionary, record.delta, record.site)
         predictions = {word: predict_mask(cmap, vectors[word], threshold) for word in words}
         results.append(StepPrediction(record.step, key, cmap, predictions))
     return results

@@ -159,7 +159,7 @@ def composition_rows(
     labelled = {label for d in dictionaries.values() for label in d.vocabulary()}
     rows, masks_by_image = [], []
     for i, prompt in enumerate(tqdm(prompts, desc="composition")):
-        with record(pipe, blocks) as recording:
+        with record(pipe, blocks, site=bank.sites(blocks)) as recording:
             image = generate(pipe, prompt, seed + i, steps, guidance_scale, resolution)
         masks = label_masks(annotator.annotate(image, prompt))
         masks_by_image.append(masks)

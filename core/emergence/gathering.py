@@ -118,7 +118,7 @@ def gather(
     for start in tqdm(starts, desc="batches", unit="batch"):
         indices = list(range(start, min(start + gen_batch, len(prompts))))
         batch = [prompts[i] for i in indices]
-        with record(pipe, blocks, at_t=targets) as recording:
+        with record(pipe, blocks, at_t=targets, site=bank.sites(blocks)) as recording:
             images = generate_images(
                 pipe,
                 batch,
@@ -134,7 +134,8 @@ def gather(
         gathered.num_objects += sum(len(o) for o in objects)
         for key in keys:
             sae = bank[key]
-            grid = latent_grid(sae, recording.at(key.block, key.t, key.branch).delta)
+            recorded = recording.at(key.block, key.t, key.branch)
+            grid = latent_grid(sae, recorded.delta, recorded.site)
             gathered.spatial_means.setdefault(key, []).append(
                 grid.spatial_means(sae.cfg.num_latents).cpu()
             )

@@ -10,6 +10,10 @@ concept's CIDs, f_c the concept vector of CID c (row c of W_dec) and S the targe
 - ablate: Delta_ij -= beta * sum_c Z_ijc f_c with beta in [0, 1]: scales the concept down
   where it fires (beta = 1 removes it).
 
+An SAE that ships each latent's mean activation m_c (SDLens's mean.pt) measures beta in it,
+as the SDLens demo does (it adds strength * m_c * f_c where painted): spatial sets Z_ijc to
+beta * m_c inside S, global adds beta * m_c * f_c at every position.
+
 Delta is edited directly with concept vectors, never replaced by the SAE's reconstruction,
 so whatever the SAE does not explain passes through untouched. Edits apply only at steps
 whose t lies in the stage window (bounds included) and only on the chosen branches.
@@ -21,7 +25,8 @@ every step of the early stage uses the SAE trained at t = 1.0, of the middle sta
 of the final stage t = 0.0 (a custom window: the stage its midpoint falls in; a bank without
 that t: the SAE nearest to it, and the record says so). "nearest" gives each step the SAE
 trained nearest to its own t. `intervene` yields an `EditRecord` of which steps were edited
-with which SAE and CIDs, and which were skipped and why.
+with which SAE and CIDs, and which were skipped and why. An SAE trained on the block's output
+(SAeUron's) edits the output the same way; an SAE is never applied to another site.
 """
 
 import math
@@ -269,9 +274,13 @@ def delta_change(
     rows = to_rows(delta).to(sae.W_dec.dtype)
     z_c, norms = concept_codes(sae, rows, cids)
     vectors = sae.concept_vectors[list(cids)]
+    means = None if sae.mean_acts is None else sae.mean_acts[list(cids)].to(rows.dtype)
     if kind == "spatial":
         inside_rows = inside.to(rows.device).flatten().repeat(batch)
-        coeff = torch.where(inside_rows[:, None], beta * norms[:, None] - z_c, -z_c)
+        target = beta * (norms[:, None] if means is None else means)
+        coeff = torch.where(inside_rows[:, None], target - z_c, -z_c)
+    elif kind == "global" and means is not None:
+        coeff = (beta * means).expand(len(rows), -1)
     elif kind == "global":
         per_image = norms.view(batch, -1)
         weight = beta * per_image / per_image.sum(dim=1, keepdim=True).clamp_min(1e-12)
@@ -289,21 +298,23 @@ def intervene(
     blocks: str | Sequence[str],
     intervention: Intervention,
     image_size: tuple[int, int],
+    site: str | None = None,
 ) -> Iterator[EditRecord]:
     """Apply `intervention` to the residual updates of `blocks` while the `with` block runs;
     the record it yields fills in as the steps run (one generation per `with` block).
 
     Everything is checked before generation starts, so a bad input edits nothing. A
     strength of 0 edits nothing for every kind (for "spatial" the formula would otherwise
-    still remove the concept outside and inside the region).
+    still remove the concept outside and inside the region). The activation edited is the
+    one the bank's SAEs read; a `site` other than theirs is refused.
     """
     blocks = [blocks] if isinstance(blocks, str) else list(blocks)
     validate(intervention, image_size)
     for block in blocks:
-        _check_bank(bank, pipe, block, intervention.branches)
+        _check_bank(bank, pipe, block, intervention.branches, site)
     record = EditRecord(notes=_missing_stage_t(bank, blocks, intervention))
     edits = {block: _edit_fn(pipe, bank, block, intervention, record) for block in blocks}
-    with edit(pipe, edits):
+    with edit(pipe, edits, site=bank.sites(blocks)):
         yield record
 
 
@@ -365,8 +376,9 @@ def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Interve
     return notes
 
 
-def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str]) -> None:
-    """The bank has SAEs for `block` on each of `branches`, all as wide as the block."""
+def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str], site: str | None) -> None:
+    """The bank has SAEs for `block` on each of `branches`, all as wide as the block (and reading
+    `site`, if given)."""
     channels = resolve_blocks(pipe.unet, [block])[block].config.in_channels
     for branch in branches:
         if not any(key.block == block and key.branch == branch for key in bank):
@@ -378,6 +390,8 @@ def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str]) -> Non
                 f"{sae.cfg.d_in} but the block has {channels} channels; it was trained for "
                 "another block"
             )
+        if site is not None:
+            sae.check_site(site)
 
 
 def _cids_for(cids: CIDs, key: SAEKey) -> list[int]:

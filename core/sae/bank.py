@@ -1,7 +1,10 @@
 """Many SAEs of one model, keyed by (block, t, branch), saved and loaded as one folder tree.
 
 A bank's folder holds one SAE folder per key, `<block>/t<t:.2f>/<branch>/` (or
-`<block>/<branch>/` for an SAE of every t), in either layout `core.sae.model` reads.
+`<block>/<branch>/` for an SAE of every t), in either layout `core.sae.model` reads. Banks
+published by others load too: SAeUron's (sparsify's `unet.<block>/` folders, one SAE of
+the block's output for every t, cond branch) and SDLens's (`unet.<block>_<run>/final/`).
+All SAEs of one block in a bank read the same activation site.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ from typing import NamedTuple
 import torch
 
 from core.sae.model import (
-    EXPECTED_FILES,
+    SDLENS_FILES,
+    SDLENS_FINAL,
+    SITES,
     SAELoadError,
     TopKSAE,
     checkpoint_folders,
+    describe_sae,
+    folder_block,
     load_folder,
     push_folder,
     read_config,
     resolve_source,
-    sdlens_block,
+    unknown_layout,
 )
 
 
@@ -34,8 +41,7 @@ class SAEKey(NamedTuple):
 
     def describe(self) -> str:
         """As messages name an SAE: `mid_block.attentions.0 (t=0.5, cond)`."""
-        t = "any t" if self.t is None else f"t={self.t:g}"
-        return f"{self.block or '?'} ({t}, {self.branch})"
+        return describe_sae(*self)
 
 
 class SAEBank:
@@ -55,8 +61,24 @@ class SAEBank:
         key = SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch)
         if key in self._saes:
             raise ValueError(f"the bank already has an SAE for {key}")
+        if any(k.block == key.block for k in self._saes) and sae.cfg.site != self.site(key.block):
+            raise ValueError(
+                f"the bank's SAEs of {key.block} read the {SITES[self.site(key.block)]} but the "
+                f"SAE for {key.describe()} reads the {SITES[sae.cfg.site]}; keep them in two banks"
+            )
         self._saes[key] = sae
         return key
+
+    def site(self, block: str) -> str:
+        """The activation of `block` that the bank's SAEs of it read (a key of SITES)."""
+        sae = next((s for k, s in self._saes.items() if k.block == block), None)
+        if sae is None:
+            raise KeyError(f"no SAE for block {block!r}; available: {self.keys()}")
+        return sae.cfg.site
+
+    def sites(self, blocks: Iterable[str]) -> dict[str, str]:
+        """The site of each block, as `core.diffusion.hooks` takes them."""
+        return {block: self.site(block) for block in blocks}
 
     def get(self, block: str, t: float, branch: str = "cond") -> TopKSAE:
         """The SAE for (block, branch) whose training time is nearest to t (see `nearest_key`)."""
@@ -131,15 +153,15 @@ class SAEBank:
     ) -> SAEBank:
         """Load every SAE below a local root or Hub repo, optionally only some blocks/branches.
 
-        block, t and branch come from each SAE's config. An SAE whose config names no block
-        (SDLens) gets it from its folder: `unet.<block>_k10_hidden5120_.../final` holds the
-        SAE of `<block>`. Where a repo holds several such variants of a block, `variant`
-        (e.g. `"k10_hidden5120"`) picks the folders whose name carries it.
+        block, t, branch and site come from each SAE's config. An SAE whose config names no
+        block gets it from its folder (`folder_block`): SAeUron's `unet.<block>/` and SDLens's
+        `unet.<block>_k10_hidden5120_.../final` hold the SAE of `<block>`. Where a repo holds
+        several SDLens runs of a block, `variant` (e.g. `"k10_hidden5120"`) picks the folders
+        whose name carries it. Of an SDLens run only final/ is loaded.
         """
         blocks = list(blocks) if blocks is not None else None
         branches = list(branches) if branches is not None else None
-        sdlens = f"_{variant}" if variant else "_"
-        patterns = [p for b in blocks for p in (f"{b}/*", f"unet.{b}{sdlens}*")] if blocks else None
+        patterns = hub_patterns(blocks, variant) if blocks else None
         root = resolve_source(path_or_repo_id, patterns, revision)
         bank = cls()
         for folder in checkpoint_folders(root):
@@ -148,7 +170,7 @@ class SAEBank:
             if not cfg.block:
                 if variant and f"_{variant}_" not in f"{relative.split('/')[0]}_":
                     continue
-                cfg.block = folder.name if relative == "." else sdlens_block(relative)
+                cfg.block = folder_block(folder.name if relative == "." else relative)
             if (blocks and cfg.block not in blocks) or (branches and cfg.branch not in branches):
                 continue
             key = SAEKey(cfg.block, cfg.t, cfg.branch)
@@ -159,11 +181,20 @@ class SAEBank:
                 )
             bank.add(load_folder(folder, device, cfg))
         if not bank:
-            raise SAELoadError(
-                f"no SAEs found under {root} for blocks={blocks}, branches={branches}: expected "
-                f"folders with {EXPECTED_FILES}"
-            )
+            raise SAELoadError(f"{unknown_layout(root)} (blocks={blocks}, branches={branches})")
         return bank
+
+
+def hub_patterns(blocks: Iterable[str], variant: str | None = None) -> list[str]:
+    """The files of a Hub repo that `SAEBank.from_pretrained` downloads for `blocks`: this
+    project's `<block>/` folders, SAeUron's `unet.<block>/` and, of the SDLens runs
+    `unet.<block>_<variant>...`, the files of final/ that are loaded."""
+    run = f"_{variant}" if variant else "_"
+    patterns = []
+    for block in blocks:
+        patterns += [f"{block}/*", f"unet.{block}/*"]
+        patterns += [f"unet.{block}{run}*/{SDLENS_FINAL}/{name}" for name in SDLENS_FILES]
+    return patterns
 
 
 def bank_subfolder(key: SAEKey) -> str:

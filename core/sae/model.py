@@ -1,4 +1,4 @@
-"""TopK sparse autoencoders (SAEs) on the residual updates of diffusion-model blocks.
+"""TopK sparse autoencoders (SAEs) on activations of diffusion-model blocks.
 
 An SAE maps an activation x in R^d to a code z in R^n (n >> d) with at most k non-zero
 entries, and reconstructs x from it:
@@ -8,13 +8,20 @@ entries, and reconstructs x from it:
 
 The rows of W_dec have unit norm; they are the concept vectors: latent i adds z_i * W_dec[i]
 to the reconstruction. Training backpropagates through the kept latents only
-(core.sae.sparse_ops). Checkpoints use EleutherAI sparsify's layout (cfg.json + sae.safetensors),
-and SDLens checkpoints (config.json + state_dict.pth) load as well.
+(core.sae.sparse_ops). The activation x is read at one site of its block (`SITES`): this
+project's SAEs read the residual update, SAeUron's the block's output.
+
+Checkpoints use EleutherAI sparsify's layout (cfg.json + sae.safetensors). A cfg.json that
+sparsify itself wrote (no `block` key) is read as SAeUron publishes its SAEs: site `output`,
+every t, branch `cond`, the block named by the folder (`unet.<block>`). SDLens checkpoints
+(config.json + state_dict.pth, in a run folder's `final/`) load as well, with their per-latent
+mean activations (mean.pt), which set the unit of steering strengths.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -36,9 +43,23 @@ from core.runtime import CorruptFileError
 from core.sae.sparse_ops import encoder_acts_at
 
 CFG_FILE, WEIGHTS_FILE, STATS_FILE = "cfg.json", "sae.safetensors", "latent_stats.safetensors"
-SDLENS_CFG_FILE, SDLENS_WEIGHTS_FILE = "config.json", "state_dict.pth"
-EXPECTED_FILES = f"{CFG_FILE} + {WEIGHTS_FILE} (or {SDLENS_CFG_FILE} + {SDLENS_WEIGHTS_FILE})"
+SDLENS_CFG_FILE, SDLENS_WEIGHTS_FILE, SDLENS_MEAN_FILE = "config.json", "state_dict.pth", "mean.pt"
+SDLENS_FILES = (SDLENS_CFG_FILE, SDLENS_WEIGHTS_FILE, SDLENS_MEAN_FILE)
+"""What is loaded of an SDLens checkpoint (its std.pt is not)."""
+SDLENS_FINAL = "final"
+"""The subfolder of an SDLens run that holds the finished SAE, beside numbered step folders."""
+EXPECTED_FILES = (
+    f"{CFG_FILE} + {WEIGHTS_FILE} (sparsify, SAeUron, this project) or {SDLENS_CFG_FILE} + "
+    f"{SDLENS_WEIGHTS_FILE} (SDLens, also in a run's {SDLENS_FINAL}/)"
+)
 TRAIN_HINT = "train one with `python -m core.training.train` or pass a local folder"
+SITES = {
+    "delta": "residual update (block output minus block input)",
+    "output": "block output",
+}
+"""The activation of a block an SAE reads, and how messages name it."""
+
+logger = logging.getLogger(__name__)
 
 
 class SAELoadError(ValueError):
@@ -61,6 +82,8 @@ class SAEConfig:
     """Denoising time in [0, 1] (1 = pure noise) the SAE was trained at; None = any time."""
     branch: str = "cond"
     """Classifier-free-guidance branch the activations come from: "cond" or "uncond"."""
+    site: str = "delta"
+    """The activation of the block read: "delta" (the residual update) or "output" (SITES)."""
     input_scale: float = 1.0
     """Scalar the training inputs were multiplied by. Informational: weights are in raw units."""
     metrics: dict = field(default_factory=dict)
@@ -71,6 +94,8 @@ class SAEConfig:
             raise ValueError(f"k must be in [1, num_latents={self.num_latents}], got {self.k}")
         if self.branch not in ("cond", "uncond"):
             raise ValueError(f'branch must be "cond" or "uncond", got {self.branch!r}')
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {', '.join(SITES)}, got {self.site!r}")
         if self.t is not None:
             self.t = float(self.t)
 
@@ -138,11 +163,25 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
         self.set_decoder_norm_to_unit_norm()
         self.stats: LatentStats | None = None
+        self.mean_acts: Tensor | None
+        """[n] mean activation of each latent, shipped with SDLens checkpoints (mean.pt); when
+        set, steering strengths are multiples of it, as in the SDLens demo. A buffer, so that
+        it follows the SAE's device, but not part of the saved weights."""
+        self.register_buffer("mean_acts", None, persistent=False)
 
     @property
     def concept_vectors(self) -> Tensor:
         """[n, d] unit-norm directions the latents write into the activation space."""
         return self.W_dec.detach()
+
+    def check_site(self, site: str) -> None:
+        """Refuse to read or edit an activation site this SAE was not trained on."""
+        if site != self.cfg.site:
+            name = describe_sae(self.cfg.block, self.cfg.t, self.cfg.branch)
+            raise ValueError(
+                f"the SAE of {name} was trained on the {SITES[self.cfg.site]}, not on the "
+                f"{SITES.get(site, repr(site))}, so it cannot read or edit that"
+            )
 
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
@@ -282,13 +321,14 @@ class TopKSAE(nn.Module):
     ) -> TopKSAE:
         """Load from a local folder or a Hub repo (only `subfolder` is downloaded).
 
-        Reads the native/sparsify format and SDLens checkpoints. SDLens computes
-        ReLU(TopK(W_enc (x - pre_bias) + latent_bias)), i.e. ReLU after TopK; the kept values
-        that are positive are the same as ours, and the others contribute nothing either way.
+        Reads the native/sparsify format and SDLens checkpoints (an SDLens run folder loads
+        its final/). SDLens computes ReLU(TopK(W_enc (x - pre_bias) + latent_bias)), i.e. ReLU
+        after TopK; the kept values that are positive are the same as ours, and the others
+        contribute nothing either way.
         """
         patterns = [f"{subfolder}/*"] if subfolder else None
         root = resolve_source(path_or_repo_id, patterns, revision, subfolder)
-        return load_folder(root / subfolder if subfolder else root, device)
+        return load_folder(resolve_checkpoint(root / subfolder if subfolder else root), device)
 
     def push_to_hub(
         self,
@@ -366,6 +406,12 @@ class LatentStats:
         return cls.from_tensors(read_safetensors(Path(path), device))
 
 
+def describe_sae(block: str, t: float | None, branch: str) -> str:
+    """As messages name an SAE: `mid_block.attentions.0 (t=0.5, cond)`."""
+    time = "any t" if t is None else f"t={t:g}"
+    return f"{block or '?'} ({time}, {branch})"
+
+
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """The tensors of an SAE file; a damaged file is an SAELoadError that says what to do."""
     try:
@@ -428,15 +474,64 @@ def _checkpoint_format(folder: Path) -> str | None:
     return None
 
 
+def _intermediate(folder: Path) -> bool:
+    """An SDLens checkpoint of a training step: a numbered folder beside its run's final/."""
+    return folder.name.isdigit() and _checkpoint_format(folder) == "sdlens"
+
+
 def checkpoint_folders(root: Path) -> list[Path]:
+    """Every SAE checkpoint at or below `root`; of an SDLens run, only its final one."""
     candidates = {p.parent for name in (CFG_FILE, SDLENS_CFG_FILE) for p in root.rglob(name)}
-    return sorted(folder for folder in candidates if _checkpoint_format(folder))
+    found = sorted(folder for folder in candidates if _checkpoint_format(folder))
+    steps = [folder for folder in found if folder != root and _intermediate(folder)]
+    for run in sorted({step.parent for step in steps}):
+        _final_of(run, [step for step in steps if step.parent == run])
+    return [folder for folder in found if folder not in steps]
+
+
+def resolve_checkpoint(folder: Path) -> Path:
+    """`folder` if it holds an SAE, else the final checkpoint of the SDLens run it is."""
+    if _checkpoint_format(folder):
+        return folder
+    steps = sorted(p for p in folder.iterdir() if _intermediate(p)) if folder.is_dir() else []
+    if not steps and not _checkpoint_format(folder / SDLENS_FINAL):
+        raise SAELoadError(unknown_layout(folder))
+    return _final_of(folder, steps)
+
+
+def _final_of(run: Path, steps: list[Path]) -> Path:
+    """The final/ checkpoint of an SDLens run; says which intermediate ones are passed over."""
+    final = run / SDLENS_FINAL
+    names = ", ".join(step.name for step in steps)
+    if not _checkpoint_format(final):
+        raise SAELoadError(
+            f"the SDLens run {run} holds checkpoints of intermediate steps only ({names}) and "
+            f"no {SDLENS_FINAL}/; pass the folder of the step to load"
+        )
+    passed_over = f", not those of steps {names}" if steps else ""
+    logger.info("Loading the final checkpoint of the SDLens run %s%s.", run, passed_over)
+    return final
+
+
+def unknown_layout(folder: Path) -> str:
+    """One sentence: no SAE at `folder`, what was expected and what is there instead."""
+    return f"no SAE found at {folder}: expected {EXPECTED_FILES}, found {_contents(folder)}"
+
+
+def _contents(folder: Path, shown: int = 6) -> str:
+    if not folder.is_dir():
+        return "no such folder"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "an empty folder"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _require_format(folder: Path) -> str:
     fmt = _checkpoint_format(folder)
     if fmt is None:
-        raise SAELoadError(f"no SAE found at {folder}: expected {EXPECTED_FILES}")
+        raise SAELoadError(unknown_layout(folder))
     return fmt
 
 
@@ -447,15 +542,36 @@ def _read_json(path: Path) -> dict:
         raise _corrupt(path, e) from e
 
 
+SPARSIFY_OPTIONS = ("transcode", "skip_connection", "embed_skip", "gram_lookup", "input_unit_norm")
+"""Options of sparsify's (and SAeUron's) cfg.json that make the SAE compute something other
+than a plain TopK SAE; an SAE with any of them set is refused."""
+
+
 def read_config(folder: Path) -> SAEConfig:
-    if _require_format(folder) == "native":
-        raw = _read_json(folder / CFG_FILE)
-        if raw.get("transcode") or raw.get("skip_connection"):
-            raise SAELoadError(
-                f"the SAE at {folder} is a transcoder or has a skip connection; only plain "
-                "TopK SAEs are supported"
-            )
-        return SAEConfig.from_dict(raw)
+    """The config of the checkpoint in `folder`, in any layout this module reads.
+
+    A cfg.json without a `block` key was written by sparsify: SAeUron publishes its SAEs that
+    way, trained on the block's output, so its site is `output` unless the file says otherwise.
+    SAeUron's `batch_topk` and `sample_topk` only shape training; it encodes with a per-position
+    TopK, as this SAE does.
+    """
+    if _require_format(folder) == "sdlens":
+        return _read_sdlens_config(folder)
+    raw = _read_json(folder / CFG_FILE)
+    options = [name for name in SPARSIFY_OPTIONS if raw.get(name)]
+    if raw.get("activation", "topk") != "topk":
+        options.append(f"activation={raw['activation']}")
+    if options:
+        raise SAELoadError(
+            f"the SAE at {folder} uses {', '.join(options)}, which this project's TopK SAE does "
+            "not implement"
+        )
+    if "block" not in raw:
+        raw = {"site": "output", **raw}
+    return SAEConfig.from_dict(raw)
+
+
+def _read_sdlens_config(folder: Path) -> SAEConfig:
     raw = _read_json(folder / SDLENS_CFG_FILE)
     try:
         return SAEConfig(d_in=raw["d_model"], num_latents=raw["n_dirs_local"], k=raw["k"])
@@ -463,8 +579,11 @@ def read_config(folder: Path) -> SAEConfig:
         raise SAELoadError(f"{folder / SDLENS_CFG_FILE} is not an SDLens config: no {e}") from e
 
 
-def sdlens_block(relative: str) -> str:
-    """`unet.mid_block.attentions.0_k10_hidden5120_.../final` -> `mid_block.attentions.0`."""
+def folder_block(relative: str) -> str:
+    """The block an SAE folder is named after, for configs that do not name it: sparsify's
+    hookpoint folder (SAeUron) `unet.up_blocks.1.attentions.1` and SDLens's run folder
+    `unet.mid_block.attentions.0_k10_hidden5120_.../final` name `up_blocks.1.attentions.1` and
+    `mid_block.attentions.0`."""
     name = relative.split("/")[0]
     name = name.removeprefix("unet.")
     return re.sub(r"_k\d+_.*$", "", name)
@@ -482,6 +601,21 @@ def _read_sdlens_tensors(path: Path) -> dict[str, Tensor]:
         }
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError) as e:
         raise _corrupt(path, e) from e
+
+
+def _read_mean_acts(path: Path, num_latents: int) -> Tensor:
+    """SDLens's mean.pt: one mean activation per latent, saved from a GPU, read on the CPU."""
+    try:
+        mean = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+        raise _corrupt(path, e) from e
+    if not torch.is_tensor(mean) or mean.numel() != num_latents:
+        found = f"shape {tuple(mean.shape)}" if torch.is_tensor(mean) else type(mean).__name__
+        raise SAELoadError(
+            f"{path} should hold one mean activation per latent ({num_latents} values) but "
+            f"holds {found}; it belongs to another SAE"
+        )
+    return mean.reshape(num_latents).float()
 
 
 def _check_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, folder: Path) -> None:
@@ -513,4 +647,6 @@ def load_folder(folder: Path, device: str | torch.device, cfg: SAEConfig | None 
     sae.load_state_dict(tensors, assign=True)
     if (folder / STATS_FILE).is_file():
         sae.stats = LatentStats.load(folder / STATS_FILE, device)
+    if (folder / SDLENS_MEAN_FILE).is_file():
+        sae.mean_acts = _read_mean_acts(folder / SDLENS_MEAN_FILE, cfg.num_latents)
     return sae.to(device)

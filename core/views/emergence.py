@@ -108,7 +108,7 @@ def run_emergence(
         raise ValueError("The uncond branch exists only with classifier-free guidance.")
     targets, how = _targets(loaded, prompt, block, branch, words)
     with (
-        record(loaded.pipe, [block], device=None) as recording,
+        record(loaded.pipe, [block], device=None, site=loaded.bank.site(block)) as recording,
         trace_cross_attention(loaded.pipe, prompt, targets, branch) as attention,
     ):
         image = loaded.generate([prompt], [seed], steps, on_step=on_step)[0]

@@ -202,9 +202,10 @@ def _cid_maps(
 ) -> tuple[list[Image.Image], Tensor]:
     """Generate; return the images and the CID's activation map [B, h, w] at the SAE's t."""
     t = 1.0 if key.t is None else key.t
-    with record(loaded.pipe, [key.block], at_t=[t]) as recording:
+    with record(loaded.pipe, [key.block], at_t=[t], site=sae.cfg.site) as recording:
         images = loaded.generate(prompts, seeds, on_step=on_step, **generation)
-    grid = latent_grid(sae, recording.at(key.block, t, key.branch).delta)
+    recorded = recording.at(key.block, t, key.branch)
+    grid = latent_grid(sae, recorded.delta, recorded.site)
     maps = (grid.top_acts * (grid.top_indices == cid)).sum(dim=-1)
     return images, maps.cpu()
 

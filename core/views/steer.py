@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from core.annotate.tags import CLIP_ID
+from core.diffusion.presets import AppDefaults
 from core.emergence.concepts import concept_cids
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
@@ -88,12 +89,15 @@ def stage_of(request: SteerRequest) -> str | tuple[float, float]:
     return stage_window((low, high))
 
 
-def strength_of(request: SteerRequest) -> float:
+def strength_of(request: SteerRequest, defaults: AppDefaults) -> float:
+    """The request's strength, else the preset's (not for ablation) or the paper's default."""
     if request.kind not in KINDS:
         raise ValueError(f"Unknown edit type {request.kind!r}; choose {', '.join(KINDS)}.")
-    if request.strength is None or request.strength == "":
-        return default_strength(request.kind, stage_of(request))
-    return check_number(request.strength, "The strength", 0.0, MAX_STRENGTH)
+    if request.strength is not None and request.strength != "":
+        return check_number(request.strength, "The strength", 0.0, MAX_STRENGTH)
+    if defaults.strength is not None and request.kind != "ablate":
+        return defaults.strength
+    return default_strength(request.kind, stage_of(request))
 
 
 def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -> tuple:
@@ -158,7 +162,7 @@ def run_steer(
         raise ValueError("The uncond branch exists only with classifier-free guidance.")
     for branch in branches:
         loaded.check_block(request.block, branch)
-    stage, strength = stage_of(request), strength_of(request)
+    stage, strength = stage_of(request), strength_of(request, loaded.preset.app)
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
     region = region_of(request, size)
@@ -176,16 +180,24 @@ def run_steer(
     before = loaded.generate([prompt], [seed], steps, on_step=progress(0))[0]
     with intervene(loaded.pipe, loaded.bank, request.block, edit, size) as record:
         after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
-    edit_text = f"{request.kind}, {_describe_stage(stage)}, strength {strength:g}"
     metrics = {
         **compare(loaded, before, after, request.word.strip() or _top_label(loaded, cids)),
         "concept": concept,
-        "edit": f"{edit_text}, SAE per step: {request.sae_choice}",
+        "edit": f"{request.kind}, {_describe_stage(stage)}, {_describe_strength(loaded, edit)}, "
+        f"SAE per step: {request.sae_choice}",
         "region": _describe_region(request, edit.region),
         "edited_steps": f"{len({step.index for step in record.edited()})} of {steps}",
         "cids": {f"t={key.t}": list_cids(ids) for key, ids in sorted(cids.items())},
     }
     return SteerResult(before, after, difference_map(before, after), metrics, record)
+
+
+def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
+    """ "strength 400", or, where the SAEs carry mean activations (SDLens), what it multiplies."""
+    text = f"strength {edit.strength:g}"
+    if edit.kind != "ablate" and any(loaded.bank[key].mean_acts is not None for key in edit.cids):
+        text += " x each CID's mean activation (mean.pt), as in the SDLens demo"
+    return text
 
 
 def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
