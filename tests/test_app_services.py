@@ -189,8 +189,8 @@ def test_sdlens_strengths_are_multiples_of_each_concepts_mean_activation(loaded)
     sdlens = Loaded(loaded.preset, loaded.pipe, SAEBank([sae]), {})
     request = SteerRequest(PROMPT, 1, UP, kind="global", cid=5, strength=2)
     edit = run_steer(sdlens, request).metrics["edit"]
-    assert edit.endswith("strength 2 x each CID's mean activation (mean.pt), as in the SDLens demo")
-    assert run_steer(loaded, request).metrics["edit"].endswith(", strength 2")
+    assert "strength 2 x each CID's mean activation (mean.pt), as in the SDLens demo" in edit
+    assert ", strength 2, " in run_steer(loaded, request).metrics["edit"]
 
 
 @pytest.mark.parametrize(
