@@ -1,0 +1,306 @@
+"""Concept lineage across denoising time: which concepts of one t's SAE go on at the next t.
+
+The emergence paper trains its SAEs independently per timestep, which "precludes direct
+cross-timestep concept comparison". This module compares them anyway, for one block and
+branch, two ways:
+
+- by decoder direction: the cosine of two latents' decoder rows;
+- by co-activation: the IoU of the positions where two latents fire on the same
+  generations, each SAE applied at its own step.
+
+Latents are matched one-to-one (`scipy.optimize.linear_sum_assignment`), and a match counts
+only above a null threshold: the `NULL_QUANTILE` quantile of the best-match similarity that
+the same procedure gives by chance (random unit directions of the same width and count for
+decoders; the same codes with the positions of one side shuffled for co-activation).
+
+    result = lineage(bank, "mid_block.attentions.0", "cond", method="decoder")
+    result.chains      # rows: a chain of CIDs with their similarities and labels
+    result.summary()   # per transition: persist, vanish, appear, split, label kept
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.optimize import linear_sum_assignment
+
+from core.emergence.concepts import ConceptDictionary
+from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import TopKSAE
+from core.training.activations import GenerationSource
+
+METHODS = ("decoder", "coactivation")
+NULL_QUANTILE = 0.99
+"""Quantile of the chance best-match similarities a match must exceed."""
+
+
+@dataclass
+class Matching:
+    """The one-to-one matches between the latents of two SAEs above the null threshold."""
+
+    source: SAEKey
+    target: SAEKey
+    method: str
+    threshold: float
+    pairs: dict[int, tuple[int, float]]
+    """Source CID -> (target CID, similarity), for matches above the threshold."""
+    splits: dict[int, list[int]]
+    """Source CID -> the two or more target CIDs whose best match above the threshold it is."""
+    num_source: int
+    num_target: int
+
+    @property
+    def targets_matched(self) -> set[int]:
+        return {target for target, _ in self.pairs.values()}
+
+
+@dataclass
+class Lineage:
+    """Matchings between consecutive SAEs (in the order of their t) and the chains they form."""
+
+    keys: list[SAEKey]
+    matchings: list[Matching]
+    labels: Mapping[SAEKey, ConceptDictionary] = field(default_factory=dict)
+
+    @property
+    def chains(self) -> list[dict]:
+        """One row per chain: it starts at a CID no earlier match reaches and follows matches."""
+        rows = []
+        for start, key in enumerate(self.keys):
+            reached = self.matchings[start - 1].targets_matched if start else set()
+            for cid in range(self._width(key)):
+                if cid not in reached:
+                    rows.append(self._chain_row(start, cid))
+        return rows
+
+    def summary(self) -> list[dict]:
+        """Per transition: shares of persisting, vanishing, appearing and splitting concepts,
+        and how often a match keeps its top label (among matches labelled on both sides)."""
+        return [transition_summary(m, self.labels) for m in self.matchings]
+
+    def _width(self, key: SAEKey) -> int:
+        return self.matchings[0].num_source if key == self.keys[0] else self._target_width(key)
+
+    def _target_width(self, key: SAEKey) -> int:
+        return next(m.num_target for m in self.matchings if m.target == key)
+
+    def _chain_row(self, start: int, cid: int) -> dict:
+        row: dict = {"chain": f"{self.keys[start].t:g}:{cid}"}
+        for position in range(start, len(self.keys)):
+            key = self.keys[position]
+            row[f"cid_t{key.t:g}"] = cid
+            row[f"label_t{key.t:g}"] = top_label(self.labels.get(key), cid)
+            if position == len(self.keys) - 1 or cid not in self.matchings[position].pairs:
+                break
+            cid, similarity = self.matchings[position].pairs[cid]
+            row[f"similarity_t{key.t:g}"] = round(similarity, 4)
+        return row
+
+
+def top_label(dictionary: ConceptDictionary | None, cid: int) -> str:
+    """The label the dictionary gives `cid` most often, or "" if none."""
+    if dictionary is None or cid >= dictionary.num_latents:
+        return ""
+    counts = dictionary.labels(cid)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def check_comparable(key_a: SAEKey, a: TopKSAE, key_b: SAEKey, b: TopKSAE) -> None:
+    """One sentence if two SAEs cannot be matched latent by latent."""
+    if (key_a.block, key_a.branch) != (key_b.block, key_b.branch):
+        raise ValueError(
+            f"lineage compares SAEs of one block and branch; got {key_a.describe()} and "
+            f"{key_b.describe()}"
+        )
+    if (a.cfg.d_in, a.cfg.num_latents) != (b.cfg.d_in, b.cfg.num_latents):
+        raise ValueError(
+            f"lineage compares SAEs of one width; {key_a.describe()} has "
+            f"{a.cfg.num_latents} latents of {a.cfg.d_in} channels, {key_b.describe()} "
+            f"{b.cfg.num_latents} of {b.cfg.d_in}"
+        )
+
+
+def decoder_cosines(a: TopKSAE, b: TopKSAE) -> np.ndarray:
+    """[n_a, n_b] cosine similarity of the decoder rows."""
+    return _cosines(a.W_dec.detach().float().cpu(), b.W_dec.detach().float().cpu())
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a = torch.nn.functional.normalize(a, dim=1)
+    b = torch.nn.functional.normalize(b, dim=1)
+    return (a @ b.T).numpy()
+
+
+def random_direction_null(n_a: int, n_b: int, width: int, seed: int = 0) -> float:
+    """The best-match cosine that random unit directions reach by chance (its quantile)."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(n_a, width, generator=generator)
+    b = torch.randn(n_b, width, generator=generator)
+    return float(np.quantile(_cosines(a, b).max(axis=1), NULL_QUANTILE))
+
+
+def firing(codes: torch.Tensor, num_latents: int) -> sparse.csr_matrix:
+    """[positions, num_latents] boolean matrix of where each latent fires, from top-k indices
+    `codes` [positions, k] (a latent fires where it is among the k)."""
+    positions, k = codes.shape
+    rows = np.repeat(np.arange(positions), k)
+    data = np.ones(positions * k, dtype=np.float32)
+    shape = (positions, num_latents)
+    return sparse.csr_matrix((data, (rows, codes.reshape(-1).cpu().numpy())), shape=shape)
+
+
+def coactivation_iou(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
+    """[n_a, n_b] IoU of the positions where each latent fires; 0 where neither fires."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"co-activation compares firing on the same positions; got {a.shape[0]} and "
+            f"{b.shape[0]}"
+        )
+    intersection = (a.T @ b).toarray()
+    union = np.asarray(a.sum(axis=0)).T + np.asarray(b.sum(axis=0)) - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def shuffled_null(a: sparse.csr_matrix, b: sparse.csr_matrix, seed: int = 0) -> float:
+    """The best-match IoU that the same firing reaches with `b`'s positions shuffled."""
+    order = np.random.default_rng(seed).permutation(b.shape[0])
+    chance = coactivation_iou(a, b[order])
+    fired = np.asarray(a.sum(axis=0)).ravel() > 0
+    if not fired.any():
+        return 0.0
+    return float(np.quantile(chance[fired].max(axis=1), NULL_QUANTILE))
+
+
+def match(
+    similarity: np.ndarray, threshold: float, source: SAEKey, target: SAEKey, method: str
+) -> Matching:
+    """One-to-one matches above `threshold`, and the splits of the best matches."""
+    rows, cols = linear_sum_assignment(similarity, maximize=True)
+    pairs = {
+        int(r): (int(c), float(similarity[r, c]))
+        for r, c in zip(rows, cols, strict=True)
+        if similarity[r, c] > threshold
+    }
+    best_source = similarity.argmax(axis=0)
+    strong = similarity.max(axis=0) > threshold
+    children: dict[int, list[int]] = {}
+    for target_cid in np.flatnonzero(strong):
+        children.setdefault(int(best_source[target_cid]), []).append(int(target_cid))
+    splits = {cid: found for cid, found in children.items() if len(found) > 1}
+    return Matching(source, target, method, threshold, pairs, splits, *similarity.shape)
+
+
+def transition_summary(matching: Matching, labels: Mapping[SAEKey, ConceptDictionary]) -> dict:
+    n_source, n_target = matching.num_source, matching.num_target
+    kept = [
+        top_label(labels.get(matching.source), source) == top_label(labels.get(matching.target), t)
+        for source, (t, _) in matching.pairs.items()
+        if top_label(labels.get(matching.source), source)
+        and top_label(labels.get(matching.target), t)
+    ]
+    return {
+        "from_t": matching.source.t,
+        "to_t": matching.target.t,
+        "method": matching.method,
+        "threshold": round(matching.threshold, 4),
+        "persist": len(matching.pairs) / n_source,
+        "vanish": 1 - len(matching.pairs) / n_source,
+        "appear": 1 - len(matching.targets_matched) / n_target,
+        "split": len(matching.splits) / n_source,
+        "label_kept": float(np.mean(kept)) if kept else None,
+        "labelled_matches": len(kept),
+    }
+
+
+def ordered_keys(bank: SAEBank, block: str, branch: str, ts: Sequence[float]) -> list[SAEKey]:
+    """The bank's keys for `ts`, from the first step's t (1.0) down; one sentence if missing."""
+    keys = [SAEKey(block, float(t), branch) for t in sorted(ts, reverse=True)]
+    missing = [key.describe() for key in keys if key not in bank]
+    if missing:
+        held = ", ".join(k.describe() for k in bank) or "none"
+        raise ValueError(f"the bank has no SAE for {', '.join(missing)}; it holds {held}")
+    if len(keys) < 2:
+        raise ValueError("lineage needs SAEs at two t values at least")
+    for a, b in zip(keys, keys[1:], strict=False):
+        check_comparable(a, bank[a], b, bank[b])
+    return keys
+
+
+def lineage(
+    bank: SAEBank,
+    block: str,
+    branch: str = "cond",
+    ts: Sequence[float] = (1.0, 0.5, 0.0),
+    method: str = "decoder",
+    codes: Mapping[SAEKey, torch.Tensor] | None = None,
+    labels: Mapping[SAEKey, ConceptDictionary] | None = None,
+    seed: int = 0,
+) -> Lineage:
+    """Match the SAEs of `block` at `ts` pairwise in time order, by `method`.
+
+    `codes` (co-activation only): each SAE's top-k indices [positions, k] on the same
+    generations and positions, each read at its own step (see `coactivation_codes`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown lineage method {method!r}; choose one of {', '.join(METHODS)}")
+    keys = ordered_keys(bank, block, branch, ts)
+    if method == "coactivation" and (codes is None or any(k not in codes for k in keys)):
+        raise ValueError("co-activation lineage needs the codes of every SAE it compares")
+    matchings = []
+    for a, b in zip(keys, keys[1:], strict=False):
+        if method == "decoder":
+            similarity = decoder_cosines(bank[a], bank[b])
+            threshold = random_direction_null(*similarity.shape, bank[a].cfg.d_in, seed)
+        else:
+            fire_a = firing(codes[a], bank[a].cfg.num_latents)
+            fire_b = firing(codes[b], bank[b].cfg.num_latents)
+            similarity, threshold = (
+                coactivation_iou(fire_a, fire_b),
+                shuffled_null(fire_a, fire_b, seed),
+            )
+        matchings.append(match(similarity, threshold, a, b, method))
+    return Lineage(keys, matchings, dict(labels or {}))
+
+
+def coactivation_codes(
+    pipe,
+    bank: SAEBank,
+    keys: Sequence[SAEKey],
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int = 0,
+    resolution: int | None = None,
+) -> dict[SAEKey, torch.Tensor]:
+    """Each SAE's top-k indices [positions, k] on the same generations, each SAE reading the
+    residual update of the step nearest its own t (prompt i uses seed + i)."""
+    reading_output = [key.describe() for key in keys if bank[key].cfg.site != "delta"]
+    if reading_output:
+        raise ValueError(
+            f"co-activation lineage reads residual updates; {', '.join(reading_output)} "
+            "read the block output"
+        )
+    source = GenerationSource(
+        pipe,
+        prompts,
+        keys,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        seed=seed,
+        resolution=resolution,
+    )
+    codes: dict[SAEKey, list[torch.Tensor]] = {key: [] for key in keys}
+    with torch.no_grad():
+        for _, rows in source.rounds():
+            for key in keys:
+                sae = bank[key]
+                found = sae.encode(rows[key].to(sae.W_dec.device, sae.W_dec.dtype))
+                codes[key].append(found.top_indices.cpu())
+    return {key: torch.cat(found) for key, found in codes.items()}
