@@ -12,6 +12,7 @@ from gensim.models import KeyedVectors
 from core.emergence.concept_lineage import LineageConfig, main
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.lineage import (
+    chain_through,
     coactivation_iou,
     firing,
     lineage,
@@ -20,6 +21,8 @@ from core.emergence.lineage import (
 from core.emergence.words import WordVectors
 from core.files import ASSETS
 from core.sae.bank import SAEBank, SAEKey
+from core.views.inspection import concept_card
+from core.views.model_cache import ModelCache
 from tests.helpers import MID, assert_defaults_stated_once, command_help, random_sae
 
 D, N, K = 32, 64, 4
@@ -51,6 +54,9 @@ def test_decoder_lineage_recovers_a_permuted_copy_and_nothing_of_a_random_sae():
     assert summary[0]["persist"] == 1.0 and summary[0]["appear"] == 0.0
     assert summary[1]["persist"] < 0.2  # a random SAE: at most chance matches
     assert len(result.chains) == N + sum(1 for j in range(N) if j not in second.targets_matched)
+    chain = chain_through(result, 0.5, 7)
+    assert [(key.t, cid) for key, cid, _ in chain][:2] == [(1.0, int(permutation[7])), (0.5, 7)]
+    assert chain[0][2] is None and chain[1][2] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_coactivation_matches_latents_that_fire_on_the_same_positions():
@@ -138,3 +144,12 @@ def test_command_refuses_coactivation_without_prompts(tmp_path, capsys):
 
 def test_help_states_each_default_once():
     assert_defaults_stated_once(command_help("core.emergence.concept_lineage"), LineageConfig)
+
+
+def test_the_inspect_view_shows_the_concepts_chain_across_t():
+    with ModelCache().using("tiny") as loaded:
+        card = concept_card(loaded, UP, 0.5, "cond", 3)
+        line = card.stats["lineage across t"]
+        chain = chain_through(loaded.cached(f"lineage:{UP}:cond", lambda: None), 0.5, 3)
+    assert [key.t for key, _, _ in chain] == [1.0, 0.5, 0.0]  # the tiny bank's SAEs barely differ
+    assert line.startswith("t=1 CID ") and "-> t=0.5 CID 3 " in line and "null cosine" in line

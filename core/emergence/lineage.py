@@ -20,6 +20,7 @@ decoders; the same codes with the positions of one side shuffled for co-activati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -304,3 +305,28 @@ def coactivation_codes(
                 found = sae.encode(rows[key].to(sae.W_dec.device, sae.W_dec.dtype))
                 codes[key].append(found.top_indices.cpu())
     return {key: torch.cat(found) for key, found in codes.items()}
+
+
+def chain_through(result: Lineage, t: float, cid: int) -> list[tuple[SAEKey, int, float | None]]:
+    """The chain `cid` of the SAE at `t` belongs to, earliest t first: (key, CID, similarity
+    of the match that led to it; None for the chain's start)."""
+    position = next(i for i, key in enumerate(result.keys) if math.isclose(key.t, t))
+    chain: list[tuple[SAEKey, int, float | None]] = [(result.keys[position], cid, None)]
+    for back in range(position - 1, -1, -1):
+        found = [
+            (source, s)
+            for source, (target, s) in result.matchings[back].pairs.items()
+            if target == chain[0][1]
+        ]
+        if not found:
+            break
+        source, similarity = found[0]
+        chain[0] = (chain[0][0], chain[0][1], similarity)
+        chain.insert(0, (result.keys[back], source, None))
+    for forward in range(position, len(result.matchings)):
+        pairs = result.matchings[forward].pairs
+        if chain[-1][1] not in pairs:
+            break
+        target, similarity = pairs[chain[-1][1]]
+        chain.append((result.keys[forward + 1], target, similarity))
+    return chain

@@ -24,6 +24,7 @@ from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
 from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
+from core.emergence.lineage import chain_through, lineage, top_label
 from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
 from core.files import ASSETS
 from core.sae.bank import SAEKey
@@ -86,7 +87,31 @@ def concept_card(loaded: Loaded, block: str, t: object, branch: str, cid: object
     nearest = _nearest_by_decoder(loaded, key, sae, cid)
     if dictionary is not None and bool(dictionary.has_embedding[cid]):
         nearest = _nearest_by_embedding(loaded, key, cid) + nearest
-    return ConceptCard(key, cid, entry, _firing_stats(loaded, key, sae, cid), nearest, notes)
+    stats = {**_firing_stats(loaded, key, sae, cid), "lineage across t": _lineage(loaded, key, cid)}
+    return ConceptCard(key, cid, entry, stats, nearest, notes)
+
+
+def _lineage(loaded: Loaded, key: SAEKey, cid: int) -> str:
+    """The concept's chain through the block's SAEs at other t, matched by decoder direction
+    (`core.emergence.lineage`), as one line."""
+    same = [k for k in loaded.bank if (k.block, k.branch) == (key.block, key.branch)]
+    ts = sorted({k.t for k in same if k.t is not None})
+    if key.t is None or len(ts) < 2:
+        return "this block has one SAE for every t: there is no other t to follow it to"
+    try:
+        found = loaded.cached(
+            f"lineage:{key.block}:{key.branch}",
+            lambda: lineage(loaded.bank, key.block, key.branch, ts, labels=loaded.dictionaries),
+        )
+    except ValueError as error:
+        return str(error)
+    steps = []
+    for step_key, step_cid, similarity in chain_through(found, key.t, cid):
+        label = top_label(loaded.dictionaries.get(step_key), step_cid) or "unlabelled"
+        match = "" if similarity is None else f", cos {similarity:.2f}"
+        steps.append(f"t={step_key.t:g} CID {step_cid} ({label}{match})")
+    threshold = min(m.threshold for m in found.matchings)
+    return " -> ".join(steps) + f" (matches above the null cosine {threshold:.2f})"
 
 
 def _firing_stats(loaded: Loaded, key: SAEKey, sae: TopKSAE, cid: int) -> dict[str, object]:
