@@ -137,8 +137,8 @@ def test_a_word_absent_from_prediction_and_reference_has_no_iou_and_no_point(loa
     assert np.isnan(absent.get_ydata()).all()  # a gap, not a line at 1.0
     captions = [caption for _, caption in step_panels(result, 0)]
     assert "circle: predicted mask at t=0.80: empty" in captions
-    assert "circle: reference (the last step's prediction): empty" in captions
-    assert len(captions) == 12 and "square: not in the prompt, no cross-attention" in captions
+    assert "circle: reference (last step): empty" in captions
+    assert len(captions) == 12 and "square: not in the prompt" in captions
 
 
 def test_emergence_target_words_fall_back_sensibly(loaded):

@@ -32,7 +32,6 @@ from core.views.render import REFERENCE_COLOUR, heat_map, normalised, outline
 ATTENTION_THRESHOLD = 0.4
 """DAAM's threshold on the max-normalised heat map."""
 DEFAULT_WORDS = 3
-REFERENCE_NAMES = {"annotation": "annotation", "last step": "the last step's prediction"}
 SIMILARITY_LABEL = "cosine, top concept vs word"
 ATTENTION_LABEL = "share of the step's peak"
 
@@ -217,11 +216,11 @@ def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, 
             ),
             (
                 outline(result.image, reference, colour=REFERENCE_COLOUR, shade=0.3),
-                f"{word}: reference ({REFERENCE_NAMES[against]}){_if_empty(reference)}",
+                f"{word}: reference ({against}){_if_empty(reference)}",
             ),
             (
                 heat_map(predicted.similarity[0], -1, 1, SIMILARITY_LABEL, cmap="coolwarm"),
-                f"{word}: concept similarity (grey: none fires)",
+                f"{word}: concept similarity",
             ),
             _attention_panel(result, word, index),
         ]
@@ -235,7 +234,7 @@ def _if_empty(mask: torch.Tensor) -> str:
 def _attention_panel(result: EmergenceResult, word: str, index: int) -> tuple[Image.Image, str]:
     if word not in result.attention.maps:
         blank = heat_map(np.full((1, 1), np.nan), 0, 1, ATTENTION_LABEL)
-        return blank, f"{word}: not in the prompt, no cross-attention"
+        return blank, f"{word}: not in the prompt"
     heat = normalised(result.attention.stacked(word)[index, 0])
     return heat_map(heat, 0, 1, ATTENTION_LABEL), f"{word}: cross-attention"
 

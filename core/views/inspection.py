@@ -7,6 +7,9 @@
   from the index shipped with the SAEs, or one built on demand from a few prompts;
   regenerated and shown with the CID's activation map.
 - `activation_on`: the CID's activation map on a new generation.
+
+Activation maps share one scale per CID (`activation_scale`): 0 to its largest activation
+in training, so a weak activation looks weak on every image.
 - `feature_icon`: a generation from the empty prompt with only this concept added (a
   global edit at the steps that use this SAE).
 """

@@ -4,9 +4,10 @@ The concept is a word (its CIDs in the dictionary of every t, `concept_cids`) or
 of one SAE. The region of a spatial edit is a drawn mask at any resolution (`canvas_mask`
 reads it from an image editor's value) or a quadrant.
 What changed is measured by the mean absolute pixel difference (always), LPIPS and the
-change in CLIP similarity with the concept's word (when those models can be loaded). Each
-result carries the edit's record: which steps each SAE edited with which CIDs, which steps
-were skipped and why.
+change in CLIP similarity with the concept's word (when those models can be loaded), and
+shown as a difference map in grey levels on the fixed scale 0-255. Each result carries the
+edit's record: which steps each SAE edited with which CIDs, which steps were skipped and
+why; its summary adds how much the image changed, in words.
 """
 
 from collections.abc import Callable, Mapping, Sequence
