@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -127,6 +128,22 @@ INTRO = (
     "**inspect**: what one concept is. "
     "**revelio**: what k-SAEs of pooled image features and PCA maps show per layer."
 )
+EMERGENCE_RESULTS = (
+    "One generation: the final image, each target word's IoU with its reference per step, "
+    "and the panels of the step the slider picks."
+)
+STEER_RESULTS = (
+    "The same seed without and with the edit (drag to compare), their difference, what was "
+    "edited and how much the image changed."
+)
+INSPECT_RESULTS = (
+    "The concept's dictionary entry, firing statistics and nearest concepts, then its top "
+    "examples, its activation on a new generation and its feature icon."
+)
+REVELIO_RESULTS = (
+    "**load**: the purity table; **inspect**: one latent's top images; **show PCA maps**: "
+    "images beside the maps of their features."
+)
 REVELIO_ABOUT = (
     "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
     "cache (`python -m core.revelio.features`), its k-SAEs (`python -m core.revelio.ksae`) "
@@ -146,19 +163,24 @@ def sentence(error: BaseException) -> str:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn the core's errors into `gr.Error`s; the server keeps serving either way."""
+    """Turn the core's errors into `gr.Error`s; the server keeps serving either way.
+
+    A refused request (a user error) is one line in the server log; a failed one (a
+    RuntimeError, such as running out of memory) its traceback, once. The `gr.Error` itself
+    prints nothing, and is raised `from None`, so that no chained traceback follows.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
         except USER_ERRORS as error:
-            raise gr.Error(sentence(error)) from error
+            message = sentence(error)
+            print(f"refused {fn.__name__}: {message}", file=sys.stderr, flush=True)
         except RuntimeError as error:
+            traceback.print_exception(error)
             message = f"The request failed ({sentence(error)}) Try fewer steps or another preset."
-            raise gr.Error(message) from error
+        raise gr.Error(message, print_exception=False) from None
 
     return wrapper
 
@@ -176,6 +198,13 @@ def shown_path(source: str | Path) -> str:
     path = Path(source)
     inside = path.is_absolute() and path.is_relative_to(REPO_ROOT)
     return str(path.relative_to(REPO_ROOT)) if inside else str(source)
+
+
+def results_line(text: str, elem_id: str) -> gr.Markdown:
+    """A line above a tab's results saying what they show; the tab's events report progress
+    and errors on it (`show_progress_on`), so that a refused request shows its message and
+    leaves the results of the last one in place instead of covering each with an error."""
+    return gr.Markdown(text, elem_id=elem_id)
 
 
 def blank_canvas(side: int = 256) -> dict:
@@ -252,9 +281,10 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
         f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
         f"{len(result.steps)} steps.",
         *[f"- {note}" for note in result.notes],
-        "- Panels per word: the predicted mask on the final image, the similarity of each "
-        "position's top labelled concept with the word (grey: none fires), and the word's "
-        "cross-attention (DAAM-style baseline).",
+        "- Panels per word: the predicted mask outlined in red on the final image, the "
+        "reference mask it is scored against in blue, the similarity of each position's top "
+        "labelled concept with the word (grey: none fires), and the word's cross-attention "
+        "(DAAM-style baseline) as a share of the step's peak.",
     ]
     return "\n".join(lines)
 
@@ -262,7 +292,7 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
 @user_errors
 def on_emergence_step(result: EmergenceResult | None, index: float) -> list:
     if result is None:
-        raise gr.Error("Run the emergence view first; the slider then moves through its steps.")
+        raise ValueError("Run the emergence view first; the slider then moves through its steps.")
     return step_panels(result, int(index))
 
 
@@ -279,7 +309,7 @@ def drawn_region(canvas: dict | None) -> np.ndarray:
     """The region drawn on the canvas; an error asking for one when nothing is drawn."""
     mask = canvas_mask(canvas)
     if mask is None:
-        raise gr.Error("Draw the region on the canvas first, or choose a quadrant.")
+        raise ValueError("Draw the region on the canvas first, or choose a quadrant.")
     return mask
 
 
@@ -330,8 +360,9 @@ def on_steer(
         canvas: the drawn region (an image editor value) when `region_by` is "drawn".
 
     Returns:
-        The images before and after, the difference map, one line saying which steps were
-        edited with which SAE and concepts (and which were skipped, and why), and metrics.
+        The images before and after, the difference map (grey levels 0-255), two lines (the
+        steps edited with which SAE and concepts, and those skipped and why; how much the
+        image changed), and metrics.
     """
     concept = {"word": word if concept_by == "word" else "", "cid": cid, "cid_t": cid_t}
     drawn = kind == "spatial" and region_by == "drawn"
@@ -353,7 +384,7 @@ def on_steer(
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_steer(loaded, request, hooks["on_step"])
     pair = (for_display(result.before), for_display(result.after))
-    return pair, result.difference, result.record.summary(), result.metrics
+    return pair, result.difference, result.summary(), result.metrics
 
 
 def on_request_inspect(runs: int) -> int:
@@ -586,29 +617,37 @@ def emergence_tab(
             run = gr.Button("generate and predict", variant="primary", elem_id="emergence-run")
             gr.Examples(EXAMPLE_PROMPTS, [prompt])
         with gr.Column(scale=2):
+            line = results_line(EMERGENCE_RESULTS, "emergence-line")
             with gr.Row():
                 image = gr.Image(
                     label="final image", height=256, format="png", elem_id="emergence-image"
                 )
                 plot = gr.Plot(label="IoU vs t", show_label=False, elem_id="emergence-plot")
-            step = gr.Slider(
-                0, 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
-            )
-            gallery = gr.Gallery(
-                label="at this step",
-                columns=3,
-                height="auto",
-                format="png",
-                elem_id="emergence-gallery",
-            )
             summary = gr.Markdown()
+    step = gr.Slider(0, 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step")
+    gallery = gr.Gallery(  # the page's full width: four panels per word, one row each
+        label="at this step, per word: predicted mask (red), reference (blue), concept "
+        "similarity, cross-attention",
+        columns=4,
+        height="max-content",
+        object_fit="contain",
+        format="png",
+        elem_id="emergence-gallery",
+    )
     result = gr.State(None)
     inputs = [preset_box, prompt, seed, steps, block, branch, words]
     outputs = [image, plot, step, gallery, summary, result]
-    run.click(on_emergence, inputs, outputs, api_name="emergence", **MODEL).then(
-        on_status, preset_box, status, api_name="status_after_emergence", **LIGHT
+    run.click(
+        on_emergence, inputs, outputs, api_name="emergence", show_progress_on=line, **MODEL
+    ).then(on_status, preset_box, status, api_name="status_after_emergence", **LIGHT)
+    step.release(
+        on_emergence_step,
+        [result, step],
+        gallery,
+        api_name="emergence_step",
+        show_progress_on=line,
+        **LIGHT,
     )
-    step.release(on_emergence_step, [result, step], gallery, api_name="emergence_step", **LIGHT)
     return block, steps
 
 
@@ -631,19 +670,29 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
             region = steer_region()
             run = gr.Button("generate before and after", variant="primary", elem_id="steer-run")
         with gr.Column(scale=1):
+            line = results_line(STEER_RESULTS, "steer-line")
             pair = gr.ImageSlider(
                 label="before | after (same seed)", format="png", elem_id="steer-pair"
             )
-            difference = gr.Image(label="difference", height=256, format="png")
+            difference = gr.Image(
+                label="difference |after - before| per pixel, grey levels on a fixed 0-255 scale",
+                height=256,
+                format="png",
+                elem_id="steer-difference",
+            )
             edits = gr.Textbox(
-                label="steps edited (with which SAE and CIDs) and skipped (why)",
+                label="steps edited (with which SAE and CIDs) and skipped (why); how much the "
+                "image changed",
                 interactive=False,
                 elem_id="steer-edits",
             )
-            metrics = gr.JSON(label="what changed", elem_id="steer-metrics")
+            metrics = gr.JSON(
+                label="the edit and what changed (pixel difference in [0, 1], LPIPS, CLIP)",
+                elem_id="steer-metrics",
+            )
     inputs = [preset_box, prompt, seed, block, branch, by, word, cid, cid_t, *edit, *region]
     outputs = [pair, difference, edits, metrics]
-    run.click(on_steer, inputs, outputs, api_name="steer", **MODEL)
+    run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=line, **MODEL)
     return block, word
 
 
@@ -728,6 +777,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
                 icon_strength = gr.Number(10.0, label="icon strength")
             run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
         with gr.Column(scale=2):
+            line = results_line(INSPECT_RESULTS, "inspect-line")
             views = concept_views()
     runs = gr.State(0)  # inspections asked for: each change runs `show_concept`'s chain
     run.click(on_request_inspect, runs, runs, api_name="request_inspect", **LIGHT)
@@ -736,10 +786,12 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
         [preset_box, block, t, branch, word, runs],
         [found, cid, views.note, runs],
         api_name="search_concepts",
+        show_progress_on=line,
         **MODEL,
     )
     found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **LIGHT)
-    show_concept(runs, [preset_box, block, t, branch, cid], prompt, seed, icon_strength, views)
+    key = [preset_box, block, t, branch, cid]
+    show_concept(runs, key, prompt, seed, icon_strength, views, line)
     return block
 
 
@@ -750,13 +802,16 @@ def concept_views() -> ConceptViews:
         stats = gr.JSON(label="firing statistics")
     nearest = gr.Dataframe(headers=["by", "CID", "cosine", "labels"], label="nearest concepts")
     examples = gr.Gallery(
-        label="top-activating examples", columns=6, height=220, elem_id="inspect-examples"
+        label="top-activating examples, the concept's activation tinted (0 to the scale's top)",
+        columns=6,
+        height=220,
+        elem_id="inspect-examples",
     )
     examples_note = gr.Markdown()
     with gr.Row():
-        overlay = gr.Image(label="activation on the new generation", height=256)
-        heat = gr.Image(label="activation map", height=256)
-        icon = gr.Image(label="feature icon", height=256, elem_id="inspect-icon")
+        overlay = gr.Image(label="activation over the image", height=256)
+        heat = gr.Image(label="activation, fixed scale", height=256)
+        icon = gr.Image(label="feature icon (empty prompt)", height=256, elem_id="inspect-icon")
     caption = gr.Markdown()
     return ConceptViews(
         note, entry, stats, nearest, examples, examples_note, overlay, heat, icon, caption
@@ -770,17 +825,19 @@ def show_concept(
     seed: gr.Number,
     icon_strength: gr.Number,
     views: ConceptViews,
+    line: gr.Markdown,
 ) -> None:
     """On each new inspection: the card, then top examples, activation map and feature icon,
-    each only if the one before succeeded."""
+    each only if the one before succeeded; progress and errors show on `line`."""
+    model = {**MODEL, "show_progress_on": line}
     outputs = [views.entry, views.stats, views.nearest, views.note]
-    shown = runs.change(on_inspect_concept, key, outputs, api_name="inspect_concept", **MODEL)
+    shown = runs.change(on_inspect_concept, key, outputs, api_name="inspect_concept", **model)
     outputs = [views.examples, views.examples_note]
-    shown = shown.success(on_top_examples, key, outputs, api_name="top_examples", **MODEL)
+    shown = shown.success(on_top_examples, key, outputs, api_name="top_examples", **model)
     inputs, outputs = [*key, prompt, seed], [views.overlay, views.heat, views.caption]
-    shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **MODEL)
+    shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **model)
     inputs = [*key, icon_strength, seed]
-    shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **MODEL)
+    shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)
 
 
 def revelio_tab() -> None:
@@ -791,6 +848,8 @@ def revelio_tab() -> None:
         saes = gr.Textbox(shown_path(revelio.DEMO_SAES), label="k-SAE folder")
         images = gr.Textbox(shown_path(revelio.DEMO_IMAGES), label="image folder (optional)")
     load = gr.Button("load", variant="primary", elem_id="revelio-load")
+    line = results_line(REVELIO_RESULTS, "revelio-line")
+    light = {**LIGHT, "show_progress_on": line}
     note = gr.Markdown(elem_id="revelio-note")
     table = gr.Dataframe(
         headers=revelio.PURITY_HEADERS,
@@ -799,10 +858,10 @@ def revelio_tab() -> None:
         elem_id="revelio-table",
     )
     choices = revelio_choices(revelio_demo_contents())
-    ksae = ksae_latent_panel(cache, saes, images, choices[:2])
-    maps = pca_panel(cache, images, choices[2:])
+    ksae = ksae_latent_panel(cache, saes, images, choices[:2], light)
+    maps = pca_panel(cache, images, choices[2:], light)
     outputs = [note, table, *ksae, *maps]
-    load.click(on_revelio_load, [cache, saes], outputs, api_name="revelio_load", **LIGHT)
+    load.click(on_revelio_load, [cache, saes], outputs, api_name="revelio_load", **light)
 
 
 def pair_dropdowns(choices: list[tuple[list, object]], layer_label: str) -> list[gr.Dropdown]:
@@ -815,9 +874,10 @@ def pair_dropdowns(choices: list[tuple[list, object]], layer_label: str) -> list
 
 
 def ksae_latent_panel(
-    cache: gr.Textbox, saes: gr.Textbox, images: gr.Textbox, choices: list
+    cache: gr.Textbox, saes: gr.Textbox, images: gr.Textbox, choices: list, light: dict
 ) -> list[gr.Dropdown]:
-    """One k-SAE latent's top images; returns its layer and timestep dropdowns."""
+    """One k-SAE latent's top images (its event's settings `light`); returns its layer and
+    timestep dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### k-SAE latent")
@@ -834,13 +894,16 @@ def ksae_latent_panel(
         [cache, saes, images, layer, timestep, by, number],
         [note, grid, top],
         api_name="revelio_inspect",
-        **LIGHT,
+        **light,
     )
     return [layer, timestep]
 
 
-def pca_panel(cache: gr.Textbox, images: gr.Textbox, choices: list) -> list[gr.Dropdown]:
-    """Images beside the PCA maps of their features; returns its layer and timestep dropdowns."""
+def pca_panel(
+    cache: gr.Textbox, images: gr.Textbox, choices: list, light: dict
+) -> list[gr.Dropdown]:
+    """Images beside the PCA maps of their features (its event's settings `light`); returns
+    its layer and timestep dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### PCA maps of features")
@@ -858,7 +921,7 @@ def pca_panel(cache: gr.Textbox, images: gr.Textbox, choices: list) -> list[gr.D
                 elem_id="revelio-pca",
             )
     inputs = [cache, images, layer, timestep, indices]
-    run.click(on_revelio_pca, inputs, maps, api_name="revelio_pca", **LIGHT)
+    run.click(on_revelio_pca, inputs, maps, api_name="revelio_pca", **light)
     return [layer, timestep]
 
 

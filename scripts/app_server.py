@@ -19,6 +19,8 @@ from pathlib import Path
 from core.files import REPO_ROOT
 
 STARTUP_TIMEOUT = 180
+LOGS: dict[str, Path] = {}
+"""URL of each app started -> the file its output (stdout and stderr) goes to."""
 
 
 def free_port() -> int:
@@ -48,6 +50,7 @@ def app_url(*options: str) -> str:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
+                    LOGS[url] = log
                     return url
         except OSError:
             time.sleep(0.5)

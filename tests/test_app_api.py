@@ -9,7 +9,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from scripts.app_server import app_url
+from core.views.render import BAR_WIDTH
+from scripts.app_server import LOGS, app_url
 
 PRESET = "tiny"
 UP = "up_blocks.1.attentions.0"
@@ -89,20 +90,22 @@ def test_emergence_and_its_step_slider(client):
     assert pixels(image).shape == (256, 256, 3)  # the 32 px image, enlarged for the page
     assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
     assert step["maximum"] == 9 and step["value"] == 9
-    assert len(panels) == 6 and panels[0]["caption"] == "circle: mask, t=0.00"
+    assert len(panels) == 8 and panels[0]["caption"].startswith("circle: predicted mask at t=0.00")
+    assert pixels(panels[2]["image"]).shape == (256, 256 + BAR_WIDTH, 3)  # with a colour bar
     assert "target words: circle, star" in summary
     earlier = client.predict(2, api_name="/emergence_step")
-    assert len(earlier) == 6 and earlier[0]["caption"] == "circle: mask, t=0.70"
+    assert len(earlier) == 8 and earlier[4]["caption"].startswith("star: predicted mask at t=0.70")
     assert client.predict(PRESET, api_name="/status_after_emergence").count("loaded") == 1
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
     (before, after), difference, edits, changes = steer(client)
-    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs ")
-    assert edits.endswith("; skipped none")
+    record, change = edits.splitlines()
+    assert record.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs ")
+    assert record.endswith("; skipped none") and change.startswith("The image changed by ")
     assert pixels(before).shape == pixels(after).shape == (256, 256, 3)
     assert not np.array_equal(pixels(before), pixels(after))
-    assert pixels(difference).shape[:2] == (256, 256)
+    assert pixels(difference).shape[:2] == (256, 256 + BAR_WIDTH)
     assert changes["concept"] == "'star'" and changes["mean_abs_pixel_difference"] > 0
     drawn = canvas(tmp_path, (slice(0, 32), slice(32, 64)))
     (before2, _), _, edits, changes = steer(
@@ -140,7 +143,8 @@ def test_inspect_endpoints(client):
     overlay, heat, caption = client.predict(
         PRESET, UP, 0.5, "cond", cid, PROMPT, 0, api_name="/activation_map"
     )
-    assert pixels(overlay).shape == pixels(heat).shape == (256, 256, 3)
+    assert pixels(overlay).shape == (256, 256, 3)
+    assert pixels(heat).shape == (256, 256 + BAR_WIDTH, 3)
     assert f"CID {cid}" in caption
     icon = client.predict(PRESET, UP, 0.5, "cond", cid, 10.0, 0, api_name="/feature_icon")
     assert pixels(icon).shape == (256, 256, 3)
@@ -179,6 +183,21 @@ def test_bad_input_is_one_readable_error_and_the_server_keeps_serving(
     assert message in str(error.value)
     assert "Traceback" not in str(error.value)
     assert "Preset `tiny`" in client.predict(PRESET, api_name="/status")
+
+
+def test_each_refused_request_is_one_line_in_the_server_log(client):
+    log = LOGS[app_url()]
+    start = len(log.read_text())
+    for changes in ({"prompt": ""}, {"steps": 0}):
+        with pytest.raises(AppError):
+            emergence(client, **changes)
+    with pytest.raises(AppError):
+        steer(client, word="qzxv")
+    first, second, third, *rest = log.read_text()[start:].splitlines()
+    assert first.startswith("refused on_emergence: The prompt is empty; ")
+    assert second.startswith("refused on_emergence: The number of steps must be a whole")
+    assert third.startswith("refused on_steer: ") and "is labelled 'qzxv' at any t" in third
+    assert rest == []  # no traceback, chained or not
 
 
 def test_switching_presets_offline_is_a_message_not_a_crash():

@@ -62,18 +62,22 @@ def test_the_page_opens_and_says_what_is_loaded(page):
     shot(page, "0-opened")
 
 
-def test_emergence_tab(page):
+def test_emergence_tab_with_three_words(page):
     page.get_by_role("tab", name="emergence").click()
+    page.get_by_label("target words").fill("circle, star, square")
     page.click("#emergence-run")
     gallery = page.locator("#emergence-gallery")
-    gallery.get_by_text("mask, t=0.00").first.wait_for()
-    assert gallery.locator("img").count() % 3 == 0
+    gallery.get_by_text("square: predicted mask at t=0.00").wait_for()
     page.locator("#emergence-plot img").wait_for()
     page.locator("#emergence-step input[type=number]").fill("0")
     page.locator("#emergence-step input[type=number]").press("Enter")
     page.locator("#emergence-step input[type=range]").dispatch_event("pointerup")
-    first_step = gallery.get_by_text(re.compile(r"mask, t=0\.9\d")).first
-    first_step.wait_for()
+    gallery.get_by_text(re.compile(r"square: predicted mask at t=0\.9\d")).wait_for()
+    images = gallery.locator("img")
+    assert images.count() == 12  # four panels per word
+    page.wait_for_function(ALL_LOADED, arg="#emergence-gallery img")
+    box, last = gallery.bounding_box(), images.last.bounding_box()
+    assert last["y"] + last["height"] <= box["y"] + box["height"]  # no row cut off
     shot(page, "1-emergence")
 
 
@@ -93,6 +97,7 @@ def test_steer_tab_with_a_drawn_region(page):
     metrics = page.locator("#steer-metrics")
     metrics.get_by_text("mean_abs_pixel_difference").wait_for()
     assert "drawn," in metrics.inner_text()
+    assert "The image changed by " in page.locator("#steer-edits textarea").input_value()
     assert page.locator("#steer-pair img").count() == 2
     shot(page, "2-steer")
 
@@ -107,13 +112,17 @@ def test_inspect_tab_from_a_word(page):
     shot(page, "3-inspect")
 
 
-def test_a_bad_input_shows_a_sentence_and_the_page_keeps_working(page):
+def test_a_bad_input_shows_a_sentence_and_keeps_the_earlier_results(page):
     page.get_by_role("tab", name="emergence").click()
     page.get_by_label("prompt").first.fill("")
     page.click("#emergence-run")
     page.get_by_text("The prompt is empty").first.wait_for()
     page.wait_for_timeout(800)  # the message fades in
     shot(page, "4-error")
+    for results in ("#emergence-image", "#emergence-plot", "#emergence-gallery"):
+        assert page.locator(f"{results} img").first.is_visible()
+        assert page.locator(results).get_by_text("Error", exact=True).count() == 0
+    assert page.locator("#emergence-gallery img").count() == 12
     page.get_by_label("prompt").first.fill("a red circle and a blue star")
     page.get_by_label("seed").first.fill("7")
     page.click("#emergence-run")

@@ -17,8 +17,14 @@ from core.views import inspection
 from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import Loaded, ModelCache
-from core.views.render import difference_map, heat_map, overlay
-from core.views.steer import SteerRequest, canvas_mask, run_steer, strength_of
+from core.views.render import BAR_WIDTH, difference_map, heat_map, outline, overlay
+from core.views.steer import (
+    SteerRequest,
+    canvas_mask,
+    change_in_words,
+    run_steer,
+    strength_of,
+)
 from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
 from tests.helpers import hook_count, random_sae
 
@@ -113,15 +119,33 @@ def test_emergence_predicts_every_step_and_scores_it(loaded):
     assert result.words == ["circle", "star"]
     assert len(result.steps) == 5 and result.ts == sorted(result.ts, reverse=True)
     for word in result.words:
-        assert len(result.ious[word]) == 5 and all(0 <= v <= 1 for v in result.ious[word])
+        ious = result.ious[word]
+        assert len(ious) == 5 and all(0 <= v <= 1 or math.isnan(v) for v in ious)
         assert len(result.attention_ious[word]) == 5
         assert result.references[word][1] in ("annotation", "last step")
     panels = step_panels(result, 2)
-    assert len(panels) == 3 * len(result.words)
-    assert all(image.size == (256, 256) for image, _ in panels)
-    assert "t=" in panels[0][1]
+    assert len(panels) == 4 * len(result.words)
+    for (mask, caption), (reference, _), (similarity, _), (attention, _) in zip(
+        *[iter(panels)] * 4, strict=True
+    ):
+        assert mask.size == reference.size == (256, 256) and "predicted mask at t=" in caption
+        assert similarity.size == attention.size == (256 + BAR_WIDTH, 256)  # a colour bar
     assert iou_figure(result).axes[0].get_legend() is not None
     assert hook_count(loaded.pipe) == 0
+
+
+def test_a_word_absent_from_prediction_and_reference_has_no_iou_and_no_point(loaded):
+    # "circle" is neither predicted nor found at any step of this generation (nor "square",
+    # which is not even in the prompt): two empty masks, an undefined IoU
+    result = run_emergence(loaded, PROMPT, 0, 5, UP, "cond", "circle, star, square")
+    assert all(math.isnan(v) for v in result.ious["circle"] + result.ious["square"])
+    lines = {line.get_label(): line for line in iou_figure(result).axes[0].get_lines()}
+    absent = lines["circle (vs last step): no IoU at any step"]
+    assert np.isnan(absent.get_ydata()).all()  # a gap, not a line at 1.0
+    captions = [caption for _, caption in step_panels(result, 0)]
+    assert "circle: predicted mask at t=0.80: empty" in captions
+    assert "circle: reference (last step): empty" in captions
+    assert len(captions) == 12 and "square: not in the prompt" in captions
 
 
 def test_emergence_target_words_fall_back_sensibly(loaded):
@@ -139,6 +163,7 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     assert result.before.size == result.after.size == (32, 32)
     assert result.metrics["mean_abs_pixel_difference"] > 0
     assert result.metrics["edited_steps"] == "4 of 10"
+    assert result.summary().splitlines()[1].startswith("The image changed by ")
     assert "SAE per step: stage" in result.metrics["edit"]
     # the early stage (t = 0.901 .. 0.601: steps 0-3) edits with the t = 1 SAE only
     edits = result.record.summary()
@@ -151,6 +176,7 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     lpips = zero.metrics["lpips"]
     assert lpips == 0 if isinstance(lpips, float) else lpips.startswith(NO_LPIPS)
     assert zero.record.summary() == "edited no step; skipped steps 0–3: the strength is 0"
+    assert zero.summary().endswith("\nThe image did not change.")
     assert np.array_equal(np.asarray(zero.before), np.asarray(result.before))
     assert hook_count(loaded.pipe) == 0
 
@@ -165,7 +191,7 @@ def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     assert result.metrics["cids"] == {"t=0.5": "5"}
     assert result.metrics["region"] == "drawn, 25% of the image"
     assert result.metrics["edit"].startswith("spatial, custom stage (t in [0.3, 0.9])")
-    assert result.difference.size == (256, 256)
+    assert result.difference.size == (256 + BAR_WIDTH, 256)
     # t = 0.801 .. 0.301 (steps 1-6); the range's midpoint 0.6 is in the early stage, whose
     # t = 1 SAE is not the CID's; the SAE nearest each step's t is the CID's from t = 0.701
     why = f"{UP} (t=1, cond) has no CIDs for CID 5 of the SAE at t=0.5"
@@ -225,7 +251,9 @@ def test_concept_card_search_and_pictures(loaded):
     panels, note = inspection.top_examples(loaded, UP, 0.5, "cond", cid, count=3)
     assert 1 <= len(panels) <= 3 and "shipped index" in note
     picture, heat, caption = inspection.activation_on(loaded, UP, 0.5, "cond", cid, PROMPT, 0)
-    assert picture.size == heat.size == (256, 256) and f"CID {cid}" in caption
+    assert picture.size == (256, 256) and heat.size == (256 + BAR_WIDTH, 256)
+    assert caption.startswith(f"CID {cid} at t=0.5: max activation ")
+    assert "scale 0 to its largest in training (" in caption
     icon = inspection.feature_icon(loaded, UP, 0.5, "cond", cid, 10, 0)
     blank_prompt = loaded.generate([""], [0], loaded.preset.steps)[0]
     assert not np.array_equal(np.asarray(icon), np.asarray(blank_prompt))
@@ -258,12 +286,39 @@ def test_a_drawn_region_is_where_the_canvas_is_painted():
     assert canvas_mask({"background": white, "layers": [], "composite": None}) is None
 
 
-def test_renderings_have_the_display_size():
+def test_renderings_have_the_display_size_and_heat_maps_a_colour_bar():
     image = Image.new("RGB", (32, 32), "blue")
-    assert overlay(image, np.eye(4)).size == (256, 256)
-    assert heat_map(np.array([[0.0, math.nan]])).getpixel((200, 0)) == (128, 128, 128)
-    unchanged = np.asarray(difference_map(image, image))
-    assert (unchanged == unchanged[0, 0]).all()
+    assert overlay(image, np.eye(4)).size == outline(image, np.eye(4)).size == (256, 256)
+    heat = heat_map(np.array([[0.0, math.nan]]), 0, 1, "a label")
+    assert heat.size == (256 + BAR_WIDTH, 128) and heat.getpixel((200, 0)) == (128, 128, 128)
+    bar = np.asarray(heat)[64, 256:]
+    assert (bar != 255).any(axis=-1).sum() > 10  # the bar, its ticks and its label
+
+
+def test_a_mask_outline_is_its_border_only():
+    image = Image.new("RGB", (32, 32), "black")
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True  # the cells covering pixels 64 to 191 at display size
+    drawn = np.asarray(outline(image, mask, width=3)).any(axis=-1)
+    assert drawn[64, 64] and drawn[66, 128] and drawn[191, 128] and drawn[128, 189]
+    assert not drawn[128, 128] and not drawn[60, 128] and not drawn[128, 193]
+
+
+def test_the_difference_map_has_one_scale_whatever_the_edit():
+    pixels = np.full((32, 32, 3), 100, dtype=np.uint8)
+    before = Image.fromarray(pixels)
+    pixels[0, 0, 0] = 101  # a third of a grey level at one pixel
+    speck = Image.fromarray(pixels)
+    pixels[:16] = 255
+    half = Image.fromarray(pixels)
+    tiny, large = (np.asarray(difference_map(before, after)) for after in (speck, half))
+    assert tiny[:, :256].max() < 10  # near black: not stretched to its own maximum
+    assert large[0, 0].sum() > 300 and (large[:, 256:] == tiny[:, 256:]).all()  # one bar
+    assert change_in_words(before, speck).startswith(
+        "The image changed by less than one grey level per pixel on average (0.00"
+    )
+    assert change_in_words(before, half).startswith("The image changed by 77.")
+    assert change_in_words(before, before) == "The image did not change."
 
 
 def test_presets_that_cannot_load_say_why():

@@ -104,8 +104,17 @@ def test_iou_upsamples_the_prediction_to_the_target():
     batch = torch.stack([pred, torch.zeros_like(pred)])
     assert iou(batch, target).tolist() == [pytest.approx(0.4), 0.0]
     empty = torch.zeros(4, 6, dtype=torch.bool)
-    assert iou(batch, torch.stack([target, empty])).tolist() == [pytest.approx(0.4), 1.0]
     assert iou(pred, empty).item() == 0.0
+
+
+def test_iou_of_two_empty_masks_is_undefined_not_perfect():
+    pred = torch.tensor([[T, F_, T], [F_, F_, F_]])
+    batch = torch.stack([pred, torch.zeros_like(pred)])
+    empty = torch.zeros(4, 6, dtype=torch.bool)
+    target = torch.zeros(4, 6, dtype=torch.bool)
+    target[:2, :2] = True
+    scores = iou(batch, torch.stack([target, empty]))
+    assert scores[0].item() == pytest.approx(0.5) and scores[1].isnan()
 
 
 def test_iou_rejects_masks_of_the_wrong_shape():

@@ -158,8 +158,9 @@ def iou(pred: Tensor, target: Tensor | np.ndarray) -> Tensor:
     The prediction is upsampled (or downsampled) to the target with nearest neighbour: each
     grid cell becomes its block of pixels, the same convention `DictionaryBuilder` scores
     latents with. The aspect ratios must match. A 2-D target is compared with every image of
-    a batch. Two empty masks agree perfectly: their IoU is 1 (the object is correctly
-    predicted absent); an empty target with a non-empty prediction scores 0.
+    a batch. An empty target with a non-empty prediction scores 0. The IoU of two empty
+    masks is undefined (0 / 0) and comes back NaN: "absent in both" is neither agreement
+    about a shape (1) nor a miss (0), so averages leave it out and plots leave a gap.
     """
     target = torch.as_tensor(target).to(pred.device) != 0
     _check_mask_shapes(pred, target)
@@ -175,7 +176,7 @@ def iou(pred: Tensor, target: Tensor | np.ndarray) -> Tensor:
     resized = resized.reshape(*pred.shape[:-2], target_h, target_w).bool()
     intersection = (resized & target).sum(dim=(-2, -1))
     union = (resized | target).sum(dim=(-2, -1))
-    return torch.where(union > 0, intersection / union.clamp_min(1), 1.0)
+    return torch.where(union > 0, intersection / union.clamp_min(1), float("nan"))
 
 
 def predict_over_steps(

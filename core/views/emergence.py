@@ -27,11 +27,13 @@ from core.emergence.concepts import normalize_label
 from core.emergence.metrics import label_masks
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import Loaded
-from core.views.render import heat_map, normalised, overlay
+from core.views.render import REFERENCE_COLOUR, heat_map, normalised, outline
 
 ATTENTION_THRESHOLD = 0.4
 """DAAM's threshold on the max-normalised heat map."""
 DEFAULT_WORDS = 3
+SIMILARITY_LABEL = "cosine, top concept vs word"
+ATTENTION_LABEL = "share of the step's peak"
 
 
 @dataclass
@@ -47,7 +49,7 @@ class EmergenceResult:
     references: dict[str, tuple[torch.Tensor, str]]
     """word -> (bool reference mask, "annotation" or "last step")."""
     ious: dict[str, list[float]]
-    """word -> IoU of each step's predicted mask with the reference."""
+    """word -> IoU of each step's predicted mask with the reference (NaN: both empty)."""
     attention_ious: dict[str, list[float]]
     """word -> IoU of each step's thresholded cross-attention map (words in the prompt)."""
     notes: list[str] = field(default_factory=list)
@@ -198,44 +200,79 @@ def _attention_mask(heat: torch.Tensor) -> torch.Tensor:
 
 
 def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, str]]:
-    """For step `index`: per word, the mask on the final image, the concept-similarity heat
-    map (grey where no labelled concept fires) and the cross-attention heat map."""
+    """For step `index`, four captioned panels per word: the predicted mask outlined on the
+    final image, the reference mask it is scored against, the concept-similarity map (grey
+    where no labelled concept fires) and the cross-attention map, each map with its scale."""
     index = min(max(int(index), 0), len(result.steps) - 1)
     step = result.steps[index]
     panels = []
     for word in result.words:
-        prediction = step.predictions[word]
-        where = f"t={step.step.t:.2f}"
-        panels.append((overlay(result.image, prediction.mask[0]), f"{word}: mask, {where}"))
-        similarity = heat_map(prediction.similarity[0], low=-1.0, high=1.0, cmap="coolwarm")
-        panels.append((similarity, f"{word}: concept similarity"))
-        if word in result.attention.maps:
-            heat = heat_map(normalised(result.attention.stacked(word)[index, 0]), low=0, high=1)
-            panels.append((heat, f"{word}: cross-attention"))
-        else:
-            panels.append((heat_map(np.full((1, 1), np.nan)), f"{word}: not in the prompt"))
+        predicted = step.predictions[word]
+        reference, against = result.references[word]
+        panels += [
+            (
+                outline(result.image, predicted.mask[0]),
+                f"{word}: predicted mask at t={step.step.t:.2f}{_if_empty(predicted.mask[0])}",
+            ),
+            (
+                outline(result.image, reference, colour=REFERENCE_COLOUR, shade=0.3),
+                f"{word}: reference ({against}){_if_empty(reference)}",
+            ),
+            (
+                heat_map(predicted.similarity[0], -1, 1, SIMILARITY_LABEL, cmap="coolwarm"),
+                f"{word}: concept similarity",
+            ),
+            _attention_panel(result, word, index),
+        ]
     return panels
 
 
+def _if_empty(mask: torch.Tensor) -> str:
+    return "" if bool(mask.any()) else ": empty"
+
+
+def _attention_panel(result: EmergenceResult, word: str, index: int) -> tuple[Image.Image, str]:
+    if word not in result.attention.maps:
+        blank = heat_map(np.full((1, 1), np.nan), 0, 1, ATTENTION_LABEL)
+        return blank, f"{word}: not in the prompt"
+    heat = normalised(result.attention.stacked(word)[index, 0])
+    return heat_map(heat, 0, 1, ATTENTION_LABEL), f"{word}: cross-attention"
+
+
 def iou_figure(result: EmergenceResult) -> Figure:
-    """IoU of each word's predicted mask vs t (solid) and of its cross-attention (dashed)."""
-    fig = Figure(figsize=(6, 4), dpi=100)
+    """IoU of each word's predicted mask vs t (solid) and of its cross-attention (dashed).
+
+    Steps where the word is absent from both the prediction and the reference have no IoU
+    (NaN): the line leaves a gap there and the legend counts them.
+    """
+    fig = Figure(figsize=(6, 4.4), dpi=100)
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"]
     for i, word in enumerate(result.words):
-        against = result.references[word][1]
-        ax.plot(
-            result.ts, result.ious[word], "o-", color=colours(i), label=f"{word} (vs {against})"
-        )
+        label = f"{word} (vs {result.references[word][1]}){_gaps(result.ious[word])}"
+        ax.plot(result.ts, result.ious[word], "o-", color=colours(i), label=label)
         if word in result.attention_ious:
             attention = result.attention_ious[word]
-            ax.plot(result.ts, attention, "--", color=colours(i), label=f"{word}, cross-attention")
+            label = f"{word}, cross-attention{_gaps(attention)}"
+            ax.plot(result.ts, attention, "--", color=colours(i), label=label)
     ax.set_xlim(1.02, -0.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("t (1 = noise, generation runs left to right)")
-    ax.set_ylabel("IoU")
-    ax.set_title("IoU of the predicted masks vs t", fontsize=10)
+    ax.set_ylabel("IoU with the reference mask")
+    ax.set_title(
+        "IoU of each word's predicted mask with its reference, per step\n"
+        "(no IoU, a gap: the word is in neither mask)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _gaps(ious: Sequence[float]) -> str:
+    """What the legend says about steps with no IoU."""
+    missing = int(np.isnan(ious).sum())
+    if missing == len(ious):
+        return ": no IoU at any step"
+    return f": no IoU at {missing} steps" if missing else ""

@@ -7,6 +7,9 @@
   from the index shipped with the SAEs, or one built on demand from a few prompts;
   regenerated and shown with the CID's activation map.
 - `activation_on`: the CID's activation map on a new generation.
+
+Activation maps share one scale per CID (`activation_scale`): 0 to its largest activation
+in training, so a weak activation looks weak on every image.
 - `feature_icon`: a generation from the empty prompt with only this concept added (a
   global edit at the steps that use this SAE).
 """
@@ -32,7 +35,7 @@ from core.sae.model import TopKSAE
 from core.training.activations import read_prompts
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import ExampleIndex, Loaded
-from core.views.render import DISPLAY, heat_map, normalised, overlay
+from core.views.render import heat_map, overlay
 
 ON_DEMAND_PROMPTS = ASSETS / "prompts"
 """`<preset>.txt` there (shapes-world captions for `toy`), else `tiny.txt`."""
@@ -266,9 +269,9 @@ def top_examples(
         steps=index.steps,
         guidance_scale=index.guidance_scale,
     )
-    peak = float(maps.max()) or 1.0
+    scale, _ = activation_scale(sae, cid, maps)
     panels = [
-        (overlay(image, maps[i] / peak, alpha=0.6), f"{prompts[i]} (mean {float(v):.3g})")
+        (overlay(image, maps[i] / scale, alpha=0.6), f"{prompts[i]} (mean {float(v):.3g})")
         for i, (image, v) in enumerate(zip(images, ranked.values, strict=True))
     ]
     note = f"{len(panels)} of {len(index.prompts)} images ({index.source} index)"
@@ -292,14 +295,28 @@ def activation_on(
         loaded, key, sae, cid, [prompt], [seed], on_step, steps=loaded.preset.steps
     )
     peak = float(maps[0].max())
-    caption = f"CID {cid} at t={key.t}: max activation {peak:.3g}"
+    scale, scale_name = activation_scale(sae, cid, maps)
+    caption = f"CID {cid} at t={key.t}: max activation {peak:.3g}; scale 0 to {scale_name}"
     if peak <= 0:
         caption += " (it does not fire on this image)"
+    elif peak > scale:
+        caption += " (exceeded here, shown at the top of the scale)"
     return (
-        overlay(images[0], normalised(maps[0]), alpha=0.6),
-        heat_map(maps[0], DISPLAY, low=0.0),
+        overlay(images[0], maps[0] / scale, alpha=0.6),
+        heat_map(maps[0], 0, scale, "activation"),
         caption,
     )
+
+
+def activation_scale(sae: TopKSAE, cid: int, maps: Tensor) -> tuple[float, str]:
+    """The top of a CID's colour scale and what it is: its largest activation in training,
+    the same for every image; without training statistics (or if it never fired there),
+    the largest in `maps`."""
+    trained = float(sae.stats.act_max[cid]) if sae.stats is not None else 0.0
+    if trained > 0:
+        return trained, f"its largest in training ({trained:.3g})"
+    peak = float(maps.max())
+    return (peak, f"its largest on these images ({peak:.3g})") if peak > 0 else (1.0, "1")
 
 
 def feature_icon(

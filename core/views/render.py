@@ -1,14 +1,16 @@
-"""Pictures of maps: heat maps, mask overlays and difference maps as PIL images.
+"""Pictures of maps: heat maps, mask outlines and overlays, and difference maps as PIL images.
 
 Maps live on a block's coarse grid (2x2 to 64x64); they are shown at a display size with
 nearest-neighbour upsampling, so every grid cell stays a visible square and nothing is
-suggested below the grid's resolution.
+suggested below the grid's resolution. Every heat map is drawn on a fixed scale that the
+caller names, with a labelled colour bar beside it: a map is never stretched to its own
+range, so a faint map looks faint.
 """
 
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from core.emergence.metrics import rgb_floats
 
@@ -16,6 +18,12 @@ DISPLAY = 256
 """Side in pixels of every panel the app shows."""
 INVALID_GREY = (128, 128, 128)
 MASK_COLOUR = (255, 40, 40)
+REFERENCE_COLOUR = (40, 200, 255)
+BAR_WIDTH = 76
+"""Pixels added to the right of a heat map for its colour bar, tick values and label."""
+GREY_LEVELS = 255
+"""The largest difference of one 8-bit channel."""
+_FONT = ImageFont.load_default(size=11)
 
 
 def as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -38,23 +46,68 @@ def for_display(image: Image.Image, side: int = DISPLAY) -> Image.Image:
 
 def heat_map(
     values: np.ndarray | torch.Tensor,
-    side: int = DISPLAY,
+    low: float,
+    high: float,
+    label: str,
     *,
-    low: float | None = None,
-    high: float | None = None,
     cmap: str = "magma",
+    side: int = DISPLAY,
 ) -> Image.Image:
-    """A 2-D map as a colour image; NaN cells are grey. Bounds default to the map's range."""
+    """A 2-D map coloured on the fixed scale [`low`, `high`] (values outside are clipped),
+    with a colour bar titled `label` on its right; NaN cells are grey."""
     array = as_numpy(values)
     finite = np.isfinite(array)
-    if low is None:
-        low = float(np.min(array[finite])) if finite.any() else 0.0
-    if high is None:
-        high = float(np.max(array[finite])) if finite.any() else 1.0
     scaled = np.clip((np.where(finite, array, low) - low) / max(high - low, 1e-12), 0, 1)
     rgb = (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
     rgb[~finite] = INVALID_GREY
-    return upscale(Image.fromarray(rgb), side)
+    return with_colour_bar(upscale(Image.fromarray(rgb), side), low, high, label, cmap)
+
+
+def with_colour_bar(
+    image: Image.Image, low: float, high: float, label: str, cmap: str
+) -> Image.Image:
+    """`image` with a vertical colour bar (`high` at the top), three tick values and `label`
+    written upwards along its right edge."""
+    width, height = image.size
+    canvas = Image.new("RGB", (width + BAR_WIDTH, height), "white")
+    canvas.paste(image, (0, 0))
+    top, bottom, left = 6, height - 6, width + 6
+    ramp = np.linspace(1, 0, max(bottom - top, 2))[:, None].repeat(12, axis=1)
+    colours = (matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(colours), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for fraction in (0.0, 0.5, 1.0):
+        y = bottom - fraction * (bottom - top - 1)
+        draw.line([(left + 12, y), (left + 15, y)], fill="black")
+        value = f"{low + fraction * (high - low):.3g}"
+        draw.text((left + 17, y), value, fill="black", font=_FONT, anchor="lm")
+    title = Image.new("RGB", (height, 14), "white")
+    ImageDraw.Draw(title).text((height / 2, 7), label, fill="black", font=_FONT, anchor="mm")
+    canvas.paste(title.rotate(90, expand=True), (width + BAR_WIDTH - 14, 0))
+    return canvas
+
+
+def outline(
+    image: Image.Image,
+    mask: np.ndarray | torch.Tensor,
+    side: int = DISPLAY,
+    colour: tuple[int, int, int] = MASK_COLOUR,
+    width: int = 3,
+    shade: float = 0.0,
+) -> Image.Image:
+    """`image` with the border of a boolean mask (any resolution of the same aspect) drawn in
+    `colour`, `width` pixels inside it (the image's own edge counts as a border), and the
+    inside tinted with opacity `shade`; the image shows through."""
+    base = overlay(image, mask, side, colour, shade)
+    cells = Image.fromarray(as_numpy(mask).astype(bool))
+    inside = np.asarray(cells.resize(base.size, Image.Resampling.NEAREST), dtype=bool)
+    core = np.pad(inside, width)  # outside the image counts as outside the mask
+    for axis in (0, 1):  # a square erosion, one axis at a time
+        core = np.logical_and.reduce([np.roll(core, s, axis) for s in range(-width, width + 1)])
+    edge = inside & ~core[width:-width, width:-width]
+    pixels = np.asarray(base).copy()
+    pixels[edge] = colour
+    return Image.fromarray(pixels)
 
 
 def overlay(
@@ -83,7 +136,14 @@ def normalised(values: np.ndarray | torch.Tensor) -> np.ndarray:
     return array / peak if peak > 0 else array
 
 
-def difference_map(before: Image.Image, after: Image.Image, side: int = DISPLAY) -> Image.Image:
-    """Per-pixel absolute difference (mean over RGB), 0 black to the largest change bright."""
+def grey_levels(before: Image.Image, after: Image.Image) -> np.ndarray:
+    """Per-pixel absolute difference in 8-bit grey levels (0-255), mean over RGB."""
     a, b = rgb_floats(before, after)
-    return heat_map(np.abs(a - b).mean(axis=-1), side, low=0.0, cmap="inferno")
+    return np.abs(a - b).mean(axis=-1) * GREY_LEVELS
+
+
+def difference_map(before: Image.Image, after: Image.Image, side: int = DISPLAY) -> Image.Image:
+    """`grey_levels` on the fixed scale 0-255, whatever the edit: a change of a few grey
+    levels stays near black instead of being stretched to look as large as any other."""
+    label = "|after - before|, grey levels"
+    return heat_map(grey_levels(before, after), 0, GREY_LEVELS, label, cmap="inferno", side=side)

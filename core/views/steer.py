@@ -4,9 +4,10 @@ The concept is a word (its CIDs in the dictionary of every t, `concept_cids`) or
 of one SAE. The region of a spatial edit is a drawn mask at any resolution (`canvas_mask`
 reads it from an image editor's value) or a quadrant.
 What changed is measured by the mean absolute pixel difference (always), LPIPS and the
-change in CLIP similarity with the concept's word (when those models can be loaded). Each
-result carries the edit's record: which steps each SAE edited with which CIDs, which steps
-were skipped and why.
+change in CLIP similarity with the concept's word (when those models can be loaded), and
+shown as a difference map in grey levels on the fixed scale 0-255. Each result carries the
+edit's record: which steps each SAE edited with which CIDs, which steps were skipped and
+why; its summary adds how much the image changed, in words.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from core.runtime import ModelNotAvailableError
 from core.sae.bank import SAEKey
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import Loaded
-from core.views.render import difference_map
+from core.views.render import GREY_LEVELS, difference_map, grey_levels
 
 BRANCH_CHOICES = {"cond": ("cond",), "uncond": ("uncond",), "both": BRANCHES}
 STAGE_CHOICES = ("early", "middle", "final", "custom")
@@ -78,6 +79,27 @@ class SteerResult:
     metrics: dict[str, object]
     record: EditRecord
     """Which steps were edited with which SAE and CIDs, which were skipped and why."""
+
+    def summary(self) -> str:
+        """Two lines: the edit record's, then how much the image changed."""
+        return f"{self.record.summary()}\n{change_in_words(self.before, self.after)}"
+
+
+def change_in_words(before: Image.Image, after: Image.Image) -> str:
+    """The change per pixel in grey levels (of 255): its mean, saying so when that is below
+    one level, and its largest."""
+    levels = grey_levels(before, after)
+    mean, largest = float(levels.mean()), float(levels.max())
+    if largest == 0:
+        return "The image did not change."
+    most = f"at most {largest:.3g} at one pixel"
+    if mean < 1:
+        return (
+            "The image changed by less than one grey level per pixel on average "
+            f"({mean:.3g} of {GREY_LEVELS}), {most}."
+        )
+    per_pixel = f"{mean:.3g} grey levels per pixel on average (of {GREY_LEVELS})"
+    return f"The image changed by {per_pixel}, {most}."
 
 
 def stage_of(request: SteerRequest) -> str | tuple[float, float]:
