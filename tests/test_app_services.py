@@ -13,7 +13,13 @@ from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
 from core.sae.bank import SAEKey
 from core.views import inspection
-from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
+from core.views.emergence import (
+    EmergenceRuns,
+    default_words,
+    iou_figure,
+    run_emergence,
+    step_panels,
+)
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import ModelCache
 from core.views.render import difference_map, heat_map, overlay
@@ -121,6 +127,20 @@ def test_emergence_predicts_every_step_and_scores_it(loaded):
     assert "t=" in panels[0][1]
     assert iou_figure(result).axes[0].get_legend() is not None
     assert hook_count(loaded.pipe) == 0
+
+
+def test_emergence_runs_keep_the_most_recently_used(loaded):
+    result = run_emergence(loaded, PROMPT, 0, 2, UP, "cond")
+    runs = EmergenceRuns(capacity=2)
+    first, second = (runs.add("tiny", replace(result, seed=seed)) for seed in (1, 2))
+    assert runs.add("tiny", replace(result, seed=1)) == first != second
+    assert runs.get(f" {first} ").seed == 1  # now the most recently used
+    third = runs.add("tiny", replace(result, seed=3))
+    assert runs.get(first).seed == 1 and runs.get(third).seed == 3
+    with pytest.raises(ValueError, match=f"^No emergence run has the id '{second}': run"):
+        runs.get(second)
+    with pytest.raises(ValueError, match="from 0 to 1 for this run, got 2"):
+        step_panels(result, 2)
 
 
 def test_emergence_target_words_fall_back_sensibly(loaded):
