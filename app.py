@@ -223,7 +223,8 @@ def on_select_preset(preset: str) -> tuple:
 @gpu(generations=1)
 @user_errors
 def emergence_result(preset, prompt, seed, steps, block, branch, words, progress):
-    """One emergence generation (on ZeroGPU, in its GPU worker; the result comes back here)."""
+    """One emergence generation. On ZeroGPU it runs in the GPU worker process, and its result
+    comes back to the server's process, where `RUNS` keeps it."""
     hooks = progress_hooks(progress)
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         return run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
@@ -649,7 +650,7 @@ def emergence_tab(
                     label="final image", height=256, format="png", elem_id="emergence-image"
                 )
                 plot = gr.Plot(label="IoU vs t", show_label=False, elem_id="emergence-plot")
-            step = gr.Slider(  # a run sets its range; the server checks API calls against this
+            step = gr.Slider(  # any run's steps: the server checks API calls against this range
                 0,
                 MAX_STEPS - 1,
                 0,
