@@ -36,7 +36,13 @@ from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio
-from core.views.emergence import EmergenceResult, iou_figure, run_emergence, step_panels
+from core.views.emergence import (
+    EmergenceResult,
+    EmergenceRuns,
+    iou_figure,
+    run_emergence,
+    step_panels,
+)
 from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
 from core.views.render import for_display
@@ -106,11 +112,16 @@ SPACE_ENV = "SPACE_ID"
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that runs a model shares one queue slot: one generation at a time."""
 LIGHT = {"concurrency_limit": None}
+PAGE = {"concurrency_limit": None, "api_visibility": "private"}
+"""Events that only update the page (a slider's range, a dropdown's choices): out of the
+API, which returns plain values."""
 PROGRESS = gr.Progress()
 """The handlers' progress argument; gradio reports through it per request."""
 CACHE = ModelCache()
 """The models every handler uses; `build_demo` sets it. A module-level object (not a handler
 argument), so that ZeroGPU's worker process, forked from this one, has it too."""
+RUNS = EmergenceRuns()
+"""The recent emergence results by run id, in this (the server's) process."""
 
 PROMPT = "a red circle and a blue star"
 """The prompt every tab opens with."""
@@ -232,7 +243,8 @@ def on_status(preset: str) -> str:
 
 
 def on_select_preset(preset: str) -> tuple:
-    """The status, and the blocks, steps and steering word the preset opens with."""
+    """The status, and the blocks, steps and steering word the preset opens with (page only:
+    component updates)."""
     text = on_status(preset)
     chosen = PRESETS[preset]
     app = chosen.app
@@ -245,6 +257,15 @@ def on_select_preset(preset: str) -> tuple:
 
 
 @gpu(generations=1)
+@user_errors
+def emergence_result(preset, prompt, seed, steps, block, branch, words, progress):
+    """One emergence generation. On ZeroGPU it runs in the GPU worker process, and its result
+    comes back to the server's process, where `RUNS` keeps it."""
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        return run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
+
+
 @user_errors
 def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
     """Generate an image and predict, at every denoising step, where each word will appear.
@@ -259,20 +280,17 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
         words: comma-separated target words; empty takes the prompt's nouns.
 
     Returns:
-        The final image, the IoU-per-step plot, the step slider, the last step's panels, a
-        Markdown summary, and the result held by the page for the step slider.
+        The final image, the IoU-per-step plot, the last step's panels, a Markdown summary,
+        and the run id, which `emergence_step` takes to show the run's other steps.
     """
-    hooks = progress_hooks(progress)
-    with CACHE.using(preset, hooks["on_load"]) as loaded:
-        result = run_emergence(loaded, prompt, seed, steps, block, branch, words, hooks["on_step"])
+    result = emergence_result(preset, prompt, seed, steps, block, branch, words, progress)
     last = len(result.steps) - 1
     return (
         for_display(result.image),
         iou_figure(result),
-        gr.Slider(maximum=last, value=last),
         step_panels(result, last),
         emergence_summary(preset, result),
-        result,
+        RUNS.add(preset, result),
     )
 
 
@@ -290,19 +308,49 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
 
 
 @user_errors
-def on_emergence_step(result: EmergenceResult | None, index: float) -> list:
-    if result is None:
-        raise ValueError("Run the emergence view first; the slider then moves through its steps.")
-    return step_panels(result, int(index))
+def on_emergence_step(run_id: str, index: float) -> list:
+    """The panels of one step of an emergence run.
+
+    Args:
+        run_id: the run id that `emergence` returned (the server keeps its recent runs).
+        index: the step, 0 (the first, noisiest) to the number of steps minus 1.
+
+    Returns:
+        Per target word: its predicted mask on the final image, its concept-similarity map and
+        its cross-attention map at that step.
+    """
+    return step_panels(RUNS.get(run_id), index)
 
 
 @user_errors
-def on_default_strength(preset: str, kind: str, stage: str, t_min: float, t_max: float) -> tuple:
-    """The preset's or the paper's strength for the type and stage; the t range shows for
-    "custom"."""
+def on_step_range(run_id: str) -> gr.Slider:
+    """The step slider over the run's steps, at its last (page only)."""
+    last = len(RUNS.get(run_id).steps) - 1
+    return gr.Slider(maximum=last, value=last)
+
+
+@user_errors
+def on_default_strength(preset: str, kind: str, stage: str, t_min: float, t_max: float) -> float:
+    """The preset's or the paper's strength for an edit's type and stage (a custom stage: its
+    t range's).
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        kind: "spatial", "global" or "ablate".
+        stage: "early", "middle", "final" or "custom" (then `t_min` to `t_max`).
+        t_min: the start of a custom stage, in [0, 1].
+        t_max: the end of a custom stage, in [0, 1].
+
+    Returns:
+        The strength that `steer` takes.
+    """
     request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
-    strength = strength_of(request, get_preset(preset).app)
-    return gr.Number(value=strength), gr.Row(visible=stage == "custom")
+    return strength_of(request, get_preset(preset).app)
+
+
+def on_stage(stage: str) -> gr.Row:
+    """The t range shows for a custom stage only (page only)."""
+    return gr.Row(visible=stage == "custom")
 
 
 def drawn_region(canvas: dict | None) -> np.ndarray:
@@ -388,17 +436,25 @@ def on_steer(
 
 
 def on_request_inspect(runs: int) -> int:
-    """One more inspection: the change of the counter runs the inspect chain."""
+    """One more inspection: the change of the counter runs the inspect chain (page only)."""
     return runs + 1
 
 
 def on_pick_concept(cid: int, runs: int) -> tuple[int, int]:
+    """The concept picked among those found, inspected (page only)."""
     return cid, runs + 1
+
+
+def on_found(matches: list[dict], runs: int) -> tuple[gr.Dropdown, int]:
+    """The concepts found as the dropdown's choices, the best picked and inspected (page
+    only)."""
+    choices = [(f"CID {match['cid']}: {match['labels']}", match["cid"]) for match in matches]
+    return gr.Dropdown(choices=choices, value=choices[0][1]), runs + 1
 
 
 @gpu(generations=0)
 @user_errors
-def on_search_concepts(preset, block, t, branch, word, runs, progress=PROGRESS):
+def on_search_concepts(preset, block, t, branch, word, progress=PROGRESS):
     """Concepts whose labels match a word; the best becomes the CID to inspect.
 
     Args:
@@ -407,17 +463,14 @@ def on_search_concepts(preset, block, t, branch, word, runs, progress=PROGRESS):
         t: the SAE's timestep in [0, 1].
         branch: "cond" or "uncond".
         word: the word to look for among the concepts' labels.
-        runs: the page's inspection counter; the result is it plus one.
 
     Returns:
-        The matching concepts (as dropdown choices), the best CID, how they were found, and
-        the counter plus one (which starts the inspection views on the page).
+        The matching concepts (each its CID and labels), the best CID and how they were found.
     """
     with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
         found, how = inspection.search(loaded, block, t, branch, word)
-    choices = [(f"CID {cid}: {labels}", cid) for cid, labels in found]
-    best = found[0][0]
-    return gr.Dropdown(choices=choices, value=best), best, f"Found: {how}.", runs + 1
+    matches = [{"cid": cid, "labels": labels} for cid, labels in found]
+    return matches, found[0][0], f"Found: {how}."
 
 
 @gpu(generations=0)
@@ -543,8 +596,7 @@ def on_revelio_load(cache: str, saes: str) -> tuple:
         saes: folder of its k-SAEs (`python -m core.revelio.ksae`); may be empty.
 
     Returns:
-        A note on what was found, the purity table (one row per layer and timestep), and the
-        choices of the layer and timestep dropdowns.
+        A note on what was found and the purity table (one row per layer and timestep).
     """
     found = revelio.contents(cache, saes)
     meta = found.meta
@@ -554,8 +606,16 @@ def on_revelio_load(cache: str, saes: str) -> tuple:
         f"pairs, feature maps for {len(found.map_pairs)}."
     )
     rows = revelio.purity_table(cache, saes) if found.saes else []
-    dropdowns = [gr.Dropdown(choices=c, value=v) for c, v in revelio_choices(found)]
-    return note, rows, *dropdowns
+    return note, rows
+
+
+@user_errors
+def on_revelio_choices(cache: str, saes: str) -> list[gr.Dropdown]:
+    """The layer and timestep dropdowns of both views, over what the folders hold (page
+    only)."""
+    return [
+        gr.Dropdown(choices=c, value=v) for c, v in revelio_choices(revelio.contents(cache, saes))
+    ]
 
 
 @user_errors
@@ -599,6 +659,14 @@ def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
 # The page: one builder per tab, each laying out its components and wiring its own events.
 
 
+def block_dropdown(preset: Preset, block: str) -> gr.Dropdown:
+    """The preset's hook points. Other values pass, so that an API client can name another
+    preset's blocks; the core checks a block against the preset named with it."""
+    return gr.Dropdown(
+        list(preset.hook_points), value=block, label="block", allow_custom_value=True
+    )
+
+
 def emergence_tab(
     preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
 ) -> tuple[gr.Dropdown, gr.Number]:
@@ -609,7 +677,7 @@ def emergence_tab(
             with gr.Row():
                 seed = gr.Number(0, label="seed")
                 steps = gr.Number(preset.steps, label=f"steps (1 to {MAX_STEPS})")
-            block = gr.Dropdown(list(preset.hook_points), value=preset.app.block, label="block")
+            block = block_dropdown(preset, preset.app.block)
             branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
             words = gr.Textbox(
                 "", label="target words (comma-separated; empty: the prompt's nouns)"
@@ -623,8 +691,11 @@ def emergence_tab(
                     label="final image", height=256, format="png", elem_id="emergence-image"
                 )
                 plot = gr.Plot(label="IoU vs t", show_label=False, elem_id="emergence-plot")
-            summary = gr.Markdown()
-    step = gr.Slider(0, 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step")
+            summary = gr.Markdown(label="summary")
+            run_id = gr.Textbox(label="run id", interactive=False, elem_id="emergence-run-id")
+    step = gr.Slider(  # any run's steps: the server checks API calls against this range
+        0, MAX_STEPS - 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
+    )
     gallery = gr.Gallery(  # the page's full width: four panels per word, one row each
         label="at this step, per word: predicted mask (red), reference (blue), concept "
         "similarity, cross-attention",
@@ -634,15 +705,16 @@ def emergence_tab(
         format="png",
         elem_id="emergence-gallery",
     )
-    result = gr.State(None)
     inputs = [preset_box, prompt, seed, steps, block, branch, words]
-    outputs = [image, plot, step, gallery, summary, result]
-    run.click(
+    outputs = [image, plot, gallery, summary, run_id]
+    done = run.click(
         on_emergence, inputs, outputs, api_name="emergence", show_progress_on=line, **MODEL
-    ).then(on_status, preset_box, status, api_name="status_after_emergence", **LIGHT)
+    )
+    done.success(on_step_range, run_id, step, api_name="step_range", **PAGE)
+    done.then(on_status, preset_box, status, api_name="status_after_emergence", **PAGE)
     step.release(
         on_emergence_step,
-        [result, step],
+        [run_id, step],
         gallery,
         api_name="emergence_step",
         show_progress_on=line,
@@ -657,9 +729,7 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
         with gr.Column(scale=1):
             prompt = gr.Textbox(PROMPT, label="prompt")
             seed = gr.Number(0, label="seed")
-            block = gr.Dropdown(
-                list(preset.hook_points), value=preset.app.steer_block, label="block"
-            )
+            block = block_dropdown(preset, preset.app.steer_block)
             branch = gr.Radio(list(BRANCH_CHOICES), value="cond", label="branch")
             by = gr.Radio(["word", "CID"], value="word", label="concept by")
             with gr.Row():
@@ -714,10 +784,11 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
         [preset_box.change, kind.change, stage.change, t_min.release, t_max.release],
         on_default_strength,
         [preset_box, kind, stage, t_min, t_max],
-        [strength, t_range],
+        strength,
         api_name="default_strength",
         **LIGHT,
     )
+    stage.change(on_stage, stage, t_range, api_name="stage_range", **PAGE)
     sae_choice = gr.Radio(
         list(SAE_CHOICES),
         value="stage",
@@ -763,7 +834,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
     """One concept of one SAE, found by CID or by word. Returns the block dropdown."""
     with gr.Row():
         with gr.Column(scale=1):
-            block = gr.Dropdown(list(preset.hook_points), value=preset.app.block, label="block")
+            block = block_dropdown(preset, preset.app.block)
             t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
             branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
             cid = gr.Number(0, label="CID", precision=0)
@@ -779,24 +850,26 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
         with gr.Column(scale=2):
             line = results_line(INSPECT_RESULTS, "inspect-line")
             views = concept_views()
+    matches = gr.JSON(label="concepts matching the word", visible="hidden")
     runs = gr.State(0)  # inspections asked for: each change runs `show_concept`'s chain
-    run.click(on_request_inspect, runs, runs, api_name="request_inspect", **LIGHT)
+    run.click(on_request_inspect, runs, runs, api_name="request_inspect", **PAGE)
     search.click(
         on_search_concepts,
-        [preset_box, block, t, branch, word, runs],
-        [found, cid, views.note, runs],
+        [preset_box, block, t, branch, word],
+        [matches, cid, views.note],
         api_name="search_concepts",
         show_progress_on=line,
         **MODEL,
+    ).success(on_found, [matches, runs], [found, runs], api_name="show_found", **PAGE)
+    found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **PAGE)
+    show_concept(
+        runs, [preset_box, block, t, branch, cid], prompt, seed, icon_strength, views, line
     )
-    found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **LIGHT)
-    key = [preset_box, block, t, branch, cid]
-    show_concept(runs, key, prompt, seed, icon_strength, views, line)
     return block
 
 
 def concept_views() -> ConceptViews:
-    note = gr.Markdown()
+    note = gr.Markdown(label="note")
     with gr.Row():
         entry = gr.Dataframe(headers=["label", "count", "mean IoU"], label="dictionary entry")
         stats = gr.JSON(label="firing statistics")
@@ -807,12 +880,12 @@ def concept_views() -> ConceptViews:
         height=220,
         elem_id="inspect-examples",
     )
-    examples_note = gr.Markdown()
+    examples_note = gr.Markdown(label="examples note")
     with gr.Row():
         overlay = gr.Image(label="activation over the image", height=256)
         heat = gr.Image(label="activation, fixed scale", height=256)
         icon = gr.Image(label="feature icon (empty prompt)", height=256, elem_id="inspect-icon")
-    caption = gr.Markdown()
+    caption = gr.Markdown(label="caption")
     return ConceptViews(
         note, entry, stats, nearest, examples, examples_note, overlay, heat, icon, caption
     )
@@ -850,7 +923,7 @@ def revelio_tab() -> None:
     load = gr.Button("load", variant="primary", elem_id="revelio-load")
     line = results_line(REVELIO_RESULTS, "revelio-line")
     light = {**LIGHT, "show_progress_on": line}
-    note = gr.Markdown(elem_id="revelio-note")
+    note = gr.Markdown(label="note", elem_id="revelio-note")
     table = gr.Dataframe(
         headers=revelio.PURITY_HEADERS,
         label="label purity of the most activating latents (top 10 images each), and the same "
@@ -860,8 +933,12 @@ def revelio_tab() -> None:
     choices = revelio_choices(revelio_demo_contents())
     ksae = ksae_latent_panel(cache, saes, images, choices[:2], light)
     maps = pca_panel(cache, images, choices[2:], light)
-    outputs = [note, table, *ksae, *maps]
-    load.click(on_revelio_load, [cache, saes], outputs, api_name="revelio_load", **light)
+    loaded = load.click(
+        on_revelio_load, [cache, saes], [note, table], api_name="revelio_load", **light
+    )
+    loaded.success(
+        on_revelio_choices, [cache, saes], [*ksae, *maps], api_name="revelio_choices", **PAGE
+    )
 
 
 def pair_dropdowns(choices: list[tuple[list, object]], layer_label: str) -> list[gr.Dropdown]:
@@ -886,7 +963,7 @@ def ksae_latent_panel(
             number = gr.Number(0, precision=0, label="rank among the purest (0 = purest), or id")
             inspect = gr.Button("inspect", variant="primary", elem_id="revelio-inspect")
         with gr.Column(scale=2):
-            note = gr.Markdown(elem_id="revelio-latent-note")
+            note = gr.Markdown(label="note", elem_id="revelio-latent-note")
             grid = gr.Image(label="top-activating images", format="png", elem_id="revelio-grid")
             top = gr.Dataframe(headers=revelio.TOP_IMAGE_HEADERS, label="its top images")
     inspect.click(
@@ -934,7 +1011,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row():
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
-            status = gr.Markdown(elem_id="status")
+            status = gr.Markdown(label="status", elem_id="status")
         with gr.Tab("emergence"):
             e_block, e_steps = emergence_tab(preset_box, status, opening)
         with gr.Tab("steer"):
@@ -949,7 +1026,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
             preset_box,
             [status, e_block, s_block, i_block, e_steps, s_word],
             api_name="select_preset",
-            **LIGHT,
+            **PAGE,
         )
     return demo
 

@@ -67,6 +67,10 @@ def cold_start(preset: str) -> tuple[str, float, float]:
     return url, page, time.monotonic() - start
 
 
+RUN_ID = object()
+"""Stands for the run id that the emergence request (timed before it) returned."""
+
+
 def requests(config: BenchAppConfig, cid: int) -> dict[str, tuple]:
     """(arguments, endpoint) per request, by what the table calls it."""
     preset, prompt, block, word = config.preset, config.prompt, config.block, config.word
@@ -85,6 +89,7 @@ def requests(config: BenchAppConfig, cid: int) -> dict[str, tuple]:
         0.6,
         1.0,
         4000,
+        "stage",
         "quadrant",
         "top_left",
         None,
@@ -93,7 +98,7 @@ def requests(config: BenchAppConfig, cid: int) -> dict[str, tuple]:
     steps = config.steps
     return {
         f"emergence ({steps} steps)": ((preset, prompt, 0, steps, block, "cond", ""), "/emergence"),
-        "emergence: move the step slider": ((3,), "/emergence_step"),
+        "emergence: move the step slider": ((RUN_ID, 3), "/emergence_step"),
         "steer (before + after, the preset's steps twice)": (steer, "/steer"),
         "inspect: search by word": ((preset, block, 0.5, "cond", word), "/search_concepts"),
         "inspect: dictionary entry, statistics, neighbours": (key, "/inspect_concept"),
@@ -103,10 +108,11 @@ def requests(config: BenchAppConfig, cid: int) -> dict[str, tuple]:
     }
 
 
-def timed(client: Client, args: tuple, api_name: str) -> float:
+def timed(client: Client, args: tuple, api_name: str) -> tuple[float, object]:
+    """Seconds the request took, and what it returned."""
     start = time.perf_counter()
-    client.predict(*args, api_name=api_name)
-    return time.perf_counter() - start
+    result = client.predict(*args, api_name=api_name)
+    return time.perf_counter() - start, result
 
 
 def bench_app(config: BenchAppConfig) -> None:
@@ -118,9 +124,12 @@ def bench_app(config: BenchAppConfig) -> None:
     _, cid, _ = client.predict(*search, api_name="/search_concepts")
     print(f"| request | first call (s) | median of next {config.repeats} (s) |")
     print("| --- | --- | --- |")
+    run_id = None
     for name, (call_args, api_name) in requests(config, cid).items():
-        first = timed(client, call_args, api_name)
-        rest = [timed(client, call_args, api_name) for _ in range(config.repeats)]
+        call_args = tuple(run_id if arg is RUN_ID else arg for arg in call_args)
+        first, result = timed(client, call_args, api_name)
+        run_id = result[-1] if api_name == "/emergence" else run_id
+        rest = [timed(client, call_args, api_name)[0] for _ in range(config.repeats)]
         print(f"| {name} | {first:.2f} | {statistics.median(rest):.2f} |")
 
 

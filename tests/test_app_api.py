@@ -15,6 +15,23 @@ from scripts.app_server import LOGS, app_url
 PRESET = "tiny"
 UP = "up_blocks.1.attentions.0"
 PROMPT = "a red circle and a blue star"
+PUBLIC = (
+    "status",
+    "emergence",
+    "emergence_step",
+    "default_strength",
+    "steer",
+    "search_concepts",
+    "inspect_concept",
+    "top_examples",
+    "activation_map",
+    "feature_icon",
+    "revelio_load",
+    "revelio_inspect",
+    "revelio_pca",
+)
+"""The endpoints a client sees; the page's own updates (a slider's range, a dropdown's
+choices, the preset switch) are private events."""
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +94,33 @@ def canvas(tmp_path: Path, painted: tuple[slice, slice] | None) -> dict:
     return {"background": files[0], "layers": [files[1]], "composite": files[0]}
 
 
-def test_status_and_preset_switch(client):
+def test_the_api_names_every_output_and_leaves_page_updates_out(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {f"/{name}" for name in PUBLIC}
+    for name, endpoint in endpoints.items():
+        labels = [output["label"] for output in endpoint["returns"]]
+        assert all(labels) and not any(label.startswith("value_") for label in labels), name
+
+
+def test_status(client):
     assert "Preset `tiny`" in client.predict(PRESET, api_name="/status")
-    status, *blocks, steps, word = client.predict(PRESET, api_name="/select_preset")
-    assert "tiny" in status
-    assert all(update["value"] in ("up_blocks.1.attentions.0",) for update in blocks)
-    assert steps["value"] == 10 and word["value"] == "star"
 
 
-def test_emergence_and_its_step_slider(client):
-    image, plot, step, panels, summary = emergence(client)
+def test_emergence_and_its_steps_from_any_client(client):
+    image, plot, panels, summary, run_id = emergence(client)
     assert pixels(image).shape == (256, 256, 3)  # the 32 px image, enlarged for the page
     assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
-    assert step["maximum"] == 9 and step["value"] == 9
     assert len(panels) == 8 and panels[0]["caption"].startswith("circle: predicted mask at t=0.00")
     assert pixels(panels[2]["image"]).shape == (256, 256 + BAR_WIDTH, 3)  # with a colour bar
     assert "target words: circle, star" in summary
-    earlier = client.predict(2, api_name="/emergence_step")
+    other = Client(app_url(), verbose=False)
+    earlier = other.predict(run_id, 2, api_name="/emergence_step")
     assert len(earlier) == 8 and earlier[4]["caption"].startswith("star: predicted mask at t=0.70")
-    assert client.predict(PRESET, api_name="/status_after_emergence").count("loaded") == 1
+    assert emergence(other)[4] == run_id  # the same request, the same run
+    with pytest.raises(AppError, match=r"^No emergence run has the id 'abc': run .*\.$"):
+        client.predict("abc", 2, api_name="/emergence_step")
+    with pytest.raises(AppError, match="The step must be a whole number from 0 to 9 for this"):
+        client.predict(run_id, 10, api_name="/emergence_step")
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
@@ -118,20 +143,22 @@ def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_pa
 
 def test_default_strength_follows_preset_type_and_stage(client):
     def default(*args) -> float:
-        return client.predict(*args, api_name="/default_strength")["value"]
+        return client.predict(*args, api_name="/default_strength")
 
     assert default(PRESET, "global", "middle", 0.6, 1.0) == 10.0
-    assert default(PRESET, "spatial", "custom", 0.7, 0.9) == 4000.0
+    strength = default(PRESET, "spatial", "custom", 0.7, 0.9)
+    assert strength == 4000.0
     # SDLens SAEs: a multiple of the concept's mean activation, 10 as in their demo.
     assert default("sdxl-turbo", "spatial", "early", 0.6, 1.0) == 10.0
     assert default("sdxl-turbo", "ablate", "early", 0.6, 1.0) == 1.0
+    (before, after), *_ = steer(client, kind="global", stage="middle", strength=10.0)
+    assert not np.array_equal(pixels(before), pixels(after))
 
 
 def test_inspect_endpoints(client):
     found, cid, note = client.predict(PRESET, UP, 0.5, "cond", "star", api_name="/search_concepts")
-    assert "labelled 'star'" in note and found["value"] == cid
-    assert client.predict(cid, api_name="/pick_concept") == cid
-    assert client.predict(api_name="/request_inspect") == ()
+    assert "labelled 'star'" in note and found[0]["cid"] == cid
+    assert all("star" in match["labels"] for match in found)
     entry, stats, nearest, _ = client.predict(
         PRESET, UP, 0.5, "cond", cid, api_name="/inspect_concept"
     )
@@ -158,7 +185,7 @@ BAD_INPUTS = [
     ("/emergence", {"steps": "many"}, "The number of steps must be a number, got 'many'"),
     ("/emergence", {"seed": "abc"}, "The seed must be a number, got 'abc'"),
     ("/emergence", {"words": "qzxv"}, "No word vector for 'qzxv'"),
-    ("/emergence", {"block": "up_blocks.0.attentions.1"}, "is not in the list of choices"),
+    ("/emergence", {"block": "up_blocks.0.attentions.1"}, "is not a hook point of the preset"),
     ("/emergence", {"preset": "sdxl-turbo", "block": "mid_block.attentions.0"}, "Could not load"),
     ("/steer", {"word": "qzxv"}, "is labelled 'qzxv' at any t"),
     ("/steer", {"strength": "nan"}, "The strength must be a finite number"),
@@ -200,16 +227,13 @@ def test_each_refused_request_is_one_line_in_the_server_log(client):
     assert rest == []  # no traceback, chained or not
 
 
-def test_switching_presets_offline_is_a_message_not_a_crash():
+def test_presets_that_cannot_load_offline_are_a_message_not_a_crash():
     client = Client(app_url(), verbose=False)
-    blocks = client.predict("sdxl-turbo", api_name="/select_preset")[1]
-    assert blocks["value"] == "up_blocks.0.attentions.1"
     with pytest.raises(AppError, match="Could not load the pipeline 'stabilityai/sdxl-turbo'"):
-        emergence(client, preset="sdxl-turbo", block=blocks["value"], steps=1)
+        emergence(client, preset="sdxl-turbo", block="up_blocks.0.attentions.1", steps=1)
     with pytest.raises(AppError, match="no SAEs configured"):
         emergence(client, preset="sd14", block="mid_block.attentions.0")
-    client.predict(PRESET, api_name="/select_preset")
-    assert emergence(client, steps=2)[3]
+    assert emergence(client, steps=2)[2]
 
 
 def test_two_clients_at_once_get_what_each_gets_alone():
@@ -236,10 +260,10 @@ def test_two_clients_at_once_get_what_each_gets_alone():
         thread.join(timeout=300)
     together_a, together_b = results["a"], results["b"]
     assert np.array_equal(pixels(together_a[0]), pixels(alone_a[0]))
-    assert [pixels(p["image"]).tolist() for p in together_a[3]] == [
-        pixels(p["image"]).tolist() for p in alone_a[3]
+    assert [pixels(p["image"]).tolist() for p in together_a[2]] == [
+        pixels(p["image"]).tolist() for p in alone_a[2]
     ]
-    assert together_a[4] == alone_a[4]
+    assert together_a[3:] == alone_a[3:]
     for together, alone in zip(together_b[0], alone_b[0], strict=True):
         assert np.array_equal(pixels(together), pixels(alone))
     assert together_b[2:] == alone_b[2:]

@@ -30,6 +30,7 @@ SHOTS = REPO_ROOT / "runs" / "screenshots"
 WAIT_MS = 120_000
 ALL_LOADED = "(selector) => [...document.querySelectorAll(selector)].every(i => i.naturalWidth)"
 """True once every image the selector finds has loaded (the page loads images lazily)."""
+SLIDER = "#emergence-step input[type=range]"
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,15 @@ def test_emergence_tab_with_three_words(page):
     gallery = page.locator("#emergence-gallery")
     gallery.get_by_text("square: predicted mask at t=0.00").wait_for()
     page.locator("#emergence-plot img").wait_for()
+    slider = page.locator(SLIDER)
+    last = str(PRESETS[default_preset_name()].steps - 1)  # the run's steps set its range
+    page.wait_for_function(
+        "([s, last]) => document.querySelector(s).max === last", arg=[SLIDER, last]
+    )
+    assert re.fullmatch(r"[0-9a-f]{10}", page.locator("#emergence-run-id textarea").input_value())
     page.locator("#emergence-step input[type=number]").fill("0")
     page.locator("#emergence-step input[type=number]").press("Enter")
-    page.locator("#emergence-step input[type=range]").dispatch_event("pointerup")
+    slider.dispatch_event("pointerup")
     gallery.get_by_text(re.compile(r"square: predicted mask at t=0\.9\d")).wait_for()
     images = gallery.locator("img")
     assert images.count() == 12  # four panels per word
@@ -83,6 +90,12 @@ def test_emergence_tab_with_three_words(page):
 
 def test_steer_tab_with_a_drawn_region(page):
     page.get_by_role("tab", name="steer").click()
+    t_from = page.get_by_text("t from", exact=True)
+    assert not t_from.is_visible()
+    page.get_by_label("custom").check()
+    t_from.wait_for()  # the t range shows for a custom stage only
+    page.get_by_label("early").check()
+    t_from.wait_for(state="hidden")
     page.get_by_label("drawn").check()
     editor = page.locator("#steer-canvas")
     editor.scroll_into_view_if_needed()

@@ -51,9 +51,7 @@ def pca(client: Client, **changes) -> list:
 
 
 def test_load_lists_the_pairs_and_measures_purity(client):
-    note, table, k_layer, k_time, p_layer, p_time = client.predict(
-        CACHE, SAES, api_name="/revelio_load"
-    )
+    note, table = client.predict(CACHE, SAES, api_name="/revelio_load")
     assert note.startswith("120 images of 6 classes") and "feature maps for 6" in note
     assert table["headers"] == PURITY_HEADERS
     assert [row[:2] for row in table["data"][:2]] == [
@@ -61,10 +59,14 @@ def test_load_lists_the_pairs_and_measures_purity(client):
         ["bottleneck (mid_block)", 250],
     ]
     assert len(table["data"]) == 8 and all(row[2] > 10 for row in table["data"])
-    assert k_layer["value"] == p_layer["value"] == "up_blocks.1"
-    assert ["up_ft2 (up_blocks.2)", "up_blocks.2"] in k_layer["choices"]
-    assert ["up_ft2 (up_blocks.2)", "up_blocks.2"] not in p_layer["choices"]
-    assert k_time["value"] == p_time["value"] == 25
+
+
+def test_load_offers_the_layers_and_timesteps_found_on_the_page():
+    k_layer, k_time, p_layer, p_time = app.on_revelio_choices(CACHE, SAES)  # page-only event
+    assert k_layer.value == p_layer.value == "up_blocks.1"
+    assert ("up_ft2 (up_blocks.2)", "up_blocks.2") in k_layer.choices
+    assert ("up_ft2 (up_blocks.2)", "up_blocks.2") not in p_layer.choices
+    assert k_time.value == p_time.value == 25
 
 
 def test_inspect_shows_the_grid_or_only_the_labels(client):

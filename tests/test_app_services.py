@@ -14,7 +14,13 @@ from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
 from core.sae.bank import SAEBank, SAEKey
 from core.views import inspection
-from core.views.emergence import default_words, iou_figure, run_emergence, step_panels
+from core.views.emergence import (
+    EmergenceRuns,
+    default_words,
+    iou_figure,
+    run_emergence,
+    step_panels,
+)
 from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import Loaded, ModelCache
 from core.views.render import BAR_WIDTH, difference_map, heat_map, outline, overlay
@@ -146,6 +152,20 @@ def test_a_word_absent_from_prediction_and_reference_has_no_iou_and_no_point(loa
     assert "circle: predicted mask at t=0.80: empty" in captions
     assert "circle: reference (last step): empty" in captions
     assert len(captions) == 12 and "square: not in the prompt" in captions
+
+
+def test_emergence_runs_keep_the_most_recently_used(loaded):
+    result = run_emergence(loaded, PROMPT, 0, 2, UP, "cond")
+    runs = EmergenceRuns(capacity=2)
+    first, second = (runs.add("tiny", replace(result, seed=seed)) for seed in (1, 2))
+    assert runs.add("tiny", replace(result, seed=1)) == first != second
+    assert runs.get(f" {first} ").seed == 1  # now the most recently used
+    third = runs.add("tiny", replace(result, seed=3))
+    assert runs.get(first).seed == 1 and runs.get(third).seed == 3
+    with pytest.raises(ValueError, match=f"^No emergence run has the id '{second}': run"):
+        runs.get(second)
+    with pytest.raises(ValueError, match="from 0 to 1 for this run, got 2"):
+        step_panels(result, 2)
 
 
 def test_emergence_target_words_fall_back_sensibly(loaded):

@@ -121,9 +121,9 @@ def test_zero_gpu_is_asked_for_as_long_as_the_request_needs(monkeypatch):
         return decorate
 
     monkeypatch.setattr(app, "spaces", SimpleNamespace(GPU=fake_gpu))
-    app.gpu(generations=1)(app.on_emergence)
+    app.gpu(generations=1)(app.emergence_result)
     app.gpu(generations=2)(app.on_steer)
-    emergence, steer = asked["on_emergence"], asked["on_steer"]
+    emergence, steer = asked["emergence_result"], asked["on_steer"]
     few, many = (emergence("tiny", "a cat", 0, n, "b", "cond", "") for n in (5, 10_000))
     assert app.GPU_LOAD_S < few < many == app.gpu_seconds(MAX_STEPS, 1) <= app.GPU_MAX_S
     assert emergence("tiny", "a cat", 0, "1e999", "b", "cond", "") == many

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from core.annotate.annotation import Annotator, ObjectAnnotation
 from core.diffusion.hooks import record
-from core.diffusion.presets import SD14_BLOCKS
+from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import load_dictionaries
@@ -161,6 +161,8 @@ def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, m
             str(SEED),
             "--gen-batch",
             "2",
+            "--annotator",
+            "grounded-sam",
             "--device",
             "cpu",
         ]
@@ -216,6 +218,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
             str(tmp_path / "out"),
             "--blocks",
             *blocks,
+            "--annotator",
+            "grounded-sam",
             "--device",
             "cpu",
         ]
@@ -228,10 +232,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expected):
 def test_help_from_the_command_line_states_the_defaults():
     text = " ".join(command_help("core.emergence.build_dictionary").split())
     assert "--gen-batch" in text and "(default: 4)" in text
-    assert "(default: grounded-sam)" in text and "(default: None)" not in text
+    assert "(default: the preset's, toy for tiny and toy, else grounded-sam)" in text
+    assert "(default: None)" not in text
     assert "--tags {vision,prompt,prompt+vision}" in text and "(default: vision)" in text
 
 
 def test_images_are_labelled_without_the_prompt_by_default():
     config = build_dictionary.DictionaryConfig(saes="saes", prompts="prompts.txt", out="out")
-    assert (config.annotation.annotator, config.annotation.tags) == ("grounded-sam", "vision")
+    annotation = config.annotation.for_preset(get_preset(config.preset))
+    assert (annotation.annotator, annotation.tags) == ("grounded-sam", "vision")
+    assert config.annotation.for_preset(get_preset("tiny")).annotator == "toy"

@@ -10,7 +10,7 @@ import torch
 
 from core.annotate.annotation import ObjectAnnotation
 from core.annotate.clipseg import ClipSegSegmenter
-from core.diffusion.presets import SD14_BLOCKS
+from core.diffusion.presets import PRESETS, SD14_BLOCKS
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries
 from core.emergence.evaluate import (
@@ -26,6 +26,7 @@ from core.emergence.steer import stage_t
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
 from core.sae.model import SAEConfig, TopKSAE
+from core.shapes.world import SHAPES
 from tests.helpers import command_help, save_clip, save_clipseg
 
 MID = "mid_block.attentions.0"
@@ -220,6 +221,8 @@ def test_cli_writes_csvs_plots_and_summaries(
             "top_left",
             "--concepts",
             "snow",
+            "--annotator",
+            "grounded-sam",
             "--clip-model",
             str(models["clip"]),
             "--clipseg-model",
@@ -287,9 +290,33 @@ def test_cli_errors_are_one_line(bank, mixed, tmp_path, capsys, extra, expected)
 
 def test_help_from_the_command_line_states_the_defaults():
     text = " ".join(command_help("core.emergence.evaluate").split())
-    assert "--edit-block" in text and "(default: mid_block.attentions.0)" in text
+    assert "--edit-block" in text and "(default: the preset's steering block)" in text
     assert "(default: CIDAS/clipseg-rd64-refined)" in text
     assert "--tags {vision,prompt,prompt+vision}" in text and "(default: vision)" in text
     config = evaluate.EvaluateConfig(out="out", tasks=("quality",), dictionaries="dicts")
     assert config.annotation.tags == "vision"
     assert "(default: None)" not in text
+
+
+def test_the_defaults_come_from_the_preset():
+    config = evaluate.EvaluateConfig(out="out", preset="tiny")
+    tiny = PRESETS["tiny"]
+    assert (config.saes, config.prompts) == (tiny.sae_source, tiny.prompts)
+    assert (config.edit_block, config.annotation.annotator) == (tiny.app.steer_block, "toy")
+    assert (config.targets, config.objects) == ("labels", SHAPES)
+    paper = evaluate.EvaluateConfig(out="out", preset="sd14", saes="saes", prompts="p.txt")
+    assert (paper.edit_block, paper.annotation.annotator) == (MID, "grounded-sam")
+    assert paper.objects == evaluate.PAPER_OBJECTS and paper.targets == "nouns"
+    with pytest.raises(ValueError, match="--saes is needed for .*'sd14' has no SAEs of its own"):
+        evaluate.EvaluateConfig(out="out", preset="sd14", prompts="p.txt")
+
+
+def test_the_defaults_run_offline_on_the_shipped_preset(tmp_path, capsys):
+    """Everything as shipped but the number of prompts: the preset's file holds hundreds."""
+    torch.set_num_threads(1)  # on a small shared CPU, more threads spin against each other
+    code = evaluate.main(["--out", str(tmp_path), "--limit", "1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    for name in ("composition", "quality", "spatial", "global"):
+        assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
+    assert "labelled by annotator toy" in printed.out

@@ -17,6 +17,8 @@ from core.diffusion.tiny import build_tiny_pipeline
 from core.files import ASSETS
 from core.runtime import ModelNotAvailableError, default_device
 
+PROMPTS = ASSETS / "prompts"
+"""Prompt files shipped for presets, one prompt a line."""
 TOY_ASSETS = ASSETS / "toy"
 """The embedded shapes-world model: `pipeline/`, `saes/` (SAEs and dictionaries), model card."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
@@ -72,6 +74,11 @@ class Preset:
     assets: str | None = None
     """Folder of shipped files whose model card lists their checksums, checked before a
     pipeline from inside it is loaded."""
+    annotator: str = "grounded-sam"
+    """What labels its images: "grounded-sam" (tags, Grounding DINO and SAM; downloads its
+    models) or "toy" (the shapes world's annotator, from pixels, offline)."""
+    prompts: str | None = None
+    """A prompt file shipped for it: what the evaluations and an example index generate."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -131,6 +138,8 @@ PRESETS: dict[str, Preset] = {
         ),
         sae_source=str(TOY_ASSETS / "saes"),
         assets=str(TOY_ASSETS),
+        annotator="toy",
+        prompts=str(PROMPTS / "toy.txt"),
     ),
     "tiny": Preset(
         name="tiny",
@@ -147,6 +156,8 @@ PRESETS: dict[str, Preset] = {
         ),
         sae_source=str(ASSETS / "tiny" / "saes"),
         resolution=32,
+        annotator="toy",
+        prompts=str(PROMPTS / "tiny.txt"),
     ),
 }
 

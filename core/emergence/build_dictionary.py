@@ -16,7 +16,7 @@ over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
 """
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from simple_parsing import field
@@ -32,7 +32,7 @@ from core.annotate.tags import (
     make_tagger,
 )
 from core.diffusion.hooks import BRANCHES
-from core.diffusion.presets import PRESETS, get_preset, load_pipeline
+from core.diffusion.presets import PRESETS, Preset, get_preset, load_pipeline
 from core.emergence.concepts import (
     ConceptDictionary,
     cohesion,
@@ -76,8 +76,9 @@ def quality_lines(
 class AnnotatorConfig:
     """The annotator that labels generated images, and its models."""
 
-    annotator: str = field(default="grounded-sam", choices=ANNOTATORS)
-    """grounded-sam: tags -> Grounding DINO -> SAM; toy reads shapes-world pixels."""
+    annotator: str | None = field(default=None, choices=ANNOTATORS)
+    """grounded-sam: tags -> Grounding DINO -> SAM; toy reads shapes-world pixels (default:
+    the preset's, toy for tiny and toy, else grounded-sam)."""
     tags: str = field(default="vision", choices=TAGS)
     """grounded-sam's tags: vision (zero-shot CLIP over the vocabulary, no prompt words, as
     the paper's RAM), prompt (the prompt's nouns) or prompt+vision."""
@@ -92,12 +93,16 @@ class AnnotatorConfig:
     """SAM id or folder."""
 
     def __post_init__(self) -> None:
-        if self.annotator not in ANNOTATORS:
+        if self.annotator not in (None, *ANNOTATORS):
             raise ValueError(
                 f"unknown annotator {self.annotator!r}; choose one of {', '.join(ANNOTATORS)}"
             )
         if self.tags not in TAGS:
             raise ValueError(f"unknown tags {self.tags!r}; choose one of {', '.join(TAGS)}")
+
+    def for_preset(self, preset: Preset) -> "AnnotatorConfig":
+        """This config, with the preset's annotator where it names none."""
+        return replace(self, annotator=self.annotator or preset.annotator)
 
     def record(self) -> dict[str, str]:
         """What labelled the images, for the files written beside the results."""
@@ -167,7 +172,8 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
     word_vectors = load_word_vectors(config.word_vectors)
     pipe = load_pipeline(preset, device=config.device)
     bank = SAEBank(bank[k].to(pipe.device) for k in keys)
-    annotator = make_annotator(config.annotation, config.device)
+    annotation = config.annotation.for_preset(preset)
+    annotator = make_annotator(annotation, config.device)
     steps = config.steps or preset.steps
     guidance = preset.guidance_scale if config.guidance is None else config.guidance
     gathered = gather(
@@ -189,12 +195,12 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
         "model": preset.model,
         "steps": steps,
         "guidance_scale": guidance,
-        **config.annotation.record(),
+        **annotation.record(),
         "word_vectors": config.word_vectors,
     }
     save_examples(out, gathered, prompts, config.seed, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
-    labeller = config.annotation.describe()
+    labeller = annotation.describe()
     print(f"{len(prompts)} images, {gathered.num_objects} annotated objects ({labeller})")
     print(f"saved {len(dictionaries)} dictionaries to {out}")
     return dictionaries

@@ -15,6 +15,11 @@ Spatial and global edits use the stage's SAE at every step, as the paper does (e
 t = 1.0, middle 0.5, final 0.0; `--sae-choice nearest`: each step's nearest). Each edit's
 row (`edits`) says which steps it edited with which SAE and CIDs, and which it skipped and why.
 
+By default everything comes from the preset: its SAEs and dictionaries, its prompt file, its
+steering block, its annotator, and the objects and concepts of its world (the paper's for
+grounded-sam, shapes and background styles for the shapes world). The default preset is the
+offline one, so `python -m core.emergence.evaluate --out DIR` runs as shipped, offline.
+
 The functions below take built objects (pipeline, bank, dictionaries, annotators), so
 tests and the app call them directly; the CLI only loads things and writes files.
 """
@@ -42,6 +47,7 @@ from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
     PRESETS,
     STAGES,
+    default_preset_name,
     get_preset,
     load_pipeline,  # noqa: E402
 )
@@ -69,6 +75,7 @@ from core.files import write_csv  # noqa: E402
 from core.runtime import command  # noqa: E402
 from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
+from core.shapes.world import SHAPES, STYLES
 from core.training.activations import read_prompts  # noqa: E402
 
 MID = "mid_block.attentions.0"
@@ -85,6 +92,30 @@ PAPER_GLOBAL = {
 }
 PAPER_COMPOSITION = "paper (SD v1.4): mid_block IoU ~0.26 at t=1.0, saturating by t=0.5; up best"
 Rows = list[dict]
+
+
+@dataclass(frozen=True)
+class World:
+    """What the evaluations ask of the images an annotator labels."""
+
+    targets: str
+    """Composition words: "nouns" of the prompt or every annotation "labels"."""
+    objects: tuple[str, ...]
+    """What spatial edits move."""
+    template: str
+    """The prompt of a spatial edit's image, with the object in place of {}."""
+    concepts: tuple[str, ...]
+    """What global edits add."""
+
+
+WORLDS = {
+    "grounded-sam": World(
+        "nouns", PAPER_OBJECTS, "a photo of a {}", ("snow", "painting", "flower")
+    ),
+    "toy": World("labels", SHAPES, "a red {} on a gray plain background", STYLES),
+}
+"""By annotator: the paper's world, or the shapes world (whose captions name a colour, a
+shape and a background)."""
 
 
 # generation helpers
@@ -339,7 +370,7 @@ def spatial_edit_rows(
     stages: Sequence[str] = tuple(STAGES),
     quadrants: Sequence[str] = QUADRANTS,
     strengths: Mapping[str, float] | None = None,
-    template: str = "a photo of a {}",
+    template: str = WORLDS["grounded-sam"].template,
     sae_choice: str = "stage",
     seed: int = 0,
     steps: int = 50,
@@ -541,34 +572,38 @@ class EvaluateConfig:
     """Output folder for CSVs and plots."""
     tasks: tuple[str, ...] = field(default=TASKS, choices=TASKS, nargs="*")
     """Evaluations to run."""
-    preset: str = field(default="sd14", choices=sorted(PRESETS))
-    """Preset: pipeline, sampling and hook points."""
+    preset: str | None = field(default=None, choices=sorted(PRESETS))
+    """Preset: pipeline, sampling, hook points, SAEs, prompts and annotator (default: toy if
+    its weights are here, else tiny)."""
     model: str | None = None
     """Pipeline Hub id or local folder (default: the preset's)."""
     saes: str | None = None
-    """SAE bank folder or Hub repo (all tasks but quality)."""
+    """SAE bank folder or Hub repo, for all tasks but quality (default: the preset's)."""
     dictionaries: str | None = None
     """Concept dictionaries (default: --saes)."""
     prompts: str | None = None
-    """Text file, one prompt per line (composition, global)."""
+    """Text file, one prompt per line, for composition and global (default: the preset's)."""
     blocks: tuple[str, ...] | None = None
     """Composition blocks (default: the preset's)."""
     branch: str = field(default="cond", choices=BRANCHES)
     """CFG branch of the SAEs and edits."""
-    targets: str = "nouns"
-    """Composition words: nouns, labels, or a comma list."""
+    targets: str | None = None
+    """Composition words: nouns, labels, or a comma list (default: nouns; labels with the
+    toy annotator)."""
     threshold: float = DEFAULT_THRESHOLD
     """Composition cosine threshold."""
-    objects: tuple[str, ...] = PAPER_OBJECTS
-    """Spatial-edit objects."""
+    objects: tuple[str, ...] | None = None
+    """Spatial-edit objects (default: ten everyday objects; the shapes with the toy
+    annotator)."""
     quadrants: tuple[str, ...] = field(default=QUADRANTS, choices=QUADRANTS, nargs="*")
     """Spatial-edit target quadrants."""
-    concepts: tuple[str, ...] = ("snow", "painting", "flower")
-    """Global-edit concepts."""
+    concepts: tuple[str, ...] | None = None
+    """Global-edit concepts (default: snow, painting, flower; the background styles with the
+    toy annotator)."""
     stages: tuple[str, ...] = field(default=tuple(STAGES), choices=tuple(STAGES), nargs="*")
     """Stages the edits act in."""
-    edit_block: str = MID
-    """Block edited by spatial/global edits."""
+    edit_block: str | None = None
+    """Block edited by spatial/global edits (default: the preset's steering block)."""
     sae_choice: str = field(default="stage", choices=SAE_CHOICES)
     """SAE of each edited step: the stage's t (1.0, 0.5, 0.0), or the t nearest the step's."""
     annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
@@ -589,13 +624,34 @@ class EvaluateConfig:
     """Device (default: cuda if available, else cpu)."""
 
     def __post_init__(self) -> None:
+        """Fill in the preset's defaults, then check that the tasks have what they need."""
+        self.preset = self.preset or default_preset_name()
+        preset = get_preset(self.preset)
+        self.saes = self.saes or preset.sae_source
+        self.prompts = self.prompts or preset.prompts
+        self.edit_block = self.edit_block or preset.app.steer_block
+        self.annotation = self.annotation.for_preset(preset)
+        self.targets = self.targets or self.world.targets
+        self.objects = self.objects or self.world.objects
+        self.concepts = self.concepts or self.world.concepts
         needs_model = set(self.tasks) - {"quality"}
         if needs_model and not self.saes:
-            raise ValueError(f"--saes is needed for {', '.join(sorted(needs_model))}")
+            raise ValueError(
+                f"--saes is needed for {', '.join(sorted(needs_model))}: the preset "
+                f"{self.preset!r} has no SAEs of its own"
+            )
         if not (self.dictionaries or self.saes):
             raise ValueError("give --dictionaries (or --saes holding them)")
         if {"composition", "global"} & set(self.tasks) and not self.prompts:
-            raise ValueError("--prompts is needed for composition and global")
+            raise ValueError(
+                f"--prompts is needed for composition and global: the preset {self.preset!r} "
+                "ships none"
+            )
+
+    @property
+    def world(self) -> World:
+        """What the evaluations ask of the images, by the annotator that labels them."""
+        return WORLDS[self.annotation.annotator]
 
 
 def make_segmenter(config: EvaluateConfig) -> ClipSegSegmenter | ToySegmenter:
@@ -710,6 +766,7 @@ def spatial_task(
         config.objects,
         make_segmenter(config),
         quadrants=config.quadrants,
+        template=config.world.template,
         **edit,
     )
     out = Path(config.out)

@@ -29,6 +29,7 @@ from core.emergence.evaluate import (
     MID,
     PAPER_GLOBAL,
     PAPER_SPATIAL,
+    WORLDS,
     Rows,
     composition_rows,
     generate,
@@ -46,7 +47,6 @@ from core.shapes.world import SHAPES, STYLES, Scene, dataset
 
 PAPER_COMPOSITION_MID_T1 = 0.26
 """Paper: mid_block IoU at t = 1.0 on SD v1.4 (saturating by t = 0.5; up_block best)."""
-SPATIAL_TEMPLATE = "a red {} on a gray plain background"
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def run_check(
             shapes,
             ToySegmenter(),
             block=MID,
-            template=SPATIAL_TEMPLATE,
+            template=WORLDS["toy"].template,
             **common,
         )
         write_csv(out / "spatial.csv", rows)

@@ -9,7 +9,9 @@ the cross-attention heat map of the same word at the same step (`core.emergence.
 thresholded as DAAM does.
 """
 
-from collections import Counter
+import hashlib
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +27,7 @@ from core.emergence.attention_maps import AttentionTrace, trace_cross_attention
 from core.emergence.composition import StepPrediction, iou, predict_over_steps
 from core.emergence.concepts import normalize_label
 from core.emergence.metrics import label_masks
-from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
+from core.views.inputs import check_prompt, check_seed, check_step, check_steps, parse_words
 from core.views.model_cache import Loaded
 from core.views.render import REFERENCE_COLOUR, heat_map, normalised, outline
 
@@ -34,6 +36,8 @@ ATTENTION_THRESHOLD = 0.4
 DEFAULT_WORDS = 3
 SIMILARITY_LABEL = "cosine, top concept vs word"
 ATTENTION_LABEL = "share of the step's peak"
+MAX_RUNS = 32
+"""Emergence results a server keeps for paging through their steps."""
 
 
 @dataclass
@@ -203,7 +207,7 @@ def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, 
     """For step `index`, four captioned panels per word: the predicted mask outlined on the
     final image, the reference mask it is scored against, the concept-similarity map (grey
     where no labelled concept fires) and the cross-attention map, each map with its scale."""
-    index = min(max(int(index), 0), len(result.steps) - 1)
+    index = check_step(index, len(result.steps))
     step = result.steps[index]
     panels = []
     for word in result.words:
@@ -276,3 +280,43 @@ def _gaps(ious: Sequence[float]) -> str:
     if missing == len(ious):
         return ": no IoU at any step"
     return f": no IoU at {missing} steps" if missing else ""
+
+
+def run_id(preset: str, result: EmergenceResult) -> str:
+    """A short hash of what made a run: the same request (deterministic) has the same id."""
+    made_of = (preset, result.prompt, result.seed, len(result.steps), result.block)
+    made_of += (result.branch, tuple(result.words))
+    return hashlib.sha256(repr(made_of).encode()).hexdigest()[:10]
+
+
+class EmergenceRuns:
+    """The most recently used emergence results by run id, at most `capacity` of them, so
+    that any client can page through a run's steps without holding the result."""
+
+    def __init__(self, capacity: int = MAX_RUNS) -> None:
+        self.capacity = capacity
+        self._results: OrderedDict[str, EmergenceResult] = OrderedDict()
+        self._lock = threading.Lock()  # handlers run in several threads
+
+    def add(self, preset: str, result: EmergenceResult) -> str:
+        """Keep `result`, forgetting the least recently used one beyond capacity; its id."""
+        key = run_id(preset, result)
+        with self._lock:
+            self._results[key] = result
+            self._results.move_to_end(key)
+            if len(self._results) > self.capacity:
+                self._results.popitem(last=False)
+        return key
+
+    def get(self, key: object) -> EmergenceResult:
+        """The run with id `key`; an unknown or forgotten id is an error saying what to do."""
+        key = str(key or "").strip()
+        with self._lock:
+            if key not in self._results:
+                raise ValueError(
+                    f"No emergence run has the id {key!r}: run the emergence view (/emergence) "
+                    f"and pass the run id it returns (the app keeps its {self.capacity} most "
+                    "recent runs)."
+                )
+            self._results.move_to_end(key)
+            return self._results[key]

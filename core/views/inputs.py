@@ -53,6 +53,16 @@ def check_number(value: object, what: str, low: float, high: float) -> float:
     return number
 
 
+def check_step(index: object, count: int) -> int:
+    """A step index of a run of `count` steps (0 = the first, noisiest)."""
+    value = _as_number(index, "The step")
+    if not value.is_integer() or not 0 <= value < count:
+        raise ValueError(
+            f"The step must be a whole number from 0 to {count - 1} for this run, got {index!r}."
+        )
+    return int(value)
+
+
 def check_cid(cid: object, num_latents: int) -> int:
     value = _as_number(cid, "The concept id (CID)")
     if not value.is_integer() or not 0 <= value < num_latents:

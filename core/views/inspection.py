@@ -23,13 +23,13 @@ from PIL import Image
 from torch import Tensor
 
 from core.diffusion.hooks import record
+from core.diffusion.presets import PRESETS
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
 from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
 from core.emergence.lineage import chain_through, lineage, top_label
 from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
-from core.files import ASSETS
 from core.sae.bank import SAEKey
 from core.sae.model import TopKSAE
 from core.training.activations import read_prompts
@@ -37,8 +37,8 @@ from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import ExampleIndex, Loaded
 from core.views.render import heat_map, overlay
 
-ON_DEMAND_PROMPTS = ASSETS / "prompts"
-"""`<preset>.txt` there (shapes-world captions for `toy`), else `tiny.txt`."""
+ON_DEMAND_PROMPTS = PRESETS["tiny"].prompts
+"""The prompts of an on-demand index for a preset that ships none."""
 ON_DEMAND_COUNT = 16
 """Images generated for an on-demand example index (when none is shipped)."""
 NEAREST = 5
@@ -199,9 +199,7 @@ def example_index(loaded: Loaded) -> ExampleIndex:
 
 def _build_index(loaded: Loaded) -> ExampleIndex:
     preset = loaded.preset
-    own = ON_DEMAND_PROMPTS / f"{preset.name}.txt"
-    prompts = read_prompts(own if own.is_file() else ON_DEMAND_PROMPTS / "tiny.txt")
-    prompts = prompts[:ON_DEMAND_COUNT]
+    prompts = read_prompts(preset.prompts or ON_DEMAND_PROMPTS)[:ON_DEMAND_COUNT]
     keys = [key for key in loaded.bank if key.t is not None]
     gathered = gather(
         loaded.pipe,

@@ -35,9 +35,6 @@ from core.runtime import default_device
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import SAELoadError, TopKSAE
 
-SHAPES_WORLD_PRESETS = ("tiny", "toy")
-"""Presets whose images are annotated with the shapes-world annotator."""
-
 
 @dataclass
 class ExampleIndex:
@@ -94,7 +91,7 @@ class Loaded:
     def _load_annotator(self) -> tuple[Annotator | None, str | None]:
         """The emergence view scores the prompt's words against the final image's annotation,
         so the labeller looks for the prompt's nouns as well as CLIP's tags."""
-        if self.preset.name in SHAPES_WORLD_PRESETS:
+        if self.preset.annotator == "toy":
             from core.shapes.annotate import ToyAnnotator
 
             return ToyAnnotator(), None
