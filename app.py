@@ -185,6 +185,8 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:  # already refused (and logged) by an inner handler
+            raise
         except USER_ERRORS as error:
             message = sentence(error)
             print(f"refused {fn.__name__}: {message}", file=sys.stderr, flush=True)

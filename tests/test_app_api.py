@@ -221,8 +221,8 @@ def test_each_refused_request_is_one_line_in_the_server_log(client):
     with pytest.raises(AppError):
         steer(client, word="qzxv")
     first, second, third, *rest = log.read_text()[start:].splitlines()
-    assert first.startswith("refused on_emergence: The prompt is empty; ")
-    assert second.startswith("refused on_emergence: The number of steps must be a whole")
+    assert first.startswith("refused emergence_result: The prompt is empty; ")
+    assert second.startswith("refused emergence_result: The number of steps must be a whole")
     assert third.startswith("refused on_steer: ") and "is labelled 'qzxv' at any t" in third
     assert rest == []  # no traceback, chained or not
 
