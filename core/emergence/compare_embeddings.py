@@ -24,7 +24,7 @@ from simple_parsing import field
 from core.diffusion.presets import PRESETS, get_preset, load_pipeline
 from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.emergence.concepts import IOU_THRESHOLD, ConceptDictionary, cohesion, separability
-from core.emergence.evaluate import composition_rows
+from core.emergence.evaluate import WORLDS, composition_rows
 from core.emergence.gathering import gather
 from core.emergence.words import BUNDLED_GLOVE, TEXT_ENCODER, WordVectors, load_word_vectors
 from core.files import write_csv, write_json
@@ -111,6 +111,7 @@ def compare(config: CompareConfig) -> dict[str, dict]:
             annotator,
             vectors,
             blocks=sorted({key.block for key in bank}),
+            targets=WORLDS[config.annotation.annotator].targets,
             seed=config.seed + len(train),
             **sampling,
         )
@@ -143,11 +144,18 @@ def _summary(quality: list[dict], rows: list[dict], source: str) -> dict[str, fl
     mine = [row for row in quality if row["source"] == source]
     first_step = [row["iou"] for row in rows if row.get("step") == 0]
     return {
-        "cohesion": float(np.nanmean([row["cohesion"] for row in mine])),
-        "separability": float(np.nanmean([row["separability"] for row in mine])),
-        "composition_iou_first_step": float(np.mean(first_step)) if first_step else float("nan"),
-        "composition_iou": float(np.mean([row["iou"] for row in rows])) if rows else float("nan"),
+        "cohesion": _mean([row["cohesion"] for row in mine]),
+        "separability": _mean([row["separability"] for row in mine]),
+        "composition_iou_first_step": _mean(first_step),
+        "composition_iou": _mean([row["iou"] for row in rows]),
+        "composition_rows_with_iou": float(np.isfinite([row["iou"] for row in rows]).sum()),
     }
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the defined values (an IoU of two empty masks is not); NaN if none is."""
+    defined = [v for v in values if np.isfinite(v)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 main = command(CompareConfig, compare, "python -m core.emergence.compare_embeddings", __doc__)
