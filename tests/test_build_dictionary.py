@@ -242,3 +242,24 @@ def test_images_are_labelled_without_the_prompt_by_default():
     annotation = config.annotation.for_preset(get_preset(config.preset))
     assert (annotation.annotator, annotation.tags) == ("grounded-sam", "vision")
     assert config.annotation.for_preset(get_preset("tiny")).annotator == "toy"
+
+
+def test_a_time_shared_sae_pools_the_evidence_of_three_steps(tiny_pipe, setup):
+    _, maps, _ = setup
+    key = SAEKey(UP, None, "cond")
+    bank = SAEBank([random_sae(UP, None, seed=7)])
+    assert select_keys(bank) == [key]
+    gathered = gather(
+        tiny_pipe,
+        bank,
+        PROMPTS,
+        OutlineAnnotator(maps, 0),
+        keys=[key],
+        seed=SEED,
+        gen_batch=5,
+        steps=STEPS,
+        guidance_scale=7.5,
+    )
+    # the steps nearest t = 1.0, 0.5 and 0.0, each (image, step) counted as one image
+    assert gathered.builders[key].num_images == 3 * len(PROMPTS)
+    assert gathered.means(key).shape == (len(PROMPTS), 32)

@@ -14,11 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.diffusion.hooks import record
+from core.diffusion.sampling import generate_images
 from core.files import REPO_ROOT
-from core.sae.bank import SAEBank
+from core.sae.bank import SAEBank, SAEKey
+from core.training.activations import GenerationSource, to_rows
 from core.training.train import main
 
 MID = "mid_block.attentions.0"
+DOWN = "down_blocks.2.attentions.1"
+UP = "up_blocks.1.attentions.0"
+SHARED = ["--shared-t", "0", "1"]
 PROMPTS = [
     "a red cat",
     "a blue car",
@@ -126,10 +132,9 @@ def test_help_describes_the_paper_defaults(capsys):
     assert "--k-aux" in out and "default: 256" in out
 
 
-def run_until_checkpoint(prompt_file: Path, out: Path, sig: int) -> subprocess.Popen:
-    process = cli(
-        "--prompts", str(prompt_file), "--out", str(out), *SMALL, "--save-every", "1", wait=False
-    )
+def run_until_checkpoint(prompt_file: Path, out: Path, sig: int, *extra: str) -> subprocess.Popen:
+    args = ["--prompts", str(prompt_file), "--out", str(out), *SMALL, *extra]
+    process = cli(*args, "--save-every", "1", wait=False)
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "latest").exists():
         assert process.poll() is None, process.stdout.read()
@@ -180,6 +185,82 @@ def test_resume_refuses_changed_settings(tmp_path, prompt_file, killed, capsys):
     )
     assert code != 0
     assert "--num-latents" in err and "cannot resume" in err
+
+
+def test_resume_refuses_a_changed_shared_t(tmp_path, prompt_file, killed, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(killed, out)
+    code, _, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL, *SHARED, "--resume"
+    )
+    assert code != 0
+    assert "--shared-t" in err and "cannot resume" in err
+
+
+def test_shared_t_trains_one_sae_per_block_and_branch_on_as_many_rows(
+    tmp_path, prompt_file, capsys
+):
+    out = tmp_path / "shared"
+    code, printed, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL, *SHARED
+    )
+    assert code == 0, err
+    bank = SAEBank.from_pretrained(out / "saes")
+    assert sorted(bank.keys()) == sorted(SAEKey(b, None, "cond") for b in (DOWN, MID, UP))
+    assert bank.get(MID, 0.3) is bank[SAEKey(MID, None, "cond")]
+    # As many rows as a per-time SAE: 8 prompts x the mid block's 2x2 positions, of the 4 x 2x2
+    # that the 4 steps give.
+    assert bank[SAEKey(MID, None, "cond")].stats.num_samples == 32
+    assert f"{MID}|t=all|cond" in (out / "metrics.json").read_text()
+    assert re.search(r"trained on \d+ rows in [\d.]+ s \(\d+ rows/s\)", printed)
+
+
+def test_a_time_shared_run_resumes_exactly(tmp_path, prompt_file, capsys):
+    full = tmp_path / "full"
+    code, _, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(full), *SMALL, *SHARED
+    )
+    assert code == 0, err
+    out = tmp_path / "run"
+    run_until_checkpoint(prompt_file, out, signal.SIGKILL, *SHARED)
+    code, printed, err = run_main(
+        capsys, "--prompts", str(prompt_file), "--out", str(out), *SMALL, *SHARED, "--resume"
+    )
+    assert code == 0, printed + err
+    assert re.search(r"resuming after round [1-9]", err)
+    expected, got = weights(full), weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def matching_step(row: torch.Tensor, by_step: dict[int, torch.Tensor]) -> list[int]:
+    """The steps one of whose rows equals `row` (up to float rounding)."""
+    return [i for i, rows in by_step.items() if (rows - row).abs().amax(dim=1).min() < 1e-5]
+
+
+def test_pooled_rows_come_from_every_step_in_the_range(tiny_pipe):
+    """With 4 steps (t = 0.751, 0.501, 0.251, 0.001) the range [0.2, 0.8] pools the first
+    three; each image gives as many rows as one step has positions, drawn from all three."""
+    keys = [SAEKey(b, None, "cond") for b in (MID, DOWN)]
+    settings = dict(steps=4, guidance_scale=7.5)
+    source = GenerationSource(
+        tiny_pipe, PROMPTS, keys, batch_size=3, shared_t=(0.2, 0.8), **settings
+    )
+    assert source.pooled == [0, 1, 2]
+    pooled = source.generate([0, 1, 2])
+    alone = source.generate([1])
+    with record(tiny_pipe, [MID, DOWN]) as recording:
+        generate_images(tiny_pipe, PROMPTS[:3], [0, 1, 2], output_type="latent", **settings)
+    for key in keys:
+        by_step = {r.step.index: to_rows(r.delta) for r in recording.of(key.block)}
+        positions = len(by_step[0]) // 3
+        assert len(pooled[key]) == 3 * positions and len(alone[key]) == positions
+        steps = [matching_step(row, by_step) for row in pooled[key]]
+        assert all(len(found) == 1 for found in steps)
+        assert {found[0] for found in steps} == {0, 1, 2}
+        # an image's rows depend on its seed only, not on the batch it is generated in
+        assert all(matching_step(row, {0: pooled[key]}) for row in alone[key])
 
 
 def test_training_from_shards(tmp_path, prompt_file, finished, capsys):
@@ -240,6 +321,8 @@ def test_two_processes_under_accelerate(tmp_path, prompt_file, finished):
         (["--blocks", "mid_block.attention.0"], "valid ones are: down_blocks.0.attentions.0"),
         (["--prompts", "EMPTY"], "has no prompts; write one prompt per line"),
         (["--prompts", "MISSING"], "does not exist"),
+        (["--shared-t", "0.3", "0.35"], "no step of the 4-step schedule has t in [0.3, 0.35]"),
+        (["--shared-t", "0.8", "0.2"], "--shared-t takes LOW HIGH with 0 <= LOW <= HIGH <= 1"),
     ],
 )
 def test_bad_input_gets_one_clear_message(tmp_path, prompt_file, capsys, args, message):

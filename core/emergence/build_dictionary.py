@@ -5,7 +5,8 @@ the residual updates of the SAEs' blocks are recorded at the steps nearest each 
 Each update is encoded with its SAE, the final image is annotated (tags -> Grounding DINO
 -> SAM; by default the tags are zero-shot CLIP's over a fixed vocabulary, vision only, as
 the paper's RAM tags) and every (block, t, branch) gets the image's IoU evidence
-(`DictionaryBuilder.add_codes`). The dictionaries are written with `save_dictionaries`,
+(`DictionaryBuilder.add_codes`); a time-shared SAE (t None) gathers it at the steps nearest t =
+1.0, 0.5 and 0.0. The dictionaries are written with `save_dictionaries`,
 i.e. in the SAE bank's layout (out/{block}/t{t:.2f}/{branch}/concepts.json), so the output
 folder can also hold the SAEs; they are not copied: pass the SAE folder and the dictionary
 folder separately to the tools that need both, or build into the SAE folder itself.
@@ -34,6 +35,7 @@ from core.annotate.tags import (
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import PRESETS, Preset, get_preset, load_pipeline
 from core.emergence.concepts import (
+    IOU_THRESHOLD,
     ConceptDictionary,
     cohesion,
     save_dictionaries,
@@ -147,6 +149,9 @@ class DictionaryConfig:
     """SAE times to use (default: all)."""
     annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     """Which annotator labels the generated images, and its models."""
+    iou_threshold: float = IOU_THRESHOLD
+    """A label joins a concept where IoU(activation map, object mask) exceeds this (the
+    paper's 0.5; small objects on coarse grids, as the tiny preset's, need less)."""
     word_vectors: str = BUNDLED_GLOVE
     """Word vectors (the paper: word2vec-google-news-300, a 1.6 GB download)."""
     seed: int = 0
@@ -187,6 +192,7 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
         steps=steps,
         guidance_scale=guidance,
         resolution=preset.resolution,
+        iou_threshold=config.iou_threshold,
     )
     dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
     out = Path(config.out)

@@ -158,6 +158,11 @@ def target_words(
     return [w for w in candidates if w in masks and w in labelled and w in word_vectors]
 
 
+def target_choice(text: str) -> str | list[str]:
+    """A --targets option as `composition_rows` takes it: "nouns", "labels" or a comma list."""
+    return text if text in ("nouns", "labels") else text.split(",")
+
+
 def check_words(words: Sequence[str], word_vectors: WordVectors) -> None:
     missing = [w for w in words if w not in word_vectors]
     if missing:
@@ -654,10 +659,14 @@ class EvaluateConfig:
         return WORLDS[self.annotation.annotator]
 
 
-def make_segmenter(config: EvaluateConfig) -> ClipSegSegmenter | ToySegmenter:
-    if config.annotation.annotator == "toy":
+def make_segmenter(
+    annotation: AnnotatorConfig, clipseg_model: str, device: str | None
+) -> ClipSegSegmenter | ToySegmenter:
+    """The spatial-edit evaluator's segmenter: shapes-world pixels for the toy annotator, else
+    CLIPSeg."""
+    if annotation.annotator == "toy":
         return ToySegmenter()
-    return ClipSegSegmenter(config.clipseg_model, device=config.device)
+    return ClipSegSegmenter(clipseg_model, device=device)
 
 
 def make_scorer(config: EvaluateConfig) -> ClipScorer | StyleScorer:
@@ -673,7 +682,7 @@ def evaluate(config: EvaluateConfig) -> None:
     dictionaries = load_dictionaries(config.dictionaries or config.saes, branches=[config.branch])
     source = config.word_vectors or next(iter(dictionaries.values())).word_vectors
     word_vectors = load_word_vectors(source)
-    targets = config.targets if config.targets in ("nouns", "labels") else config.targets.split(",")
+    targets = target_choice(config.targets)
     if not isinstance(targets, str):
         check_words(targets, word_vectors)
     if "quality" in config.tasks:
@@ -764,7 +773,7 @@ def spatial_task(
         bank,
         dictionaries,
         config.objects,
-        make_segmenter(config),
+        make_segmenter(config.annotation, config.clipseg_model, config.device),
         quadrants=config.quadrants,
         template=config.world.template,
         **edit,

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from core.annotate.annotation import Annotator
 from core.diffusion.hooks import record
+from core.diffusion.presets import STAGE_T
 from core.diffusion.sampling import generate_images
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import (
@@ -69,11 +70,6 @@ def select_keys(
             f"the SAE bank has no SAE for {', '.join(missing) or 'the selection'} "
             f"(None = any); it has: {', '.join(k.describe() for k in bank)}"
         )
-    untimed = [k.describe() for k in keys if k.t is None]
-    if untimed:
-        raise ValueError(
-            f"the SAEs {untimed} were trained on all t; dictionaries need SAEs trained at one t"
-        )
     return keys
 
 
@@ -98,11 +94,15 @@ def gather(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
     iou_threshold: float = IOU_THRESHOLD,
+    shared_t: Sequence[float] = tuple(STAGE_T.values()),
 ) -> Gathered:
     """Generate, record, encode and annotate every prompt; return the evidence collected.
 
     A label joins a concept's entry where IoU(activation map, object mask) > `iou_threshold`
-    (the paper's 0.5 by default).
+    (the paper's 0.5 by default). An SAE trained at one t reads the step nearest it; a
+    time-shared SAE (t None) pools the evidence of the steps nearest each of `shared_t` (by
+    default the three t of the paper's SAEs), each (image, step) counting as one image, and
+    its spatial means are averaged over those steps.
     """
     if not prompts:
         raise ValueError("no prompts to build dictionaries from")
@@ -113,7 +113,8 @@ def gather(
     }
     gathered = Gathered(builders)
     blocks = sorted({k.block for k in keys})
-    targets = sorted({k.t for k in keys})
+    times = {k: list(shared_t) if k.t is None else [k.t] for k in keys}
+    targets = sorted({t for ts in times.values() for t in ts})
     starts = range(0, len(prompts), gen_batch)
     for start in tqdm(starts, desc="batches", unit="batch"):
         indices = list(range(start, min(start + gen_batch, len(prompts))))
@@ -134,15 +135,15 @@ def gather(
         gathered.num_objects += sum(len(o) for o in objects)
         for key in keys:
             sae = bank[key]
-            recorded = recording.at(key.block, key.t, key.branch)
-            grid = latent_grid(sae, recorded.delta, recorded.site)
-            gathered.spatial_means.setdefault(key, []).append(
-                grid.spatial_means(sae.cfg.num_latents).cpu()
-            )
-            for i, image_objects in enumerate(objects):
-                gathered.builders[key].add_codes(
-                    grid.top_acts[i], grid.top_indices[i], image_objects
-                )
+            records = [recording.at(key.block, t, key.branch) for t in times[key]]
+            grids = [latent_grid(sae, r.delta, r.site) for r in records]
+            means = [grid.spatial_means(sae.cfg.num_latents).cpu() for grid in grids]
+            gathered.spatial_means.setdefault(key, []).append(torch.stack(means).mean(dim=0))
+            for grid in grids:
+                for i, image_objects in enumerate(objects):
+                    gathered.builders[key].add_codes(
+                        grid.top_acts[i], grid.top_indices[i], image_objects
+                    )
     return gathered
 
 

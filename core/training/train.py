@@ -2,7 +2,9 @@
 
 One SAE per (block, t, branch). Images are generated for a list of prompts; at the steps
 nearest the requested t values the residual updates of the chosen blocks are recorded,
-streamed into one shuffle buffer per SAE, and trained on in random batches. Progress is
+streamed into one shuffle buffer per SAE, and trained on in random batches. With
+`--shared-t LOW HIGH` there is instead one time-shared SAE per (block, branch), valid for
+every t, trained on the updates of every step whose t lies in that range. Progress is
 checkpointed every `--save-every` training steps and when the run is interrupted
 (Ctrl-C, SIGTERM); `--resume` carries on from the last checkpoint and ends with the same
 SAEs as an uninterrupted run. Under `accelerate launch` each process generates its own
@@ -13,10 +15,12 @@ import json
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -33,6 +37,7 @@ from core.training.activations import (
     ShardSource,
     ShardWriter,
     dataset_prompts,
+    key_name,
     read_prompts,
 )
 from core.training.buffer import ShuffleBuffer
@@ -55,6 +60,7 @@ RESUME_MUST_MATCH = (
     "limit",
     "blocks",
     "t",
+    "shared_t",
     "branches",
     "steps",
     "guidance",
@@ -95,6 +101,11 @@ class RunConfig(TrainConfig):
     """Hook points (default: the preset's)."""
     t: tuple[float, ...] = (1.0, 0.5, 0.0)
     """Denoising times to train SAEs for (1 = noise)."""
+    shared_t: tuple[float, float] | None = field(default=None, metavar="LOW HIGH")
+    """Instead of one SAE per --t, train one per block and branch on the residual updates of
+    every step whose t lies in this range (bounds included); it is saved for every t. Of the
+    S x H x W rows an image gives over the range's S steps, a random H x W are kept (drawn
+    with the image's seed), so each SAE sees as many rows as one per-time SAE would."""
     branches: tuple[str, ...] = field(default=("cond",), choices=BRANCHES, nargs="*")
     """CFG branches to train SAEs for."""
     steps: int | None = None
@@ -127,6 +138,11 @@ class RunConfig(TrainConfig):
             raise ValueError("give --prompts FILE, --dataset NAME or --from-shards FOLDER")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; choose one")
+        if self.shared_t is not None and not 0 <= self.shared_t[0] <= self.shared_t[1] <= 1:
+            low, high = self.shared_t
+            raise ValueError(
+                f"--shared-t takes LOW HIGH with 0 <= LOW <= HIGH <= 1, got {low} {high}"
+            )
 
     def train_config(self) -> TrainConfig:
         """The SAE settings alone, as each trainer keeps them in its checkpoints."""
@@ -200,9 +216,13 @@ class Run:
 
     def metrics(self) -> dict[str, dict[str, float]]:
         return {
-            f"{k.block}|t={k.t:g}|{k.branch}": {**t.mean_metrics(), "steps": t.num_steps}
+            key_name(k): {**t.mean_metrics(), "steps": t.num_steps}
             for k, t in self.trainers.items()
         }
+
+    def rows_trained(self) -> int:
+        """Rows this process's SAEs have trained on, summed over the SAEs."""
+        return sum(trainer.stats.num_samples for trainer in self.trainers.values())
 
 
 def prepare_output(config: RunConfig, state: PartialState) -> Checkpointer:
@@ -262,6 +282,7 @@ def make_source(
         resolution=config.resolution or preset.resolution,
         rank=state.process_index,
         world_size=state.num_processes,
+        shared_t=config.shared_t,
     )
 
 
@@ -297,7 +318,8 @@ def train(config: RunConfig) -> SAEBank | None:
     state = PartialState()
     preset = get_preset(config.preset)
     blocks = config.blocks or list(preset.hook_points)
-    keys = [SAEKey(b, t, br) for b in blocks for t in config.t for br in config.branches]
+    times = [None] if config.shared_t else config.t
+    keys = [SAEKey(b, t, br) for b in blocks for t in times for br in config.branches]
     source = make_source(config, keys, state)
     checkpoints = prepare_output(config, state)
     run = Run(config, keys, model_name=config.model or preset.model)
@@ -306,6 +328,7 @@ def train(config: RunConfig) -> SAEBank | None:
         checkpoints.load(run)
         if state.is_main_process:
             print(f"resuming after round {run.next_round} of {source.num_rounds}", file=sys.stderr)
+    rows_before, start = run.rows_trained(), time.perf_counter()
     with stop_on_signals() as stop:
         if not train_rounds(run, source, checkpoints, stop):
             print(
@@ -316,8 +339,11 @@ def train(config: RunConfig) -> SAEBank | None:
             return None
     run.train_ready(drain=True)
     bank = run.bank()
+    throughput = Throughput(
+        agree_sum(run.rows_trained() - rows_before), time.perf_counter() - start
+    )
     if state.is_main_process:
-        save_results(config, run, bank)
+        save_results(config, run, bank, throughput)
     state.wait_for_everyone()
     return bank
 
@@ -356,7 +382,19 @@ def train_rounds(
     return True
 
 
-def save_results(config: RunConfig, run: Run, bank: SAEBank) -> None:
+class Throughput(NamedTuple):
+    """Rows trained on in this run (over every SAE and process) and the seconds it took to
+    generate, collect and train on them."""
+
+    rows: int
+    seconds: float
+
+    def describe(self) -> str:
+        rate = self.rows / self.seconds
+        return f"trained on {self.rows} rows in {self.seconds:.1f} s ({rate:.0f} rows/s)"
+
+
+def save_results(config: RunConfig, run: Run, bank: SAEBank, throughput: Throughput) -> None:
     out = Path(config.out)
     bank.save_pretrained(out / "saes")
     metrics = run.metrics()
@@ -368,6 +406,7 @@ def save_results(config: RunConfig, run: Run, bank: SAEBank) -> None:
             f"{name:60s} {m['steps']:6d} {m['fvu']:6.3f} {m['explained_variance']:6.3f} "
             f"{m['l0']:6.1f} {m['dead_fraction']:6.3f}"
         )
+    print(throughput.describe())
     print(f"saved {len(bank)} SAEs to {out / 'saes'}")
     if config.push_to_hub:
         bank.push_to_hub(config.push_to_hub)
