@@ -11,7 +11,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO  := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Python 3.10 (what Hugging Face's ZeroGPU runs) in its own venv, for `make test-py310`.
-PY310 ?= $(shell command -v python3.10 || echo $(HOME)/.pyenv/versions/3.10.13/bin/python3.10)
+PY310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 VENV310 ?= .venv310
 STAMP310 := $(VENV310)/.installed
 
