@@ -71,9 +71,10 @@ class Lineage:
     def chains(self) -> list[dict]:
         """One row per chain: it starts at a CID no earlier match reaches and follows matches."""
         rows = []
-        for start, key in enumerate(self.keys):
+        width = self.matchings[0].num_source  # every SAE compared has it (check_comparable)
+        for start in range(len(self.keys)):
             reached = self.matchings[start - 1].targets_matched if start else set()
-            for cid in range(self._width(key)):
+            for cid in range(width):
                 if cid not in reached:
                     rows.append(self._chain_row(start, cid))
         return rows
@@ -82,12 +83,6 @@ class Lineage:
         """Per transition: shares of persisting, vanishing, appearing and splitting concepts,
         and how often a match keeps its top label (among matches labelled on both sides)."""
         return [transition_summary(m, self.labels) for m in self.matchings]
-
-    def _width(self, key: SAEKey) -> int:
-        return self.matchings[0].num_source if key == self.keys[0] else self._target_width(key)
-
-    def _target_width(self, key: SAEKey) -> int:
-        return next(m.num_target for m in self.matchings if m.target == key)
 
     def _chain_row(self, start: int, cid: int) -> dict:
         row: dict = {"chain": f"{self.keys[start].t:g}:{cid}"}
