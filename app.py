@@ -50,9 +50,12 @@ from core.views.steer import (
     BRANCH_CHOICES,
     STAGE_CHOICES,
     SteerRequest,
+    before_image,
     canvas_mask,
+    concept_choices,
     run_steer,
     strength_of,
+    usable_controls,
 )
 
 try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached while a decorated call runs
@@ -123,6 +126,8 @@ argument), so that ZeroGPU's worker process, forked from this one, has it too.""
 RUNS = EmergenceRuns()
 """The recent emergence results by run id, in this (the server's) process."""
 
+CSS = "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }"
+"""A word may label hundreds of concepts: their list scrolls."""
 PROMPT = "a red circle and a blue star"
 """The prompt every tab opens with."""
 EXAMPLE_PROMPTS = [
@@ -220,10 +225,14 @@ def results_line(text: str, elem_id: str) -> gr.Markdown:
     return gr.Markdown(text, elem_id=elem_id)
 
 
+def canvas_value(background: np.ndarray) -> dict:
+    """An image editor's value with nothing drawn on `background`."""
+    return {"background": background, "layers": [], "composite": background}
+
+
 def blank_canvas(side: int = 256) -> dict:
     """An image editor's value with nothing drawn on a white background."""
-    white = np.full((side, side, 3), 255, dtype=np.uint8)
-    return {"background": white, "layers": [], "composite": white}
+    return canvas_value(np.full((side, side, 3), 255, dtype=np.uint8))
 
 
 # Event handlers: module-level functions over CACHE (see its docstring).
@@ -256,6 +265,29 @@ def on_select_preset(preset: str) -> tuple:
 
     emergence, steer, inspect = dropdown(app.block), dropdown(app.steer_block), dropdown(app.block)
     return text, emergence, steer, inspect, gr.Number(value=chosen.steps), gr.Textbox(app.word)
+
+
+def on_controls(preset: str, *branches_and_by: str) -> tuple:
+    """Only the controls the preset can use (page only): the branches it has SAEs and
+    guidance for (emergence, steer, inspect), concepts by word only with dictionaries, the
+    SAE-per-step choice only with SAEs at several t. Before the preset is loaded, what its
+    settings allow; each control keeps its value where that is still offered."""
+    check_preset(preset)
+    controls = usable_controls(CACHE.preset(preset), CACHE.loaded_now(preset))
+    single = [b for b in controls.branches if b != "both"] or ["cond"]
+    e_branch, s_branch, by, i_branch = branches_and_by
+
+    def radio(choices: list[str], value: str) -> gr.Radio:
+        return gr.Radio(choices=choices, value=value if value in choices else choices[0])
+
+    by_choices = ["word", "CID"] if controls.by_word else ["CID"]
+    return (
+        radio(single, e_branch),
+        radio(list(controls.branches) or ["cond"], s_branch),
+        radio(by_choices, by),
+        radio(single, i_branch),
+        gr.Radio(visible=controls.per_stage),
+    )
 
 
 @gpu(generations=1)
@@ -373,6 +405,7 @@ def on_steer(
     branch,
     concept_by,
     word,
+    concepts,
     cid,
     cid_t,
     kind,
@@ -396,6 +429,8 @@ def on_steer(
         branch: "cond", "uncond" or "both" (the guidance branches edited).
         concept_by: "word" (the concepts labelled `word`) or "cid" (the concept `cid`).
         word: the concept's word when `concept_by` is "word".
+        concepts: of the word's concepts, only these (values that `steer_concepts` lists);
+            empty: all of them.
         cid: the concept id when `concept_by` is "cid".
         cid_t: the timestep of the SAE that `cid` belongs to.
         kind: "spatial" (move the concept into a region) or "global" (add it everywhere).
@@ -410,11 +445,18 @@ def on_steer(
         canvas: the drawn region (an image editor value) when `region_by` is "drawn".
 
     Returns:
-        The images before and after, the difference map (grey levels 0-255), two lines (the
-        steps edited with which SAE and concepts, and those skipped and why; how much the
-        image changed), and metrics.
+        The images before and after, the difference map (grey levels 0-255), a few lines
+        (the steps edited with which SAE and concepts, and those skipped and why; how much
+        the image changed; for a spatial edit, whether the object's centre of mass is in the
+        region before and after), and metrics.
     """
-    concept = {"word": word if concept_by == "word" else "", "cid": cid, "cid_t": cid_t}
+    by_word = concept_by == "word"
+    concept = {
+        "word": word if by_word else "",
+        "keep": tuple(concepts or ()) if by_word else (),
+        "cid": cid,
+        "cid_t": cid_t,
+    }
     drawn = kind == "spatial" and region_by == "drawn"
     region = {"quadrant": quadrant, "mask": drawn_region(canvas) if drawn else None}
     request = SteerRequest(
@@ -435,6 +477,53 @@ def on_steer(
         result = run_steer(loaded, request, hooks["on_step"])
     pair = (for_display(result.before), for_display(result.after))
     return pair, result.difference, result.summary(), result.metrics
+
+
+@gpu(generations=0)
+@user_errors
+def on_steer_concepts(preset, block, branch, word, progress=PROGRESS):
+    """The concepts labelled with a word that a steer by word edits, to narrow it to some.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block whose SAEs edit.
+        branch: "cond", "uncond" or "both".
+        word: the concept's word.
+
+    Returns:
+        One entry per concept (per SAE t and branch): its label (t, branch, CID and its
+        labels) and the value that `steer` takes in `concepts`.
+    """
+    with CACHE.using(preset, progress_hooks(progress)["on_load"]) as loaded:
+        choices = concept_choices(loaded, block, branch, word)
+    return [{"label": label, "value": value} for label, value in choices]
+
+
+def on_concept_list(found: list[dict]) -> gr.CheckboxGroup:
+    """The word's concepts as ticked boxes (page only)."""
+    choices = [(entry["label"], entry["value"]) for entry in found]
+    return gr.CheckboxGroup(choices=choices, value=[value for _, value in choices])
+
+
+def on_ticked(values: list[str]) -> list[str]:
+    """The ticked concepts, as the value `steer` takes (page only: the API takes a list that
+    a check box group, whose choices a page fills, would refuse)."""
+    return values
+
+
+def on_concepts_stale() -> gr.CheckboxGroup:
+    """A changed word, block or branch empties the list of its concepts (page only)."""
+    return gr.CheckboxGroup(choices=[], value=[])
+
+
+@gpu(generations=1)
+@user_errors
+def on_canvas_image(preset, prompt, seed, progress=PROGRESS):
+    """The unsteered image on the canvas, to draw the region over it (page only)."""
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        image = before_image(loaded, prompt, seed, hooks["on_step"])
+    return canvas_value(np.asarray(for_display(image).convert("RGB")))
 
 
 def on_request_inspect(runs: int) -> int:
@@ -671,7 +760,7 @@ def block_dropdown(preset: Preset, block: str) -> gr.Dropdown:
 
 def emergence_tab(
     preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
-) -> tuple[gr.Dropdown, gr.Number]:
+) -> tuple[gr.Dropdown, gr.Number, gr.Radio]:
     """Generate once; where each word will be at every step. Returns (block, steps)."""
     with gr.Row():
         with gr.Column(scale=1):
@@ -722,24 +811,36 @@ def emergence_tab(
         show_progress_on=line,
         **LIGHT,
     )
-    return block, steps
+    return block, steps, branch
 
 
-def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Textbox]:
-    """Generate without and with a concept edited in, from one seed. Returns (block, word)."""
+class SteerControls(NamedTuple):
+    """The steer tab's controls that follow the preset."""
+
+    block: gr.Dropdown
+    word: gr.Textbox
+    branch: gr.Radio
+    by: gr.Radio
+    sae_choice: gr.Radio
+
+
+def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
+    """Generate without and with a concept edited in, from one seed."""
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(PROMPT, label="prompt")
             seed = gr.Number(0, label="seed")
             block = block_dropdown(preset, preset.app.steer_block)
-            branch = gr.Radio(list(BRANCH_CHOICES), value="cond", label="branch")
+            branch = gr.Radio(
+                list(BRANCH_CHOICES), value="cond", label="branch", elem_id="steer-branch"
+            )
             by = gr.Radio(["word", "CID"], value="word", label="concept by")
+            word, concepts = steer_concepts(preset_box, preset, block, branch)
             with gr.Row():
-                word = gr.Textbox(preset.app.word, label="word")
                 cid = gr.Number(0, label="CID", precision=0)
-            cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
+                cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
             edit = steer_edit(preset_box, preset)
-            region = steer_region()
+            region = steer_region(preset_box, prompt, seed)
             run = gr.Button("generate before and after", variant="primary", elem_id="steer-run")
         with gr.Column(scale=1):
             line = results_line(STEER_RESULTS, "steer-line")
@@ -754,18 +855,54 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.
             )
             edits = gr.Textbox(
                 label="steps edited (with which SAE and CIDs) and skipped (why); how much the "
-                "image changed",
+                "image changed; where the object's centre of mass is before and after",
                 interactive=False,
                 elem_id="steer-edits",
             )
             metrics = gr.JSON(
-                label="the edit and what changed (pixel difference in [0, 1], LPIPS, CLIP)",
+                label="the edit and what changed (pixel difference in [0, 1], LPIPS, CLIP, "
+                "centre of mass)",
                 elem_id="steer-metrics",
             )
-    inputs = [preset_box, prompt, seed, block, branch, by, word, cid, cid_t, *edit, *region]
+    inputs = [preset_box, prompt, seed, block, branch, by, word, concepts, cid, cid_t]
     outputs = [pair, difference, edits, metrics]
+    inputs += [*edit, *region]
     run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=line, **MODEL)
-    return block, word
+    return SteerControls(block, word, branch, by, edit[-1])
+
+
+def steer_concepts(
+    preset_box: gr.Dropdown, preset: Preset, block: gr.Dropdown, branch: gr.Radio
+) -> tuple[gr.Textbox, gr.JSON]:
+    """The concept's word and, listed on request, its concepts to narrow the edit to (the
+    ticked ones, as a list)."""
+    with gr.Row():
+        word = gr.Textbox(preset.app.word, label="word", scale=2)
+        listing = gr.Button("list its concepts", scale=1, elem_id="steer-list")
+    concepts = gr.CheckboxGroup(
+        [],
+        label="edit only the ticked concepts of the word (none listed or ticked: all of them)",
+        elem_id="steer-concepts",
+    )
+    found = gr.JSON(label="the word's concepts", visible="hidden")
+    ticked = gr.JSON([], label="the ticked concepts", visible="hidden")
+    concepts.change(on_ticked, concepts, ticked, api_name="ticked", **PAGE)
+    listing.click(
+        on_steer_concepts,
+        [preset_box, block, branch, word],
+        found,
+        api_name="steer_concepts",
+        **MODEL,
+    ).success(on_concept_list, found, concepts, api_name="concept_list", **PAGE)
+    gr.on(
+        [word.change, block.change, branch.change],
+        on_concepts_stale,
+        None,
+        concepts,
+        api_name="concepts_stale",
+        **PAGE,
+    )
+    return word, ticked
 
 
 def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
@@ -799,8 +936,9 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
     return [kind, stage, t_min, t_max, strength, sae_choice]
 
 
-def steer_region() -> list:
-    """Where a spatial edit acts: a quadrant, or a region drawn on the canvas."""
+def steer_region(preset_box: gr.Dropdown, prompt: gr.Textbox, seed: gr.Number) -> list:
+    """Where a spatial edit acts: a quadrant, or a region drawn on the canvas over the image
+    to edit (a button puts it there)."""
     region_by = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
     quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
     canvas = gr.ImageEditor(
@@ -813,6 +951,14 @@ def steer_region() -> list:
         height=300,
         elem_id="steer-canvas",
         brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
+    )
+    show = gr.Button("put the image to edit (before) on the canvas", elem_id="steer-show")
+    show.click(
+        on_canvas_image,
+        [preset_box, prompt, seed],
+        canvas,
+        api_name="canvas_image",
+        **{**MODEL, "api_visibility": "private"},
     )
     return [region_by, quadrant, canvas]
 
@@ -832,8 +978,8 @@ class ConceptViews(NamedTuple):
     caption: gr.Markdown
 
 
-def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
-    """One concept of one SAE, found by CID or by word. Returns the block dropdown."""
+def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Radio]:
+    """One concept of one SAE, found by CID or by word. Returns the block and branch."""
     with gr.Row():
         with gr.Column(scale=1):
             block = block_dropdown(preset, preset.app.block)
@@ -867,7 +1013,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> gr.Dropdown:
     show_concept(
         runs, [preset_box, block, t, branch, cid], prompt, seed, icon_strength, views, line
     )
-    return block
+    return block, branch
 
 
 def concept_views() -> ConceptViews:
@@ -1015,21 +1161,25 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
             status = gr.Markdown(label="status", elem_id="status")
         with gr.Tab("emergence"):
-            e_block, e_steps = emergence_tab(preset_box, status, opening)
+            e_block, e_steps, e_branch = emergence_tab(preset_box, status, opening)
         with gr.Tab("steer"):
-            s_block, s_word = steer_tab(preset_box, opening)
+            steer = steer_tab(preset_box, opening)
         with gr.Tab("inspect"):
-            i_block = inspect_tab(preset_box, opening)
+            i_block, i_branch = inspect_tab(preset_box, opening)
         with gr.Tab("revelio"):
             revelio_tab()
-        demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
+        controls = [e_branch, steer.branch, steer.by, i_branch]
+        follow = (on_controls, [preset_box, *controls], [*controls, steer.sae_choice])
+        demo.load(on_status, preset_box, status, api_name="status", **LIGHT).then(
+            *follow, api_name="controls", **PAGE
+        )
         preset_box.change(
             on_select_preset,
             preset_box,
-            [status, e_block, s_block, i_block, e_steps, s_word],
+            [status, e_block, steer.block, i_block, e_steps, steer.word],
             api_name="select_preset",
             **PAGE,
-        )
+        ).then(*follow, api_name="preset_controls", **PAGE)
     return demo
 
 
@@ -1081,7 +1231,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_preload:
         threading.Thread(target=preload, args=(cache, args.preset), daemon=True).start()
     demo.queue(max_size=64).launch(
-        server_name=args.host, server_port=args.port, mcp_server=args.mcp_server
+        server_name=args.host, server_port=args.port, mcp_server=args.mcp_server, css=CSS
     )
 
 

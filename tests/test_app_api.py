@@ -21,6 +21,7 @@ PUBLIC = (
     "emergence_step",
     "default_strength",
     "steer",
+    "steer_concepts",
     "search_concepts",
     "inspect_concept",
     "top_examples",
@@ -66,6 +67,7 @@ def steer(client: Client, seed: int = 0, **changes) -> tuple:
         "branch": "cond",
         "concept_by": "word",
         "word": "star",
+        "concepts": [],
         "cid": 0,
         "cid_t": 1.0,
         "kind": "spatial",
@@ -125,9 +127,11 @@ def test_emergence_and_its_steps_from_any_client(client):
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
     (before, after), difference, edits, changes = steer(client)
-    record, change = edits.splitlines()
+    record, change, placement = edits.splitlines()
     assert record.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs ")
     assert record.endswith("; skipped none") and change.startswith("The image changed by ")
+    assert placement.startswith("Centre of mass of the star (the shapes world's pixels) ")
+    assert changes["placement"]["object"] == "star"
     assert pixels(before).shape == pixels(after).shape == (256, 256, 3)
     assert not np.array_equal(pixels(before), pixels(after))
     assert pixels(difference).shape[:2] == (256, 256 + BAR_WIDTH)
@@ -139,6 +143,19 @@ def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_pa
     assert edits.startswith("edited no step; skipped steps 0–3: ")
     assert changes["cids"] == {"t=0.5": "5"} and changes["region"] == "drawn, 25% of the image"
     assert np.array_equal(pixels(before), pixels(before2))
+
+
+def test_a_steer_by_word_narrowed_to_the_concepts_listed(client):
+    found = client.predict(PRESET, UP, "cond", "star", api_name="/steer_concepts")
+    assert found[0] == {
+        "label": "t=1.0 cond: CID 11 (checkered x4, star x1)",
+        "value": "cond:1.0:11",
+    }
+    _, _, edits, changes = steer(client, concepts=[found[1]["value"]])
+    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 12; skipped none")
+    assert changes["cids"]["t=1.0"] == "12"
+    with pytest.raises(AppError, match="^Type a word to list the concepts labelled with it.$"):
+        client.predict(PRESET, UP, "cond", "", api_name="/steer_concepts")
 
 
 def test_default_strength_follows_preset_type_and_stage(client):

@@ -4,12 +4,16 @@ Debian's `chromium` is driven by Playwright (`playwright install` cannot downloa
 offline; `make test` installs the Debian package). Screenshots go to runs/screenshots/.
 """
 
+import io
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from PIL import Image
+from playwright.sync_api import Locator, Page, sync_playwright
 
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.files import REPO_ROOT
@@ -47,6 +51,11 @@ def page() -> Iterator[Page]:
         page.goto(app_url())
         yield page
         browser.close()
+
+
+def grey(element: Locator) -> np.ndarray:
+    """An element's pixels as it is shown, in grey levels."""
+    return np.asarray(Image.open(io.BytesIO(element.screenshot())).convert("L"), dtype=float)
 
 
 def shot(page: Page, name: str) -> Path:
@@ -96,9 +105,27 @@ def test_steer_tab_with_a_drawn_region(page):
     t_from.wait_for()  # the t range shows for a custom stage only
     page.get_by_label("early").check()
     t_from.wait_for(state="hidden")
+    branches = page.locator("#steer-branch input[type=radio]")
+    assert [branches.nth(i).input_value() for i in range(branches.count())] == ["cond"]
+    page.click("#steer-list")
+    concepts = page.locator("#steer-concepts input[type=checkbox]")
+    concepts.first.wait_for()
+    assert concepts.count() > 1 and all(
+        concepts.nth(i).is_checked() for i in range(concepts.count())
+    )
+    first = page.locator("#steer-concepts label").first.inner_text()
+    assert first.startswith("t=1.0 cond: CID ")
+    for i in range(1, concepts.count()):
+        concepts.nth(i).uncheck()  # keep the first concept only
     page.get_by_label("drawn").check()
     editor = page.locator("#steer-canvas")
     editor.scroll_into_view_if_needed()
+    blank = grey(editor)
+    page.click("#steer-show")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while np.abs(grey(editor) - blank).mean() < 5:  # until the image to edit is on the canvas
+        assert time.monotonic() < deadline, "the image to edit never reached the canvas"
+        page.wait_for_timeout(250)
     editor.get_by_role("button", name="Brush", exact=True).click()
     box = editor.locator("canvas").first.bounding_box()
     x, y = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3
@@ -110,7 +137,12 @@ def test_steer_tab_with_a_drawn_region(page):
     metrics = page.locator("#steer-metrics")
     metrics.get_by_text("mean_abs_pixel_difference").wait_for()
     assert "drawn," in metrics.inner_text()
-    assert "The image changed by " in page.locator("#steer-edits textarea").input_value()
+    edits = page.locator("#steer-edits textarea").input_value()
+    cid = first.split("CID ")[1].split(" ")[0]
+    assert edits.startswith(
+        f"edited steps 0–3 with up_blocks.1.attentions.0 (t=1, cond), CIDs {cid};"
+    )
+    assert "The image changed by " in edits and "Centre of mass of the star" in edits
     assert page.locator("#steer-pair img").count() == 2
     shot(page, "2-steer")
 

@@ -13,6 +13,8 @@ from core.diffusion.presets import get_preset
 from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
 from core.sae.bank import SAEBank, SAEKey
+from core.shapes.annotate import ToySegmenter
+from core.shapes.world import BackgroundSpec, ObjectSpec, SceneSpec, render
 from core.views import inspection
 from core.views.emergence import (
     EmergenceRuns,
@@ -28,8 +30,11 @@ from core.views.steer import (
     SteerRequest,
     canvas_mask,
     change_in_words,
+    concept_choices,
+    place,
     run_steer,
     strength_of,
+    usable_controls,
 )
 from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
 from tests.helpers import hook_count, random_sae
@@ -196,7 +201,7 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     lpips = zero.metrics["lpips"]
     assert lpips == 0 if isinstance(lpips, float) else lpips.startswith(NO_LPIPS)
     assert zero.record.summary() == "edited no step; skipped steps 0–3: the strength is 0"
-    assert zero.summary().endswith("\nThe image did not change.")
+    assert zero.summary().splitlines()[1] == "The image did not change."
     assert np.array_equal(np.asarray(zero.before), np.asarray(result.before))
     assert hook_count(loaded.pipe) == 0
 
@@ -237,6 +242,64 @@ def test_sdlens_strengths_are_multiples_of_each_concepts_mean_activation(loaded)
     edit = run_steer(sdlens, request).metrics["edit"]
     assert "strength 2 x each CID's mean activation (mean.pt), as in the SDLens demo" in edit
     assert ", strength 2, " in run_steer(loaded, request).metrics["edit"]
+
+
+def test_a_words_concepts_are_listed_and_the_edit_narrowed_to_the_ticked(loaded):
+    choices = concept_choices(loaded, UP, "cond", "star")
+    labels, values = zip(*choices, strict=True)
+    assert labels[0] == "t=1.0 cond: CID 11 (checkered x4, star x1)"
+    assert values[:3] == ("cond:1.0:11", "cond:1.0:12", "cond:1.0:15")
+    assert {v.split(":")[1] for v in values} == {"1.0", "0.5", "0.0"}
+    request = SteerRequest(PROMPT, 1, UP, word="star", keep=("cond:1.0:12", "cond:0.5:99"))
+    result = run_steer(loaded, request)
+    assert result.metrics["cids"]["t=1.0"] == "12"
+    assert (
+        result.record.summary() == f"edited steps 0–3 with {UP} (t=1, cond), CIDs 12; skipped none"
+    )
+    with pytest.raises(ValueError, match="None of the chosen concepts is labelled 'star'"):
+        run_steer(loaded, replace(request, keep=("cond:1.0:999",)))
+    with pytest.raises(ValueError, match="Type a word"):
+        concept_choices(loaded, UP, "cond", " ")
+
+
+def test_a_spatial_edit_says_where_the_object_is_before_and_after(loaded):
+    result = run_steer(loaded, SteerRequest(PROMPT, 1, UP, word="star", quadrant="bottom_right"))
+    placement = result.metrics["placement"]
+    assert placement["object"] == "star"
+    assert placement["found_by"] == "the shapes world's pixels"
+    assert (
+        result.summary()
+        .splitlines()[-1]
+        .startswith(
+            "Centre of mass of the star (the shapes world's pixels) relative to the target region: "
+        )
+    )
+    glob = run_steer(loaded, SteerRequest(PROMPT, 1, UP, word="star", kind="global"))
+    assert "placement" not in glob.metrics and glob.placement is None
+
+
+def test_the_centre_of_mass_check_finds_a_rendered_shape_in_its_quadrant():
+    star = ObjectSpec("star", "red", x=0.25, y=0.75, radius=0.15)
+    scene = render(SceneSpec((star,), BackgroundSpec("plain", "gray")), size=64)
+    image = Image.fromarray(scene.image)
+    bottom_left = np.zeros((64, 64), bool)
+    bottom_left[32:, :32] = True
+    point, inside = place(ToySegmenter(), image, "star", bottom_left)
+    assert inside and abs(point[0] - 16) < 2 and abs(point[1] - 48) < 2
+    assert place(ToySegmenter(), image, "star", ~bottom_left)[1] is False
+    assert place(ToySegmenter(), image, "circle", bottom_left) == (None, False)
+
+
+def test_the_page_offers_only_the_controls_a_preset_can_use(loaded):
+    assert usable_controls(loaded.preset, loaded).branches == ("cond",)  # cond SAEs only
+    before_loading = usable_controls(loaded.preset, None)
+    assert before_loading.branches == ("cond", "uncond", "both") and before_loading.by_word
+    assert usable_controls(loaded.preset, loaded).per_stage  # SAEs at t = 1, 0.5, 0
+    unguided = replace(loaded.preset, guidance_scale=1.0)
+    assert usable_controls(unguided, None).branches == ("cond",)
+    single = Loaded(loaded.preset, loaded.pipe, SAEBank([random_sae(64, 256, 8, block=UP)]), {})
+    controls = usable_controls(loaded.preset, single)
+    assert not controls.by_word and not controls.per_stage
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,7 @@ def compare(config: CompareConfig) -> Rows:
             banks,
             dictionaries,
             config.objects,
-            make_segmenter(config.annotation, config.clipseg_model, config.device),
+            make_segmenter(config.annotation.annotator, config.clipseg_model, config.device),
             block=config.edit_block,
             branch=config.branch,
             stages=config.stages,

@@ -660,11 +660,11 @@ class EvaluateConfig:
 
 
 def make_segmenter(
-    annotation: AnnotatorConfig, clipseg_model: str, device: str | None
+    annotator: str, clipseg_model: str = CLIPSEG_ID, device: str | torch.device | None = None
 ) -> ClipSegSegmenter | ToySegmenter:
     """The spatial-edit evaluator's segmenter: shapes-world pixels for the toy annotator, else
     CLIPSeg."""
-    if annotation.annotator == "toy":
+    if annotator == "toy":
         return ToySegmenter()
     return ClipSegSegmenter(clipseg_model, device=device)
 
@@ -773,7 +773,7 @@ def spatial_task(
         bank,
         dictionaries,
         config.objects,
-        make_segmenter(config.annotation, config.clipseg_model, config.device),
+        make_segmenter(config.annotation.annotator, config.clipseg_model, config.device),
         quadrants=config.quadrants,
         template=config.world.template,
         **edit,

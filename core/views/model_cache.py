@@ -31,7 +31,7 @@ from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
-from core.runtime import default_device
+from core.runtime import ModelNotAvailableError, default_device
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import SAELoadError, TopKSAE
 
@@ -103,6 +103,21 @@ class Loaded:
             return GroundedSamAnnotator(tagger, device=self.device), None
         except (OSError, ValueError) as error:
             return None, f"no annotator ({error.args[0] if error.args else error})"
+
+    def segmenter(self) -> tuple[object | None, str]:
+        """(the spatial-edit evaluator's segmenter, what it is), or (None, why there is none):
+        the shapes world's pixels for its presets, else CLIPSeg, as the emergence paper."""
+        return self.cached("segmenter", self._load_segmenter)
+
+    def _load_segmenter(self) -> tuple[object | None, str]:
+        from core.emergence.evaluate import make_segmenter
+
+        toy = self.preset.annotator == "toy"
+        try:
+            segmenter = make_segmenter(self.preset.annotator, device=self.device)
+        except (OSError, ValueError, ModelNotAvailableError) as error:
+            return None, f"CLIPSeg does not load ({error.args[0] if error.args else error})"
+        return segmenter, "the shapes world's pixels" if toy else "CLIPSeg"
 
     def generate(
         self,

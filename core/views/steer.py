@@ -8,6 +8,11 @@ change in CLIP similarity with the concept's word (when those models can be load
 shown as a difference map in grey levels on the fixed scale 0-255. Each result carries the
 edit's record: which steps each SAE edited with which CIDs, which steps were skipped and
 why; its summary adds how much the image changed, in words.
+
+The concepts of a word can be listed (`concept_choices`) and narrowed to some of them
+(`SteerRequest.keep`). A spatial edit is checked where a segmenter can find the concept's
+object (the shapes world's pixels, else CLIPSeg, the paper's evaluator): is the object's
+centre of mass in the target region before and after (`Placement`)?
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -17,8 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.annotate.clipseg import centre_of_mass
 from core.annotate.tags import CLIP_ID
-from core.diffusion.presets import AppDefaults
+from core.diffusion.presets import AppDefaults, Preset
 from core.emergence.concepts import concept_cids
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
@@ -38,11 +44,36 @@ from core.emergence.steer import (
 from core.runtime import ModelNotAvailableError
 from core.sae.bank import SAEKey
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
+from core.views.inspection import describe_labels
 from core.views.model_cache import Loaded
 from core.views.render import GREY_LEVELS, difference_map, grey_levels
 
 BRANCH_CHOICES = {"cond": ("cond",), "uncond": ("uncond",), "both": BRANCHES}
 STAGE_CHOICES = ("early", "middle", "final", "custom")
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What a preset can use, so that the page offers nothing else."""
+
+    branches: tuple[str, ...]
+    """The `BRANCH_CHOICES` names it has SAEs (and guidance) for."""
+    by_word: bool
+    """Whether concepts can be chosen by word: it has concept dictionaries."""
+    per_stage: bool
+    """Whether a stage's SAE and the nearest one can differ: its SAEs are at several t."""
+
+
+def usable_controls(preset: Preset, loaded: Loaded | None) -> Controls:
+    """A preset's usable controls; before it is loaded, what its settings allow."""
+    have = set(BRANCHES) if loaded is None else {key.branch for key in loaded.bank}
+    if preset.guidance_scale <= 1:
+        have.discard("uncond")
+    branches = tuple(name for name, needs in BRANCH_CHOICES.items() if set(needs) <= have)
+    if loaded is None:
+        return Controls(branches, by_word=True, per_stage=True)
+    times = {key.t for key in loaded.bank}
+    return Controls(branches, bool(loaded.dictionaries), per_stage=len(times) > 1)
 
 
 @dataclass
@@ -69,6 +100,52 @@ class SteerRequest:
     sae_choice: str = "stage"
     """"stage": every edited step uses the SAE at its stage's t (the paper's way); "nearest":
     each uses the SAE trained nearest to its own t."""
+    keep: Sequence[str] = ()
+    """Of the word's concepts, only these (`concept_choices` values); empty: all of them."""
+
+
+@dataclass
+class Placement:
+    """Where a spatial edit's object is before and after it: its centre of mass (x, y) in
+    pixels, or None where it was not found, and whether that lies inside the region."""
+
+    word: str
+    before: tuple[float, float] | None
+    after: tuple[float, float] | None
+    inside_before: bool
+    inside_after: bool
+    evaluator: str
+
+    def summary(self) -> str:
+        def where(point: tuple[float, float] | None, inside: bool) -> str:
+            if point is None:
+                return "not found"
+            return f"({point[0]:.0f}, {point[1]:.0f}), {'inside' if inside else 'outside'}"
+
+        return (
+            f"Centre of mass of the {self.word} ({self.evaluator}) relative to the target "
+            f"region: before {where(self.before, self.inside_before)}; "
+            f"after {where(self.after, self.inside_after)}."
+        )
+
+    def as_metrics(self) -> dict[str, object]:
+        return {
+            "object": self.word,
+            "found_by": self.evaluator,
+            "centre_before": self.before,
+            "centre_after": self.after,
+            "in_region_before": self.inside_before,
+            "in_region_after": self.inside_after,
+        }
+
+
+def place(segmenter, image: Image.Image, word: str, region: np.ndarray) -> tuple:
+    """(centre of mass of `word` in `image` or None, whether it lies in `region`)."""
+    point = centre_of_mass(segmenter.segment(image, [word])[word])
+    if point is None:
+        return None, False
+    x, y = (round(v) for v in point)
+    return point, bool(region[min(y, region.shape[0] - 1), min(x, region.shape[1] - 1)])
 
 
 @dataclass
@@ -79,10 +156,14 @@ class SteerResult:
     metrics: dict[str, object]
     record: EditRecord
     """Which steps were edited with which SAE and CIDs, which were skipped and why."""
+    placement: Placement | None = None
+    """Where the concept's object is before and after a spatial edit; None: not checked."""
 
     def summary(self) -> str:
-        """Two lines: the edit record's, then how much the image changed."""
-        return f"{self.record.summary()}\n{change_in_words(self.before, self.after)}"
+        """The edit record's line, how much the image changed, and whether a spatial edit
+        put the object in the region."""
+        lines = [self.record.summary(), change_in_words(self.before, self.after)]
+        return "\n".join(lines + ([self.placement.summary()] if self.placement else []))
 
 
 def change_in_words(before: Image.Image, after: Image.Image) -> str:
@@ -122,16 +203,61 @@ def strength_of(request: SteerRequest, defaults: AppDefaults) -> float:
     return default_strength(request.kind, stage_of(request))
 
 
+def word_cids(
+    loaded: Loaded, block: str, branches: Sequence[str], word: str
+) -> dict[SAEKey, list[int]]:
+    """The CIDs labelled `word` in each dictionary of `block` on `branches`."""
+    if not loaded.dictionaries:
+        raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
+    found: dict[SAEKey, list[int]] = {}
+    for branch in branches:
+        found.update(concept_cids(loaded.dictionaries, word, block, branch))
+    return found
+
+
+def choice_value(key: SAEKey, cid: int) -> str:
+    return f"{key.branch}:{key.t}:{cid}"
+
+
+def concept_choices(loaded: Loaded, block: str, branch: str, word: object) -> list[tuple]:
+    """(label, value) of each concept labelled `word`, per SAE, for narrowing an edit to
+    some of them (`SteerRequest.keep` takes the values)."""
+    if branch not in BRANCH_CHOICES:
+        raise ValueError(f"Unknown branch {branch!r}; choose {', '.join(BRANCH_CHOICES)}.")
+    word = str(word or "").strip()
+    if not word:
+        raise ValueError("Type a word to list the concepts labelled with it.")
+    found = word_cids(loaded, block, BRANCH_CHOICES[branch], word)
+    return [
+        (
+            f"t={key.t} {key.branch}: CID {cid} ({describe_labels(loaded, key, cid)})",
+            choice_value(key, cid),
+        )
+        for key, ids in sorted(found.items(), key=lambda item: (-item[0].t, item[0].branch))
+        for cid in ids
+    ]
+
+
+def narrowed(found: dict[SAEKey, list[int]], keep: Sequence[str], word: str) -> dict:
+    """`found` with only the concepts in `keep` (all when `keep` is empty)."""
+    if not keep:
+        return found
+    kept = {key: [c for c in ids if choice_value(key, c) in keep] for key, ids in found.items()}
+    if not any(kept.values()):
+        raise ValueError(
+            f"None of the chosen concepts is labelled {word!r} in this block and branch; list "
+            "the word's concepts again and choose among them."
+        )
+    return kept
+
+
 def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -> tuple:
-    """(CIDs per SAE key, description): by word through each t's dictionary, or one CID."""
+    """(CIDs per SAE key, description): by word through each t's dictionary (narrowed to
+    `request.keep`), or one CID."""
     if request.word.strip():
         word = request.word.strip()
-        if not loaded.dictionaries:
-            raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
-        found: dict[SAEKey, list[int]] = {}
-        for branch in branches:
-            found.update(concept_cids(loaded.dictionaries, word, request.block, branch))
-        return found, f"{word!r}"
+        found = word_cids(loaded, request.block, branches, word)
+        return narrowed(found, request.keep, word), f"{word!r}"
     if request.cid is None or request.cid == "":
         raise ValueError("Choose a concept: type a word, or give a CID.")
     t = check_number(request.cid_t, "The t of the CID's SAE", 0.0, 1.0)
@@ -172,6 +298,18 @@ def region_of(request: SteerRequest, size: tuple[int, int]) -> np.ndarray | None
     return quadrant_mask(request.quadrant, size)
 
 
+def before_image(
+    loaded: Loaded,
+    prompt: object,
+    seed: object,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """The unsteered image of a steer request: the canvas shows it to draw the region on."""
+    return loaded.generate(
+        [check_prompt(prompt)], [check_seed(seed)], loaded.preset.steps, on_step=on_step
+    )[0]
+
+
 def run_steer(
     loaded: Loaded, request: SteerRequest, on_step: Callable[[int, int], None] | None = None
 ) -> SteerResult:
@@ -199,11 +337,13 @@ def run_steer(
     def progress(offset: int) -> Callable[[int, int], None] | None:
         return None if on_step is None else lambda done, _: on_step(offset + done, total)
 
-    before = loaded.generate([prompt], [seed], steps, on_step=progress(0))[0]
+    before = before_image(loaded, prompt, seed, progress(0))
     with intervene(loaded.pipe, loaded.bank, request.block, edit, size) as record:
         after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
+    word = request.word.strip() or _top_label(loaded, cids)
+    placement = placement_of(loaded, before, after, word, edit.region)
     metrics = {
-        **compare(loaded, before, after, request.word.strip() or _top_label(loaded, cids)),
+        **compare(loaded, before, after, word),
         "concept": concept,
         "edit": f"{request.kind}, {_describe_stage(stage)}, {_describe_strength(loaded, edit)}, "
         f"SAE per step: {request.sae_choice}",
@@ -211,7 +351,31 @@ def run_steer(
         "edited_steps": f"{len({step.index for step in record.edited()})} of {steps}",
         "cids": {f"t={key.t}": list_cids(ids) for key, ids in sorted(cids.items())},
     }
-    return SteerResult(before, after, difference_map(before, after), metrics, record)
+    checked = isinstance(placement, Placement)
+    if placement is not None:
+        metrics["placement"] = placement.as_metrics() if checked else placement
+    difference = difference_map(before, after)
+    return SteerResult(before, after, difference, metrics, record, placement if checked else None)
+
+
+def placement_of(
+    loaded: Loaded,
+    before: Image.Image,
+    after: Image.Image,
+    word: str | None,
+    region: np.ndarray | None,
+) -> Placement | str | None:
+    """Where the concept's object is before and after a spatial edit; why it is not checked
+    when no segmenter loads; None for other edits and unlabelled concepts."""
+    if region is None or word is None:
+        return None
+    segmenter, evaluator = loaded.segmenter()
+    if segmenter is None:
+        return f"not checked: {evaluator}"
+    (point_before, in_before), (point_after, in_after) = (
+        place(segmenter, image, word, region) for image in (before, after)
+    )
+    return Placement(word, point_before, point_after, in_before, in_after, evaluator)
 
 
 def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
