@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from core.diffusion.presets import ASSETS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import ASSETS, get_preset
 from core.emergence.build_dictionary import quality_lines
 from core.emergence.concepts import save_dictionaries
 from core.emergence.gathering import gather, save_examples

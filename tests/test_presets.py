@@ -4,7 +4,8 @@ import sys
 import pytest
 import torch
 
-from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset
 from core.diffusion.tiny import build_tiny_pipeline
 from core.files import REPO_ROOT
 from core.runtime import ModelNotAvailableError

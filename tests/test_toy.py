@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from core.annotate.clipseg import centre_of_mass
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
 from core.diffusion.hooks import resolve_blocks
-from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset
 from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter

@@ -29,7 +29,6 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
 from core.sae.model import SITES
@@ -68,6 +67,8 @@ class DeltaRecord(NamedTuple):
 
 def transformer_blocks(unet: nn.Module) -> list[str]:
     """Names of every `Transformer2DModel` block of `unet`: the valid hook points."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
 
 

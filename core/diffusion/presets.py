@@ -1,21 +1,14 @@
 """Named model set-ups: which pipeline, how to sample it, where to hook, which SAEs.
 
-A preset is plain data. `load_pipeline` turns one into a diffusers pipeline, exactly as
-a user with internet access would (`DiffusionPipeline.from_pretrained`), except for
-`tiny`, which is built from configs with random weights. Each preset also carries what the
-app's page shows first for it (`AppDefaults`).
+A preset is plain data (this module imports no model library, so that the app's page can
+be served before one loads); `core.diffusion.pipelines.load_pipeline` turns one into a
+diffusers pipeline. Each preset also carries what the app's page shows first for it
+(`AppDefaults`).
 """
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
-
-from core.diffusion.checksums import verify_assets
-from core.diffusion.tiny import build_tiny_pipeline
 from core.files import ASSETS
-from core.runtime import ModelNotAvailableError, default_device
 
 PROMPTS = ASSETS / "prompts"
 """Prompt files shipped for presets, one prompt a line."""
@@ -183,37 +176,3 @@ def get_preset(name: str, **overrides) -> Preset:
 def default_preset_name() -> str:
     """`toy` when its weights are in assets/, else `tiny`: the offline default either way."""
     return "toy" if (TOY_ASSETS / "pipeline" / "model_index.json").is_file() else "tiny"
-
-
-def load_pipeline(
-    preset: Preset, device: str | None = None, dtype: torch.dtype | None = None
-) -> DiffusionPipeline:
-    """Load the preset's pipeline onto `device` (fp16 on CUDA unless `dtype` says otherwise)."""
-    device = device or default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if preset.model == "tiny":
-        pipe = build_tiny_pipeline()
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-    else:
-        if preset.assets and Path(preset.model).resolve().is_relative_to(preset.assets):
-            verify_assets(preset.assets)
-        pipe = _from_pretrained(preset.model, dtype)
-    if preset.scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def _from_pretrained(model: str, dtype: torch.dtype) -> DiffusionPipeline:
-    kwargs = {"dtype": dtype}
-    try:
-        return DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ModelNotAvailableError(
-            f"could not load the pipeline {model!r} ({type(error).__name__}): it is not in the "
-            "local Hugging Face cache and could not be downloaded. Run once with internet "
-            f"access (or `hf download {model}`), pass a local pipeline folder instead, "
-            "or use the offline preset `tiny`."
-        ) from error

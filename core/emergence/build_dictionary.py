@@ -33,7 +33,8 @@ from core.annotate.tags import (
     make_tagger,
 )
 from core.diffusion.hooks import BRANCHES
-from core.diffusion.presets import PRESETS, Preset, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, Preset, get_preset
 from core.emergence.concepts import (
     IOU_THRESHOLD,
     ConceptDictionary,

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from simple_parsing import field
 
-from core.diffusion.presets import PRESETS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, get_preset
 from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.emergence.concepts import IOU_THRESHOLD, ConceptDictionary, cohesion, separability
 from core.emergence.evaluate import WORLDS, composition_rows

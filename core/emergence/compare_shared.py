@@ -23,7 +23,8 @@ from simple_parsing import field
 from core.annotate.clipseg import CLIPSEG_ID
 from core.annotate.quadrants import QUADRANTS
 from core.diffusion.hooks import BRANCHES
-from core.diffusion.presets import PRESETS, STAGES, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, STAGES, get_preset
 from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.emergence.composition import DEFAULT_THRESHOLD
 from core.emergence.concepts import DictionaryLoadError, load_dictionaries
@@ -32,9 +33,9 @@ from core.emergence.evaluate import (
     PAPER_OBJECTS,
     Rows,
     format_table,
-    make_segmenter,
     target_choice,
 )
+from core.emergence.metrics import make_segmenter
 from core.emergence.shared_vs_per_time import (
     KINDS,
     Dictionaries,

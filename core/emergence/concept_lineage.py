@@ -17,7 +17,8 @@ from pathlib import Path
 
 from simple_parsing import field
 
-from core.diffusion.presets import PRESETS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, get_preset
 from core.emergence.concepts import load_dictionaries
 from core.emergence.lineage import METHODS, Lineage, coactivation_codes, lineage, ordered_keys
 from core.files import write_csv, write_json

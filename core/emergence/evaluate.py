@@ -61,7 +61,13 @@ from core.emergence.concepts import (  # noqa: E402
     load_dictionaries,
     separability,
 )
-from core.emergence.metrics import ClipScorer, label_masks, load_lpips, pixel_difference  # noqa: E402
+from core.emergence.metrics import (  # noqa: E402
+    ClipScorer,
+    label_masks,
+    load_lpips,
+    make_segmenter,
+    pixel_difference,
+)
 from core.emergence.steer import (  # noqa: E402
     SAE_CHOICES,
     Intervention,
@@ -657,16 +663,6 @@ class EvaluateConfig:
     def world(self) -> World:
         """What the evaluations ask of the images, by the annotator that labels them."""
         return WORLDS[self.annotation.annotator]
-
-
-def make_segmenter(
-    annotator: str, clipseg_model: str = CLIPSEG_ID, device: str | torch.device | None = None
-) -> ClipSegSegmenter | ToySegmenter:
-    """The spatial-edit evaluator's segmenter: shapes-world pixels for the toy annotator, else
-    CLIPSeg."""
-    if annotator == "toy":
-        return ToySegmenter()
-    return ClipSegSegmenter(clipseg_model, device=device)
 
 
 def make_scorer(config: EvaluateConfig) -> ClipScorer | StyleScorer:

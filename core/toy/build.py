@@ -25,7 +25,8 @@ import torch
 from simple_parsing import field
 
 from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_files
-from core.diffusion.presets import SD14_BLOCKS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, ConceptDictionary, load_dictionaries
 from core.emergence.words import load_word_vectors

@@ -28,7 +28,8 @@ from simple_parsing import field
 from tqdm.auto import tqdm
 
 from core.diffusion.hooks import BRANCHES, resolve_blocks
-from core.diffusion.presets import PRESETS, get_preset, load_pipeline
+from core.diffusion.pipelines import load_pipeline
+from core.diffusion.presets import PRESETS, get_preset
 from core.runtime import command
 from core.sae.bank import SAEBank, SAEKey
 from core.training.activations import (

@@ -28,7 +28,6 @@ from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
 from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
-from core.emergence.lineage import chain_through, lineage, top_label
 from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
 from core.sae.bank import SAEKey
 from core.sae.model import TopKSAE
@@ -97,6 +96,8 @@ def concept_card(loaded: Loaded, block: str, t: object, branch: str, cid: object
 def _lineage(loaded: Loaded, key: SAEKey, cid: int) -> str:
     """The concept's chain through the block's SAEs at other t, matched by decoder direction
     (`core.emergence.lineage`), as one line."""
+    from core.emergence.lineage import chain_through, lineage, top_label  # imports scipy: slow
+
     same = [k for k in loaded.bank if (k.block, k.branch) == (key.block, key.branch)]
     ts = sorted({k.t for k in same if k.t is not None})
     if key.t is None or len(ts) < 2:

@@ -9,7 +9,12 @@ The pipeline is shared by every request, and the core's hooks and interventions 
 to it for the duration of a `with` block, so two generations must never overlap on it:
 `using` holds one process-wide lock while the caller works. Loading failures are not
 cached, so files put in place later are found on the next request.
+
+Model libraries (diffusers, and through it transformers) are imported when a preset first
+loads, not with this module, so that the app serves its page before they are.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -18,14 +23,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
 from core.annotate.annotation import Annotator
-from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset, load_pipeline
+from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset
 from core.diffusion.sampling import generate_images
 from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
@@ -34,6 +39,9 @@ from core.files import local_or_snapshot
 from core.runtime import ModelNotAvailableError, default_device
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import SAELoadError, TopKSAE
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Loaded:
         return self.cached("segmenter", self._load_segmenter)
 
     def _load_segmenter(self) -> tuple[object | None, str]:
-        from core.emergence.evaluate import make_segmenter
+        from core.emergence.metrics import make_segmenter
 
         toy = self.preset.annotator == "toy"
         try:
@@ -247,6 +255,8 @@ class ModelCache:
                 "pass --sd14-saes) to a Hub repo or folder of SAEs, or train them with "
                 "`python -m core.training.train`."
             )
+        from core.diffusion.pipelines import load_pipeline
+
         pipe = load_pipeline(preset, device=self.device or default_device())
         try:
             source, blocks = preset.sae_source, preset.hook_points
