@@ -71,6 +71,8 @@ class TimelineStep:
 class Timeline:
     block: str
     branch: str
+    word: str
+    """The concept's word, its CIDs summed at each step; empty when it is one CID."""
     concept: str
     """What was followed, as messages name it: "'star'" or "CID 12 of the SAE at t=1"."""
     steps: list[TimelineStep]
@@ -134,11 +136,11 @@ def concept_timeline(
     maps = torch.stack([s.activation for s in steps])
     if word:
         scale, scale_name = fixed_scale(0.0, maps, "its summed CIDs'")
-        note = "summed CIDs have no largest activation in training, so the strip sets the scale"
+        note = "its CIDs summed, which have no largest activation in training together"
     else:
         scale, scale_name = activation_scale(loaded.bank[steps[0].sae], steps[0].cids[0], maps)
         note = "a CID belongs to one SAE, so that SAE read every step"
-    timeline = Timeline(block, branch, concept, steps, scale, scale_name, [note])
+    timeline = Timeline(block, branch, word, concept, steps, scale, scale_name, [note])
     peak = float(torch.nan_to_num(maps, nan=0.0).max())
     if peak > scale:
         timeline.notes.append(f"exceeded here (up to {peak:.3g}), shown at the top of the scale")
@@ -216,11 +218,11 @@ def strength_figure(timeline: Timeline) -> Figure:
     t_axis(ax)
     top = np.nanmax(maxes, initial=0.0)
     ax.set_ylim(0, (top if top > 0 else 1.0) * 1.2)  # headroom for the SAE names
-    ax.set_ylabel(f"activation of {timeline.concept}")
+    ax.set_ylabel("activation" + (" (its CIDs summed)" if timeline.word else ""))
     ax.set_title(
-        f"How strongly {timeline.concept} fires at each step\n"
-        f"{timeline.block} ({timeline.branch}); shaded: the SAE that read each step"
-        + ("; gaps: skipped" if timeline.skips else ""),
+        f"How strongly {timeline.concept} fires at each step\n{timeline.block} "
+        f"({timeline.branch}); shaded: the SAE that read each step"
+        + ("\ngaps: steps skipped" if timeline.skips else ""),
         fontsize=10,
     )
     ax.grid(alpha=0.3)
