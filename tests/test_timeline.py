@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.diffusion.hooks import record
+from core.diffusion.hooks import StepInfo, record
 from core.emergence.composition import latent_grid
 from core.sae.bank import SAEKey
 from core.views.model_cache import Loaded, ModelCache
@@ -16,6 +16,8 @@ from core.views.timeline import (
     FRAMES_PER_ROW,
     HEADER_HEIGHT,
     TITLE_HEIGHT,
+    Timeline,
+    TimelineStep,
     concept_timeline,
     filmstrip,
     strength_figure,
@@ -143,3 +145,15 @@ def test_bad_input_is_one_sentence_before_anything_is_generated(loaded, changes,
     message = str(info.value)
     assert fragment in message and message.count(". ") == 0 and "\n" not in message
     assert steps == [] and hook_count(loaded.pipe) == 0
+
+
+def test_an_sae_of_every_t_is_named_so():
+    key = SAEKey(UP, None, "cond")  # as SDLens's SAEs are
+    steps = [
+        TimelineStep(StepInfo(i, t * 1000, t), key, (3,), torch.ones(2, 2))
+        for i, t in enumerate((0.9, 0.5))
+    ]
+    timeline = Timeline(UP, "cond", "", "CID 3 of the SAE at every t", steps, 1.0, "1")
+    assert "steps 0–1 (t 0.90 to 0.50) read with the SAE at every t" in timeline.summary()
+    assert filmstrip(timeline).width > 2 * FRAME
+    assert [text.get_text() for text in strength_figure(timeline).axes[0].texts] == ["SAE every t"]

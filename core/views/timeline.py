@@ -96,16 +96,21 @@ class Timeline:
         t_of = {s.index: f"{s.step.t:.2f}" for s in self.steps}
         used = [
             f"{step_ranges(indices)} (t {_span(t_of[indices[0]], t_of[indices[-1]])}) read with "
-            f"the SAE at t={key.t:g}"
+            f"the SAE at {_at(key)}"
             for key, indices in indices_by([s for s in self.steps if s.cids], lambda s: s.sae)
         ]
         skipped = [
-            f"skipped {step_ranges(indices)}: the SAE at t={key.t:g} has no CID labelled "
+            f"skipped {step_ranges(indices)}: the SAE at {_at(key)} has no CID labelled "
             f"{self.concept}"
             for key, indices in indices_by([s for s in self.steps if not s.cids], lambda s: s.sae)
         ]
         scale = f"maps on one scale, 0 to {self.scale_name}"
         return f"{self.concept}: " + "; ".join([*used, *skipped, *self.notes, scale])
+
+
+def _at(key: SAEKey) -> str:
+    """The time an SAE was trained at, as the views name it: "t=0.5" or "every t"."""
+    return "every t" if key.t is None else f"t={key.t:g}"
 
 
 def _span(first: str, last: str) -> str:
@@ -169,7 +174,7 @@ def _concept(
         raise ValueError("Choose a concept: type a word, or give a CID.")
     key, sae = loaded.sae(block, check_number(cid_t, "The t of the CID's SAE", 0.0, 1.0), branch)
     chosen = (check_cid(cid, sae.cfg.num_latents),)
-    return lambda t: (key, chosen), f"CID {chosen[0]} of the SAE at t={key.t:g}"
+    return lambda t: (key, chosen), f"CID {chosen[0]} of the SAE at {_at(key)}"
 
 
 def _read(loaded: Loaded, recorded: DeltaRecord, chosen: tuple) -> TimelineStep:
@@ -200,7 +205,7 @@ def filmstrip(timeline: Timeline) -> Image.Image:
         top = HEADER_HEIGHT + (i // FRAMES_PER_ROW) * cell[1]
         centre = left + cell[0] / 2
         draw.text((centre, top + 8), f"t={step.step.t:.2f}", fill="black", font=_FONT, anchor="mm")
-        used = f"SAE t={step.sae.t:g}" if step.cids else "no CID"
+        used = f"SAE {_at(step.sae)}" if step.cids else "no CID"
         draw.text((centre, top + 21), used, fill="dimgrey", font=_FONT, anchor="mm")
         frame = colour_map(step.activation, 0.0, timeline.scale, CMAP, FRAME)
         grid.paste(frame, (left + 2, top + TITLE_HEIGHT))
@@ -244,7 +249,7 @@ def _shade_saes(ax: Axes, timeline: Timeline, ts: np.ndarray) -> None:
         ax.text(
             (low + high) / 2,
             0.98,
-            f"SAE t={key.t:g}",
+            f"SAE {_at(key)}",
             transform=ax.get_xaxis_transform(),
             ha="center",
             va="top",
