@@ -35,7 +35,7 @@ from core.diffusion.presets import (
 from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
-from core.views import inspection, revelio
+from core.views import inspection, revelio, timeline
 from core.views.emergence import (
     EmergenceResult,
     EmergenceRuns,
@@ -154,7 +154,8 @@ STEER_RESULTS = (
 )
 INSPECT_RESULTS = (
     "The concept's dictionary entry, firing statistics and nearest concepts, then its top "
-    "examples, its activation on a new generation and its feature icon."
+    "examples, its activation on a new generation and its feature icon; **timeline**: the "
+    "concept (the word searched for, else the CID) at every step of the new generation."
 )
 REVELIO_RESULTS = (
     "**load**: the purity table; **inspect**: one latent's top images; **show PCA maps**: "
@@ -635,6 +636,36 @@ def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROG
 
 @gpu(generations=1)
 @user_errors
+def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROGRESS):
+    """How strongly a concept fires at every denoising step of one generation.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block whose SAEs read the residual updates, e.g.
+            "mid_block.attentions.0".
+        t: the timestep in [0, 1] of the SAE that `cid` belongs to; that SAE reads every step.
+        branch: "cond" or "uncond".
+        cid: the concept id, used when `word` is empty.
+        word: a concept label; each step sums its CIDs in the SAE trained nearest to the
+            step's t. Empty: follow `cid`.
+        prompt: the prompt to generate.
+        seed: the generation seed.
+
+    Returns:
+        The filmstrip (the concept's activation map at each step, t from 1 to 0, on one fixed
+        scale with its colour bar), the plot of its mean and max activation against t, and a
+        line saying which SAE read which steps, which were skipped and the scale.
+    """
+    hooks = progress_hooks(progress)
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        found = timeline.concept_timeline(
+            loaded, block, branch, prompt, seed, word, cid, t, hooks["on_step"]
+        )
+    return timeline.filmstrip(found), timeline.strength_figure(found), found.summary()
+
+
+@gpu(generations=1)
+@user_errors
 def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
     """The concept's icon: an image generated from the empty prompt with the concept added.
 
@@ -976,6 +1007,9 @@ class ConceptViews(NamedTuple):
     heat: gr.Image
     icon: gr.Image
     caption: gr.Markdown
+    strip: gr.Image
+    strength: gr.Plot
+    timeline_note: gr.Markdown
 
 
 def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Radio]:
@@ -995,6 +1029,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, g
                 seed = gr.Number(0, label="seed")
                 icon_strength = gr.Number(10.0, label="icon strength")
             run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
+            follow = gr.Button("timeline", elem_id="inspect-timeline")
         with gr.Column(scale=2):
             line = results_line(INSPECT_RESULTS, "inspect-line")
             views = concept_views()
@@ -1012,6 +1047,14 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, g
     found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **PAGE)
     show_concept(
         runs, [preset_box, block, t, branch, cid], prompt, seed, icon_strength, views, line
+    )
+    follow.click(
+        on_timeline,
+        [preset_box, block, t, branch, cid, word, prompt, seed],
+        [views.strip, views.strength, views.timeline_note],
+        api_name="timeline",
+        show_progress_on=line,
+        **MODEL,
     )
     return block, branch
 
@@ -1034,8 +1077,29 @@ def concept_views() -> ConceptViews:
         heat = gr.Image(label="activation, fixed scale", height=256)
         icon = gr.Image(label="feature icon (empty prompt)", height=256, elem_id="inspect-icon")
     caption = gr.Markdown(label="caption")
+    strip = gr.Image(
+        label="timeline: the concept's activation at each step of the new generation, t from 1 "
+        "(noise) to 0, all on one fixed scale (0 to its largest in training; for a word, to "
+        "the strip's largest)",
+        format="png",
+        elem_id="inspect-timeline-strip",
+    )
+    strength = gr.Plot(label="the concept's mean and max activation per step")
+    timeline_note = gr.Markdown(label="timeline note")
     return ConceptViews(
-        note, entry, stats, nearest, examples, examples_note, overlay, heat, icon, caption
+        note,
+        entry,
+        stats,
+        nearest,
+        examples,
+        examples_note,
+        overlay,
+        heat,
+        icon,
+        caption,
+        strip,
+        strength,
+        timeline_note,
     )
 
 

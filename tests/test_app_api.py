@@ -27,6 +27,7 @@ PUBLIC = (
     "top_examples",
     "activation_map",
     "feature_icon",
+    "timeline",
     "revelio_load",
     "revelio_inspect",
     "revelio_pca",
@@ -192,6 +193,16 @@ def test_inspect_endpoints(client):
     assert f"CID {cid}" in caption
     icon = client.predict(PRESET, UP, 0.5, "cond", cid, 10.0, 0, api_name="/feature_icon")
     assert pixels(icon).shape == (256, 256, 3)
+    by_cid, by_word = (
+        client.predict(PRESET, UP, 0.5, "cond", cid, word, PROMPT, 0, api_name="/timeline")
+        for word in ("", "star")
+    )
+    strip, plot, note = by_cid
+    assert pixels(strip).shape[1] > 10 * 96 and plot
+    assert note.startswith(f"CID {cid} of the SAE at t=0.5: steps 0–9 ")
+    assert by_word[2].startswith("'star': steps 0–1 (t 0.90 to 0.80) read with the SAE at t=1")
+    with pytest.raises(AppError, match="Choose a concept: type a word, or give a CID."):
+        client.predict(PRESET, UP, 0.5, "cond", None, "", PROMPT, 0, api_name="/timeline")
 
 
 BAD_INPUTS = [

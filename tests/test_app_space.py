@@ -78,6 +78,7 @@ def test_every_event_has_an_api_name():
         "top_examples",
         "activation_map",
         "feature_icon",
+        "timeline",
         "select_preset",
         "status",
     }
@@ -94,6 +95,7 @@ def test_model_events_share_one_queue_slot():
         "top_examples",
         "activation_map",
         "feature_icon",
+        "timeline",
     }
     for fn in demo.fns.values():
         if fn.api_name in model_events:

@@ -46,6 +46,11 @@ class LatentGrid(NamedTuple):
         sums.scatter_add_(1, self.top_indices.reshape(batch, -1), self.top_acts.reshape(batch, -1))
         return sums / (height * width)
 
+    def activation(self, cids: Sequence[int]) -> Tensor:
+        """[B, H, W] the summed activation of `cids` at each position (0 where none fires)."""
+        chosen = torch.as_tensor(list(cids), device=self.top_indices.device)
+        return (self.top_acts * torch.isin(self.top_indices, chosen)).sum(dim=-1)
+
 
 class ConceptMap(NamedTuple):
     embeddings: Tensor

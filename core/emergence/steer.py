@@ -119,28 +119,27 @@ class EditRecord:
         if not self.steps:
             return "; ".join(["edited no step: no step's t lies in the window", *self.notes])
         edited = [
-            f"{_step_ranges(indices)} with {sae.describe()}, CIDs {list_cids(cids)}"
-            for (sae, cids), indices in _indices_by(self.edited(), lambda s: (s.sae, s.cids))
+            f"{step_ranges(indices)} with {sae.describe()}, CIDs {list_cids(cids)}"
+            for (sae, cids), indices in indices_by(self.edited(), lambda s: (s.sae, s.cids))
         ]
         skipped = [
-            f"skipped {_step_ranges(indices)}: {why}"
-            for why, indices in _indices_by(self.skipped(), lambda s: s.skipped)
+            f"skipped {step_ranges(indices)}: {why}"
+            for why, indices in indices_by(self.skipped(), lambda s: s.skipped)
         ]
         edited_text = "edited " + "; ".join(edited) if edited else "edited no step"
         return "; ".join([edited_text, *(skipped or ["skipped none"]), *self.notes])
 
 
-def _indices_by(
-    steps: Iterable[StepEdit], key: Callable[[StepEdit], object]
-) -> list[tuple[object, list[int]]]:
-    """The steps' indices grouped by `key`, groups in order of first appearance."""
+def indices_by(steps: Iterable, key: Callable) -> list[tuple[object, list[int]]]:
+    """The steps' indices (anything with an `index`, such as a `StepEdit`) grouped by `key`,
+    groups in order of first appearance."""
     groups: dict[object, list[int]] = {}
     for step in steps:
         groups.setdefault(key(step), []).append(step.index)
     return list(groups.items())
 
 
-def _step_ranges(indices: Iterable[int]) -> str:
+def step_ranges(indices: Iterable[int]) -> str:
     """ "step 4" or "steps 0–3, 6": runs of consecutive indices as ranges."""
     values = sorted(set(indices))
     runs: list[list[int]] = []

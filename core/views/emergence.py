@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -106,12 +107,9 @@ def run_emergence(
 ) -> EmergenceResult:
     """Generate once, recording `block`/`branch` and the cross-attention of the words."""
     prompt, seed, steps = check_prompt(prompt), check_seed(seed), check_steps(steps)
-    loaded.check_block(block, branch)
+    loaded.check_recorded(block, branch)
     if not loaded.dictionaries:
         raise ValueError(f"The preset {loaded.preset.name!r} has no concept dictionaries.")
-    guidance = loaded.preset.guidance_scale
-    if branch == "uncond" and guidance <= 1:
-        raise ValueError("The uncond branch exists only with classifier-free guidance.")
     targets, how = _targets(loaded, prompt, block, branch, words)
     with (
         record(loaded.pipe, [block], device=None, site=loaded.bank.site(block)) as recording,
@@ -259,9 +257,8 @@ def iou_figure(result: EmergenceResult) -> Figure:
             attention = result.attention_ious[word]
             label = f"{word}, cross-attention{_gaps(attention)}"
             ax.plot(result.ts, attention, "--", color=colours(i), label=label)
-    ax.set_xlim(1.02, -0.02)
+    t_axis(ax)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("t (1 = noise, generation runs left to right)")
     ax.set_ylabel("IoU with the reference mask")
     ax.set_title(
         "IoU of each word's predicted mask with its reference, per step\n"
@@ -272,6 +269,12 @@ def iou_figure(result: EmergenceResult) -> Figure:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def t_axis(ax: Axes) -> None:
+    """An x axis of denoising time from 1 (noise) on the left to 0, as generation runs."""
+    ax.set_xlim(1.02, -0.02)
+    ax.set_xlabel("t (1 = noise, generation runs left to right)")
 
 
 def _gaps(ious: Sequence[float]) -> str:

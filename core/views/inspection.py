@@ -233,8 +233,7 @@ def _cid_maps(
         images = loaded.generate(prompts, seeds, on_step=on_step, **generation)
     recorded = recording.at(key.block, t, key.branch)
     grid = latent_grid(sae, recorded.delta, recorded.site)
-    maps = (grid.top_acts * (grid.top_indices == cid)).sum(dim=-1)
-    return images, maps.cpu()
+    return images, grid.activation([cid]).cpu()
 
 
 def top_examples(
@@ -311,11 +310,16 @@ def activation_scale(sae: TopKSAE, cid: int, maps: Tensor) -> tuple[float, str]:
     """The top of a CID's colour scale and what it is: its largest activation in training,
     the same for every image; without training statistics (or if it never fired there),
     the largest in `maps`."""
-    trained = float(sae.stats.act_max[cid]) if sae.stats is not None else 0.0
+    return fixed_scale(float(sae.stats.act_max[cid]) if sae.stats is not None else 0.0, maps)
+
+
+def fixed_scale(trained: float, maps: Tensor, whose: str = "its") -> tuple[float, str]:
+    """The top of a colour scale and what it is (`whose` largest ...): `trained` if positive,
+    else the largest finite value of `maps`, else 1."""
     if trained > 0:
-        return trained, f"its largest in training ({trained:.3g})"
-    peak = float(maps.max())
-    return (peak, f"its largest on these images ({peak:.3g})") if peak > 0 else (1.0, "1")
+        return trained, f"{whose} largest in training ({trained:.3g})"
+    peak = float(torch.nan_to_num(maps.float(), nan=0.0).max())
+    return (peak, f"{whose} largest on these images ({peak:.3g})") if peak > 0 else (1.0, "1")
 
 
 def feature_icon(

@@ -168,6 +168,12 @@ class Loaded:
                 f"{', '.join(have)}."
             )
 
+    def check_recorded(self, block: str, branch: str) -> None:
+        """`check_block`, and that a generation runs `branch`, so that it can be recorded."""
+        self.check_block(block, branch)
+        if branch == "uncond" and self.preset.guidance_scale <= 1:
+            raise ValueError("The uncond branch exists only with classifier-free guidance.")
+
     def sae(self, block: str, t: float, branch: str) -> tuple[SAEKey, TopKSAE]:
         """The SAE of (block, branch) trained nearest to t, and its key."""
         self.check_block(block, branch)

@@ -55,12 +55,19 @@ def heat_map(
 ) -> Image.Image:
     """A 2-D map coloured on the fixed scale [`low`, `high`] (values outside are clipped),
     with a colour bar titled `label` on its right; NaN cells are grey."""
+    return with_colour_bar(colour_map(values, low, high, cmap, side), low, high, label, cmap)
+
+
+def colour_map(
+    values: np.ndarray | torch.Tensor, low: float, high: float, cmap: str, side: int = DISPLAY
+) -> Image.Image:
+    """`heat_map` without its colour bar, for panels that share one bar."""
     array = as_numpy(values)
     finite = np.isfinite(array)
     scaled = np.clip((np.where(finite, array, low) - low) / max(high - low, 1e-12), 0, 1)
     rgb = (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
     rgb[~finite] = INVALID_GREY
-    return with_colour_bar(upscale(Image.fromarray(rgb), side), low, high, label, cmap)
+    return upscale(Image.fromarray(rgb), side)
 
 
 def with_colour_bar(
