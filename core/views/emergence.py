@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -249,8 +250,7 @@ def iou_figure(result: EmergenceResult) -> Figure:
     Steps where the word is absent from both the prediction and the reference have no IoU
     (NaN): the line leaves a gap there and the legend counts them.
     """
-    fig = Figure(figsize=(6, 4.4), dpi=100)
-    ax = fig.subplots()
+    ax = iou_axes("IoU with the reference mask")
     colours = matplotlib.colormaps["tab10"]
     for i, word in enumerate(result.words):
         label = f"{word} (vs {result.references[word][1]}){_gaps(result.ious[word])}"
@@ -259,19 +259,30 @@ def iou_figure(result: EmergenceResult) -> Figure:
             attention = result.attention_ious[word]
             label = f"{word}, cross-attention{_gaps(attention)}"
             ax.plot(result.ts, attention, "--", color=colours(i), label=label)
+    return finished(
+        ax,
+        "IoU of each word's predicted mask with its reference, per step\n"
+        "(no IoU, a gap: the word is in neither mask)",
+    )
+
+
+def iou_axes(ylabel: str) -> Axes:
+    """The axes of an IoU-vs-t plot: t from 1 (noise) to 0, as generation runs, IoU in [0, 1]."""
+    ax = Figure(figsize=(6, 4.4), dpi=100).subplots()
     ax.set_xlim(1.02, -0.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("t (1 = noise, generation runs left to right)")
-    ax.set_ylabel("IoU with the reference mask")
-    ax.set_title(
-        "IoU of each word's predicted mask with its reference, per step\n"
-        "(no IoU, a gap: the word is in neither mask)",
-        fontsize=10,
-    )
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    return ax
+
+
+def finished(ax: Axes, title: str) -> Figure:
+    """The figure of `iou_axes` with its title and, below the plot, its legend."""
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    fig.tight_layout()
-    return fig
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 def _gaps(ious: Sequence[float]) -> str:
