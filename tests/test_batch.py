@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from core.views.emergence import run_emergence
-from core.views.emergence_batch import (
+from core.views.batch import (
     MAX_PAGE_RUNS,
     TABLE_HEADERS,
     BatchResult,
     RunScores,
     batch_figure,
     batch_table,
-    main,
     page_batch,
     parse_seeds,
     seed_count,
     spread,
 )
+from core.views.emergence import run_emergence
+from core.views.emergence_batch import main
 from core.views.model_cache import ModelCache
 
 UP = "up_blocks.1.attentions.0"
