@@ -81,6 +81,8 @@ class RunScores:
 
 @dataclass
 class BatchResult:
+    """The runs of a batch, every one with the same steps (`ts`), block and branch."""
+
     preset: str
     block: str
     branch: str
@@ -112,8 +114,8 @@ def parse_seeds(text: object) -> list[range]:
     ranges = []
     for part in filter(None, parts):
         found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        low, high = (found.group(1), found.group(2) or found.group(1)) if found else (1, 0)
-        if int(low) > int(high):
+        low, high = (found[1], found[2] or found[1]) if found else ("", "")
+        if not found or int(low) > int(high):
             raise ValueError(
                 f'The seeds must be whole numbers or ranges such as "0-3" or "0, 1, 2", got '
                 f"{text!r}."
@@ -136,8 +138,8 @@ def seed_count(ranges: Sequence[range]) -> int:
 def page_batch(prompt: object, extra: object, seeds: object) -> tuple[list[str], list[int]]:
     """The prompts (the tab's, then one a line of `extra`) and seeds of a page request,
     refused beyond `MAX_PAGE_RUNS` runs."""
-    prompts = [prompt, *str(extra or "").splitlines()]
-    prompts = list(dict.fromkeys(p.strip() for p in map(str, prompts) if p and str(p).strip()))
+    lines = [str(prompt or ""), *str(extra or "").splitlines()]
+    prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
     if not prompts:
         raise ValueError("There is no prompt to run: write the tab's prompt or one a line.")
     ranges = parse_seeds(seeds)
