@@ -36,6 +36,15 @@ from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio, timeline
+from core.views.batch import (
+    MAX_PAGE_RUNS,
+    TABLE_HEADERS,
+    batch_figure,
+    batch_table,
+    page_batch,
+    run_batch,
+    summary_line,
+)
 from core.views.emergence import (
     EmergenceResult,
     EmergenceRuns,
@@ -355,6 +364,41 @@ def on_emergence_step(run_id: str, index: float) -> list:
         its cross-attention map at that step.
     """
     return step_panels(RUNS.get(run_id), index)
+
+
+@gpu(generations=None)
+@user_errors
+def on_emergence_batch(
+    preset, prompt, prompts, seeds, steps, block, branch, words, progress=PROGRESS
+):
+    """Run the emergence view for several prompts and seeds; each step's IoU over the runs.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        prompt: the first prompt (the tab's).
+        prompts: more prompts, one a line; may be empty.
+        seeds: the seeds, like "0-3" or "0, 1, 2"; every prompt runs with every seed, at
+            most 16 runs in all (more with `python -m core.views.emergence_batch`).
+        steps: denoising steps (1 to the app's maximum), the same for every run.
+        block: the U-Net block whose SAEs read the residual updates.
+        branch: "cond" or "uncond", the classifier-free guidance branch.
+        words: comma-separated target words; empty takes each prompt's nouns.
+
+    Returns:
+        The mean IoU vs t over every run and word, with a band of one standard deviation, of
+        the SAE prediction (solid) and of cross-attention (dashed); a table with, per step,
+        each one's mean, standard deviation and number of defined IoUs; and a one-line
+        summary.
+    """
+    prompts, seeds = page_batch(prompt, prompts, seeds)
+    hooks = progress_hooks(progress)
+
+    def on_run(done: int, total: int, _) -> None:
+        progress((done, total), desc="emergence runs", unit="runs")
+
+    with CACHE.using(preset, hooks["on_load"]) as loaded:
+        result = run_batch(loaded, prompts, seeds, steps, block, branch, words, on_run)
+    return batch_figure(result), batch_table(result), summary_line(result)
 
 
 @user_errors
@@ -842,7 +886,49 @@ def emergence_tab(
         show_progress_on=line,
         **LIGHT,
     )
+    emergence_batch_panel(preset_box, prompt, steps, block, branch, words, line)
     return block, steps, branch
+
+
+def emergence_batch_panel(
+    preset_box: gr.Dropdown,
+    prompt: gr.Textbox,
+    steps: gr.Number,
+    block: gr.Dropdown,
+    branch: gr.Radio,
+    words: gr.Textbox,
+    line: gr.Markdown,
+) -> None:
+    """Every prompt with every seed, at the tab's settings: each step's IoU averaged over the
+    runs. Progress and errors show on the tab's results `line`."""
+    title = f"batch: several prompts and seeds (at most {MAX_PAGE_RUNS} runs)"
+    with gr.Accordion(title, open=False):
+        with gr.Row():
+            with gr.Column(scale=1):
+                seeds = gr.Textbox("0-3", label='seeds, like "0-3" or "0, 1, 2"')
+                prompts = gr.Textbox(
+                    "", lines=3, label="more prompts, one a line (the tab's prompt runs too)"
+                )
+                run = gr.Button("run the batch", elem_id="emergence-batch-run")
+            with gr.Column(scale=2):
+                plot = gr.Plot(
+                    label="mean IoU vs t", show_label=False, elem_id="emergence-batch-plot"
+                )
+                summary = gr.Markdown(label="batch summary", elem_id="emergence-batch-summary")
+        table = gr.Dataframe(
+            headers=TABLE_HEADERS,
+            label="IoU per step over every run and word (n: defined IoUs)",
+            elem_id="emergence-batch-table",
+        )
+    inputs = [preset_box, prompt, prompts, seeds, steps, block, branch, words]
+    run.click(
+        on_emergence_batch,
+        inputs,
+        [plot, table, summary],
+        api_name="emergence_batch",
+        show_progress_on=line,
+        **MODEL,
+    )
 
 
 class SteerControls(NamedTuple):

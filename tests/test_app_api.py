@@ -9,6 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from core.views.batch import TABLE_HEADERS
 from core.views.render import BAR_WIDTH
 from scripts.app_server import LOGS, app_url
 
@@ -19,6 +20,7 @@ PUBLIC = (
     "status",
     "emergence",
     "emergence_step",
+    "emergence_batch",
     "default_strength",
     "steer",
     "steer_concepts",
@@ -124,6 +126,20 @@ def test_emergence_and_its_steps_from_any_client(client):
         client.predict("abc", 2, api_name="/emergence_step")
     with pytest.raises(AppError, match="The step must be a whole number from 0 to 9 for this"):
         client.predict(run_id, 10, api_name="/emergence_step")
+
+
+def test_emergence_batch_pools_every_prompt_and_seed(client):
+    batch = {"preset": PRESET, "prompt": PROMPT, "prompts": "a blue star", "steps": 3}
+    batch |= {"block": UP, "branch": "cond", "words": ""}
+    plot, table, summary = client.predict(**batch, seeds="0-1", api_name="/emergence_batch")
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
+    assert table["headers"] == TABLE_HEADERS and len(table["data"]) == 3
+    assert summary.startswith("4 runs (2 prompts × 2 seeds, 3 steps")
+    too_many = r"^2 prompts × 9 seeds make 18 runs, .* `python -m core.views.emergence_batch`\.$"
+    with pytest.raises(AppError, match=too_many):
+        client.predict(**batch, seeds="0-8", api_name="/emergence_batch")
+    with pytest.raises(AppError, match=r"^The seeds must be whole numbers or ranges such as"):
+        client.predict(**batch, seeds="first four", api_name="/emergence_batch")
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):

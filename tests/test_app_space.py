@@ -71,6 +71,7 @@ def test_every_event_has_an_api_name():
     expected = {
         "emergence",
         "emergence_step",
+        "emergence_batch",
         "steer",
         "default_strength",
         "search_concepts",
@@ -89,6 +90,7 @@ def test_model_events_share_one_queue_slot():
     demo = app.build_demo(ModelCache(), "tiny")
     model_events = {
         "emergence",
+        "emergence_batch",
         "steer",
         "search_concepts",
         "inspect_concept",

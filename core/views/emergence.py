@@ -247,8 +247,7 @@ def iou_figure(result: EmergenceResult) -> Figure:
     Steps where the word is absent from both the prediction and the reference have no IoU
     (NaN): the line leaves a gap there and the legend counts them.
     """
-    fig = Figure(figsize=(6, 4.4), dpi=100)
-    ax = fig.subplots()
+    ax = iou_axes("IoU with the reference mask")
     colours = matplotlib.colormaps["tab10"]
     for i, word in enumerate(result.words):
         label = f"{word} (vs {result.references[word][1]}){_gaps(result.ious[word])}"
@@ -257,18 +256,29 @@ def iou_figure(result: EmergenceResult) -> Figure:
             attention = result.attention_ious[word]
             label = f"{word}, cross-attention{_gaps(attention)}"
             ax.plot(result.ts, attention, "--", color=colours(i), label=label)
-    t_axis(ax)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("IoU with the reference mask")
-    ax.set_title(
+    return finished(
+        ax,
         "IoU of each word's predicted mask with its reference, per step\n"
         "(no IoU, a gap: the word is in neither mask)",
-        fontsize=10,
     )
+
+
+def iou_axes(ylabel: str) -> Axes:
+    """The axes of an IoU-vs-t plot: t from 1 (noise) to 0, as generation runs, IoU in [0, 1]."""
+    ax = Figure(figsize=(6, 4.4), dpi=100).subplots()
+    t_axis(ax)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    return ax
+
+
+def finished(ax: Axes, title: str) -> Figure:
+    """The figure of `iou_axes` with its title and, below the plot, its legend."""
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    fig.tight_layout()
-    return fig
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 def t_axis(ax: Axes) -> None:
