@@ -44,12 +44,12 @@ from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter, centre_of_mass
 from core.annotate.quadrants import QUADRANTS, quadrant_of
 from core.annotate.tags import PromptNounTagger
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
+from core.diffusion.pipelines import load_pipeline  # noqa: E402
 from core.diffusion.presets import (  # noqa: E402
     PRESETS,
     STAGES,
     default_preset_name,
     get_preset,
-    load_pipeline,  # noqa: E402
 )
 from core.diffusion.sampling import generate_images  # noqa: E402
 from core.emergence.build_dictionary import AnnotatorConfig, make_annotator  # noqa: E402
