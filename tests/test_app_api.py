@@ -19,6 +19,8 @@ PUBLIC = (
     "status",
     "emergence",
     "emergence_step",
+    "export_run",
+    "import_run",
     "default_strength",
     "steer",
     "search_concepts",
@@ -109,7 +111,7 @@ def test_status(client):
 def test_emergence_and_its_steps_from_any_client(client):
     image, plot, panels, summary, run_id = emergence(client)
     assert pixels(image).shape == (256, 256, 3)  # the 32 px image, enlarged for the page
-    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
+    assert Path(plot).suffix == ".png" and pixels(plot).shape == (440, 600, 3)
     assert len(panels) == 8 and panels[0]["caption"].startswith("circle: predicted mask at t=0.00")
     assert pixels(panels[2]["image"]).shape == (256, 256 + BAR_WIDTH, 3)  # with a colour bar
     assert "target words: circle, star" in summary
@@ -121,6 +123,29 @@ def test_emergence_and_its_steps_from_any_client(client):
         client.predict("abc", 2, api_name="/emergence_step")
     with pytest.raises(AppError, match="The step must be a whole number from 0 to 9 for this"):
         client.predict(run_id, 10, api_name="/emergence_step")
+
+
+def test_a_run_exported_and_imported_elsewhere_shows_the_same(client, tmp_path):
+    image, plot, panels, summary, run_id = emergence(client, words="circle, star, square")
+    run_file = client.predict(run_id, api_name="/export_run")
+    assert Path(run_file).name == f"emergence-{run_id}.safetensors"
+    other = Client(app_url(), verbose=False)
+    opened = other.predict(handle_file(run_file), api_name="/import_run")
+    assert opened[3:] == (summary, run_id)
+    for again, first in ((opened[0], image), (opened[1], plot)):
+        assert np.array_equal(pixels(again), pixels(first))
+    assert [p["caption"] for p in opened[2]] == [p["caption"] for p in panels]
+    assert all(
+        np.array_equal(pixels(a["image"]), pixels(b["image"]))
+        for a, b in zip(opened[2], panels, strict=True)
+    )
+    assert len(other.predict(run_id, 0, api_name="/emergence_step")) == 12
+    with pytest.raises(AppError, match=r"^No emergence run has the id 'abc': run .*\.$"):
+        client.predict("abc", api_name="/export_run")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a run")
+    with pytest.raises(AppError, match=r"^The file notes\.safetensors is not a run file \(not a"):
+        client.predict(handle_file(str(text)), api_name="/import_run")
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
