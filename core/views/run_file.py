@@ -16,7 +16,8 @@ of steps, `B` its batch (1), `h x w` the block's grid, `<word>` each target word
     attention_iou/<word>    float64  [S']          IoU of the thresholded cross-attention
     concept_cids            int64    [S, B, h, w]  the concept chosen at each position (-1:
                                                    none); its embedding is the dictionary's
-                                                   (the file does not repeat it)
+                                                   (the file does not repeat it, so a
+                                                   loaded run's embeddings have width 0)
 
 Its metadata (safetensors' string-to-string header) holds `format`
 ("diffusion-concepts emergence run"), `format_version` ("1") and `run`, a JSON object:
@@ -25,6 +26,7 @@ SAE that read it: block, t, branch), references (word -> "annotation" or "last s
 attention (words, missing, t of each traced step), notes, and settings (the mask and
 attention thresholds). A script reads it with safetensors and json alone:
 
+    import json
     from safetensors import safe_open
     with safe_open("run.safetensors", "np") as f:
         run = json.loads(f.metadata()["run"])
