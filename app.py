@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable
@@ -54,7 +55,8 @@ from core.views.emergence import (
 )
 from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
-from core.views.render import for_display
+from core.views.render import figure_image, for_display
+from core.views.run_file import SUFFIX, load_run, save_run
 from core.views.steer import (
     BRANCH_CHOICES,
     STAGE_CHOICES,
@@ -166,6 +168,9 @@ INSPECT_RESULTS = (
     "examples, its activation on a new generation and its feature icon; **timeline**: the "
     "concept (the word searched for, else the CID) at every step of the new generation."
 )
+DEEP_LINK = "Copy a link to this page"
+"""The deep-link button: the link reopens the page with this session's settings and results
+(every component that an event of the session read or wrote) while the server keeps them."""
 REVELIO_RESULTS = (
     "**load**: the purity table; **inspect**: one latent's top images; **show PCA maps**: "
     "images beside the maps of their features."
@@ -328,11 +333,16 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
         and the run id, which `emergence_step` takes to show the run's other steps.
     """
     result = emergence_result(preset, prompt, seed, steps, block, branch, words, progress)
-    last = len(result.steps) - 1
+    return emergence_outputs(preset, result)
+
+
+def emergence_outputs(preset: str, result: EmergenceResult) -> tuple:
+    """What the page and the API show of a run, which `RUNS` now keeps: the final image, the
+    IoU plot, the last step's panels, the summary and the run id."""
     return (
         for_display(result.image),
-        iou_figure(result),
-        step_panels(result, last),
+        figure_image(iou_figure(result)),
+        step_panels(result, len(result.steps) - 1),
         emergence_summary(preset, result),
         RUNS.add(preset, result),
     )
@@ -398,7 +408,51 @@ def on_emergence_batch(
 
     with CACHE.using(preset, hooks["on_load"]) as loaded:
         result = run_batch(loaded, prompts, seeds, steps, block, branch, words, on_run)
-    return batch_figure(result), batch_table(result), summary_line(result)
+    return figure_image(batch_figure(result)), batch_table(result), summary_line(result)
+
+
+@functools.cache
+def export_folder() -> Path:
+    """Where this process writes run files before the page or a client downloads them."""
+    return Path(tempfile.mkdtemp(prefix="emergence-runs-"))
+
+
+@user_errors
+def on_export_run(run_id: str) -> str:
+    """Write an emergence run to one file, to keep, share or open again with `import_run`.
+
+    Args:
+        run_id: the run id that `emergence` or `import_run` returned.
+
+    Returns:
+        The run file: safetensors, with the final image, every step's masks and maps and the
+        IoUs as tensors and the run's settings as JSON metadata (the format is documented in
+        core/views/run_file.py).
+    """
+    preset, result = RUNS.get_with_preset(run_id)
+    path = export_folder() / f"emergence-{str(run_id).strip()}{SUFFIX}"
+    return str(save_run(result, path, preset))
+
+
+def on_run_file_written() -> gr.File:
+    """The run file's box, hidden until there is a file (page only)."""
+    return gr.File(visible=True)
+
+
+@user_errors
+def on_import_run(file: str) -> tuple:
+    """Open a run file that `export_run` wrote and show it as a fresh emergence run.
+
+    Args:
+        file: the run file (a .safetensors file from `export_run`).
+
+    Returns:
+        As `emergence`: the final image, the IoU-per-step plot, the last step's panels, a
+        Markdown summary, and the run id, which `emergence_step` and `export_run` take.
+    """
+    if not file:
+        raise ValueError("Choose a run file (.safetensors) that the emergence tab exported.")
+    return emergence_outputs(*load_run(file))
 
 
 @user_errors
@@ -705,7 +759,8 @@ def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROG
         found = timeline.concept_timeline(
             loaded, block, branch, prompt, seed, word, cid, t, hooks["on_step"]
         )
-    return timeline.filmstrip(found), timeline.strength_figure(found), found.summary()
+    strength = figure_image(timeline.strength_figure(found))
+    return timeline.filmstrip(found), strength, found.summary()
 
 
 @gpu(generations=1)
@@ -856,9 +911,22 @@ def emergence_tab(
                 image = gr.Image(
                     label="final image", height=256, format="png", elem_id="emergence-image"
                 )
-                plot = gr.Plot(label="IoU vs t", show_label=False, elem_id="emergence-plot")
+                plot = gr.Image(
+                    label="IoU vs t", show_label=False, format="png", elem_id="emergence-plot"
+                )
             summary = gr.Markdown(label="summary")
             run_id = gr.Textbox(label="run id", interactive=False, elem_id="emergence-run-id")
+            with gr.Row():
+                export = gr.Button("export run", elem_id="emergence-export")
+                opener = gr.UploadButton(
+                    "open a run file", file_types=[SUFFIX], elem_id="emergence-open"
+                )
+            run_file = gr.File(  # shown once there is a file: empty, it is a large blank box
+                label="run file (safetensors)",
+                interactive=False,
+                visible=False,
+                elem_id="emergence-run-file",
+            )
     step = gr.Slider(  # any run's steps: the server checks API calls against this range
         0, MAX_STEPS - 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
     )
@@ -878,14 +946,12 @@ def emergence_tab(
     )
     done.success(on_step_range, run_id, step, api_name="step_range", **PAGE)
     done.then(on_status, preset_box, status, api_name="status_after_emergence", **PAGE)
-    step.release(
-        on_emergence_step,
-        [run_id, step],
-        gallery,
-        api_name="emergence_step",
-        show_progress_on=line,
-        **LIGHT,
-    )
+    light = {**LIGHT, "show_progress_on": line}
+    exported = export.click(on_export_run, run_id, run_file, api_name="export_run", **light)
+    exported.success(on_run_file_written, None, run_file, api_name="show_run_file", **PAGE)
+    opened = opener.upload(on_import_run, opener, outputs, api_name="import_run", **light)
+    opened.success(on_step_range, run_id, step, api_name="step_range_after_import", **PAGE)
+    step.release(on_emergence_step, [run_id, step], gallery, api_name="emergence_step", **light)
     emergence_batch_panel(preset_box, prompt, steps, block, branch, words, line)
     return block, steps, branch
 
@@ -911,8 +977,11 @@ def emergence_batch_panel(
                 )
                 run = gr.Button("run the batch", elem_id="emergence-batch-run")
             with gr.Column(scale=2):
-                plot = gr.Plot(
-                    label="mean IoU vs t", show_label=False, elem_id="emergence-batch-plot"
+                plot = gr.Image(
+                    label="mean IoU vs t",
+                    show_label=False,
+                    format="png",
+                    elem_id="emergence-batch-plot",
                 )
                 summary = gr.Markdown(label="batch summary", elem_id="emergence-batch-summary")
         table = gr.Dataframe(
@@ -1094,7 +1163,7 @@ class ConceptViews(NamedTuple):
     icon: gr.Image
     caption: gr.Markdown
     strip: gr.Image
-    strength: gr.Plot
+    strength: gr.Image
     timeline_note: gr.Markdown
 
 
@@ -1155,13 +1224,16 @@ def concept_views() -> ConceptViews:
         label="top-activating examples, the concept's activation tinted (0 to the scale's top)",
         columns=6,
         height=220,
+        format="png",
         elem_id="inspect-examples",
     )
     examples_note = gr.Markdown(label="examples note")
     with gr.Row():
-        overlay = gr.Image(label="activation over the image", height=256)
-        heat = gr.Image(label="activation, fixed scale", height=256)
-        icon = gr.Image(label="feature icon (empty prompt)", height=256, elem_id="inspect-icon")
+        overlay = gr.Image(label="activation over the image", height=256, format="png")
+        heat = gr.Image(label="activation, fixed scale", height=256, format="png")
+        icon = gr.Image(
+            label="feature icon (empty prompt)", height=256, format="png", elem_id="inspect-icon"
+        )
     caption = gr.Markdown(label="caption")
     strip = gr.Image(
         label="timeline: the concept's activation at each step of the new generation, t from 1 "
@@ -1170,7 +1242,9 @@ def concept_views() -> ConceptViews:
         format="png",
         elem_id="inspect-timeline-strip",
     )
-    strength = gr.Plot(label="the concept's mean and max activation per step")
+    strength = gr.Image(
+        label="the concept's mean and max activation per step", format="png", height=320
+    )
     timeline_note = gr.Markdown(label="timeline note")
     return ConceptViews(
         note,
@@ -1310,6 +1384,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         with gr.Row():
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)
             status = gr.Markdown(label="status", elem_id="status")
+            gr.DeepLinkButton(DEEP_LINK, "Link copied", size="sm", scale=0, min_width=200)
         with gr.Tab("emergence"):
             e_block, e_steps, e_branch = emergence_tab(preset_box, status, opening)
         with gr.Tab("steer"):

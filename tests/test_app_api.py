@@ -21,6 +21,8 @@ PUBLIC = (
     "emergence",
     "emergence_step",
     "emergence_batch",
+    "export_run",
+    "import_run",
     "default_strength",
     "steer",
     "steer_concepts",
@@ -114,7 +116,7 @@ def test_status(client):
 def test_emergence_and_its_steps_from_any_client(client):
     image, plot, panels, summary, run_id = emergence(client)
     assert pixels(image).shape == (256, 256, 3)  # the 32 px image, enlarged for the page
-    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
+    assert Path(plot).suffix == ".png" and pixels(plot).shape == (440, 600, 3)
     assert len(panels) == 8 and panels[0]["caption"].startswith("circle: predicted mask at t=0.00")
     assert pixels(panels[2]["image"]).shape == (256, 256 + BAR_WIDTH, 3)  # with a colour bar
     assert "target words: circle, star" in summary
@@ -132,7 +134,7 @@ def test_emergence_batch_pools_every_prompt_and_seed(client):
     batch = {"preset": PRESET, "prompt": PROMPT, "prompts": "a blue star", "steps": 3}
     batch |= {"block": UP, "branch": "cond", "words": ""}
     plot, table, summary = client.predict(**batch, seeds="0-1", api_name="/emergence_batch")
-    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image")
+    assert pixels(plot).shape == (440, 600, 3)  # a PNG of the figure, to download
     assert table["headers"] == TABLE_HEADERS and len(table["data"]) == 3
     assert summary.startswith("4 runs (2 prompts × 2 seeds, 3 steps")
     too_many = r"^2 prompts × 9 seeds make 18 runs, .* `python -m core.views.emergence_batch`\.$"
@@ -140,6 +142,29 @@ def test_emergence_batch_pools_every_prompt_and_seed(client):
         client.predict(**batch, seeds="0-8", api_name="/emergence_batch")
     with pytest.raises(AppError, match=r"^The seeds must be whole numbers or ranges such as"):
         client.predict(**batch, seeds="first four", api_name="/emergence_batch")
+
+
+def test_a_run_exported_and_imported_elsewhere_shows_the_same(client, tmp_path):
+    image, plot, panels, summary, run_id = emergence(client, words="circle, star, square")
+    run_file = client.predict(run_id, api_name="/export_run")
+    assert Path(run_file).name == f"emergence-{run_id}.safetensors"
+    other = Client(app_url(), verbose=False)
+    opened = other.predict(handle_file(run_file), api_name="/import_run")
+    assert opened[3:] == (summary, run_id)
+    for again, first in ((opened[0], image), (opened[1], plot)):
+        assert np.array_equal(pixels(again), pixels(first))
+    assert [p["caption"] for p in opened[2]] == [p["caption"] for p in panels]
+    assert all(
+        np.array_equal(pixels(a["image"]), pixels(b["image"]))
+        for a, b in zip(opened[2], panels, strict=True)
+    )
+    assert len(other.predict(run_id, 0, api_name="/emergence_step")) == 12
+    with pytest.raises(AppError, match=r"^No emergence run has the id 'abc': run .*\.$"):
+        client.predict("abc", api_name="/export_run")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a run")
+    with pytest.raises(AppError, match=r"^The file notes\.safetensors is not a run file \(not a"):
+        client.predict(handle_file(str(text)), api_name="/import_run")
 
 
 def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_path):
@@ -214,7 +239,7 @@ def test_inspect_endpoints(client):
         for word in ("", "star")
     )
     strip, plot, note = by_cid
-    assert pixels(strip).shape[1] > 10 * 96 and plot
+    assert pixels(strip).shape[1] > 10 * 96 and pixels(plot).shape[2] == 3
     assert note.startswith(f"CID {cid} of the SAE at t=0.5: steps 0–9 ")
     assert by_word[2].startswith("'star': steps 0–1 (t 0.90 to 0.80) read with the SAE at t=1")
     with pytest.raises(AppError, match="Choose a concept: type a word, or give a CID."):

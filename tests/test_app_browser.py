@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Locator, Page, sync_playwright
 
+from app import DEEP_LINK
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.files import REPO_ROOT
 from scripts.app_server import app_url
@@ -95,6 +96,43 @@ def test_emergence_tab_with_three_words(page):
     box, last = gallery.bounding_box(), images.last.bounding_box()
     assert last["y"] + last["height"] <= box["y"] + box["height"]  # no row cut off
     shot(page, "1-emergence")
+
+
+def test_a_deep_link_reopens_the_page_with_its_settings_and_results(page):
+    with page.expect_response(lambda response: "gradio_api/deep_link" in response.url) as answer:
+        page.get_by_role("button", name=DEEP_LINK).click()
+    link = answer.value.text().strip('"')
+    assert link, "the server saved no state for this session"
+    reopened = page.context.browser.new_page(viewport=page.viewport_size)  # another person
+    reopened.goto(f"{app_url()}?deep_link={link}")
+    run_id = page.locator("#emergence-run-id textarea").input_value()
+    reopened.locator("#emergence-gallery").get_by_text(
+        re.compile(r"square: predicted mask at t=0\.9\d")  # the step the slider had picked
+    ).wait_for()
+    assert reopened.locator("#emergence-run-id textarea").input_value() == run_id
+    assert reopened.get_by_label("target words").input_value() == "circle, star, square"
+    assert reopened.locator(SLIDER).get_attribute("max") == page.locator(SLIDER).get_attribute(
+        "max"
+    )
+    reopened.wait_for_function(ALL_LOADED, arg="#emergence-image img, #emergence-plot img")
+    shot(reopened, "1-deep-link")
+    reopened.close()
+
+
+def test_a_run_exported_and_opened_again_shows_its_last_step(page, tmp_path):
+    page.click("#emergence-export")
+    link = page.locator("#emergence-run-file a").first
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.suffix == ".safetensors"
+    with page.expect_file_chooser() as chooser:
+        page.click("#emergence-open")
+    chooser.value.set_files(saved)
+    page.locator("#emergence-gallery").get_by_text("square: predicted mask at t=0.00").wait_for()
+    last = str(PRESETS[default_preset_name()].steps - 1)
+    assert page.locator(SLIDER).input_value() == last
 
 
 def test_steer_tab_with_a_drawn_region(page):

@@ -73,6 +73,8 @@ def test_the_app_examples_call_every_endpoint_and_run():
     assert "Preset `tiny`" in namespace["status"]
     assert len(namespace["first_step"]) == len(namespace["panels"])
     assert namespace["first_step"][0]["caption"] != namespace["panels"][0]["caption"]
+    assert namespace["opened"][3:] == (namespace["summary"], namespace["run_id"])
+    assert set(namespace["ious"]) == set(namespace["run"]["words"]) == {"circle", "star"}
     assert namespace["changes"]["concept"] == "'star'"
     assert namespace["matches"][0]["cid"] == namespace["cid"]
     assert namespace["latent"] and namespace["purity"]["data"] and namespace["pca_maps"]

@@ -308,28 +308,33 @@ class EmergenceRuns:
 
     def __init__(self, capacity: int = MAX_RUNS) -> None:
         self.capacity = capacity
-        self._results: OrderedDict[str, EmergenceResult] = OrderedDict()
+        self._runs: OrderedDict[str, tuple[str, EmergenceResult]] = OrderedDict()
         self._lock = threading.Lock()  # handlers run in several threads
 
     def add(self, preset: str, result: EmergenceResult) -> str:
-        """Keep `result`, forgetting the least recently used one beyond capacity; its id."""
+        """Keep `result` of `preset`, forgetting the least recently used one beyond capacity;
+        its id."""
         key = run_id(preset, result)
         with self._lock:
-            self._results[key] = result
-            self._results.move_to_end(key)
-            if len(self._results) > self.capacity:
-                self._results.popitem(last=False)
+            self._runs[key] = (preset, result)
+            self._runs.move_to_end(key)
+            if len(self._runs) > self.capacity:
+                self._runs.popitem(last=False)
         return key
 
     def get(self, key: object) -> EmergenceResult:
         """The run with id `key`; an unknown or forgotten id is an error saying what to do."""
+        return self.get_with_preset(key)[1]
+
+    def get_with_preset(self, key: object) -> tuple[str, EmergenceResult]:
+        """The preset and the run with id `key`, as `get`."""
         key = str(key or "").strip()
         with self._lock:
-            if key not in self._results:
+            if key not in self._runs:
                 raise ValueError(
                     f"No emergence run has the id {key!r}: run the emergence view (/emergence) "
                     f"and pass the run id it returns (the app keeps its {self.capacity} most "
                     "recent runs)."
                 )
-            self._results.move_to_end(key)
-            return self._results[key]
+            self._runs.move_to_end(key)
+            return self._runs[key]

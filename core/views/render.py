@@ -7,9 +7,12 @@ caller names, with a labelled colour bar beside it: a map is never stretched to 
 range, so a faint map looks faint.
 """
 
+import io
+
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from core.emergence.metrics import rgb_floats
@@ -42,6 +45,14 @@ def upscale(image: Image.Image, side: int = DISPLAY) -> Image.Image:
 def for_display(image: Image.Image, side: int = DISPLAY) -> Image.Image:
     """Small images (the offline presets' 32 or 64 px) enlarged to `side`; others as they are."""
     return upscale(image, side) if max(image.size) < side else image
+
+
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure drawn at its own size and dpi, as an RGB image (the page shows
+    images with a download button, which a plot component lacks)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return Image.open(buffer).convert("RGB")
 
 
 def heat_map(
