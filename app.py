@@ -255,10 +255,27 @@ def blank_canvas(side: int = 256) -> dict:
 
 @user_errors
 def on_status(preset: str) -> str:
+    """What the app has of a preset: loaded (its SAEs and dictionaries), loading, failed
+    (why) or loading on first use.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+
+    Returns:
+        The status, in Markdown.
+    """
     check_preset(preset)
+    state, why = CACHE.state(preset)
+    shown = {
+        "loaded": "loaded",
+        "loading": "loading in the background: requests wait for it",
+        "failed": "could not load; a request tries again",
+        "not loaded": "loads on first use",
+    }[state]
+    lines = [f"**Preset `{preset}`** ({shown}): {PRESETS[preset].app.about}."]
+    if why:
+        lines.append(f"Why it could not load: {sentence(ValueError(why))}")
     loaded = CACHE.loaded_now(preset)
-    state = "loaded" if loaded else "loads on first use"
-    lines = [f"**Preset `{preset}`** ({state}): {PRESETS[preset].app.about}."]
     if loaded:
         lines.append(
             f"{len(loaded.bank)} SAEs and {len(loaded.dictionaries)} concept dictionaries "
@@ -266,6 +283,11 @@ def on_status(preset: str) -> str:
         )
         lines += [f"Note: {note}" for note in loaded.notes]
     return "\n\n".join(lines)
+
+
+def on_status_tick(preset: str) -> tuple[str, gr.Timer]:
+    """The status while the preset loads; the timer stops once it no longer is (page only)."""
+    return on_status(preset), gr.Timer(active=CACHE.state(preset)[0] == "loading")
 
 
 def on_select_preset(preset: str) -> tuple:
@@ -1398,6 +1420,10 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         demo.load(on_status, preset_box, status, api_name="status", **LIGHT).then(
             *follow, api_name="controls", **PAGE
         )
+        ticks = gr.Timer(1.0)  # while the preset loads in the background
+        ticks.tick(
+            on_status_tick, preset_box, [status, ticks], api_name="status_tick", **PAGE
+        ).then(*follow, api_name="tick_controls", **PAGE)
         preset_box.change(
             on_select_preset,
             preset_box,
@@ -1439,7 +1465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def preload(cache: ModelCache, preset: str) -> None:
-    """Load the first preset in the background, so the first request does not wait for it."""
+    """Load the first preset in the background once the page is served (the model libraries
+    are imported here, not before), so that neither the page nor the first request waits."""
     try:
         with cache.using(preset) as loaded:
             loaded.word_vectors()
@@ -1453,11 +1480,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cache = ModelCache({"sd14": args.sd14_saes}, device=args.device)
     demo = build_demo(cache, args.preset)
+    demo.queue(max_size=64).launch(
+        server_name=args.host,
+        server_port=args.port,
+        mcp_server=args.mcp_server,
+        css=CSS,
+        prevent_thread_lock=True,  # serve the page first, then load the preset
+    )
     if not args.no_preload:
         threading.Thread(target=preload, args=(cache, args.preset), daemon=True).start()
-    demo.queue(max_size=64).launch(
-        server_name=args.host, server_port=args.port, mcp_server=args.mcp_server, css=CSS
-    )
+    demo.block_thread()
 
 
 if __name__ == "__main__":

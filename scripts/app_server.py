@@ -32,7 +32,14 @@ def free_port() -> int:
 @functools.cache
 def app_url(*options: str) -> str:
     """Start the app (once per set of command-line options) and return its URL when the
-    page answers."""
+    page answers; it is stopped when this process exits."""
+    url, process = start_app(*options)
+    atexit.register(stop, process)
+    return url
+
+
+def start_app(*options: str) -> tuple[str, subprocess.Popen]:
+    """Start `python app.py` with `options`; (its URL, its process) once the page answers."""
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="app-")) / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -41,7 +48,6 @@ def app_url(*options: str) -> str:
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    atexit.register(_stop, process)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -51,9 +57,10 @@ def app_url(*options: str) -> str:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     LOGS[url] = log
-                    return url
+                    return url, process
         except OSError:
             time.sleep(0.5)
+    stop(process)
     raise RuntimeError(f"the app did not answer within {STARTUP_TIMEOUT} s:\n{_tail(log)}")
 
 
@@ -61,7 +68,7 @@ def _tail(log: Path) -> str:
     return log.read_text()[-3000:]
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(timeout=20)

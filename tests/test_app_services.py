@@ -48,7 +48,11 @@ NO_LPIPS = "LPIPS is unavailable ("
 @pytest.fixture(scope="module")
 def loaded():
     torch.set_num_threads(1)
-    return ModelCache().get("tiny")
+    cache = ModelCache()
+    states = []
+    loaded = cache.get("tiny", on_load=lambda name: states.append(cache.state(name)))
+    assert states == [("loading", None)] and cache.state("tiny") == ("loaded", None)
+    return loaded
 
 
 def processors(pipe) -> list[str]:
@@ -406,7 +410,10 @@ def test_the_difference_map_has_one_scale_whatever_the_edit():
 
 def test_presets_that_cannot_load_say_why():
     cache = ModelCache()
+    assert cache.state("sd14") == ("not loaded", None)
     with pytest.raises(ValueError, match="no SAEs configured"):
         cache.get("sd14")
+    state, why = cache.state("sd14")
+    assert state == "failed" and why.startswith("The preset 'sd14' has no SAEs configured")
     with pytest.raises(ValueError, match="unknown preset .sd15.; choose one of"):
         cache.get("sd15")

@@ -1,6 +1,8 @@
 """The parts of `core` import downwards only, as shared/DESIGN.md draws them."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from core.files import REPO_ROOT
@@ -75,3 +77,14 @@ def test_scripts_do_not_import_tests():
         if t.startswith("tests")
     ]
     assert found == []
+
+
+def test_the_app_imports_no_model_library_before_serving_its_page():
+    """diffusers, transformers, gensim and scipy take seconds to import: the page is served
+    first, and the preset (which needs them) loads in the background."""
+    heavy = ("diffusers", "transformers", "gensim", "scipy")
+    code = f"import sys, app; print([m for m in {heavy!r} if m in sys.modules])"
+    printed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert printed.strip() == "[]"

@@ -76,5 +76,6 @@ def test_the_app_examples_call_every_endpoint_and_run():
     assert namespace["opened"][3:] == (namespace["summary"], namespace["run_id"])
     assert set(namespace["ious"]) == set(namespace["run"]["words"]) == {"circle", "star"}
     assert namespace["changes"]["concept"] == "'star'"
+    assert namespace["changes"]["cids"]["t=1.0"] == namespace["found"][0]["value"].split(":")[2]
     assert namespace["matches"][0]["cid"] == namespace["cid"]
     assert namespace["latent"] and namespace["purity"]["data"] and namespace["pca_maps"]

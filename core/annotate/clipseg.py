@@ -4,12 +4,14 @@ An edit that moves object o to quadrant q succeeds when the centre of mass of CL
 probability map for o lies in q (10 objects x 4 quadrants; chance is 0.25).
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPSegForImageSegmentation, PreTrainedModel, ProcessorMixin
 
 from core.annotate.loading import (
     Source,
@@ -18,6 +20,9 @@ from core.annotate.loading import (
     model_inputs,
     resolve_device_dtype,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 CLIPSEG_ID = "CIDAS/clipseg-rd64-refined"
 
@@ -35,7 +40,7 @@ class ClipSegSegmenter:
     ):
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         what = "CLIPSeg segmenter"
-        self.model = load_model(CLIPSegForImageSegmentation, model, what, self.device, self.dtype)
+        self.model = load_model("CLIPSegForImageSegmentation", model, what, self.device, self.dtype)
         self.processor = load_processor(processor, model, what)
 
     @torch.no_grad()

@@ -18,12 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    GroundingDinoForObjectDetection,
-    PreTrainedModel,
-    ProcessorMixin,
-    SamModel,
-)
+from transformers import PreTrainedModel, ProcessorMixin
 
 from core.annotate.annotation import Box, ObjectAnnotation
 from core.annotate.loading import (
@@ -104,7 +99,7 @@ class GroundingDinoDetector:
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         what = "Grounding DINO detector"
         self.model = load_model(
-            GroundingDinoForObjectDetection, model, what, self.device, self.dtype
+            "GroundingDinoForObjectDetection", model, what, self.device, self.dtype
         )
         self.processor = load_processor(processor, model, what)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
@@ -172,7 +167,7 @@ class SamBoxSegmenter:
         dtype: torch.dtype | None = None,
     ):
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.model = load_model(SamModel, model, "SAM segmenter", self.device, self.dtype)
+        self.model = load_model("SamModel", model, "SAM segmenter", self.device, self.dtype)
         self.processor = load_processor(processor, model, "SAM segmenter")
 
     @torch.no_grad()

@@ -3,15 +3,23 @@
 Every annotator takes either a Hub id / local folder (loaded with `from_pretrained`) or an
 already-built model and processor (so tests and callers can inject their own). A model
 that is neither cached nor downloadable raises `ModelNotAvailableError` naming it.
+
+Model classes are named by their transformers name and imported when a model loads:
+importing transformers' model classes takes seconds, which the app's page does not wait for.
 """
+
+from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from core.runtime import ModelNotAvailableError, default_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 Source = str | Path
 """A Hugging Face Hub repo id or a local folder written by `save_pretrained`."""
@@ -37,16 +45,19 @@ def _not_available(what: str, source: Source, error: Exception) -> ModelNotAvail
 
 
 def load_model(
-    model_class: type[PreTrainedModel],
+    model_class: str,
     model: Source | PreTrainedModel,
     what: str,
     device: torch.device,
     dtype: torch.dtype,
 ) -> PreTrainedModel:
-    """`model_class.from_pretrained(model)` unless `model` is already built; on `device`, eval."""
+    """`transformers.<model_class>.from_pretrained(model)` unless `model` is already built;
+    on `device`, eval."""
     if isinstance(model, str | Path):
+        import transformers
+
         try:
-            model = model_class.from_pretrained(str(model), dtype=dtype)
+            model = getattr(transformers, model_class).from_pretrained(str(model), dtype=dtype)
         except (OSError, ValueError) as error:
             raise _not_available(what, model, error) from error
     return model.to(device=device, dtype=dtype).eval()
@@ -62,6 +73,8 @@ def load_processor(
         processor = model
     if not isinstance(processor, str | Path):
         return processor
+    from transformers import AutoProcessor
+
     try:
         return AutoProcessor.from_pretrained(str(processor))
     except (OSError, ValueError) as error:

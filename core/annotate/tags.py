@@ -17,15 +17,16 @@ COCO leaves out):
 finds no box for an absent object. `make_tagger` builds one of `TAGS` by name.
 """
 
+from __future__ import annotations
+
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
 from core.annotate.loading import (
     Source,
@@ -34,6 +35,9 @@ from core.annotate.loading import (
     model_inputs,
     resolve_device_dtype,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 CLIP_ID = "openai/clip-vit-base-patch32"
 VOCABULARY_FILE = Path(__file__).with_name("vocabulary.txt")
@@ -178,7 +182,7 @@ class ClipTagger:
         dtype: torch.dtype | None = None,
     ):
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.model = load_model(CLIPModel, model, "CLIP tagger", self.device, self.dtype)
+        self.model = load_model("CLIPModel", model, "CLIP tagger", self.device, self.dtype)
         self.processor = load_processor(processor, model, "CLIP tagger")
         self.vocabulary = normalise_vocabulary(vocabulary)
         self.threshold, self.top_k = threshold, top_k

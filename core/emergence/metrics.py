@@ -2,14 +2,16 @@
 CLIP similarity, LPIPS, pixel differences, and the segmenter that finds where an edited
 object went."""
 
+from __future__ import annotations
+
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
-from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter
+from core.annotate.clipseg import CLIPSEG_ID
 from core.annotate.loading import (
     Source,
     load_model,
@@ -18,7 +20,12 @@ from core.annotate.loading import (
     resolve_device_dtype,
 )
 from core.annotate.tags import CLIP_ID
-from core.shapes.annotate import ToySegmenter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
+
+    from core.annotate.clipseg import ClipSegSegmenter
+    from core.shapes.annotate import ToySegmenter
 
 
 def label_masks(annotations) -> dict[str, np.ndarray]:
@@ -41,7 +48,7 @@ class ClipScorer:
         device: str | torch.device | None = None,
     ):
         self.device, self.dtype = resolve_device_dtype(device, torch.float32)
-        self.model = load_model(CLIPModel, model, "CLIP scorer", self.device, self.dtype)
+        self.model = load_model("CLIPModel", model, "CLIP scorer", self.device, self.dtype)
         self.processor = load_processor(processor, model, "CLIP scorer")
 
     @torch.no_grad()
@@ -95,6 +102,9 @@ def make_segmenter(
 ) -> ClipSegSegmenter | ToySegmenter:
     """The spatial-edit evaluator's segmenter: shapes-world pixels for the toy annotator, else
     CLIPSeg."""
+    from core.annotate.clipseg import ClipSegSegmenter
+    from core.shapes.annotate import ToySegmenter  # imports scipy: only for this world
+
     if annotator == "toy":
         return ToySegmenter()
     return ClipSegSegmenter(clipseg_model, device=device)

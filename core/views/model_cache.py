@@ -226,6 +226,9 @@ class ModelCache:
         self.max_loaded = max_loaded
         self.lock = threading.RLock()
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._loading: set[str] = set()
+        self._failed: dict[str, str] = {}
+        """Preset -> why its last load failed (until one succeeds)."""
 
     def preset(self, name: str) -> Preset:
         source = self.sae_sources.get(name)
@@ -234,6 +237,15 @@ class ModelCache:
     def loaded_now(self, name: str) -> Loaded | None:
         """The preset's models if they are loaded, without waiting for the model lock."""
         return self._loaded.get(name)
+
+    def state(self, name: str) -> tuple[str, str | None]:
+        """("loaded" | "loading" | "not loaded", None) or ("failed", why), without waiting
+        for the model lock."""
+        if name in self._loaded:
+            return "loaded", None
+        if name in self._loading:
+            return "loading", None
+        return ("failed", self._failed[name]) if name in self._failed else ("not loaded", None)
 
     @contextmanager
     def using(self, name: str, on_load: Callable[[str], None] | None = None) -> Iterator[Loaded]:
@@ -246,10 +258,17 @@ class ModelCache:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-            if on_load:
-                on_load(name)
-            loaded = self._load(self.preset(name))
-            self._loaded[name] = loaded
+            self._loading.add(name)
+            try:
+                if on_load:
+                    on_load(name)
+                loaded = self._loaded[name] = self._load(self.preset(name))
+                self._failed.pop(name, None)
+            except Exception as error:
+                self._failed[name] = str(error.args[0]) if error.args else type(error).__name__
+                raise
+            finally:
+                self._loading.discard(name)
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
             return loaded
