@@ -208,9 +208,9 @@ def test_shared_t_trains_one_sae_per_block_and_branch_on_as_many_rows(
     bank = SAEBank.from_pretrained(out / "saes")
     assert sorted(bank.keys()) == sorted(SAEKey(b, None, "cond") for b in (DOWN, MID, UP))
     assert bank.get(MID, 0.3) is bank[SAEKey(MID, None, "cond")]
-    # As many rows as a per-time SAE: 8 prompts x the mid block's 2x2 positions, of the 4 x 2x2
-    # that the 4 steps give.
-    assert bank[SAEKey(MID, None, "cond")].stats.num_samples == 32
+    # As many rows as the 3 per-time SAEs of a block together: 8 prompts x 3 x the mid
+    # block's 2x2 positions, of the 4 x 2x2 that the 4 steps give.
+    assert bank[SAEKey(MID, None, "cond")].stats.num_samples == 96
     assert f"{MID}|t=all|cond" in (out / "metrics.json").read_text()
     assert re.search(r"trained on \d+ rows in [\d.]+ s \(\d+ rows/s\)", printed)
 
@@ -248,7 +248,12 @@ def test_pooled_rows_come_from_every_step_in_the_range(tiny_pipe):
         tiny_pipe, PROMPTS, keys, batch_size=3, shared_t=(0.2, 0.8), **settings
     )
     assert source.pooled == [0, 1, 2]
+    two = GenerationSource(
+        tiny_pipe, PROMPTS, keys, batch_size=3, shared_t=(0.2, 0.8), shared_steps=2, **settings
+    )
     pooled = source.generate([0, 1, 2])
+    for key, rows in two.generate([0, 1, 2]).items():
+        assert len(rows) == 2 * len(pooled[key])
     alone = source.generate([1])
     with record(tiny_pipe, [MID, DOWN]) as recording:
         generate_images(tiny_pipe, PROMPTS[:3], [0, 1, 2], output_type="latent", **settings)

@@ -48,17 +48,21 @@ def steps_in_range(ts: Sequence[float], t_range: tuple[float, float]) -> list[in
     return [index for index, t in enumerate(ts) if low <= t <= high]
 
 
-def pooled_selection(seeds: Sequence[int], num_steps: int, positions: int) -> Tensor:
-    """[images, num_steps, positions] bool with `positions` True per image: the rows a
-    time-shared SAE trains on, of the num_steps x positions an image gives over its steps.
+def pooled_selection(
+    seeds: Sequence[int], num_steps: int, positions: int, steps_kept: int = 1
+) -> Tensor:
+    """[images, num_steps, positions] bool with `steps_kept` x `positions` True per image
+    (all, if that is more than there are): the rows a time-shared SAE trains on, of the
+    num_steps x positions an image gives over its steps.
 
     Image b's rows are drawn uniformly without replacement by a generator seeded with
     seeds[b], so the choice does not depend on the batch the image is generated in.
     """
     masks = torch.zeros(len(seeds), num_steps * positions, dtype=torch.bool)
+    kept = min(steps_kept, num_steps) * positions
     for image, seed in enumerate(seeds):
         generator = torch.Generator().manual_seed(seed)
-        masks[image, torch.randperm(num_steps * positions, generator=generator)[:positions]] = True
+        masks[image, torch.randperm(num_steps * positions, generator=generator)[:kept]] = True
     return masks.view(len(seeds), num_steps, positions)
 
 
@@ -94,7 +98,7 @@ class GenerationSource:
 
     Each key is fed the steps nearest its t; with `shared_t`, the keys are time-shared (t
     None) and each is fed every step whose t lies in that range, subsampled by
-    `pooled_selection` to as many rows per image as one step gives.
+    `pooled_selection` to as many rows per image as `shared_steps` steps give.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class GenerationSource:
         rank: int = 0,
         world_size: int = 1,
         shared_t: tuple[float, float] | None = None,
+        shared_steps: int = 1,
     ):
         if any((key.t is None) != (shared_t is not None) for key in keys):
             raise ValueError("keys with t None (time-shared) go with shared_t, and only they")
@@ -125,6 +130,7 @@ class GenerationSource:
         schedule = schedule_of(pipe, steps)
         self.pooled = steps_in_range(schedule, shared_t) if shared_t else []
         """Indices of the steps pooled for time-shared keys."""
+        self.shared_steps = shared_steps
         if shared_t and not self.pooled:
             raise ValueError(
                 f"no step of the {steps}-step schedule has t in [{shared_t[0]:g}, "
@@ -149,7 +155,9 @@ class GenerationSource:
         def pooled_rows(step: StepInfo, delta: Tensor) -> Tensor:
             positions = delta.shape[2] * delta.shape[3]
             if positions not in selections:
-                selections[positions] = pooled_selection(seeds, len(self.pooled), positions)
+                selections[positions] = pooled_selection(
+                    seeds, len(self.pooled), positions, self.shared_steps
+                )
             chosen = selections[positions][:, self.pooled.index(step.index)].flatten()
             return to_rows(delta.float())[chosen.to(delta.device)]
 

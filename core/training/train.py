@@ -62,6 +62,7 @@ RESUME_MUST_MATCH = (
     "blocks",
     "t",
     "shared_t",
+    "shared_steps",
     "branches",
     "steps",
     "guidance",
@@ -105,8 +106,12 @@ class RunConfig(TrainConfig):
     shared_t: tuple[float, float] | None = field(default=None, metavar="LOW HIGH")
     """Instead of one SAE per --t, train one per block and branch on the residual updates of
     every step whose t lies in this range (bounds included); it is saved for every t. Of the
-    S x H x W rows an image gives over the range's S steps, a random H x W are kept (drawn
-    with the image's seed), so each SAE sees as many rows as one per-time SAE would."""
+    S x H x W rows an image gives over the range's S steps, a random --shared-steps x H x W
+    are kept (drawn with the image's seed)."""
+    shared_steps: int = 3
+    """With --shared-t, how many steps' worth of rows each image gives its SAE: 3 is what the
+    three per-time SAEs of a block (the default --t) get together, so both kinds train on
+    the same rows per generated image; 1 is what one per-time SAE gets."""
     branches: tuple[str, ...] = field(default=("cond",), choices=BRANCHES, nargs="*")
     """CFG branches to train SAEs for."""
     steps: int | None = None
@@ -144,6 +149,8 @@ class RunConfig(TrainConfig):
             raise ValueError(
                 f"--shared-t takes LOW HIGH with 0 <= LOW <= HIGH <= 1, got {low} {high}"
             )
+        if self.shared_steps < 1:
+            raise ValueError(f"--shared-steps must be 1 or more, got {self.shared_steps}")
 
     def train_config(self) -> TrainConfig:
         """The SAE settings alone, as each trainer keeps them in its checkpoints."""
@@ -284,6 +291,7 @@ def make_source(
         rank=state.process_index,
         world_size=state.num_processes,
         shared_t=config.shared_t,
+        shared_steps=config.shared_steps,
     )
 
 
