@@ -931,10 +931,18 @@ def emergence_tab(
             line = results_line(EMERGENCE_RESULTS, "emergence-line")
             with gr.Row():
                 image = gr.Image(
-                    label="final image", height=256, format="png", elem_id="emergence-image"
+                    label="final image",
+                    height=256,
+                    format="png",
+                    scale=1,
+                    elem_id="emergence-image",
                 )
                 plot = gr.Image(
-                    label="IoU vs t", show_label=False, format="png", elem_id="emergence-plot"
+                    label="IoU vs t",
+                    show_label=False,
+                    format="png",
+                    scale=2,
+                    elem_id="emergence-plot",
                 )
             summary = gr.Markdown(label="summary")
             run_id = gr.Textbox(label="run id", interactive=False, elem_id="emergence-run-id")
@@ -1265,7 +1273,10 @@ def concept_views() -> ConceptViews:
         elem_id="inspect-timeline-strip",
     )
     strength = gr.Image(
-        label="the concept's mean and max activation per step", format="png", height=320
+        label="the concept's mean and max activation per step",
+        format="png",
+        height=320,
+        elem_id="inspect-timeline-strength",
     )
     timeline_note = gr.Markdown(label="timeline note")
     return ConceptViews(

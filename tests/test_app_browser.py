@@ -192,6 +192,12 @@ def test_inspect_tab_from_a_word(page):
     page.locator("#inspect-icon img").wait_for()
     assert page.locator("#inspect-examples img").count() >= 1
     assert page.get_by_label("concepts found").input_value().startswith("CID ")
+    page.click("#inspect-timeline")  # the word searched for, at every step
+    page.locator("#inspect-timeline-strip img").wait_for()
+    page.locator("#inspect-timeline-strength img").wait_for()
+    page.wait_for_function(ALL_LOADED, arg="#inspect-timeline-strip img")
+    word = PRESETS[default_preset_name()].app.word
+    assert page.get_by_text(f"'{word}': steps 0–").is_visible()
     shot(page, "3-inspect")
 
 

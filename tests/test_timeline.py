@@ -117,7 +117,7 @@ def test_the_strength_plot_runs_from_noise_to_image_with_each_saes_range_shaded(
     (ax,) = strength_figure(timeline).axes
     left, right = ax.get_xlim()
     assert left > 1 and right < 0
-    assert ax.get_xlabel() and ax.get_ylabel() and "'star'" in ax.get_title()
+    assert ax.get_xlabel() and ax.get_ylabel() and "'star'" in ax.get_title(loc="left")
     assert len(ax.patches) == 3  # the SAEs at t = 1, 0.5 and 0
     names = [text.get_text() for text in ax.texts]
     assert names == ["SAE t=1", "SAE t=0.5", "SAE t=0"]

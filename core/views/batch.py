@@ -146,7 +146,8 @@ def page_batch(prompt: object, extra: object, seeds: object) -> tuple[list[str],
     runs = len(prompts) * seed_count(ranges)
     if runs > MAX_PAGE_RUNS:
         raise ValueError(
-            f"{len(prompts)} prompts × {seed_count(ranges)} seeds make {runs} runs, more than "
+            f"{counted(len(prompts), 'prompt')} × {counted(seed_count(ranges), 'seed')} make "
+            f"{runs} runs, more than "
             f"the page runs at once ({MAX_PAGE_RUNS}); run larger batches with "
             "`python -m core.views.emergence_batch`."
         )
@@ -196,8 +197,8 @@ def batch_figure(result: BatchResult) -> Figure:
         ax.fill_between(result.ts, low, high, color=colours(i), alpha=0.2, label=label)
     return finished(
         ax,
-        f"Mean IoU per step over {len(result.runs)} runs ({len(result.prompts)} prompts × "
-        f"{len(result.seeds)} seeds) and their words\n(no IoU where a word is in neither mask)",
+        f"Mean IoU per step over {_design(result)} and their words\n"
+        "(no IoU where a word is in neither mask)",
     )
 
 
@@ -242,8 +243,8 @@ def summary_line(result: BatchResult) -> str:
         f"{METHODS[m]} {s.mean:.3f} ± {s.std:.3f} (n={s.n})" for m, s in pooled.items()
     )
     return (
-        f"{len(result.runs)} runs ({len(result.prompts)} prompts × {len(result.seeds)} seeds, "
-        f"{len(result.ts)} steps, {result.block} {result.branch}); mean IoU over every step, "
+        f"{_design(result, f'{len(result.ts)} steps, {result.block} {result.branch}')}; "
+        "mean IoU over every step, "
         f"run and word: {scores}."
     )
 
@@ -281,3 +282,15 @@ def write_batch(result: BatchResult, out: Path) -> None:
 def _nulls(scores: dict[str, list[float]]) -> dict[str, list[float | None]]:
     """IoUs as JSON holds them: NaN (undefined) as null."""
     return {w: [None if math.isnan(v) else v for v in values] for w, values in scores.items()}
+
+
+def counted(number: int, noun: str) -> str:
+    """ "1 seed", "2 seeds"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _design(result: BatchResult, more: str = "") -> str:
+    """ "4 runs (2 prompts × 2 seeds)", with `more` inside the brackets."""
+    prompts, seeds = counted(len(result.prompts), "prompt"), counted(len(result.seeds), "seed")
+    inside = ", ".join(part for part in (f"{prompts} × {seeds}", more) if part)
+    return f"{counted(len(result.runs), 'run')} ({inside})"

@@ -275,7 +275,7 @@ def iou_axes(ylabel: str) -> Axes:
 
 def finished(ax: Axes, title: str) -> Figure:
     """The figure of `iou_axes` with its title and, below the plot, its legend."""
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, loc="left")  # clear of the page's buttons, top right
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ax.figure.tight_layout()
     return ax.figure

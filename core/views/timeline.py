@@ -26,7 +26,7 @@ from core.emergence.composition import latent_grid
 from core.emergence.concepts import concept_cids, normalize_label
 from core.emergence.steer import indices_by, step_ranges
 from core.sae.bank import SAEKey
-from core.views.emergence import t_axis
+from core.views.emergence import finished, t_axis
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.inspection import activation_scale, fixed_scale
 from core.views.model_cache import Loaded
@@ -214,8 +214,7 @@ def filmstrip(timeline: Timeline) -> Image.Image:
 
 def strength_figure(timeline: Timeline) -> Figure:
     """Mean and max activation per step against t, each SAE's range of steps shaded."""
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.subplots()
+    ax = Figure(figsize=(6, 4), dpi=100).subplots()
     ts, maxes = np.array(timeline.ts), np.array([s.max for s in timeline.steps])
     _shade_saes(ax, timeline, ts)
     ax.plot(ts, maxes, "o-", color="tab:red", label="max over positions")
@@ -224,16 +223,12 @@ def strength_figure(timeline: Timeline) -> Figure:
     top = np.nanmax(maxes, initial=0.0)
     ax.set_ylim(0, (top if top > 0 else 1.0) * 1.2)  # headroom for the SAE names
     ax.set_ylabel("activation" + (" (its CIDs summed)" if timeline.word else ""))
-    ax.set_title(
+    return finished(
+        ax,
         f"How strongly {timeline.concept} fires at each step\n{timeline.block} "
         f"({timeline.branch}); shaded: the SAE that read each step"
         + ("\ngaps: steps skipped" if timeline.skips else ""),
-        fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
-    fig.tight_layout()
-    return fig
 
 
 def _shade_saes(ax: Axes, timeline: Timeline, ts: np.ndarray) -> None:
