@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from core.diffusion.presets import ASSETS
 from core.emergence import compare_shared
@@ -18,9 +19,11 @@ from core.emergence.shared_vs_per_time import (
     check_banks,
     reconstruction_rows,
 )
+from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import SAEConfig, TopKSAE
 from core.training.trainer import SAETrainer, TrainConfig
+from scripts import plot_beyond
 from tests.helpers import MID, assert_defaults_stated_once, command_help, random_sae
 
 TS = (1.0, 0.5, 0.0)
@@ -212,4 +215,35 @@ def test_command_without_shared_dictionaries_says_so(tmp_path, capsys):
 def test_help_states_each_default_once():
     assert_defaults_stated_once(
         command_help("core.emergence.compare_shared"), compare_shared.CompareConfig
+    )
+
+
+def test_the_report_figure_is_drawn_from_the_commands_csvs(tmp_path, capsys):
+    compare, embeddings = tmp_path / "compare", tmp_path / "embeddings"
+    compare.mkdir()
+    embeddings.mkdir()
+    rows = [
+        {"measure": "explained_variance", "block": MID, "at": at, "per_time": 0.5, "shared": 0.4}
+        for at in ("t=1", "t=0.5", "t=0")
+    ]
+    write_csv(compare / "comparison.csv", rows)
+    ious = [{"source": "glove", "t": t, "iou": iou} for t, iou in ((0.9, 0.2), (0.9, "nan"))]
+    write_csv(embeddings / "composition.csv", ious)
+    assert plot_beyond.composition_by_step(str(embeddings)) == {
+        "glove": [(0.9, 0.2)]
+    }  # NaN left out
+    assert plot_beyond.explained_variance(str(compare))[MID]["shared"] == [
+        (1.0, 0.4),
+        (0.5, 0.4),
+        (0.0, 0.4),
+    ]
+    out = tmp_path / "figure.png"
+    args = ["--compare", str(compare), "--labels", "shared", "--embeddings", str(embeddings)]
+    assert plot_beyond.main([*args, "--out", str(out)]) == 0
+    assert Image.open(out).size == (1100, 420)
+    assert (
+        plot_beyond.main([*args, "--embeddings", str(tmp_path / "none"), "--out", str(out)]) == 2
+    )  # a user error
+    assert "composition.csv does not exist; run the command that writes it first" in (
+        capsys.readouterr().err
     )
