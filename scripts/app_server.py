@@ -59,7 +59,7 @@ def start_app(*options: str) -> tuple[str, subprocess.Popen]:
                     LOGS[url] = log
                     return url, process
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.1)
     stop(process)
     raise RuntimeError(f"the app did not answer within {STARTUP_TIMEOUT} s:\n{_tail(log)}")
 
