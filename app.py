@@ -1265,15 +1265,17 @@ def concept_views() -> ConceptViews:
             label="feature icon (empty prompt)", height=256, format="png", elem_id="inspect-icon"
         )
     caption = gr.Markdown(label="caption")
-    strip = gr.Image(
+    strip = gr.Image(  # its header says what it shows, clear of the label and buttons
         label="timeline: the concept's activation at each step of the new generation, t from 1 "
         "(noise) to 0, all on one fixed scale (0 to its largest in training; for a word, to "
         "the strip's largest)",
+        show_label=False,
         format="png",
         elem_id="inspect-timeline-strip",
     )
-    strength = gr.Image(
+    strength = gr.Image(  # its title says what it shows
         label="the concept's mean and max activation per step",
+        show_label=False,
         format="png",
         height=320,
         elem_id="inspect-timeline-strength",

@@ -38,7 +38,9 @@ FRAMES_PER_ROW = 10
 """Longer runs wrap onto further rows, read left to right, top to bottom."""
 TITLE_HEIGHT = 30
 """Pixels above each frame for its two title lines."""
-HEADER_HEIGHT = 18
+HEADER_HEIGHT = 40
+"""Pixels of the header line: as tall as the page's image buttons, which sit over its right
+end, where it is blank."""
 CMAP = "magma"
 STRIP_LABEL = "activation"
 _FONT = ImageFont.load_default(size=11)
@@ -189,27 +191,35 @@ def _read(loaded: Loaded, recorded: DeltaRecord, chosen: tuple) -> TimelineStep:
 
 def filmstrip(timeline: Timeline) -> Image.Image:
     """Every step's map, left to right from t = 1 to 0 (wrapping every FRAMES_PER_ROW), each
-    titled with its t and its SAE's, on the timeline's one scale with one colour bar."""
+    titled with its t and its SAE's, on the timeline's one scale with one colour bar, under a
+    header saying what it shows (the page's buttons, top right, cover none of it)."""
     count = len(timeline.steps)
     columns = min(count, FRAMES_PER_ROW)
     rows = -(-count // FRAMES_PER_ROW)
     cell = (FRAME + 4, FRAME + TITLE_HEIGHT)
-    skipped = " (grey: skipped)" if timeline.skips else ""
-    header = f"{timeline.concept} at each step, t from 1 (noise) to 0{skipped}"
-    width = max(columns * cell[0], round(_FONT.getlength(header)) + 4)
-    grid = Image.new("RGB", (width, HEADER_HEIGHT + rows * cell[1]), "white")
+    grid = Image.new("RGB", (columns * cell[0], rows * cell[1]), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((2, HEADER_HEIGHT / 2), header, fill="black", font=_FONT, anchor="lm")
     for i, step in enumerate(timeline.steps):
-        left = (i % FRAMES_PER_ROW) * cell[0]
-        top = HEADER_HEIGHT + (i // FRAMES_PER_ROW) * cell[1]
+        left, top = (i % FRAMES_PER_ROW) * cell[0], (i // FRAMES_PER_ROW) * cell[1]
         centre = left + cell[0] / 2
         draw.text((centre, top + 8), f"t={step.step.t:.2f}", fill="black", font=_FONT, anchor="mm")
         used = f"SAE {_at(step.sae)}" if step.cids else "no CID"
         draw.text((centre, top + 21), used, fill="dimgrey", font=_FONT, anchor="mm")
         frame = colour_map(step.activation, 0.0, timeline.scale, CMAP, FRAME)
         grid.paste(frame, (left + 2, top + TITLE_HEIGHT))
-    return with_colour_bar(grid, 0.0, timeline.scale, STRIP_LABEL, CMAP)
+    return _with_header(with_colour_bar(grid, 0.0, timeline.scale, STRIP_LABEL, CMAP), timeline)
+
+
+def _with_header(strip: Image.Image, timeline: Timeline) -> Image.Image:
+    skipped = " (grey: skipped)" if timeline.skips else ""
+    header = f"{timeline.concept} at each step, t from 1 (noise) to 0{skipped}"
+    width = max(strip.width, round(_FONT.getlength(header)) + 4)
+    image = Image.new("RGB", (width, HEADER_HEIGHT + strip.height), "white")
+    ImageDraw.Draw(image).text(
+        (2, HEADER_HEIGHT / 2), header, fill="black", font=_FONT, anchor="lm"
+    )
+    image.paste(strip, (0, HEADER_HEIGHT))
+    return image
 
 
 def strength_figure(timeline: Timeline) -> Figure:
