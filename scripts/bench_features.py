@@ -76,16 +76,13 @@ class BenchConfig:
     """Torch device."""
 
 
-def bench(config: BenchConfig) -> dict[str, float]:
-    """Median seconds per batch of each variant and of the VAE encode; printed as a table."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    pipe = (build_tiny_pipeline() if config.unet == "tiny" else sd14_shaped_pipeline()).to(device)
+def measure(pipe, batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per batch of each variant, and of the VAE encode ("vae")."""
+    device = pipe.device
     extractor = FeatureExtractor.from_pipeline(pipe)
     side = extractor.resolution
-    pixels = torch.rand(config.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
-    pixels = (pixels * 2 - 1).to(device)
+    pixels = torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    pixels = (pixels * 2 - 1).to(device, pipe.vae.dtype)
 
     @torch.no_grad()
     def encode() -> torch.Tensor:
@@ -93,20 +90,32 @@ def bench(config: BenchConfig) -> dict[str, float]:
 
     latents = encode()
     with tempfile.TemporaryDirectory() as cache:
-        medians = alternate(variants(extractor, latents, cache), config.repeats, device)
-    vae = alternate({"vae": encode}, max(1, config.repeats // 3), device)["vae"]
+        medians = alternate(variants(extractor, latents, cache), repeats, device)
+    vae = alternate({"vae": encode}, max(1, repeats // 3), device)["vae"]
+    return {**medians, "vae": vae}
+
+
+def bench(config: BenchConfig) -> dict[str, float]:
+    """`measure` on the configured U-Net, printed as a table."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    pipe = (build_tiny_pipeline() if config.unet == "tiny" else sd14_shaped_pipeline()).to(device)
+    medians = measure(pipe, config.batch, config.repeats)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     print(
         f"{config.unet} U-Net, {side}x{side} images, batch {config.batch}, device {device}, "
         f"{torch.get_num_threads()} threads, median of {config.repeats}"
     )
-    rate = {name: config.batch / seconds for name, seconds in medians.items()}
-    for name, seconds in medians.items():
+    timed_variants = {name: seconds for name, seconds in medians.items() if name != "vae"}
+    rate = {name: config.batch / seconds for name, seconds in timed_variants.items()}
+    for name, seconds in timed_variants.items():
         ratio = rate[name] / rate["plain"]
         print(
             f"  {name:13s} {seconds * 1000:9.1f} ms/batch {rate[name]:8.2f} images/s  {ratio:.3f}x"
         )
-    print(f"  VAE encode    {vae * 1000:9.1f} ms/batch (not in the figures above)")
-    return {**medians, "vae": vae}
+    print(f"  VAE encode    {medians['vae'] * 1000:9.1f} ms/batch (not in the figures above)")
+    return medians
 
 
 main = command(BenchConfig, bench, "python -m scripts.bench_features", __doc__)
