@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,7 +32,12 @@ from torch import Tensor
 from core.annotate.annotation import Annotator
 from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset
 from core.diffusion.sampling import generate_images
-from core.emergence.concepts import ConceptDictionary, DictionaryLoadError, load_dictionaries
+from core.emergence.concepts import (
+    ConceptDictionary,
+    DictionaryLoadError,
+    concept_cids,
+    load_dictionaries,
+)
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
@@ -169,10 +174,21 @@ class Loaded:
             )
 
     def check_recorded(self, block: str, branch: str) -> None:
-        """`check_block`, and that a generation runs `branch`, so that it can be recorded."""
-        self.check_block(block, branch)
+        """That a generation runs `branch`, so that it can be recorded or edited, and
+        `check_block`."""
         if branch == "uncond" and self.preset.guidance_scale <= 1:
             raise ValueError("The uncond branch exists only with classifier-free guidance.")
+        self.check_block(block, branch)
+
+    def word_cids(self, word: str, block: str, branches: Sequence[str]) -> dict[SAEKey, list[int]]:
+        """The CIDs labelled `word` in each dictionary of `block` on `branches`
+        (`concept_cids`); an error when the preset has no dictionaries."""
+        if not self.dictionaries:
+            raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
+        found: dict[SAEKey, list[int]] = {}
+        for branch in branches:
+            found.update(concept_cids(self.dictionaries, word, block, branch))
+        return found
 
     def sae(self, block: str, t: float, branch: str) -> tuple[SAEKey, TopKSAE]:
         """The SAE of (block, branch) trained nearest to t, and its key."""

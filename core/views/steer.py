@@ -25,7 +25,6 @@ from PIL import Image
 from core.annotate.clipseg import centre_of_mass
 from core.annotate.tags import CLIP_ID
 from core.diffusion.presets import AppDefaults, Preset
-from core.emergence.concepts import concept_cids
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
     BRANCHES,
@@ -203,18 +202,6 @@ def strength_of(request: SteerRequest, defaults: AppDefaults) -> float:
     return default_strength(request.kind, stage_of(request))
 
 
-def word_cids(
-    loaded: Loaded, block: str, branches: Sequence[str], word: str
-) -> dict[SAEKey, list[int]]:
-    """The CIDs labelled `word` in each dictionary of `block` on `branches`."""
-    if not loaded.dictionaries:
-        raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
-    found: dict[SAEKey, list[int]] = {}
-    for branch in branches:
-        found.update(concept_cids(loaded.dictionaries, word, block, branch))
-    return found
-
-
 def choice_value(key: SAEKey, cid: int) -> str:
     return f"{key.branch}:{key.t}:{cid}"
 
@@ -227,7 +214,7 @@ def concept_choices(loaded: Loaded, block: str, branch: str, word: object) -> li
     word = str(word or "").strip()
     if not word:
         raise ValueError("Type a word to list the concepts labelled with it.")
-    found = word_cids(loaded, block, BRANCH_CHOICES[branch], word)
+    found = loaded.word_cids(word, block, BRANCH_CHOICES[branch])
     return [
         (
             f"t={key.t} {key.branch}: CID {cid} ({describe_labels(loaded, key, cid)})",
@@ -256,7 +243,7 @@ def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -
     `request.keep`), or one CID."""
     if request.word.strip():
         word = request.word.strip()
-        found = word_cids(loaded, request.block, branches, word)
+        found = loaded.word_cids(word, request.block, branches)
         return narrowed(found, request.keep, word), f"{word!r}"
     if request.cid is None or request.cid == "":
         raise ValueError("Choose a concept: type a word, or give a CID.")
@@ -318,10 +305,8 @@ def run_steer(
     if request.branch not in BRANCH_CHOICES:
         raise ValueError(f"Unknown branch {request.branch!r}; choose {', '.join(BRANCH_CHOICES)}.")
     branches = BRANCH_CHOICES[request.branch]
-    if "uncond" in branches and loaded.preset.guidance_scale <= 1:
-        raise ValueError("The uncond branch exists only with classifier-free guidance.")
     for branch in branches:
-        loaded.check_block(request.block, branch)
+        loaded.check_recorded(request.block, branch)
     stage, strength = stage_of(request), strength_of(request, loaded.preset.app)
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
@@ -341,7 +326,7 @@ def run_steer(
     with intervene(loaded.pipe, loaded.bank, request.block, edit, size) as record:
         after = loaded.generate([prompt], [seed], steps, on_step=progress(steps))[0]
     word = request.word.strip() or _top_label(loaded, cids)
-    placement = placement_of(loaded, before, after, word, edit.region)
+    placement, unchecked = placement_of(loaded, before, after, word, edit.region)
     metrics = {
         **compare(loaded, before, after, word),
         "concept": concept,
@@ -351,11 +336,10 @@ def run_steer(
         "edited_steps": f"{len({step.index for step in record.edited()})} of {steps}",
         "cids": {f"t={key.t}": list_cids(ids) for key, ids in sorted(cids.items())},
     }
-    checked = isinstance(placement, Placement)
-    if placement is not None:
-        metrics["placement"] = placement.as_metrics() if checked else placement
+    if placement or unchecked:
+        metrics["placement"] = placement.as_metrics() if placement else unchecked
     difference = difference_map(before, after)
-    return SteerResult(before, after, difference, metrics, record, placement if checked else None)
+    return SteerResult(before, after, difference, metrics, record, placement)
 
 
 def placement_of(
@@ -364,18 +348,19 @@ def placement_of(
     after: Image.Image,
     word: str | None,
     region: np.ndarray | None,
-) -> Placement | str | None:
-    """Where the concept's object is before and after a spatial edit; why it is not checked
-    when no segmenter loads; None for other edits and unlabelled concepts."""
+) -> tuple[Placement | None, str | None]:
+    """(where the concept's object is before and after a spatial edit, None), or (None, why
+    it is not checked) when no segmenter loads; (None, None) for other edits and unlabelled
+    concepts."""
     if region is None or word is None:
-        return None
+        return None, None
     segmenter, evaluator = loaded.segmenter()
     if segmenter is None:
-        return f"not checked: {evaluator}"
+        return None, f"not checked: {evaluator}"
     (point_before, in_before), (point_after, in_after) = (
         place(segmenter, image, word, region) for image in (before, after)
     )
-    return Placement(word, point_before, point_after, in_before, in_after, evaluator)
+    return Placement(word, point_before, point_after, in_before, in_after, evaluator), None
 
 
 def _describe_strength(loaded: Loaded, edit: Intervention) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.diffusion.hooks import DeltaRecord, StepInfo, record
 from core.emergence.composition import latent_grid
-from core.emergence.concepts import concept_cids, normalize_label
+from core.emergence.concepts import normalize_label
 from core.emergence.steer import indices_by, step_ranges
 from core.sae.bank import SAEKey
 from core.views.emergence import finished, t_axis
@@ -163,9 +163,7 @@ def _concept(
 ) -> tuple[CIDsAt, str]:
     """The SAE and CIDs per step, and the concept's name; a ValueError for bad input."""
     if word:
-        if not loaded.dictionaries:
-            raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
-        found = concept_cids(loaded.dictionaries, word, block, branch)
+        found = loaded.word_cids(word, block, (branch,))
 
         def by_word(t: float) -> tuple[SAEKey, tuple[int, ...]]:
             key = loaded.bank.nearest_key(block, t, branch)
