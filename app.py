@@ -913,7 +913,7 @@ def block_dropdown(preset: Preset, block: str) -> gr.Dropdown:
 def emergence_tab(
     preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
 ) -> tuple[gr.Dropdown, gr.Number, gr.Radio]:
-    """Generate once; where each word will be at every step. Returns (block, steps)."""
+    """Generate once; where each word will be at every step. Returns (block, steps, branch)."""
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(PROMPT, label="prompt")
@@ -1080,9 +1080,21 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
                 "centre of mass)",
                 elem_id="steer-metrics",
             )
-    inputs = [preset_box, prompt, seed, block, branch, by, word, concepts, cid, cid_t]
+    inputs = [
+        preset_box,
+        prompt,
+        seed,
+        block,
+        branch,
+        by,
+        word,
+        concepts,
+        cid,
+        cid_t,
+        *edit,
+        *region,
+    ]
     outputs = [pair, difference, edits, metrics]
-    inputs += [*edit, *region]
     run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=line, **MODEL)
     return SteerControls(block, word, branch, by, edit[-1])
 

@@ -8,7 +8,6 @@ defined values (a word in neither mask has no IoU at that step, and is left out)
 and per word as well.
 """
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +18,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from core.files import write_csv
+from core.files import write_csv, write_json
 from core.views.emergence import EmergenceResult, finished, iou_axes, run_emergence
 from core.views.inputs import check_prompt, check_seed
 from core.views.model_cache import Loaded
@@ -244,8 +243,7 @@ def summary_line(result: BatchResult) -> str:
     )
     return (
         f"{_design(result, f'{len(result.ts)} steps, {result.block} {result.branch}')}; "
-        "mean IoU over every step, "
-        f"run and word: {scores}."
+        f"mean IoU over every step, run and word: {scores}."
     )
 
 
@@ -276,7 +274,7 @@ def write_batch(result: BatchResult, out: Path) -> None:
             for run in result.runs
         ],
     }
-    (out / "runs.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
+    write_json(out / "runs.json", runs)
 
 
 def _nulls(scores: dict[str, list[float]]) -> dict[str, list[float | None]]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from core.diffusion.hooks import StepInfo
@@ -80,13 +80,13 @@ def load_run(path: str | Path) -> tuple[str, EmergenceResult]:
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
+            _check_format(path, metadata)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (f is no dict)
     except SafetensorError as error:
         raise ValueError(
             f"The file {path.name} is not a run file (not a safetensors file: {error}); open a "
             "file that the emergence tab's export wrote."
         ) from error
-    _check_format(path, metadata)
-    tensors = load_file(path)
     try:
         return _result(json.loads(metadata["run"]), tensors)
     except (KeyError, json.JSONDecodeError) as error:
