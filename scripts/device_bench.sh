@@ -17,11 +17,8 @@ limit=290
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/bench-site .whl/*.whl
-    export PYTHONPATH=/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/carried_wheels.sh"
+install_carried_wheels /tmp/bench-site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 # TERM 10 s before the limit, KILL 5 s later if it is still running.

@@ -19,11 +19,8 @@ run=runs/toy-$scale
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/toy-site .whl/*.whl
-    export PYTHONPATH=/tmp/toy-site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/carried_wheels.sh"
+install_carried_wheels /tmp/toy-site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=10
 
 pack() {
