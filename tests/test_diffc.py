@@ -34,15 +34,6 @@ def test_architecture_matches_table_10():
     assert 40.0e6 < sum(p.numel() for p in sd.parameters()) < 40.3e6  # "40M params"
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: faster than two for these small convolutions on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_learns_a_separable_task_with_the_paper_recipe(one_thread):
     generator = torch.Generator().manual_seed(0)
     labels = [c for c in range(3) for _ in range(10)]

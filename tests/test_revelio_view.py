@@ -24,12 +24,7 @@ def readable_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv(rv.ROOTS_ENV, str(tmp_path))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_small(cache: Path, out: Path, seed: int = 0) -> None:

@@ -32,13 +32,7 @@ TINY_SAES = ASSETS / "tiny" / "saes"
 D, ATOMS, ACTIVE, ROWS, BATCH = 16, 32, 3, 16384, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_rows(atoms: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

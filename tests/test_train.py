@@ -71,13 +71,7 @@ def cli(*args: str, wait: bool = True, launcher: tuple[str, ...] = ("-m", "core.
     return subprocess.run(command, cwd=REPO_ROOT, env=env, text=True, capture_output=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the subprocesses do, so that all give the same SAEs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
