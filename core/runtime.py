@@ -30,6 +30,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def counted(number: int, noun: str) -> str:
+    """ "1 seed", "2 seeds": a count in the words of a message."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def one_line_errors(work: Callable[[], int]) -> int:
     """Run `work`; a user error becomes one `error: ...` line on stderr and exit code 2."""
     try:

@@ -43,7 +43,7 @@ from simple_parsing import field as option
 
 from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
 from core.files import atomic_write, write_json
-from core.runtime import command, default_device
+from core.runtime import command, counted, default_device
 from scripts.bench_core import (
     TARGETS,
     EmergenceTimes,
@@ -286,14 +286,10 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.machine()}, {plural(torch.get_num_threads(), 'thread')})"
+    return f"{device.type} ({platform.machine()}, {counted(torch.get_num_threads(), 'thread')})"
 
 
 def build_pipeline(scale: Scale, device: torch.device, dtype: torch.dtype):
@@ -332,7 +328,7 @@ def bench(config: DeviceBenchConfig) -> Report:
         environment["generation"] = (
             f"{scale.unet} U-Net ({parameters:.1f}M parameters, random weights), "
             f"{str(dtype).removeprefix('torch.')}, {side} px, {scale.steps} DDIM steps, "
-            f"CFG 7.5, batch {scale.batch}; median of {plural(scale.repeats, 'repetition')} "
+            f"CFG 7.5, batch {scale.batch}; median of {counted(scale.repeats, 'repetition')} "
             "alternating between the compared variants, after one warm-up each"
         )
         generation = (pipe, scale.batch, scale.steps, scale.repeats)

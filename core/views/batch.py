@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from core.files import write_csv, write_json
+from core.runtime import counted
 from core.views.emergence import EmergenceResult, finished, iou_axes, run_emergence
 from core.views.inputs import check_prompt, check_seed
 from core.views.model_cache import Loaded
@@ -280,11 +281,6 @@ def write_batch(result: BatchResult, out: Path) -> None:
 def _nulls(scores: dict[str, list[float]]) -> dict[str, list[float | None]]:
     """IoUs as JSON holds them: NaN (undefined) as null."""
     return {w: [None if math.isnan(v) else v for v in values] for w, values in scores.items()}
-
-
-def counted(number: int, noun: str) -> str:
-    """ "1 seed", "2 seeds"."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _design(result: BatchResult, more: str = "") -> str:
