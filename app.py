@@ -485,9 +485,11 @@ def on_step_range(run_id: str) -> gr.Slider:
 
 
 @user_errors
-def on_default_strength(preset: str, kind: str, stage: str, t_min: float, t_max: float) -> float:
-    """The preset's or the paper's strength for an edit's type and stage (a custom stage: its
-    t range's).
+def on_default_strength(
+    preset: str, kind: str, stage: str, t_min: float, t_max: float
+) -> float | None:
+    """The preset's or the paper's strength for an edit's type and stage; none (empty) for a
+    custom stage without a preset strength: each of its steps takes its own stage's.
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
@@ -497,7 +499,7 @@ def on_default_strength(preset: str, kind: str, stage: str, t_min: float, t_max:
         t_max: the end of a custom stage, in [0, 1].
 
     Returns:
-        The strength that `steer` takes.
+        The strength that `steer` takes, or None.
     """
     request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
     return strength_of(request, get_preset(preset).app)
@@ -558,9 +560,11 @@ def on_steer(
         stage: "early", "middle", "final" or "custom" (then `t_min` to `t_max`).
         t_min: the start of a custom stage, in [0, 1].
         t_max: the end of a custom stage, in [0, 1].
-        strength: the edit's strength (the paper's default for the kind and stage if unsure).
-        sae_choice: "stage" (every step edited with the stage's SAE, as the paper) or
-            "nearest" (each step with the SAE of the nearest t).
+        strength: the edit's strength; empty: the paper's for the kind and stage (in a custom
+            stage, each step's own stage's).
+        sae_choice: "stage" (every step edited with its stage's SAE, as the paper; in a custom
+            stage, the stage of the step's t) or "nearest" (each step with the SAE of the
+            nearest t).
         region_by: "quadrant" or "drawn" (the canvas) for spatial edits.
         quadrant: "top_left", "top_right", "bottom_left" or "bottom_right".
         canvas: the drawn region (an image editor value) when `region_by` is "drawn".
@@ -1144,8 +1148,9 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
     strength = gr.Number(
         strength_of(SteerRequest("", 0, ""), preset.app),
         label="strength",
-        info="By default the paper's for the type and stage; with SDLens SAEs (sdxl-turbo) a "
-        "multiple of the concept's mean activation, as in the SDLens demo.",
+        info="By default the paper's for the type and stage (empty for a custom stage: each "
+        "step takes its own stage's); with SDLens SAEs (sdxl-turbo) a multiple of the "
+        "concept's mean activation, as in the SDLens demo.",
     )
     gr.on(
         [preset_box.change, kind.change, stage.change, t_min.release, t_max.release],

@@ -190,12 +190,12 @@ def test_steer_by_word_in_a_quadrant_and_by_cid_in_a_drawn_region(client, tmp_pa
 def test_a_steer_by_word_narrowed_to_the_concepts_listed(client):
     found = client.predict(PRESET, UP, "cond", "star", api_name="/steer_concepts")
     assert found[0] == {
-        "label": "t=1.0 cond: CID 11 (checkered x4, star x1)",
-        "value": "cond:1.0:11",
+        "label": "t=1.0 cond: CID 0 (checkered x2, cross x1, star x1)",
+        "value": "cond:1.0:0",
     }
     _, _, edits, changes = steer(client, concepts=[found[1]["value"]])
-    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 12; skipped none")
-    assert changes["cids"]["t=1.0"] == "12"
+    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 24; skipped none")
+    assert changes["cids"]["t=1.0"] == "24"
     with pytest.raises(AppError, match="^Type a word to list the concepts labelled with it.$"):
         client.predict(PRESET, UP, "cond", "", api_name="/steer_concepts")
 
@@ -205,8 +205,7 @@ def test_default_strength_follows_preset_type_and_stage(client):
         return client.predict(*args, api_name="/default_strength")
 
     assert default(PRESET, "global", "middle", 0.6, 1.0) == 10.0
-    strength = default(PRESET, "spatial", "custom", 0.7, 0.9)
-    assert strength == 4000.0
+    assert default(PRESET, "spatial", "custom", 0.7, 0.9) is None  # each step its stage's
     # SDLens SAEs: a multiple of the concept's mean activation, 10 as in their demo.
     assert default("sdxl-turbo", "spatial", "early", 0.6, 1.0) == 10.0
     assert default("sdxl-turbo", "ablate", "early", 0.6, 1.0) == 1.0

@@ -150,17 +150,18 @@ def test_emergence_predicts_every_step_and_scores_it(loaded):
 
 
 def test_a_word_absent_from_prediction_and_reference_has_no_iou_and_no_point(loaded):
-    # "circle" is neither predicted nor found at any step of this generation (nor "square",
-    # which is not even in the prompt): two empty masks, an undefined IoU
-    result = run_emergence(loaded, PROMPT, 0, 5, UP, "cond", "circle, star, square")
-    assert all(math.isnan(v) for v in result.ious["circle"] + result.ious["square"])
+    # "square" is neither predicted nor found at any step of this generation: two empty
+    # masks, an undefined IoU ("circle" is not even in the prompt)
+    prompt = "a red square and a blue star"
+    result = run_emergence(loaded, prompt, 0, 5, UP, "cond", "square, star, circle")
+    assert all(math.isnan(v) for v in result.ious["square"])
     lines = {line.get_label(): line for line in iou_figure(result).axes[0].get_lines()}
-    absent = lines["circle (vs last step): no IoU at any step"]
+    absent = lines["square (vs last step): no IoU at any step"]
     assert np.isnan(absent.get_ydata()).all()  # a gap, not a line at 1.0
     captions = [caption for _, caption in step_panels(result, 0)]
-    assert "circle: predicted mask at t=0.80: empty" in captions
-    assert "circle: reference (last step): empty" in captions
-    assert len(captions) == 12 and "square: not in the prompt" in captions
+    assert "square: predicted mask at t=0.80: empty" in captions
+    assert "square: reference (last step): empty" in captions
+    assert len(captions) == 12 and "circle: not in the prompt" in captions
 
 
 def test_emergence_runs_keep_the_most_recently_used(loaded):
@@ -196,7 +197,7 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     assert "SAE per step: stage" in result.metrics["edit"]
     # the early stage (t = 0.901 .. 0.601: steps 0-3) edits with the t = 1 SAE only
     edits = result.record.summary()
-    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 11, 12, 15,")
+    assert edits.startswith(f"edited steps 0–3 with {UP} (t=1, cond), CIDs 0, 24, 28,")
     assert edits.endswith("; skipped none")
     lpips = result.metrics["lpips"]  # a distance, or why there is none (lpips not installed)
     assert lpips > 0 if isinstance(lpips, float) else lpips.startswith(NO_LPIPS)
@@ -219,16 +220,24 @@ def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     result = run_steer(loaded, request)
     assert result.metrics["cids"] == {"t=0.5": "5"}
     assert result.metrics["region"] == "drawn, 25% of the image"
-    assert result.metrics["edit"].startswith("spatial, custom stage (t in [0.3, 0.9])")
+    assert result.metrics["edit"].startswith(
+        "spatial, custom stage (t in [0.3, 0.9]), the paper's strength of each step's stage "
+        "(early 4000, middle 400), "
+    )
     assert result.difference.size == (256 + BAR_WIDTH, 256)
-    # t = 0.801 .. 0.301 (steps 1-6); the range's midpoint 0.6 is in the early stage, whose
-    # t = 1 SAE is not the CID's; the SAE nearest each step's t is the CID's from t = 0.701
+    # t = 0.801 .. 0.301 (steps 1-6): steps 1-3 are early, edited by the t = 1 SAE, which is
+    # not the CID's; steps 4-6 are middle, edited by the CID's t = 0.5 SAE at strength 400.
+    # The SAE nearest each step's t is the CID's from t = 0.701.
     why = f"{UP} (t=1, cond) has no CIDs for CID 5 of the SAE at t=0.5"
-    assert result.record.summary() == f"edited no step; skipped steps 1–6: {why}"
-    assert result.metrics["edited_steps"] == "0 of 10"
+    assert result.record.summary() == (
+        f"edited steps 4–6 with {UP} (t=0.5, cond), CIDs 5; skipped steps 1–3: {why}"
+    )
+    assert {step.strength for step in result.record.edited()} == {400.0}
+    assert result.metrics["edited_steps"] == "3 of 10"
     nearest = run_steer(loaded, replace(request, sae_choice="nearest"))
     assert nearest.record.summary() == (
-        f"edited steps 2–6 with {UP} (t=0.5, cond), CIDs 5; skipped step 1: {why}"
+        f"edited steps 2–3 with {UP} (t=0.5, cond), CIDs 5 at strength 4000; steps 4–6 with "
+        f"{UP} (t=0.5, cond), CIDs 5 at strength 400; skipped step 1: {why}"
     )
 
 
@@ -251,14 +260,14 @@ def test_sdlens_strengths_are_multiples_of_each_concepts_mean_activation(loaded)
 def test_a_words_concepts_are_listed_and_the_edit_narrowed_to_the_ticked(loaded):
     choices = concept_choices(loaded, UP, "cond", "star")
     labels, values = zip(*choices, strict=True)
-    assert labels[0] == "t=1.0 cond: CID 11 (checkered x4, star x1)"
-    assert values[:3] == ("cond:1.0:11", "cond:1.0:12", "cond:1.0:15")
+    assert labels[0] == "t=1.0 cond: CID 0 (checkered x2, cross x1, star x1)"
+    assert values[:3] == ("cond:1.0:0", "cond:1.0:24", "cond:1.0:28")
     assert {v.split(":")[1] for v in values} == {"1.0", "0.5", "0.0"}
-    request = SteerRequest(PROMPT, 1, UP, word="star", keep=("cond:1.0:12", "cond:0.5:99"))
+    request = SteerRequest(PROMPT, 1, UP, word="star", keep=("cond:1.0:24", "cond:0.5:99"))
     result = run_steer(loaded, request)
-    assert result.metrics["cids"]["t=1.0"] == "12"
+    assert result.metrics["cids"]["t=1.0"] == "24"
     assert (
-        result.record.summary() == f"edited steps 0–3 with {UP} (t=1, cond), CIDs 12; skipped none"
+        result.record.summary() == f"edited steps 0–3 with {UP} (t=1, cond), CIDs 24; skipped none"
     )
     with pytest.raises(ValueError, match="None of the chosen concepts is labelled 'star'"):
         run_steer(loaded, replace(request, keep=("cond:1.0:999",)))

@@ -67,16 +67,26 @@ def test_latent_grid_follows_to_rows_and_sorts_each_code():
     torch.testing.assert_close(grid.spatial_means(4), dense.mean(dim=(1, 2)))
 
 
-def test_concept_map_takes_the_top_labelled_concept(dictionary):
+def test_concept_map_takes_the_top_concept_as_the_paper_does(dictionary):
+    """At (0, 2) the top latent, 3, has no label: the paper's map predicts nothing there."""
     cmap = concept_map(identity_sae(), dictionary, known_delta())
+    assert cmap.cids.tolist() == [[[0, 1, -1], [-1, 2, -1]]]
+    assert cmap.valid.tolist() == [[[T, T, F_], [F_, T, F_]]]
+    torch.testing.assert_close(cmap.embeddings[0, 0, 1], torch.tensor([0.8, 0.6, 0.0]))
+    assert cmap.embeddings[0, 0, 2].abs().sum() == 0
+
+
+def test_the_labelled_reading_skips_unlabelled_concepts(dictionary):
+    cmap = concept_map(identity_sae(), dictionary, known_delta(), reading="labelled")
     assert cmap.cids.tolist() == [[[0, 1, 0], [-1, 2, -1]]]
     assert cmap.valid.tolist() == [[[T, T, T], [F_, T, F_]]]
-    torch.testing.assert_close(cmap.embeddings[0, 0, 1], torch.tensor([0.8, 0.6, 0.0]))
     assert cmap.embeddings[0, 1, 0].abs().sum() == 0
+    with pytest.raises(ValueError, match="unknown concept-map reading 'first'; choose top or"):
+        concept_map(identity_sae(), dictionary, known_delta(), reading="first")
 
 
 def test_predicted_masks_and_similarity(dictionary):
-    cmap = concept_map(identity_sae(), dictionary, known_delta())
+    cmap = concept_map(identity_sae(), dictionary, known_delta(), reading="labelled")
     cat = VECTORS.vector("cat")
     strict = predict_mask(cmap, cat, threshold=0.9)
     assert strict.mask.tolist() == [[[T, F_, T], [F_, F_, F_]]]

@@ -10,7 +10,7 @@ import torch
 
 from core.annotate.annotation import ObjectAnnotation
 from core.annotate.clipseg import ClipSegSegmenter
-from core.diffusion.presets import PRESETS, SD14_BLOCKS
+from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGE_T
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries
 from core.emergence.evaluate import (
@@ -22,7 +22,6 @@ from core.emergence.evaluate import (
     spatial_summary,
 )
 from core.emergence.metrics import ClipScorer
-from core.emergence.steer import stage_t
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
 from core.sae.model import SAEConfig, TopKSAE
@@ -155,7 +154,7 @@ def test_spatial_edits_rows_and_summary(tiny_pipe, bank, mixed, models):
     assert {r["strength"] for r in rows} == {4000.0, 400.0, 1000.0}
     for row in rows:
         assert row["success"] == int(row["found_quadrant"] == row["quadrant"])
-        sae = f"{MID} (t={stage_t(row['stage']):g}, cond)"  # each stage edits with its own SAE
+        sae = f"{MID} (t={STAGE_T[row['stage']]:g}, cond)"  # each stage edits with its own SAE
         assert row["edits"].startswith("edited ") and sae in row["edits"]
         assert row["edits"].endswith("; skipped none")
     summary = {r["stage"]: r for r in spatial_summary(rows)}

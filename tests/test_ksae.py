@@ -14,6 +14,7 @@ def test_paper_defaults():
     cfg = ksae.paper_config()
     assert (cfg.expansion_factor, cfg.k, cfg.lr, cfg.warmup_steps) == (64, 32, 4e-4, 500)
     assert cfg.auxk_alpha == 0.0  # the paper's loss is the normalised MSE alone
+    assert cfg.batch_size == 8192  # the authors' released code
     assert ksae.paper_config(k=4).k == 4
 
 

@@ -17,10 +17,13 @@ from core.emergence.lineage import (
     firing,
     lineage,
     random_direction_null,
+    top_indices,
 )
 from core.emergence.words import WordVectors
 from core.files import ASSETS
 from core.sae.bank import SAEBank, SAEKey
+from core.sae.model import TopKSAE
+from core.training.trainer import SAETrainer, TrainConfig
 from core.views.inspection import concept_card
 from core.views.model_cache import ModelCache
 from tests.helpers import MID, assert_defaults_stated_once, command_help, random_sae
@@ -59,24 +62,50 @@ def test_decoder_lineage_recovers_a_permuted_copy_and_nothing_of_a_random_sae():
     assert chain[0][2] is None and chain[1][2] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_coactivation_matches_latents_that_fire_on_the_same_positions():
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.stack([torch.randperm(N, generator=generator)[:K] for _ in range(500)])
-    relabel = torch.randperm(N, generator=generator)
-    bank = permuted_bank(torch.arange(N))
-    keys = [SAEKey(MID, t, "cond") for t in (1.0, 0.5, 0.0)]
-    shuffled = codes[torch.randperm(500, generator=generator)]
-    result = lineage(
-        bank,
-        MID,
-        method="coactivation",
-        codes={keys[0]: codes, keys[1]: relabel[codes], keys[2]: shuffled},
+def sparse_rows(count: int, seed: int = 0) -> torch.Tensor:
+    """Rows made of 2 of 48 fixed directions each, with positive weights, plus a little noise:
+    data with concepts an SAE can find."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(48, D, generator=generator)
+    chosen = torch.stack([torch.randperm(48, generator=generator)[:2] for _ in range(count)])
+    weights = torch.rand(count, 2, generator=generator) + 0.5
+    noise = 0.05 * torch.randn(count, D, generator=generator)
+    return (weights[..., None] * directions[chosen]).sum(1) + noise
+
+
+def trained_sae(rows: torch.Tensor, t: float, seed: int) -> TopKSAE:
+    trainer = SAETrainer(
+        D, TrainConfig(num_latents=N, k=K, batch_size=256, lr=1e-3, seed=seed), block=MID, t=t
     )
-    first, second = result.matchings
-    assert {cid: target for cid, (target, _) in first.pairs.items()} == {
-        c: int(relabel[c]) for c in range(N)
-    }
-    assert len(second.pairs) < N // 4  # positions shuffled: chance only
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(400):
+        trainer.step(rows[torch.randint(len(rows), (256,), generator=generator)])
+    return trainer.export()
+
+
+def test_coactivation_matches_a_permuted_copy_and_a_random_sae_at_chance(one_thread):
+    """The null is an independently trained SAE of the same rows: a permuted copy of the SAE
+    matches latent for latent, a random SAE reading the same rows only by chance (against
+    shuffled positions, the earlier null, 6% of a random SAE's latents matched)."""
+    rows = sparse_rows(2000)
+    first = trained_sae(rows, 1.0, seed=0)
+    permutation = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    copy = random_sae(D, N, K, t=0.5)
+    with torch.no_grad():
+        copy.load_state_dict(first.state_dict())
+        copy.W_dec.copy_(first.W_dec[permutation])
+        copy.encoder.weight.copy_(first.encoder.weight[permutation])
+        copy.encoder.bias.copy_(first.encoder.bias[permutation])
+    bank = SAEBank([first, copy, random_sae(D, N, K, t=0.0, seed=2)])
+    keys = [SAEKey(MID, t, "cond") for t in (1.0, 0.5, 0.0)]
+    result = lineage(bank, MID, method="coactivation", rows=dict.fromkeys(keys, rows))
+    to_copy, to_random = result.matchings
+    assert 0 < to_copy.threshold < 1
+    fired = set(top_indices(first, rows).unique().tolist())
+    inverse = torch.argsort(permutation)
+    assert {c: t for c, (t, _) in to_copy.pairs.items()} == {c: int(inverse[c]) for c in fired}
+    assert len(fired) >= 0.9 * N
+    assert len(to_random.pairs) <= 0.03 * N
 
 
 def test_iou_of_firing_positions():
@@ -109,7 +138,7 @@ def test_labels_follow_the_chain():
     [
         ({"ts": (1.0, 0.25)}, "no SAE for mid_block.attentions.0"),
         ({"method": "names"}, "unknown lineage method 'names'"),
-        ({"method": "coactivation"}, "needs the codes of every SAE"),
+        ({"method": "coactivation"}, "needs the rows every SAE it compares reads"),
     ],
 )
 def test_bad_requests_are_one_sentence(change, message):
@@ -148,8 +177,17 @@ def test_help_states_each_default_once():
 
 def test_the_inspect_view_shows_the_concepts_chain_across_t():
     with ModelCache().using("tiny") as loaded:
-        card = concept_card(loaded, UP, 0.5, "cond", 3)
-        line = card.stats["lineage across t"]
-        chain = chain_through(loaded.cached(f"lineage:{UP}:cond", lambda: None), 0.5, 3)
-    assert [key.t for key, _, _ in chain] == [1.0, 0.5, 0.0]  # the tiny bank's SAEs barely differ
-    assert line.startswith("t=1 CID ") and "-> t=0.5 CID 3 " in line and "null cosine" in line
+        result = lineage(loaded.bank, UP, "cond", (1.0, 0.5, 0.0), labels=loaded.dictionaries)
+        first, second = result.matchings
+        source, (target, similarity) = next(iter(first.pairs.items()))
+        line = concept_card(loaded, UP, 0.5, "cond", target).stats["lineage across t"]
+        alone = next(
+            c for c in range(256) if c not in first.targets_matched and c not in second.pairs
+        )
+        unmatched = concept_card(loaded, UP, 0.5, "cond", alone).stats["lineage across t"]
+    # the tiny bank's SAEs start from their own seeds: few of their latents match
+    assert 0 < len(first.pairs) <= 0.05 * 256
+    assert line.startswith(f"t=1 CID {source} (") and f" -> t=0.5 CID {target} (" in line
+    assert f"cos {similarity:.2f}" in line and line.endswith("(matches above the null cosine 0.46)")
+    assert unmatched.startswith(f"t=0.5 CID {alone} (")
+    assert unmatched.endswith(": no concept at t = 1, 0 matches it above the null cosine 0.46")

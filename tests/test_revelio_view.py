@@ -205,3 +205,14 @@ def test_folders_outside_the_readable_roots_are_refused(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="outside the folders this page may read"):
         rv.find_folder(tmp_path / "cache", "feature cache")
     assert rv.find_folder(rv.DEMO_CACHE, "feature cache") == rv.DEMO_CACHE
+
+
+@pytest.mark.parametrize("where", ["/etc", "/no-such-folder", "../../no-such-folder", "/tmp"])
+def test_outside_the_readable_roots_nothing_tells_whether_a_folder_exists(where, monkeypatch):
+    monkeypatch.setenv(rv.ROOTS_ENV, "")
+    with pytest.raises(PermissionError) as raised:
+        rv.find_folder(where, "cache")
+    assert str(raised.value) == (
+        f"the cache folder {where} is outside the folders this page may read (assets/, runs/ "
+        f"and {rv.ROOTS_ENV}); add its parent to {rv.ROOTS_ENV}"
+    )

@@ -15,13 +15,13 @@ from core.views.render import figure_image
 from core.views.run_file import FORMAT, FORMAT_VERSION, load_run, save_run
 
 UP = "up_blocks.1.attentions.0"
-PROMPT = "a red circle and a blue star"
+PROMPT = "a red square and a blue star"
 
 
 @pytest.fixture(scope="module")
 def result():
     torch.set_num_threads(1)
-    # "square" is not in the prompt (no cross-attention) and "circle" is in no mask (NaN IoUs)
+    # "circle" is not in the prompt (no cross-attention) and "square" is in no mask (NaN IoUs)
     return run_emergence(ModelCache().get("tiny"), PROMPT, 0, 6, UP, "cond", "circle, star, square")
 
 
@@ -53,7 +53,7 @@ def test_a_loaded_run_shows_the_same_panels_and_plot(result, saved):
         assert [caption for _, caption in after] == [caption for _, caption in before]
         for (image, _), (again, _) in zip(before, after, strict=True):
             assert np.array_equal(pixels(image), pixels(again))
-    assert np.isnan(loaded.ious["circle"]).all()  # NaN kept, so the plot keeps its gaps
+    assert np.isnan(loaded.ious["square"]).all()  # NaN kept, so the plot keeps its gaps
     assert np.array_equal(
         pixels(figure_image(iou_figure(loaded))), pixels(figure_image(iou_figure(result)))
     )
@@ -68,9 +68,9 @@ def test_a_script_reads_the_file_with_safetensors_and_json(result, saved):
         ious = f.get_tensor("iou/star")
     assert (header["format"], header["format_version"]) == (FORMAT, str(FORMAT_VERSION))
     assert run["words"] == ["circle", "star", "square"] and run["seed"] == 0
-    assert run["references"]["square"] in ("annotation", "last step")
+    assert run["references"]["circle"] in ("annotation", "last step")
     assert [step["t"] for step in run["steps"]] == result.ts
-    assert run["attention"]["missing"] == ["square"]
+    assert run["attention"]["missing"] == ["circle"]
     assert image.dtype == np.uint8 and image.shape == (*result.image.size[::-1], 3)
     assert masks.dtype == bool and masks.shape[0] == len(result.steps)
     assert np.allclose(ious, result.ious["star"], equal_nan=True)

@@ -6,19 +6,20 @@ import torch
 from diffusers import DDIMScheduler
 
 from core.diffusion.hooks import record, schedule_t
-from core.diffusion.presets import STAGES
+from core.diffusion.presets import STAGE_T, STAGES
 from core.emergence.steer import (
     EditRecord,
     Intervention,
     StepEdit,
-    default_strength,
     delta_change,
     intervene,
     plan_step,
     quadrant_mask,
     region_on_grid,
-    stage_t,
+    stage_at,
     stage_window,
+    stages_in,
+    step_stage,
 )
 from core.sae.bank import SAEBank, SAEKey
 from core.training.activations import to_rows
@@ -103,14 +104,41 @@ def test_quadrants_and_grids():
         quadrant_mask("top", (8, 8))
 
 
-def test_stages_and_paper_strengths():
+def test_the_stage_of_a_step_and_a_step_on_a_shared_bound():
     assert stage_window("middle") == (0.2, 0.6)
-    assert default_strength("spatial", "early") == 4000
-    assert default_strength("global", "middle") == 10
-    assert default_strength("global", (0.3, 0.5)) == 10
-    assert [stage_t(s) for s in STAGES] == [stage_t(stage_window(s)) for s in STAGES]
-    assert [stage_t(s) for s in STAGES] == [1.0, 0.5, 0.0]
-    assert stage_t((0.3, 0.9)) == 1.0  # a custom range: the stage of its midpoint
+    assert [stage_at(t) for t in (1.0, 0.6, 0.59, 0.2, 0.19, 0.0)] == [
+        "early",
+        "early",  # on the bound of early and middle: the stage that ends there
+        "middle",
+        "middle",
+        "final",
+        "final",
+    ]
+    assert step_stage("middle", 0.6) == "middle"  # a named stage edits all its steps as itself
+    assert step_stage((0.0, 1.0), 0.6) == "early"
+    assert stages_in((0.1, 0.7)) == ["early", "middle", "final"]
+    assert stages_in((0.2, 0.59)) == ["middle"] and stages_in((0.2, 0.6)) == ["early", "middle"]
+    assert stages_in("final") == ["final"]
+
+
+def test_a_custom_window_edits_each_step_as_the_stage_of_its_own_t(tiny_pipe, bank):
+    """A full-range window used the middle SAE for every step before; now each stage's SAE
+    and, with no strength given, each stage's strength (global: 8, 10, 10)."""
+    _, edits = steered(tiny_pipe, bank, window=(0.0, 1.0), strength=None)
+    steps = [(s.index, s.stage, s.sae.t, s.strength) for s in edits.edited()]
+    assert steps == (
+        [(i, "early", 1.0, 8.0) for i in range(4)]
+        + [(i, "middle", 0.5, 10.0) for i in range(4, 8)]
+        + [(i, "final", 0.0, 10.0) for i in (8, 9)]
+    )
+    assert edits.summary() == (
+        f"edited steps 0–3 with {MID} (t=1, cond), CIDs 3, 4 at strength 8; steps 4–7 with "
+        f"{MID} (t=0.5, cond), CIDs 3, 4 at strength 10; steps 8–9 with {MID} (t=0, cond), "
+        "CIDs 3, 4 at strength 10; skipped none"
+    )
+    _, given = steered(tiny_pipe, bank, window=(0.0, 1.0), strength=5.0)
+    assert {s.strength for s in given.edited()} == {5.0}
+    assert [s.sae.t for s in given.edited()] == [s.sae.t for s in edits.edited()]
 
 
 def steered(pipe, bank, **fields) -> tuple[np.ndarray, EditRecord]:
@@ -135,7 +163,7 @@ def ddim_ts(pipe, steps: int) -> list[float]:
 def sae_t_per_step(bank, ts, stage: str, **choice: str) -> list[float]:
     """The t of the SAE that edits each step of `stage` (by default, or as `choice` says)."""
     low, high = STAGES[stage]
-    edit = Intervention("global", [3], 10.0, (low, high), **choice)
+    edit = Intervention("global", [3], 10.0, stage, **choice)
     return [plan_step(bank, MID, edit, t, "cond").sae.t for t in ts if low <= t <= high]
 
 
@@ -148,7 +176,7 @@ def test_each_stage_edits_with_its_own_sae_by_default(tiny_pipe, bank):
     nearest = sae_t_per_step(bank, ts, "early", sae_choice="nearest")
     assert nearest == [1.0] * 12 + [0.5] * 8  # t = 0.741 .. 0.601 is nearer 0.5
     others = sum(
-        t != stage_t(stage)
+        t != STAGE_T[stage]
         for stage in STAGES
         for t in sae_t_per_step(bank, ts, stage, sae_choice="nearest")
     )
@@ -160,7 +188,7 @@ def test_the_record_names_each_steps_sae_and_cids_and_why_steps_were_skipped(tin
     plain = generate(tiny_pipe)
     # With 10 steps the early stage is t = 0.901 .. 0.601 (steps 0-3); the CIDs are the
     # t = 0.5 SAE's only, which the nearest choice uses at t = 0.701 and 0.601.
-    fields = dict(cids={keys[0.5]: [3, 4]}, window=(0.6, 1.0), concept="'cat'")
+    fields = dict(cids={keys[0.5]: [3, 4]}, window="early", concept="'cat'")
     image, edits = steered(tiny_pipe, bank, **fields)
     assert (image == plain).all()
     assert edits.summary() == (
@@ -180,7 +208,7 @@ def test_the_record_names_each_steps_sae_and_cids_and_why_steps_were_skipped(tin
 
 def test_a_stage_whose_t_the_bank_lacks_uses_the_nearest_and_says_so(tiny_pipe):
     bank = SAEBank(random_sae(64, 256, 8, t=t, seed=i) for i, t in enumerate((1.0, 0.4)))
-    edit = Intervention("global", [3], 10.0, STAGES["middle"])
+    edit = Intervention("global", [3], 10.0, "middle")
     with intervene(tiny_pipe, bank, MID, edit, SIZE) as edits:
         pass
     assert edits.notes == [
@@ -192,9 +220,9 @@ def test_a_stage_whose_t_the_bank_lacks_uses_the_nearest_and_says_so(tiny_pipe):
 
 def test_the_summary_groups_consecutive_steps_by_sae_and_cids():
     one, half = SAEKey(MID, 1.0, "cond"), SAEKey(MID, 0.5, "cond")
-    steps = [StepEdit(MID, i, 1 - i / 10, "cond", one, (5,)) for i in (0, 1, 2, 4)]
-    steps += [StepEdit(MID, 3, 0.7, "cond", half, (), "no CIDs here")]
-    steps += [StepEdit(MID, 5, 0.5, "cond", half, tuple(range(10)))]
+    steps = [StepEdit(MID, i, 1 - i / 10, "cond", one, (5,), "early", 8) for i in (0, 1, 2, 4)]
+    steps += [StepEdit(MID, 3, 0.7, "cond", half, (), "early", 8, "no CIDs here")]
+    steps += [StepEdit(MID, 5, 0.5, "cond", half, tuple(range(10)), "middle", 8)]
     edits = EditRecord(steps, ["a note"])
     assert edits.summary() == (
         f"edited steps 0–2, 4 with {MID} (t=1, cond), CIDs 5; step 5 with {MID} (t=0.5, "

@@ -2,8 +2,9 @@
 
 Paper 1 encodes a block's residual update with the SAE of that step, takes the top
 activating concept at every grid position, replaces it by its concept embedding (a
-"concept map"), and compares the map by cosine with a noun's word vector; thresholding
-gives a predicted mask, scored by IoU against the object's mask in the final image.
+"concept map"; a position whose top concept has no label predicts nothing), and compares
+the map by cosine with a noun's word vector; thresholding gives a predicted mask, scored by
+IoU against the object's mask in the final image.
 
     cmap = concept_map(sae, dictionary, delta)            # delta [B, C, H, W]
     mask, similarity = predict_mask(cmap, vectors.vector("cat"), threshold=0.7)
@@ -28,6 +29,8 @@ from core.sae.model import TopKSAE
 from core.training.activations import to_rows
 
 DEFAULT_THRESHOLD = 0.7
+READINGS = ("top", "labelled")
+"""How `concept_map` picks a position's concept: the paper's top latent, or the top labelled."""
 
 
 class LatentGrid(NamedTuple):
@@ -108,20 +111,29 @@ def latent_grid(sae: TopKSAE, delta: Tensor, site: str = "delta") -> LatentGrid:
 
 
 def concept_map(
-    sae: TopKSAE, dictionary: ConceptDictionary, delta: Tensor, site: str = "delta"
+    sae: TopKSAE,
+    dictionary: ConceptDictionary,
+    delta: Tensor,
+    site: str = "delta",
+    reading: str = "top",
 ) -> ConceptMap:
-    """The embedding of the top concept at every position of `delta` ([C, H, W] or [B, ...]).
+    """The embedding of one concept at every position of `delta` ([C, H, W] or [B, ...]).
 
-    The paper takes the top activating concept. Many latents have no label, so here it is
-    the most active latent among the position's active (> 0) top k that has an embedding;
-    a position where none has one is marked invalid and gets a zero embedding.
+    `reading` "top" is the paper's: the position's most active latent; where that latent has
+    no dictionary entry (or no latent is active) the position predicts nothing (invalid, zero
+    embedding). "labelled" takes instead the most active latent among the position's active
+    (> 0) top k that has an embedding, so unlabelled latents are skipped.
     """
+    if reading not in READINGS:
+        raise ValueError(f"unknown concept-map reading {reading!r}; choose {' or '.join(READINGS)}")
     dictionary.check_sae(sae)
     grid = latent_grid(sae, delta, site)
     has_embedding = dictionary.has_embedding.to(grid.top_indices.device)
-    labelled = has_embedding[grid.top_indices] & (grid.top_acts > 0)
-    first = labelled.int().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
-    valid = labelled.any(dim=-1)
+    usable = has_embedding[grid.top_indices] & (grid.top_acts > 0)
+    if reading == "top":
+        usable[..., 1:] = False
+    first = usable.int().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
+    valid = usable.any(dim=-1)
     cids = torch.where(valid, grid.top_indices.gather(-1, first).squeeze(-1), -1)
     embeddings = dictionary.embeddings.to(grid.top_acts.device)[cids.clamp_min(0)]
     return ConceptMap(embeddings * valid.unsqueeze(-1), valid, cids)
@@ -194,12 +206,14 @@ def predict_over_steps(
     block: str,
     branch: str = "cond",
     threshold: float = DEFAULT_THRESHOLD,
+    reading: str = "top",
 ) -> list[StepPrediction]:
     """Predicted masks of `words` at every recorded step of one generation (any batch size).
 
     Each step uses the SAE of (`block`, `branch`) trained nearest to the step's t, and that
-    SAE's dictionary. A word need not be a label of any concept: the comparison is by word
-    vector, so "kitten" is found through concepts labelled "cat".
+    SAE's dictionary, read as `reading` says (`concept_map`). A word need not be a label of
+    any concept: the comparison is by word vector, so "kitten" is found through concepts
+    labelled "cat".
     """
     vectors = _word_vectors_of(words, word_vectors)
     try:
@@ -212,7 +226,7 @@ def predict_over_steps(
         sae = _nearest_sae(bank, block, record.step.t, branch)
         key = SAEKey(sae.cfg.block, sae.cfg.t, sae.cfg.branch)
         dictionary = _dictionary_for(dictionaries, key)
-        cmap = concept_map(sae, dictionary, record.delta, record.site)
+        cmap = concept_map(sae, dictionary, record.delta, record.site, reading)
         predictions = {word: predict_mask(cmap, vectors[word], threshold) for word in words}
         results.append(StepPrediction(record.step, key, cmap, predictions))
     return results

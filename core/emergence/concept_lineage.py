@@ -20,7 +20,7 @@ from simple_parsing import field
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
 from core.emergence.concepts import load_dictionaries
-from core.emergence.lineage import METHODS, Lineage, coactivation_codes, lineage, ordered_keys
+from core.emergence.lineage import METHODS, Lineage, coactivation_rows, lineage, ordered_keys
 from core.files import write_csv, write_json
 from core.runtime import command
 from core.sae.bank import SAEBank
@@ -69,9 +69,9 @@ def run_lineage(config: LineageConfig) -> dict[str, Lineage]:
     out = Path(config.out)
     results, summary = {}, {}
     for method in config.method:
-        codes = _codes(config, bank, keys) if method == "coactivation" else None
+        rows = _rows(config, bank, keys) if method == "coactivation" else None
         result = lineage(
-            bank, config.block, config.branch, config.t, method, codes, labels, config.seed
+            bank, config.block, config.branch, config.t, method, rows, labels, config.seed
         )
         write_csv(out / f"lineage_{method}.csv", result.chains)
         results[method], summary[method] = result, result.summary()
@@ -88,13 +88,12 @@ def run_lineage(config: LineageConfig) -> dict[str, Lineage]:
     return results
 
 
-def _codes(config: LineageConfig, bank: SAEBank, keys):
+def _rows(config: LineageConfig, bank: SAEBank, keys):
     preset = get_preset(config.preset)
     pipe = load_pipeline(preset, device=config.device)
-    on_device = SAEBank(bank[key].to(pipe.device) for key in keys)
-    return coactivation_codes(
+    return coactivation_rows(
         pipe,
-        on_device,
+        bank,
         keys,
         read_prompts(config.prompts),
         steps=config.steps or preset.steps,

@@ -53,7 +53,12 @@ from core.diffusion.presets import (  # noqa: E402
 )
 from core.diffusion.sampling import generate_images  # noqa: E402
 from core.emergence.build_dictionary import AnnotatorConfig, make_annotator  # noqa: E402
-from core.emergence.composition import DEFAULT_THRESHOLD, iou, predict_over_steps  # noqa: E402
+from core.emergence.composition import (  # noqa: E402
+    DEFAULT_THRESHOLD,
+    READINGS,
+    iou,
+    predict_over_steps,
+)
 from core.emergence.concepts import (  # noqa: E402
     ConceptDictionary,
     cohesion,
@@ -69,12 +74,11 @@ from core.emergence.metrics import (  # noqa: E402
     pixel_difference,
 )
 from core.emergence.steer import (  # noqa: E402
+    DEFAULT_STRENGTH,
     SAE_CHOICES,
     Intervention,
-    default_strength,
     intervene,
     quadrant_mask,
-    stage_window,  # noqa: E402
 )
 from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
 from core.files import write_csv  # noqa: E402
@@ -193,9 +197,11 @@ def composition_rows(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    reading: str = "top",
 ) -> Rows:
     """One row per (prompt, block, step, word): IoU of the predicted mask with the final
-    image's annotation mask, and the two baselines' IoU (same for every step)."""
+    image's annotation mask, and the two baselines' IoU (same for every step). `reading`:
+    how a position's concept is picked (`core.emergence.composition.concept_map`)."""
     if not isinstance(targets, str):
         check_words(targets, word_vectors)
     labelled = {label for d in dictionaries.values() for label in d.vocabulary()}
@@ -218,6 +224,7 @@ def composition_rows(
                 block=block,
                 branch=branch,
                 threshold=threshold,
+                reading=reading,
             )
             for step in predictions:
                 for word in words:
@@ -365,7 +372,7 @@ def strength_for(kind: str, stage: str, strengths: Mapping[str, float] | None) -
     return (
         float(strengths[stage])
         if strengths and stage in strengths
-        else default_strength(kind, stage)
+        else DEFAULT_STRENGTH[kind][stage]
     )
 
 
@@ -403,7 +410,7 @@ def spatial_edit_rows(
             "spatial",
             cids[obj],
             strength,
-            stage_window(stage),
+            stage,
             (branch,),
             region,
             sae_choice=sae_choice,
@@ -484,7 +491,7 @@ def global_edit_rows(
                     "global",
                     cids[concept],
                     strength,
-                    stage_window(stage),
+                    stage,
                     (branch,),
                     sae_choice=sae_choice,
                     concept=repr(concept),
@@ -603,6 +610,9 @@ class EvaluateConfig:
     toy annotator)."""
     threshold: float = DEFAULT_THRESHOLD
     """Composition cosine threshold."""
+    concept_map: str = field(default="top", choices=READINGS)
+    """A position's concept in composition: top (the paper's: its most active latent, which
+    predicts nothing there if unlabelled) or labelled (its most active labelled latent)."""
     objects: tuple[str, ...] | None = None
     """Spatial-edit objects (default: ten everyday objects; the shapes with the toy
     annotator)."""
@@ -739,6 +749,7 @@ def composition_task(
         branch=config.branch,
         targets=targets,
         threshold=config.threshold,
+        reading=config.concept_map,
         **common,
     )
     out = Path(config.out)

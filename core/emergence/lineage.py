@@ -9,9 +9,17 @@ branch, two ways:
   generations, each SAE applied at its own step.
 
 Latents are matched one-to-one (`scipy.optimize.linear_sum_assignment`), and a match counts
-only above a null threshold: the `NULL_QUANTILE` quantile of the best-match similarity that
-the same procedure gives by chance (random unit directions of the same width and count for
-decoders; the same codes with the positions of one side shuffled for co-activation).
+only above a null threshold, the `NULL_QUANTILE` quantile of a best-match similarity:
+
+- decoder: between random unit directions of the same width and count. It tests "more
+  aligned than chance directions".
+- co-activation: between the earlier SAE and an SAE of the same size started from another
+  seed and trained on the same rows (`retrained_null`). It tests "the same concept": a match
+  counts only when two latents of different t fire together as closely as a latent and its
+  best counterpart in an independent retraining at the same t do in the top 1%. Shuffling
+  positions instead would test only that two latents do not fire independently, which any
+  two encoders of the same rows pass: a random SAE reading them got 6% of its latents
+  matched against that null, instead of about 1%.
 
     result = lineage(bank, "mid_block.attentions.0", "cond", method="decoder")
     result.chains      # rows: a chain of CIDs with their similarities and labels
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,10 +41,14 @@ from core.emergence.concepts import ConceptDictionary
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import TopKSAE
 from core.training.activations import GenerationSource
+from core.training.trainer import SAETrainer, TrainConfig, derived_seed
 
 METHODS = ("decoder", "coactivation")
 NULL_QUANTILE = 0.99
 """Quantile of the chance best-match similarities a match must exceed."""
+NULL_TRAINING = TrainConfig(batch_size=256, lr=1e-3)
+"""How `retrained_null` trains its SAE (width and k are the compared SAE's)."""
+NULL_STEPS = 1000
 
 
 @dataclass
@@ -161,11 +173,28 @@ def coactivation_iou(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def shuffled_null(a: sparse.csr_matrix, b: sparse.csr_matrix, seed: int = 0) -> float:
-    """The best-match IoU that the same firing reaches with `b`'s positions shuffled."""
-    order = np.random.default_rng(seed).permutation(b.shape[0])
-    chance = coactivation_iou(a, b[order])
-    fired = np.asarray(a.sum(axis=0)).ravel() > 0
+def top_indices(sae: TopKSAE, rows: torch.Tensor) -> torch.Tensor:
+    """[positions, k] indices of the latents among the top k at each row."""
+    with torch.no_grad():
+        return sae.encode(rows.to(sae.W_dec.device, sae.W_dec.dtype)).top_indices.cpu()
+
+
+def retrained_null(sae: TopKSAE, rows: torch.Tensor, seed: int = 0) -> float:
+    """The best-match co-activation IoU between `sae` and an SAE of its size started from a
+    seed of its own and trained on the same `rows` (their order kept), at `NULL_QUANTILE`
+    over the latents of `sae` that fire on them."""
+    config = replace(
+        NULL_TRAINING, num_latents=sae.cfg.num_latents, k=sae.cfg.k, seed=derived_seed(seed, "null")
+    )
+    trainer = SAETrainer(sae.cfg.d_in, config)
+    rows = rows.float()
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(NULL_STEPS):
+        trainer.step(rows[torch.randint(len(rows), (config.batch_size,), generator=generator)])
+    retrained = trainer.export()
+    fire = firing(top_indices(sae, rows), sae.cfg.num_latents)
+    chance = coactivation_iou(fire, firing(top_indices(retrained, rows), sae.cfg.num_latents))
+    fired = np.asarray(fire.sum(axis=0)).ravel() > 0
     if not fired.any():
         return 0.0
     return float(np.quantile(chance[fired].max(axis=1), NULL_QUANTILE))
@@ -232,37 +261,35 @@ def lineage(
     branch: str = "cond",
     ts: Sequence[float] = (1.0, 0.5, 0.0),
     method: str = "decoder",
-    codes: Mapping[SAEKey, torch.Tensor] | None = None,
+    rows: Mapping[SAEKey, torch.Tensor] | None = None,
     labels: Mapping[SAEKey, ConceptDictionary] | None = None,
     seed: int = 0,
 ) -> Lineage:
     """Match the SAEs of `block` at `ts` pairwise in time order, by `method`.
 
-    `codes` (co-activation only): each SAE's top-k indices [positions, k] on the same
-    generations and positions, each read at its own step (see `coactivation_codes`).
+    `rows` (co-activation only): the activations [positions, d] each SAE reads on the same
+    generations and positions, each at its own step (see `coactivation_rows`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown lineage method {method!r}; choose one of {', '.join(METHODS)}")
     keys = ordered_keys(bank, block, branch, ts)
-    if method == "coactivation" and (codes is None or any(k not in codes for k in keys)):
-        raise ValueError("co-activation lineage needs the codes of every SAE it compares")
+    if method == "coactivation" and (rows is None or any(k not in rows for k in keys)):
+        raise ValueError("co-activation lineage needs the rows every SAE it compares reads")
     matchings = []
     for a, b in zip(keys, keys[1:], strict=False):
         if method == "decoder":
             similarity = decoder_cosines(bank[a], bank[b])
             threshold = random_direction_null(*similarity.shape, bank[a].cfg.d_in, seed)
         else:
-            fire_a = firing(codes[a], bank[a].cfg.num_latents)
-            fire_b = firing(codes[b], bank[b].cfg.num_latents)
-            similarity, threshold = (
-                coactivation_iou(fire_a, fire_b),
-                shuffled_null(fire_a, fire_b, seed),
-            )
+            fire_a = firing(top_indices(bank[a], rows[a]), bank[a].cfg.num_latents)
+            fire_b = firing(top_indices(bank[b], rows[b]), bank[b].cfg.num_latents)
+            similarity = coactivation_iou(fire_a, fire_b)
+            threshold = retrained_null(bank[a], rows[a], derived_seed(seed, *a))
         matchings.append(match(similarity, threshold, a, b, method))
     return Lineage(keys, matchings, dict(labels or {}))
 
 
-def coactivation_codes(
+def coactivation_rows(
     pipe,
     bank: SAEBank,
     keys: Sequence[SAEKey],
@@ -274,8 +301,8 @@ def coactivation_codes(
     seed: int = 0,
     resolution: int | None = None,
 ) -> dict[SAEKey, torch.Tensor]:
-    """Each SAE's top-k indices [positions, k] on the same generations, each SAE reading the
-    residual update of the step nearest its own t (prompt i uses seed + i)."""
+    """The residual updates [positions, d] each SAE reads on the same generations, at the step
+    nearest its own t (prompt i uses seed + i)."""
     reading_output = [key.describe() for key in keys if bank[key].cfg.site != "delta"]
     if reading_output:
         raise ValueError(
@@ -292,14 +319,11 @@ def coactivation_codes(
         seed=seed,
         resolution=resolution,
     )
-    codes: dict[SAEKey, list[torch.Tensor]] = {key: [] for key in keys}
-    with torch.no_grad():
-        for _, rows in source.rounds():
-            for key in keys:
-                sae = bank[key]
-                found = sae.encode(rows[key].to(sae.W_dec.device, sae.W_dec.dtype))
-                codes[key].append(found.top_indices.cpu())
-    return {key: torch.cat(found) for key, found in codes.items()}
+    found: dict[SAEKey, list[torch.Tensor]] = {key: [] for key in keys}
+    for _, rows in source.rounds():
+        for key in keys:
+            found[key].append(rows[key].cpu())
+    return {key: torch.cat(parts) for key, parts in found.items()}
 
 
 def chain_through(result: Lineage, t: float, cid: int) -> list[tuple[SAEKey, int, float | None]]:

@@ -22,8 +22,9 @@ defaults.
 
 Which SAE edits a step (`sae_choice`): by default the stage's, as in the paper's experiments:
 every step of the early stage uses the SAE trained at t = 1.0, of the middle stage t = 0.5,
-of the final stage t = 0.0 (a custom window: the stage its midpoint falls in; a bank without
-that t: the SAE nearest to it, and the record says so). "nearest" gives each step the SAE
+of the final stage t = 0.0 (a bank without that t: the SAE nearest to it, and the record says
+so). In a custom window each step takes the stage its own t falls in (`stage_at`), and,
+unless a strength is given, that stage's strength. "nearest" gives each step the SAE
 trained nearest to its own t. `intervene` yields an `EditRecord` of which steps were edited
 with which SAE and CIDs, and which were skipped and why. An SAE trained on the block's output
 (SAeUron's) edits the output the same way; an SAE is never applied to another site.
@@ -65,16 +66,18 @@ class Intervention:
     kind: str
     """"spatial", "global" or "ablate"."""
     cids: CIDs
-    strength: float
-    """beta; see the module docstring for what it scales."""
-    window: tuple[float, float]
-    """(t_min, t_max): steps with t in this range are edited (1 = noise)."""
+    strength: float | None
+    """beta; see the module docstring for what it scales. None: the paper's strength for the
+    kind in each edited step's stage."""
+    window: str | tuple[float, float]
+    """A named stage ("early", "middle", "final"), whose steps all edit as that stage, or a
+    custom (t_min, t_max), whose steps each edit as the stage of their t (1 = noise)."""
     branches: tuple[str, ...] = ("cond",)
     region: np.ndarray | None = None
     """Spatial only: bool/float mask at image resolution (> 0.5 = inside)."""
     sae_choice: str = "stage"
-    """"stage": every step uses the SAE at the window's stage t (`stage_t`); "nearest": each
-    step uses the SAE trained nearest to its own t."""
+    """"stage": every step uses the SAE at its stage's t (`step_stage`, `STAGE_T`); "nearest":
+    each step uses the SAE trained nearest to its own t."""
     concept: str = "the concept"
     """How the record names the concept, e.g. "'cat'"."""
 
@@ -92,6 +95,9 @@ class StepEdit:
     """The SAE chosen for the step, whether or not it edited."""
     cids: tuple[int, ...]
     """That SAE's CIDs of the concept."""
+    stage: str
+    """The stage the step edits as (`step_stage`)."""
+    strength: float
     skipped: str = ""
     """Why the step was left alone; empty when it was edited."""
 
@@ -118,9 +124,13 @@ class EditRecord:
         cond), CIDs 12, 40; skipped none"."""
         if not self.steps:
             return "; ".join(["edited no step: no step's t lies in the window", *self.notes])
+        several = len({step.strength for step in self.edited()}) > 1
         edited = [
             f"{step_ranges(indices)} with {sae.describe()}, CIDs {list_cids(cids)}"
-            for (sae, cids), indices in indices_by(self.edited(), lambda s: (s.sae, s.cids))
+            + (f" at strength {strength:g}" if several else "")
+            for (sae, cids, strength), indices in indices_by(
+                self.edited(), lambda s: (s.sae, s.cids, s.strength)
+            )
         ]
         skipped = [
             f"skipped {step_ranges(indices)}: {why}"
@@ -170,24 +180,26 @@ def stage_window(stage: str | tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-def stage_name(stage: str | tuple[float, float]) -> str:
-    """A named stage itself; a t range: the named stage its midpoint falls in."""
-    if isinstance(stage, str):
-        stage_window(stage)
-        return stage
-    middle = sum(stage_window(stage)) / 2
-    return next(name for name, (low, high) in STAGES.items() if low <= middle <= high)
+def stage_at(t: float) -> str:
+    """The stage a step at `t` belongs to. The paper's windows share their bounds (early
+    [0.6, 1], middle [0.2, 0.6], final [0, 0.2]): a step exactly on one belongs to the stage
+    that ends there, the earlier one (t = 0.6 is early, t = 0.2 middle)."""
+    return next(name for name, (low, _) in STAGES.items() if t >= low)
 
 
-def default_strength(kind: str, stage: str | tuple[float, float]) -> float:
-    """The paper's strength for a named stage; for a custom range, that of its midpoint."""
-    return DEFAULT_STRENGTH[kind][stage_name(stage)]
+def step_stage(window: str | tuple[float, float], t: float) -> str:
+    """The stage whose SAE and default strength edit a step at `t`: a named stage's for every
+    step in it, as in the paper's experiments; in a custom window, the stage of `t` itself."""
+    return window if isinstance(window, str) else stage_at(t)
 
 
-def stage_t(stage: str | tuple[float, float]) -> float:
-    """The t of the SAE that edits a stage in the paper (early 1.0, middle 0.5, final 0.0);
-    for a custom range, that of its midpoint's stage."""
-    return STAGE_T[stage_name(stage)]
+def stages_in(window: str | tuple[float, float]) -> list[str]:
+    """The stages whose steps a window can edit, from the earliest."""
+    if isinstance(window, str):
+        return [window]
+    low, high = stage_window(window)
+    names = list(STAGES)
+    return names[names.index(stage_at(high)) : names.index(stage_at(low)) + 1]
 
 
 def quadrant_mask(name: str, size: tuple[int, int]) -> np.ndarray:
@@ -213,7 +225,7 @@ def validate(intervention: Intervention, image_size: tuple[int, int]) -> None:
     iv = intervention
     if iv.kind not in KINDS:
         raise ValueError(f"unknown intervention {iv.kind!r}; choose one of {', '.join(KINDS)}")
-    beta = iv.strength
+    beta = 0.0 if iv.strength is None else iv.strength
     if not math.isfinite(beta) or beta < 0:
         raise ValueError(f"the strength must be a finite number >= 0, got {beta}")
     if beta > MAX_STRENGTH or (iv.kind == "ablate" and beta > 1):
@@ -320,17 +332,22 @@ def intervene(
 def plan_step(
     bank: SAEBank, block: str, intervention: Intervention, t: float, branch: str, index: int = -1
 ) -> StepEdit:
-    """How one step in the window is edited: its SAE (the stage's or the one nearest t, as
-    `sae_choice` says) and that SAE's CIDs of the concept, or why the step is skipped."""
+    """How one step in the window is edited: its stage, its SAE (the stage's or the one nearest
+    t, as `sae_choice` says), that SAE's CIDs of the concept and the strength, or why the step
+    is skipped."""
+    stage = step_stage(intervention.window, t)
     nearest = intervention.sae_choice == "nearest"
-    key = bank.nearest_key(block, t if nearest else stage_t(intervention.window), branch)
+    key = bank.nearest_key(block, t if nearest else STAGE_T[stage], branch)
     cids = tuple(_cids_for(intervention.cids, key))
+    strength = intervention.strength
+    if strength is None:
+        strength = DEFAULT_STRENGTH[intervention.kind][stage]
     why = ""
     if not cids:
         why = f"{key.describe()} has no CIDs for {intervention.concept}"
-    elif intervention.strength == 0:
+    elif strength == 0:
         why = "the strength is 0"
-    return StepEdit(block, index, t, branch, key, cids, why)
+    return StepEdit(block, index, t, branch, key, cids, stage, strength, why)
 
 
 def _edit_fn(pipe, bank: SAEBank, block: str, intervention: Intervention, record: EditRecord):
@@ -352,26 +369,30 @@ def _edit_fn(pipe, bank: SAEBank, block: str, intervention: Intervention, record
             if grid not in regions:
                 regions[grid] = region_on_grid(intervention.region, grid)
             inside = regions[grid]
-        kind, beta = intervention.kind, intervention.strength
-        return delta + delta_change(kind, bank[step.sae], delta, step.cids, beta, inside)
+        change = delta_change(
+            intervention.kind, bank[step.sae], delta, step.cids, step.strength, inside
+        )
+        return delta + change
 
     return apply
 
 
 def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Intervention) -> list[str]:
-    """For "stage" choice: a note per block and branch whose bank has no SAE at the stage's t."""
+    """For "stage" choice: a note per block, branch and stage of the window whose bank has no
+    SAE at the stage's t."""
     if intervention.sae_choice != "stage":
         return []
-    stage, target = stage_name(intervention.window), stage_t(intervention.window)
     notes = []
-    for block in blocks:
-        for branch in intervention.branches:
-            key = bank.nearest_key(block, target, branch)
-            if key.t is not None and not math.isclose(key.t, target, abs_tol=1e-9):
-                notes.append(
-                    f"no SAE of {block} ({branch}) is at the {stage} stage's t={target:g}; "
-                    f"the nearest, t={key.t:g}, edits it"
-                )
+    for stage in stages_in(intervention.window):
+        target = STAGE_T[stage]
+        for block in blocks:
+            for branch in intervention.branches:
+                key = bank.nearest_key(block, target, branch)
+                if key.t is not None and not math.isclose(key.t, target, abs_tol=1e-9):
+                    notes.append(
+                        f"no SAE of {block} ({branch}) is at the {stage} stage's t={target:g}; "
+                        f"the nearest, t={key.t:g}, edits it"
+                    )
     return notes
 
 

@@ -47,8 +47,9 @@ class KsaeRecipe:
     """Adam learning rate."""
     warmup_steps: int = 500
     """Steps of linear learning-rate warm-up."""
-    batch_size: int = 1024
-    """Rows (images) per step, at most the number of images."""
+    batch_size: int = 8192
+    """Rows (images) per step, at most the number of images (the paper does not give it; the
+    authors' released code uses 8,192)."""
     auxk_alpha: float = 0.0
     """Weight of the AuxK loss; 0 is the paper's loss, the normalised MSE alone."""
     seed: int = 0

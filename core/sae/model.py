@@ -86,6 +86,8 @@ class SAEConfig:
     """The activation of the block read: "delta" (the residual update) or "output" (SITES)."""
     input_scale: float = 1.0
     """Scalar the training inputs were multiplied by. Informational: weights are in raw units."""
+    seed: int | None = None
+    """Seed of the initial weights, when the project trained the SAE (None: unknown)."""
     metrics: dict = field(default_factory=dict)
     """Training metrics (fvu, l0, dead fraction, ...)."""
 

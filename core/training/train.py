@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,7 +50,7 @@ from core.training.distributed import (
     combine_stats,
     gather_rows,
 )
-from core.training.trainer import SAETrainer, TrainConfig
+from core.training.trainer import SAETrainer, TrainConfig, derived_seed
 
 RESUME_MUST_MATCH = (
     "preset",
@@ -81,7 +81,9 @@ RESUME_MUST_MATCH = (
 @dataclass(kw_only=True)
 class RunConfig(TrainConfig):
     """Settings of `python -m core.training.train`: the SAE fields of TrainConfig (the emergence
-    paper's values), then the model, the data and the run. Prompt i is generated from seed + i."""
+    paper's values), then the model, the data and the run. Prompt i is generated from seed + i;
+    each SAE starts from weights of its own, drawn from `derived_seed(seed, block, t, branch)`
+    (recorded as `seed` in its cfg.json)."""
 
     out: str
     """Output folder."""
@@ -200,7 +202,7 @@ class Run:
         if key not in self.trainers:
             trainer = SAETrainer(
                 batch.shape[1],
-                self.cfg,
+                replace(self.cfg, seed=derived_seed(self.config.seed, *key)),
                 model=self.model_name,
                 block=key.block,
                 t=key.t,

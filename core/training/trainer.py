@@ -8,6 +8,7 @@ magnitude. `export()` folds the scale back in, so saved SAEs work on raw activat
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -49,10 +50,19 @@ class TrainConfig:
     dead_after: int = 10_000_000
     """A latent is dead once it has not fired for this many training samples."""
     seed: int = 0
-    """Seed of the weight initialisation."""
+    """Seed of the weight initialisation (`derived_seed` gives each SAE of a run its own)."""
 
     def latents_for(self, d_in: int) -> int:
         return self.num_latents or self.expansion_factor * d_in
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A seed of its own for one part of a run, e.g. the (block, t, branch) of an SAE, from the
+    run's seed. SAEs started from one seed share their initial weights, and comparisons that
+    assume independent SAEs (lineage's null thresholds) then find matches that are only the
+    shared start."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 class SAETrainer:
@@ -76,7 +86,14 @@ class SAETrainer:
         self.cfg = cfg or TrainConfig()
         num_latents = self.cfg.latents_for(d_in)
         sae_cfg = SAEConfig(
-            d_in, num_latents, self.cfg.k, model=model, block=block, t=t, branch=branch
+            d_in,
+            num_latents,
+            self.cfg.k,
+            model=model,
+            block=block,
+            t=t,
+            branch=branch,
+            seed=self.cfg.seed,
         )
         with torch.random.fork_rng(devices=[]):  # same init on every device, global RNG untouched
             torch.manual_seed(self.cfg.seed)

@@ -62,12 +62,17 @@ class _NoObjects:
         return []
 
 
-def describe_labels(loaded: Loaded, key: SAEKey, cid: int) -> str:
+def describe_labels(loaded: Loaded, key: SAEKey, cid: int, including: str | None = None) -> str:
+    """The CID's four most frequent labels with their counts, and `including` after them if
+    it is a label of the CID but not among those four."""
     dictionary = loaded.dictionaries.get(key)
     labels = dictionary.labels(cid) if dictionary else None
     if not labels:
         return "no label"
-    return ", ".join(f"{label} x{n}" for label, n in labels.most_common(4))
+    shown = labels.most_common(4)
+    if including in labels and including not in dict(shown):
+        shown.append((including, labels[including]))
+    return ", ".join(f"{label} x{n}" for label, n in shown)
 
 
 def _sae(loaded: Loaded, block: str, t: object, branch: str, cid: object):
@@ -110,11 +115,18 @@ def _lineage(loaded: Loaded, key: SAEKey, cid: int) -> str:
     except ValueError as error:
         return str(error)
     steps = []
-    for step_key, step_cid, similarity in chain_through(found, key.t, cid):
+    chain = chain_through(found, key.t, cid)
+    for step_key, step_cid, similarity in chain:
         label = top_label(loaded.dictionaries.get(step_key), step_cid) or "unlabelled"
         match = "" if similarity is None else f", cos {similarity:.2f}"
         steps.append(f"t={step_key.t:g} CID {step_cid} ({label}{match})")
     threshold = min(m.threshold for m in found.matchings)
+    if len(chain) == 1:
+        others = ", ".join(f"{t:g}" for t in reversed(ts) if t != key.t)
+        return (
+            f"{steps[0]}: no concept at t = {others} matches it above the null cosine "
+            f"{threshold:.2f}"
+        )
     return " -> ".join(steps) + f" (matches above the null cosine {threshold:.2f})"
 
 
@@ -178,7 +190,8 @@ def search(
     label = normalize_label(word)
     cids = sorted(dictionary.cids_for(word), key=lambda c: -dictionary.labels(c)[label])
     if cids:
-        return [(c, describe_labels(loaded, key, c)) for c in cids], f"labelled {word!r}"
+        found = [(c, describe_labels(loaded, key, c, label)) for c in cids]
+        return found, f"labelled {word!r}"
     vector = loaded.word_vectors().vector(word)
     if vector is None or not bool(dictionary.has_embedding.any()):
         raise ValueError(f"No concept of this SAE is labelled {word!r}, and none can be compared.")

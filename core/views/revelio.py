@@ -103,20 +103,28 @@ def readable_roots() -> list[Path]:
 def find_folder(path: str | Path | None, what: str, required: bool = True) -> Path | None:
     """An existing folder below `readable_roots()`; a relative path not found from the
     working directory is read from this repository's root (so the demo's default paths
-    work from anywhere)."""
+    work from anywhere).
+
+    A path outside the readable folders gets the same sentence whether it exists or not, so
+    the page tells a visitor nothing about the server's other files."""
     text = str(path or "").strip()
     if not text:
         if required:
             raise ValueError(f"give the {what} folder")
         return None
-    for candidate in (Path(text).expanduser(), REPO_ROOT / text):
+    roots = readable_roots()
+    readable = [
+        candidate
+        for candidate in (Path(text).expanduser(), REPO_ROOT / text)
+        if any(candidate.resolve().is_relative_to(root) for root in roots)
+    ]
+    if not readable:
+        raise PermissionError(
+            f"the {what} folder {text} is outside the folders this page may read "
+            f"(assets/, runs/ and {ROOTS_ENV}); add its parent to {ROOTS_ENV}"
+        )
+    for candidate in readable:
         if candidate.is_dir():
-            resolved = candidate.resolve()
-            if not any(resolved.is_relative_to(root) for root in readable_roots()):
-                raise PermissionError(
-                    f"the {what} folder {text} is outside the folders this page may read "
-                    f"(assets/, runs/ and {ROOTS_ENV}); add its parent to {ROOTS_ENV}"
-                )
             return candidate
     raise FileNotFoundError(f"the {what} folder {text} does not exist")
 

@@ -25,19 +25,21 @@ from PIL import Image
 from core.annotate.clipseg import centre_of_mass
 from core.annotate.tags import CLIP_ID
 from core.diffusion.presets import AppDefaults, Preset
+from core.emergence.concepts import normalize_label
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
     BRANCHES,
+    DEFAULT_STRENGTH,
     KINDS,
     MAX_STRENGTH,
     QUADRANTS,
     EditRecord,
     Intervention,
-    default_strength,
     intervene,
     list_cids,
     quadrant_mask,
     stage_window,
+    stages_in,
     validate,
 )
 from core.runtime import ModelNotAvailableError
@@ -191,15 +193,17 @@ def stage_of(request: SteerRequest) -> str | tuple[float, float]:
     return stage_window((low, high))
 
 
-def strength_of(request: SteerRequest, defaults: AppDefaults) -> float:
-    """The request's strength, else the preset's (not for ablation) or the paper's default."""
+def strength_of(request: SteerRequest, defaults: AppDefaults) -> float | None:
+    """The request's strength, else the preset's (not for ablation), else the paper's for the
+    kind and a named stage; None for a custom stage: each step takes its own stage's."""
     if request.kind not in KINDS:
         raise ValueError(f"Unknown edit type {request.kind!r}; choose {', '.join(KINDS)}.")
     if request.strength is not None and request.strength != "":
         return check_number(request.strength, "The strength", 0.0, MAX_STRENGTH)
     if defaults.strength is not None and request.kind != "ablate":
         return defaults.strength
-    return default_strength(request.kind, stage_of(request))
+    stage = stage_of(request)
+    return DEFAULT_STRENGTH[request.kind][stage] if isinstance(stage, str) else None
 
 
 def choice_value(key: SAEKey, cid: int) -> str:
@@ -215,9 +219,10 @@ def concept_choices(loaded: Loaded, block: str, branch: str, word: object) -> li
     if not word:
         raise ValueError("Type a word to list the concepts labelled with it.")
     found = loaded.word_cids(word, block, BRANCH_CHOICES[branch])
+    label = normalize_label(word)
     return [
         (
-            f"t={key.t} {key.branch}: CID {cid} ({describe_labels(loaded, key, cid)})",
+            f"t={key.t} {key.branch}: CID {cid} ({describe_labels(loaded, key, cid, label)})",
             choice_value(key, cid),
         )
         for key, ids in sorted(found.items(), key=lambda item: (-item[0].t, item[0].branch))
@@ -311,9 +316,8 @@ def run_steer(
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
     region = region_of(request, size)
-    window = stage_window(stage)
     edit = Intervention(
-        request.kind, cids, strength, window, branches, region, request.sae_choice, concept
+        request.kind, cids, strength, stage, branches, region, request.sae_choice, concept
     )
     validate(edit, size)
     steps = loaded.preset.steps
@@ -364,8 +368,19 @@ def placement_of(
 
 
 def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
-    """ "strength 400", or, where the SAEs carry mean activations (SDLens), what it multiplies."""
-    text = f"strength {edit.strength:g}"
+    """ "strength 400" (for a custom stage without one, each stage's), or, where the SAEs carry
+    mean activations (SDLens), what it multiplies."""
+    if edit.strength is None:
+        text = (
+            "the paper's strength of each step's stage ("
+            + ", ".join(
+                f"{stage} {DEFAULT_STRENGTH[edit.kind][stage]:g}"
+                for stage in stages_in(edit.window)
+            )
+            + ")"
+        )
+    else:
+        text = f"strength {edit.strength:g}"
     if edit.kind != "ablate" and any(loaded.bank[key].mean_acts is not None for key in edit.cids):
         text += " x each CID's mean activation (mean.pt), as in the SDLens demo"
     return text
