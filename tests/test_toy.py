@@ -1,5 +1,6 @@
 """The toy preset's build: model, training and resume, SAEs, dictionaries, check, shipping."""
 
+import csv
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
 from core.toy.build import MAX_SHIPPED_MB, main
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
-from core.toy.training import PROBE_STEPS, TRAIN_SCALES, ToyTrainer
+from core.toy.training import PROBE_STEPS, TRAIN_SCALES, ToyTrainer, held_out
 from tests.helpers import command_help
 
 SMOKE = TRAIN_SCALES["smoke"]
@@ -112,10 +113,12 @@ def test_build_writes_a_loadable_pipeline_saes_dictionaries_and_a_report(built):
 def test_held_out_check_uses_no_training_caption(built):
     run, _ = built
     captions = json.loads((run / "check" / "summary.json").read_text())
-    training = {s.caption for s in dataset(SMOKE.scenes, SMOKE.seed, 32, SMOKE.max_objects)}
-    checked = (run / "check" / "captions.csv").read_text().splitlines()[1:]
+    training = {scene.caption for scene in SMOKE.training_scenes()}
+    with open(run / "check" / "captions.csv", newline="") as f:
+        checked = [row["caption"] for row in csv.DictReader(f)]
     assert checked and captions["captions"]["objects"] == len(checked)
-    assert not any(line.split(",")[1] in training for line in checked)
+    assert not any(caption in training for caption in checked)
+    assert all(held_out(caption) for caption in checked)
 
 
 def test_shipped_files_carry_checksums_and_load_through_the_preset(built):

@@ -345,8 +345,10 @@ def sample_spec(
     max_objects: int = 3,
     min_visible: float = 0.5,
     attempts: int = 100,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
 ) -> SceneSpec:
-    """A random scene: 1 to `max_objects` objects of distinct colours, shapes may repeat.
+    """A random scene: 1 to `max_objects` objects of distinct colours, shapes may repeat,
+    each of a radius drawn from `radius_range` (fractions of the image side).
 
     An object that cannot be placed in `attempts` tries without hiding more than
     `1 - min_visible` of itself or of an earlier object is left out. Occlusion is checked
@@ -362,7 +364,7 @@ def sample_spec(
     for colour in colours:
         shape = str(rng.choice(SHAPES))
         for _ in range(attempts):
-            radius = float(rng.uniform(*RADIUS_RANGE))
+            radius = float(rng.uniform(*radius_range))
             obj = ObjectSpec(
                 shape,
                 str(colour),
@@ -384,9 +386,10 @@ def sample_scene(
     max_objects: int = 3,
     position_phrases: bool = False,
     min_visible: float = 0.5,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
 ) -> Scene:
     """A random scene rendered at `size` (see `sample_spec`)."""
-    spec = sample_spec(rng, size, max_objects, min_visible)
+    spec = sample_spec(rng, size, max_objects, min_visible, radius_range=radius_range)
     return render(spec, size, position_phrases)
 
 
@@ -402,6 +405,7 @@ def dataset(
     position_phrases: bool = False,
     min_visible: float = 0.5,
     workers: int = 1,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
 ) -> Iterator[Scene]:
     """`n` scenes, the same for the same seed whatever `workers` (processes that render).
 
@@ -416,6 +420,7 @@ def dataset(
             max_objects,
             position_phrases,
             min_visible,
+            tuple(radius_range),
         )
         for chunk, start in enumerate(range(0, n, SCENES_PER_CHUNK))
     ]
@@ -432,10 +437,11 @@ def dataset(
 
 
 def _chunk(args: tuple) -> list[Scene]:
-    seed, chunk, count, size, max_objects, position_phrases, min_visible = args
+    seed, chunk, count, size, max_objects, position_phrases, min_visible, radius_range = args
     rng = np.random.default_rng([seed, chunk])
     return [
-        sample_scene(rng, size, max_objects, position_phrases, min_visible) for _ in range(count)
+        sample_scene(rng, size, max_objects, position_phrases, min_visible, radius_range)
+        for _ in range(count)
     ]
 
 

@@ -14,7 +14,6 @@ step in 20 s (the tests use it).
 """
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,7 +31,6 @@ from core.emergence.concepts import CONCEPTS_FILE, ConceptDictionary, load_dicti
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.world import dataset
 from core.toy.check import CheckSettings, report, run_check
 from core.toy.model import parameter_count
 from core.toy.training import TRAIN_SCALES, ToyTrainConfig, ToyTrainer
@@ -99,7 +97,10 @@ class ToyRun:
         self.training: ToyTrainConfig = training or TRAIN_SCALES[scale]
         self.analysis = ANALYSIS_SCALES[scale]
         self.check_settings = replace(
-            self.analysis.check, resolution=self.training.model.image_size
+            self.analysis.check,
+            resolution=self.training.model.image_size,
+            max_objects=self.training.max_objects,
+            radius_range=self.training.radius_range,
         )
         self.dictionaries: dict[SAEKey, ConceptDictionary] | None = None
         """Set by the dictionary step."""
@@ -121,27 +122,10 @@ class ToyRun:
             a = self.analysis
             count = {"sae": a.sae_prompts, "dictionary": a.dictionary_prompts}[name]
             offset = {"sae": 1, "dictionary": 2}[name]
-            scenes = dataset(
-                count,
-                self.training.seed + offset,
-                self.training.model.image_size,
-                self.training.max_objects,
-            )
+            scenes = self.training.draw_scenes(count, self.training.seed + offset)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(scene.caption for scene in scenes) + "\n")
         return path
-
-    def training_captions(self) -> set[str]:
-        return {
-            scene.caption
-            for scene in dataset(
-                self.training.scenes,
-                self.training.seed,
-                self.training.model.image_size,
-                self.training.max_objects,
-                workers=os.cpu_count() or 1,
-            )
-        }
 
     def generation(self) -> dict:
         """The pipeline and sampling settings shared by the SAE and dictionary configs."""
@@ -241,7 +225,6 @@ def check(run: ToyRun) -> bool:
         bank,
         dictionaries,
         words,
-        run.training_captions(),
         run.check_settings,
         SD14_BLOCKS,
         out,
@@ -302,8 +285,7 @@ def model_card(run: ToyRun, size_mb: float) -> str:
             "were fitted to the recipe's wall-clock budget; `--vae-steps N --denoiser-steps M` "
             "reproduces them on any machine.",
             "",
-            f"- model: `{json.dumps(run.training.model.to_dict())}`",
-            f"- training: `{json.dumps(asdict(run.training))}`",
+            f"- training (the model's sizes included): `{json.dumps(asdict(run.training))}`",
             f"- SAEs, dictionaries and check: `{json.dumps(asdict(run.analysis))}`",
             f"- final losses and step counts: `{json.dumps(log)}`",
             f"- wall time of each step in seconds: `{json.dumps(timings)}`",

@@ -1,6 +1,6 @@
 """Check the toy model and the emergence paper's claims on it, with the truth known.
 
-On held-out captions (none of them a training caption):
+On held-out captions (`core.toy.training.held_out`: training never sees them):
 
 1. Caption following: the shapes-world annotator looks for every object the caption names
    (colour and shape) and for the background style.
@@ -43,7 +43,8 @@ from core.emergence.words import WordVectors
 from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
-from core.shapes.world import SHAPES, STYLES, Scene, dataset
+from core.shapes.world import RADIUS_RANGE, SHAPES, STYLES, Scene, dataset
+from core.toy.training import held_out
 
 PAPER_COMPOSITION_MID_T1 = 0.26
 """Paper: mid_block IoU at t = 1.0 on SD v1.4 (saturating by t = 0.5; up_block best)."""
@@ -60,15 +61,17 @@ class CheckSettings:
     guidance_scale: float = 4.0
     resolution: int = 64
     max_objects: int = 3
+    radius_range: tuple[float, float] = RADIUS_RANGE
+    """The world the model was trained on: at most this many objects, of these sizes."""
 
 
-def heldout_scenes(
-    n: int, seed: int, size: int, max_objects: int, seen: set[str], tries: int = 100
-) -> list[Scene]:
-    """`n` scenes whose captions are not in `seen`, drawn from one seeded generator."""
+def heldout_scenes(n: int, s: CheckSettings, tries: int = 100) -> list[Scene]:
+    """`n` scenes of the checked world whose captions training never sees
+    (`core.toy.training.held_out`), drawn from one seeded generator (`s.seed`)."""
     scenes = []
-    for scene in dataset(n * tries, seed, size, max_objects):
-        if scene.caption not in seen:
+    drawn = dataset(n * tries, s.seed, s.resolution, s.max_objects, radius_range=s.radius_range)
+    for scene in drawn:
+        if held_out(scene.caption):
             scenes.append(scene)
             if len(scenes) == n:
                 return scenes
@@ -76,34 +79,55 @@ def heldout_scenes(
 
 
 def caption_rows(pipe, scenes: Sequence[Scene], s: CheckSettings) -> Rows:
-    """One row per named object: was it found (colour and shape), was the style right."""
+    """One row per named object of each caption's generated image (`scored_rows`)."""
+    images = [
+        generate(pipe, scene.caption, s.seed + i, s.steps, s.guidance_scale, s.resolution)
+        for i, scene in enumerate(scenes)
+    ]
+    return scored_rows(images, scenes)
+
+
+def scored_rows(images: Sequence, scenes: Sequence[Scene]) -> Rows:
+    """One row per named object: was it found in the image (colour and shape), was the
+    style right. On the scenes' own renders it measures the annotator itself."""
     annotator, rows = ToyAnnotator(), []
-    for i, scene in enumerate(scenes):
-        image = generate(pipe, scene.caption, s.seed + i, s.steps, s.guidance_scale, s.resolution)
+    for i, (image, scene) in enumerate(zip(images, scenes, strict=True)):
         found = annotator.colour_shapes(image)
         style_right = annotator.background_style(image) == scene.background.style
+        named = {obj.colour for obj in scene.objects}
         for obj in scene.objects:
             rows.append(
                 {
                     "image": i,
                     "caption": scene.caption,
+                    "objects_named": len(scene.objects),
                     "colour": obj.colour,
                     "shape": obj.shape,
                     "object_found": int((obj.colour, obj.shape) in found),
                     "colour_found": int(any(c == obj.colour for c, _ in found)),
                     "style_right": int(style_right),
                     "objects_found": len(found),
+                    "spurious_colours": len({c for c, _ in found} - named),
                 }
             )
     return rows
 
 
-def caption_summary(rows: Rows) -> dict[str, float]:
+def caption_summary(rows: Rows) -> dict:
+    """Rates over every named object, and the object rate per count of named objects
+    (`object_rate_by_count`: {1: rate in one-object scenes, 2: ...})."""
     per_image = {r["image"]: r for r in rows}.values()
+    counts = sorted({r["objects_named"] for r in rows})
     return {
         "object_rate": float(np.mean([r["object_found"] for r in rows])),
         "colour_rate": float(np.mean([r["colour_found"] for r in rows])),
         "style_rate": float(np.mean([r["style_right"] for r in per_image])),
+        "spurious_colour_rate": float(np.mean([r["spurious_colours"] > 0 for r in per_image])),
+        "object_rate_by_count": {
+            n: float(np.mean([r["object_found"] for r in rows if r["objects_named"] == n]))
+            for n in counts
+        },
+        "images_by_count": {n: sum(r["objects_named"] == n for r in per_image) for n in counts},
         "objects": len(rows),
         "images": len(per_image),
     }
@@ -156,16 +180,13 @@ def run_check(
     bank: SAEBank,
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     word_vectors: WordVectors,
-    training_captions: set[str],
     settings: CheckSettings,
     blocks: Sequence[str],
     out: Path,
 ) -> dict:
     """Run all four parts, write their CSV files into `out` and return the summary."""
     s = settings
-    scenes = heldout_scenes(
-        s.prompts + s.edit_prompts, s.seed, s.resolution, s.max_objects, training_captions
-    )
+    scenes = heldout_scenes(s.prompts + s.edit_prompts, s)
     checked, edited = scenes[: s.prompts], [sc.caption for sc in scenes[s.prompts :]]
     common = dict(
         seed=s.seed, steps=s.steps, guidance_scale=s.guidance_scale, resolution=s.resolution
@@ -174,6 +195,9 @@ def run_check(
     rows = caption_rows(pipe, checked, s)
     write_csv(out / "captions.csv", rows)
     results["captions"] = caption_summary(rows)
+    results["captions_true_renders"] = caption_summary(
+        scored_rows([scene.image for scene in checked], checked)
+    )
     rows = composition_rows(
         pipe,
         bank,
@@ -270,13 +294,21 @@ def _rates(rates: Mapping[str, float]) -> str:
 
 def report(results: dict) -> str:
     """A markdown report of the check, beside the paper's numbers."""
-    c = results["captions"]
+    c, truth = results["captions"], results["captions_true_renders"]
     lines = [
         "## Caption following (held-out captions)",
         "",
         f"- objects found with the right colour and shape: {c['object_rate']:.1%} "
-        f"of {c['objects']} named objects in {c['images']} images",
-        f"- colour found: {c['colour_rate']:.1%}; background style right: {c['style_rate']:.1%}",
+        f"of {c['objects']} named objects in {c['images']} images (on the captions' true "
+        f"renders the same check finds {truth['object_rate']:.1%})",
+        *(
+            f"- in scenes of {n} object{'s' if int(n) > 1 else ''}: {rate:.1%} of objects found "
+            f"({c['images_by_count'][n]} images; true renders "
+            f"{truth['object_rate_by_count'][n]:.1%})"
+            for n, rate in c["object_rate_by_count"].items()
+        ),
+        f"- colour found: {c['colour_rate']:.1%}; images with a colour the caption does not "
+        f"name: {c['spurious_colour_rate']:.1%}; background style right: {c['style_rate']:.1%}",
         "",
         "## Composition from SAE features (mean IoU with the final image's object masks)",
         "",

@@ -10,6 +10,10 @@ Three phases, each leaving its result in `<out>/work/` so a restarted run skips 
    guidance works. The loss is weighted by min-SNR-5 (Hang et al., 2023) and the weights
    that are saved are an exponential moving average (EMA) of the trained ones.
 
+Training never sees the captions that `held_out` puts aside (a tenth of the world's), so
+that the check (`core.toy.check`) can ask for captions of every kind, one-object ones
+included, that the model has not learnt by heart.
+
 A phase with a wall-clock budget (`vae_budget_s`, `denoiser_budget_s`) times its first
 steps and sets its step count to fit the budget (at most `vae_steps`/`denoiser_steps`);
 the count is written to `<out>/work/steps.json` and to the log, so that the same count
@@ -24,13 +28,14 @@ Checkpoints are written atomically every `save_every`
 steps and when `stop()` says so.
 """
 
+import hashlib
 import json
 import math
 import os
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +49,7 @@ from tqdm.auto import tqdm
 
 from core.diffusion.tiny import SD14_SCHEDULER
 from core.files import atomic_write
-from core.shapes.world import dataset
+from core.shapes.world import RADIUS_RANGE, Scene, dataset
 from core.toy.model import (
     TOY_SCALES,
     ToyModelConfig,
@@ -54,16 +59,27 @@ from core.toy.model import (
 )
 
 PHASES = ("vae", "latents", "denoiser")
+HELD_OUT = 0.1
+"""Share of the world's captions that training never sees, so that the check can ask for
+captions of every kind (one-object ones included) the model has not learnt by heart."""
+
+
+def held_out(caption: str) -> bool:
+    """Whether `caption` belongs to the held-out share of captions (a fixed split by hash)."""
+    digest = hashlib.sha256(caption.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < HELD_OUT
 
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    scale: str = "full"
-    """A key of `core.toy.model.TOY_SCALES`."""
+    model: ToyModelConfig = TOY_SCALES["full"]
+    """The model's sizes (`core.toy.model.TOY_SCALES` names some)."""
     seed: int = 0
     scenes: int = 60_000
     """Rendered training scenes (captions with 1 to `max_objects` objects)."""
     max_objects: int = 3
+    radius_range: tuple[float, float] = RADIUS_RANGE
+    """Object radius as a fraction of the image side (`core.shapes.world`)."""
     vae_steps: int = 3_000
     vae_batch: int = 128
     vae_lr: float = 1e-3
@@ -83,9 +99,33 @@ class ToyTrainConfig:
     save_every: int = 500
     log_every: int = 100
 
-    @property
-    def model(self) -> ToyModelConfig:
-        return TOY_SCALES[self.scale]
+    def draw_scenes(self, n: int, seed: int, workers: int = 1) -> Iterator[Scene]:
+        """`n` scenes of this run's world (its image size, object count and sizes)."""
+        return dataset(
+            n,
+            seed,
+            self.model.image_size,
+            self.max_objects,
+            workers=workers,
+            radius_range=self.radius_range,
+        )
+
+    def training_scenes(self, workers: int = 1) -> Iterator[Scene]:
+        """The `scenes` training scenes: drawn from `seed`, held-out captions left out.
+
+        The whole draw is consumed even once enough scenes are kept, so that the processes
+        rendering it end normally (a pool closed while its results wait can hang)."""
+        kept = 0
+        for scene in self.draw_scenes(
+            math.ceil(1.2 * self.scenes / (1 - HELD_OUT)), self.seed, workers
+        ):
+            if kept < self.scenes and not held_out(scene.caption):
+                kept += 1
+                yield scene
+
+    def to_json(self) -> dict:
+        """The settings as `settings.json` holds them (tuples as lists)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 TRAIN_SCALES: dict[str, ToyTrainConfig] = {
@@ -93,7 +133,7 @@ TRAIN_SCALES: dict[str, ToyTrainConfig] = {
         vae_steps=6_000, denoiser_steps=40_000, vae_budget_s=45, denoiser_budget_s=240
     ),
     "cpu": ToyTrainConfig(
-        scale="cpu",
+        model=TOY_SCALES["cpu"],
         scenes=6_000,
         vae_steps=500,
         vae_batch=32,
@@ -104,7 +144,7 @@ TRAIN_SCALES: dict[str, ToyTrainConfig] = {
         save_every=100,
     ),
     "smoke": ToyTrainConfig(
-        scale="smoke",
+        model=TOY_SCALES["smoke"],
         scenes=64,
         vae_steps=12,
         vae_batch=16,
@@ -150,11 +190,12 @@ class Scenes:
 
 def render_scenes(config: ToyTrainConfig) -> Scenes:
     images, captions = [], []
-    size = config.model.image_size
-    scenes = dataset(config.scenes, config.seed, size, config.max_objects, workers=os.cpu_count())
-    for scene in tqdm(scenes, "render", total=config.scenes):
+    scenes = config.training_scenes(workers=os.cpu_count() or 1)
+    for scene in tqdm(scenes, "render", total=config.scenes, unit="scene"):
         images.append(scene.image)
         captions.append(scene.caption)
+    if len(images) < config.scenes:
+        raise ValueError(f"drew only {len(images)} training scenes of {config.scenes}")
     return Scenes(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions)
 
 
@@ -204,7 +245,7 @@ class ToyTrainer:
 
     def _check_settings(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        path, settings = self.work / "settings.json", asdict(self.config)
+        path, settings = self.work / "settings.json", self.config.to_json()
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved != settings:
@@ -237,6 +278,8 @@ class ToyTrainer:
         budget = StepBudget(self, phase)
         running_loss = torch.zeros((), device=self.device)
         bar = tqdm(range(start, budget.steps), phase, initial=start, total=budget.steps)
+        batch = cfg.vae_batch if phase == "vae" else cfg.denoiser_batch
+        started = time.perf_counter()
         step = start
         while step < budget.steps:
             for group in optimizer.param_groups:
@@ -258,12 +301,18 @@ class ToyTrainer:
                     step % cfg.log_every or cfg.log_every
                 )
                 running_loss.zero_()
-                bar.set_postfix(loss=f"{self.log[f'{phase}_loss']:.4f}", total=budget.steps)
+                rate = (step - start) * batch / (time.perf_counter() - started)
+                bar.set_postfix(
+                    loss=f"{self.log[f'{phase}_loss']:.4f}", samples_per_s=f"{rate:.0f}"
+                )
             if step % cfg.save_every == 0 or step == budget.steps or stopping:
                 self._save_checkpoint(checkpoint, modules, optimizer, ema, step)
             if stopping and step < budget.steps:
                 return False
         self.log[f"{phase}_steps"] = budget.steps
+        if budget.steps > start:
+            seconds = time.perf_counter() - started
+            self.log[f"{phase}_samples_per_s"] = (budget.steps - start) * batch / seconds
         if ema is not None:
             ema.copy_to(params)
         for m in modules:
