@@ -33,7 +33,7 @@ from core.diffusion.presets import (
     default_preset_name,
     get_preset,
 )
-from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES
+from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES, load_strengths
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
 from core.views import inspection, revelio, timeline
@@ -139,12 +139,13 @@ RUNS = EmergenceRuns()
 
 CSS = "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }"
 """A word may label hundreds of concepts: their list scrolls."""
-PROMPT = "a red circle and a blue star"
-"""The prompt every tab opens with."""
+PROMPT = "a red circle and a blue star on a gray plain background"
+"""The prompt every tab opens with: a caption of the toy model's shapes world."""
 EXAMPLE_PROMPTS = [
     [PROMPT],
+    ["a yellow star and a purple triangle on a brown striped background"],
+    ["a green square on a navy dotted background"],
     ["a photo of a red car in the sky"],
-    ["a painting of a cat on a table"],
 ]
 INTRO = (
     "# Concepts inside a diffusion model\n"
@@ -291,8 +292,8 @@ def on_status_tick(preset: str) -> tuple[str, gr.Timer]:
 
 
 def on_select_preset(preset: str) -> tuple:
-    """The status, and the blocks, steps and steering word the preset opens with (page only:
-    component updates)."""
+    """The status, and the blocks, steps, steering word and inspected CID the preset opens
+    with (page only: component updates)."""
     text = on_status(preset)
     chosen = PRESETS[preset]
     app = chosen.app
@@ -301,7 +302,8 @@ def on_select_preset(preset: str) -> tuple:
         return gr.Dropdown(choices=list(chosen.hook_points), value=block)
 
     emergence, steer, inspect = dropdown(app.block), dropdown(app.steer_block), dropdown(app.block)
-    return text, emergence, steer, inspect, gr.Number(value=chosen.steps), gr.Textbox(app.word)
+    steps, word, cid = gr.Number(value=chosen.steps), gr.Textbox(app.word), gr.Number(app.cid)
+    return text, emergence, steer, inspect, steps, word, cid
 
 
 def on_controls(preset: str, *branches_and_by: str) -> tuple:
@@ -502,7 +504,8 @@ def on_default_strength(
         The strength that `steer` takes, or None.
     """
     request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
-    return strength_of(request, get_preset(preset).app)
+    found = get_preset(preset)
+    return strength_of(request, found.app, load_strengths(found.sae_source))
 
 
 def on_stage(stage: str) -> gr.Row:
@@ -1146,10 +1149,11 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
         t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
         t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
     strength = gr.Number(
-        strength_of(SteerRequest("", 0, ""), preset.app),
+        strength_of(SteerRequest("", 0, ""), preset.app, load_strengths(preset.sae_source)),
         label="strength",
-        info="By default the paper's for the type and stage (empty for a custom stage: each "
-        "step takes its own stage's); with SDLens SAEs (sdxl-turbo) a multiple of the "
+        info="By default the paper's for the type and stage, or the strengths calibrated for "
+        "the SAEs where they come with them (the toy model); empty for a custom stage: each "
+        "step takes its own stage's. With SDLens SAEs (sdxl-turbo) a multiple of the "
         "concept's mean activation, as in the SDLens demo.",
     )
     gr.on(
@@ -1214,14 +1218,14 @@ class ConceptViews(NamedTuple):
     timeline_note: gr.Markdown
 
 
-def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Radio]:
-    """One concept of one SAE, found by CID or by word. Returns the block and branch."""
+def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, gr.Radio, gr.Number]:
+    """One concept of one SAE, found by CID or by word. Returns the block, branch and CID."""
     with gr.Row():
         with gr.Column(scale=1):
             block = block_dropdown(preset, preset.app.block)
             t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
             branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
-            cid = gr.Number(0, label="CID", precision=0)
+            cid = gr.Number(preset.app.cid, label="CID", precision=0)
             with gr.Row():
                 word = gr.Textbox("", label="search by word")
                 search = gr.Button("search", elem_id="inspect-search")
@@ -1258,7 +1262,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> tuple[gr.Dropdown, g
         show_progress_on=line,
         **MODEL,
     )
-    return block, branch
+    return block, branch, cid
 
 
 def concept_views() -> ConceptViews:
@@ -1442,7 +1446,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         with gr.Tab("steer"):
             steer = steer_tab(preset_box, opening)
         with gr.Tab("inspect"):
-            i_block, i_branch = inspect_tab(preset_box, opening)
+            i_block, i_branch, i_cid = inspect_tab(preset_box, opening)
         with gr.Tab("revelio"):
             revelio_tab()
         controls = [e_branch, steer.branch, steer.by, i_branch]
@@ -1457,7 +1461,7 @@ def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
         preset_box.change(
             on_select_preset,
             preset_box,
-            [status, e_block, steer.block, i_block, e_steps, steer.word],
+            [status, e_block, steer.block, i_block, e_steps, steer.word, i_cid],
             api_name="select_preset",
             **PAGE,
         ).then(*follow, api_name="preset_controls", **PAGE)

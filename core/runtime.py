@@ -2,6 +2,7 @@
 the one-sentence error handling of the command-line tools."""
 
 import argparse
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -28,6 +29,13 @@ USER_ERRORS = (ValueError, KeyError, OSError, ModelNotAvailableError)
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.machine()}, {counted(torch.get_num_threads(), 'thread')})"
 
 
 def counted(number: int, noun: str) -> str:

@@ -29,7 +29,6 @@ x 2 widths, at most 25 ms a step) and Revelio (batch 8, 4 variants) under 15 s: 
 batch 256: a check that everything runs, not a measurement.
 """
 
-import platform
 import sys
 import time
 import traceback
@@ -43,7 +42,7 @@ from simple_parsing import field as option
 
 from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
 from core.files import atomic_write, write_json
-from core.runtime import command, counted, default_device
+from core.runtime import command, counted, default_device, device_name
 from scripts.bench_core import (
     TARGETS,
     EmergenceTimes,
@@ -284,12 +283,6 @@ class Report:
             for name, text in self.errors.items():
                 lines.append(f"- {name}: {text.strip().splitlines()[-1]}")
         return "\n".join(lines) + "\n"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.machine()}, {counted(torch.get_num_threads(), 'thread')})"
 
 
 def build_pipeline(scale: Scale, device: torch.device, dtype: torch.dtype):

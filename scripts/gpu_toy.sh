@@ -5,7 +5,7 @@
 #
 # Runs the steps of `python -m core.toy.build` in runs/toy-SCALE (SCALE: full, the
 # default; smoke for a dry run on a CPU). Training always finishes (its recipe fits a
-# wall-clock budget); the SAE, dictionary and check steps stop once SECONDS (default 470)
+# wall-clock budget); the SAE, dictionary, strengths and check steps stop once SECONDS (default 470)
 # have passed since the start, and what is left resumes later with the same command.
 # After each step OUT gets toy.tar.part-* (the run folder without training caches, in
 # 15 MiB pieces), log.txt and timings.json. Unpack with
@@ -33,7 +33,7 @@ pack() {
 
 python3 -m core.toy.build train --out "$run" --scale "$scale"
 pack
-for step in saes dictionary check; do
+for step in saes dictionary strengths check; do
     left=$((limit - SECONDS))
     if ((left < 10)); then
         echo "stopped before $step: $SECONDS s of $limit s used"

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import DDIMScheduler
 from PIL import Image
 from playwright.sync_api import Locator, Page, sync_playwright
 
 from app import DEEP_LINK
-from core.diffusion.presets import PRESETS, default_preset_name
+from core.diffusion.presets import PRESETS, STAGES, default_preset_name
+from core.diffusion.tiny import SD14_SCHEDULER
 from core.files import REPO_ROOT
 from scripts.app_server import app_url
 
@@ -52,6 +54,13 @@ def page() -> Iterator[Page]:
         page.goto(app_url())
         yield page
         browser.close()
+
+
+def schedule_ts(steps: int) -> list[float]:
+    """t of each step of the presets' DDIM schedule (SD v1.4's) with `steps` steps."""
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    return [int(timestep) / 1000 for timestep in scheduler.timesteps]
 
 
 def grey(element: Locator) -> np.ndarray:
@@ -144,6 +153,7 @@ def test_steer_tab_with_a_drawn_region(page):
     page.get_by_label("early").check()
     t_from.wait_for(state="hidden")
     branches = page.locator("#steer-branch input[type=radio]")
+    page.locator("#steer-branch input[value=both]").wait_for(state="detached")  # once loaded
     assert [branches.nth(i).input_value() for i in range(branches.count())] == ["cond"]
     page.click("#steer-list")
     concepts = page.locator("#steer-concepts input[type=checkbox]")
@@ -166,21 +176,27 @@ def test_steer_tab_with_a_drawn_region(page):
         page.wait_for_timeout(250)
     editor.get_by_role("button", name="Brush", exact=True).click()
     box = editor.locator("canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + box["width"] * 0.1, y + box["height"] * 0.2, steps=12)
-    page.mouse.up()
+    # Fill most of the top-right quarter: a coarse block (2x2 on the toy's mid block) edits
+    # only positions the region covers at least half of.
+    for row in np.arange(0.04, 0.46, 0.03):
+        y = box["y"] + box["height"] * row
+        page.mouse.move(box["x"] + box["width"] * 0.54, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.96, y, steps=8)
+        page.mouse.up()
     page.click("#steer-run")
     metrics = page.locator("#steer-metrics")
     metrics.get_by_text("mean_abs_pixel_difference").wait_for()
     assert "drawn," in metrics.inner_text()
     edits = page.locator("#steer-edits textarea").input_value()
     cid = first.split("CID ")[1].split(" ")[0]
+    preset = PRESETS[default_preset_name()]
+    early = [i for i, t in enumerate(schedule_ts(preset.steps)) if t >= STAGES["early"][0]]
     assert edits.startswith(
-        f"edited steps 0–3 with up_blocks.1.attentions.0 (t=1, cond), CIDs {cid};"
+        f"edited steps 0–{early[-1]} with {preset.app.steer_block} (t=1, cond), CIDs {cid};"
     )
-    assert "The image changed by " in edits and "Centre of mass of the star" in edits
+    assert "The image changed by " in edits
+    assert f"Centre of mass of the {preset.app.word}" in edits
     assert page.locator("#steer-pair img").count() == 2
     shot(page, "2-steer")
 

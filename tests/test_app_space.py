@@ -16,6 +16,7 @@ from core.emergence.concepts import load_dictionaries
 from core.files import REPO_ROOT
 from core.sae.bank import hub_patterns
 from core.sae.model import SDLENS_FILES, folder_block
+from core.shapes.world import SHAPES
 from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
 
@@ -162,4 +163,17 @@ def test_the_default_steering_word_labels_a_concept_of_the_default_block(preset)
     assert defaults.word in labels, (
         f"{preset}: {defaults.word!r} labels no concept of {defaults.steer_block}; set its "
         f"AppDefaults.word in core/diffusion/presets.py to one of {sorted(labels)}"
+    )
+
+
+def test_the_inspect_tab_opens_on_a_shape_concept_of_the_toy_model():
+    """The toy's first inspect view shows a concept whose top label is one of the world's
+    shapes, at the block and t (0.5) the tab opens on."""
+    defaults = PRESETS["toy"].app
+    dictionaries = load_dictionaries(PRESETS["toy"].sae_source, [defaults.block], ["cond"])
+    (dictionary,) = [d for key, d in dictionaries.items() if key.t == 0.5]
+    labels = dictionary.labels(defaults.cid)
+    assert labels and labels.most_common(1)[0][0] in SHAPES, (
+        f"CID {defaults.cid} of {defaults.block} at t=0.5 has labels {dict(labels)}; set the "
+        "toy's AppDefaults.cid in core/diffusion/presets.py to a CID whose top label is a shape"
     )

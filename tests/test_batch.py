@@ -46,7 +46,8 @@ def pooled(series: list[list[float]]) -> list[tuple[float, float, int]]:
 
 def test_the_command_pools_each_steps_iou_over_runs_and_words(loaded, tmp_path, capsys):
     prompts = [option for prompt in PROMPTS for option in ("--prompt", prompt)]
-    argv = [*prompts, "--seeds", "0", "1", "--steps", "3", "--out", str(tmp_path)]
+    argv = [*prompts, "--preset", "tiny", "--seeds", "0", "1", "--steps", "3"]
+    argv += ["--out", str(tmp_path)]
     assert main(argv) == 0
     runs = [run_emergence(loaded, p, seed, 3, UP, "cond") for p in PROMPTS for seed in (0, 1)]
     rows = list(csv.DictReader((tmp_path / "batch.csv").read_text().splitlines()))

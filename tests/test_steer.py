@@ -246,6 +246,20 @@ def test_edits_outside_the_window_or_at_zero_strength_change_nothing(tiny_pipe, 
     assert hook_count(tiny_pipe) == 0
 
 
+def test_a_region_smaller_than_half_a_grid_cell_skips_every_step_and_says_why(tiny_pipe, bank):
+    speck = np.zeros(SIZE, dtype=bool)
+    speck[2:5, 2:5] = True  # 9 pixels; the mid block's grid cells are 16x16 here
+    image, edits = steered(tiny_pipe, bank, kind="spatial", region=speck, strength=50.0)
+    assert (image == generate(tiny_pipe)).all() and not edits.edited()
+    assert {s.skipped for s in edits.steps} == {
+        "the region covers no position of the block's 2x2 grid (each 16x16 pixels of the "
+        "image): cover at least half of one"
+    }
+    corner = np.zeros(SIZE, dtype=bool)
+    corner[:12, :12] = True  # more than half of the top-left cell
+    assert len(steered(tiny_pipe, bank, kind="spatial", region=corner)[1].edited()) == 10
+
+
 def test_cond_only_edits_leave_the_uncond_branch_alone(tiny_pipe, bank):
     spec = Intervention("spatial", [3, 4], 50.0, (0.0, 1.0), region=quadrant_mask("top_left", SIZE))
     with record(tiny_pipe, [MID]) as plain:

@@ -1,5 +1,6 @@
 """The toy preset's build: model, training and resume, SAEs, dictionaries, check, shipping."""
 
+import copy
 import csv
 import json
 import os
@@ -21,13 +22,15 @@ from core.annotate.clipseg import centre_of_mass
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
 from core.diffusion.hooks import resolve_blocks
 from core.diffusion.pipelines import load_pipeline
-from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, get_preset
+from core.diffusion.presets import SD14_BLOCKS, get_preset
+from core.emergence.steer import load_strengths
 from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
-from core.toy.build import MAX_SHIPPED_MB, main
+from core.toy.build import MAX_SHIPPED_MB, ToyRun, main, trained
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
+from core.toy.reproduce import SUBSET_FILE, differences, recorded, subset_rows
 from core.toy.training import PROBE_STEPS, TRAIN_SCALES, ToyTrainer, held_out
 from tests.helpers import command_help
 
@@ -63,7 +66,7 @@ def test_gpu_script_packs_the_run_in_pieces_that_unpack_to_it(built, tmp_path):
         assert f"toy-smoke/{path}" in names
     assert not any(name.endswith((".pt", "latents.safetensors")) for name in names)
     timings = json.loads((out / "timings.json").read_text())
-    assert {"train_s", "saes_s", "dictionary_s", "check_s"} <= timings.keys()
+    assert {"train_s", "saes_s", "dictionary_s", "strengths_s", "check_s"} <= timings.keys()
     assert "done in" in (out / "log.txt").read_text()
 
 
@@ -136,6 +139,23 @@ def test_shipped_files_carry_checksums_and_load_through_the_preset(built):
         output_type="np",
     ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_the_recorded_subset_of_the_check_reproduces_on_the_shipped_weights(built):
+    run, shipped = built
+    rows, settings = recorded(shipped / "check" / SUBSET_FILE)
+    assert "check/subset.json" in read_checksums(shipped / "README.md")
+    assert len(rows["captions"]) >= 6 and settings.resolution == 32
+    toy = ToyRun(run, "smoke", "cpu")
+    pipe, bank, dictionaries = trained(toy, shipped)
+    found = subset_rows(pipe, bank, dictionaries, load_strengths(shipped / "saes"), settings)
+    assert differences(rows, found) == []
+    changed = copy.deepcopy(found)
+    changed["captions"][0]["object_found"] = 1 - changed["captions"][0]["object_found"]
+    assert differences(rows, changed) == [
+        f"captions row 0: object_found was {found['captions'][0]['object_found']!r}, "
+        f"now {changed['captions'][0]['object_found']!r}"
+    ]
 
 
 def test_corrupt_or_missing_asset_is_named(built, tmp_path):
@@ -258,32 +278,7 @@ def test_background_annotation_segmenter_and_style_scorer_read_the_pixels():
     assert scores == [1.0]
 
 
-@pytest.mark.skipif(
-    not (TOY_ASSETS / "pipeline").is_dir(),
-    reason="the toy weights are not shipped yet: they need a GPU run of "
-    "`python -m core.toy.build all`",
-)
-def test_shipped_toy_model_follows_captions_and_the_paper_claims(tmp_path):
-    """Thresholds fixed before the weights existed; a failure is a finding to report."""
-    from core.toy.build import ToyRun, check
-
-    run = ToyRun(tmp_path, "full", "cpu")
-    shutil.copytree(TOY_ASSETS / "pipeline", run.pipeline)
-    shutil.copytree(TOY_ASSETS / "saes", run.saes)
-    run.check_settings = replace(run.check_settings, prompts=40, edit_prompts=4, steps=25)
-    check(run)
-    summary = json.loads((tmp_path / "check" / "summary.json").read_text())
-    assert summary["captions"]["object_rate"] >= 0.5
-    holds = {c["claim"]: c["holds"] for c in summary["claims"]}
-    assert holds[
-        "composition at t=1 beats both baselines that ignore the model (mid_block.attentions.0)"
-    ]
-    assert all(v for k, v in holds.items() if "rises with the steps" in k)
-    assert holds["spatial edits succeed more often early than in the middle or final stage"]
-    assert holds["global style edits change the background style most in the middle stage"]
-
-
 def test_help_from_the_command_line_states_the_defaults():
     text = " ".join(command_help("core.toy.build").split())
-    assert "--scale" in text and "(default: full)" in text
+    assert "--scale" in text and "(default: cpu)" in text
     assert "(default: None)" not in text

@@ -1,6 +1,6 @@
 """The shipped toy model's files: its model card, and the checksums in it that guard them.
 
-The model card (`README.md` beside `pipeline/` and `saes/`) ends with a block listing the
+The model card (`README.md` beside `pipeline/`, `saes/` and `check/`) ends with a block listing the
 SHA-256 of every shipped file:
 
     ```sha256
@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 
 CARD = "README.md"
-SHIPPED = ("pipeline", "saes")
-"""The folders of a toy run that are shipped."""
+SHIPPED = ("pipeline", "saes", "check")
+"""The folders of the shipped toy model (check/: its report, the subset the tests rerun and
+held-out captions, the preset's prompts)."""
 _BLOCK = re.compile(r"```sha256\n(.*?)```", re.S)
 
 

@@ -38,7 +38,9 @@ class AppDefaults:
     """The steering word, a concept label of `steer_block`; empty: concepts by CID only."""
     strength: float | None = None
     """The steering strength proposed for spatial and global edits at every stage; None: the
-    paper's for the edit type and stage."""
+    paper's for the edit type and stage (or the SAEs' calibrated ones)."""
+    cid: int = 0
+    """The concept the inspect tab opens on (with `block`, at t = 0.5)."""
 
 
 @dataclass(frozen=True)
@@ -120,19 +122,20 @@ PRESETS: dict[str, Preset] = {
     "toy": Preset(
         name="toy",
         model=str(TOY_ASSETS / "pipeline"),
-        steps=50,
-        guidance_scale=4.0,
+        steps=25,
+        guidance_scale=7.5,
         hook_points=SD14_BLOCKS,
         app=AppDefaults(
             "the embedded shapes-world model (coloured shapes on patterned backgrounds), offline",
-            block="up_blocks.1.attentions.0",
+            block="down_blocks.2.attentions.1",
             steer_block="mid_block.attentions.0",
             word="circle",
+            cid=25,
         ),
         sae_source=str(TOY_ASSETS / "saes"),
         assets=str(TOY_ASSETS),
         annotator="toy",
-        prompts=str(PROMPTS / "toy.txt"),
+        prompts=str(TOY_ASSETS / "check" / "prompts.txt"),
     ),
     "tiny": Preset(
         name="tiny",

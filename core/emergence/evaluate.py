@@ -9,7 +9,11 @@ Four tasks, each writing a CSV of raw rows (and a summary) plus a plot into --ou
 - spatial: move an object to each quadrant with a spatial edit of mid_block (cond) in
   each stage; success when CLIPSeg's centre of mass lands in the target quadrant.
 - global: add a concept everywhere in each stage; success when CLIP similarity with the
-  concept's word rises; also mean absolute pixel difference and (if available) LPIPS.
+  concept's word rises.
+
+Both edit tasks also report how much each edit changed its image: the mean absolute pixel
+difference, whether it had no effect (below one grey level, `NO_EFFECT`) and, where the
+`lpips` package can load its weights, LPIPS.
 
 Spatial and global edits use the stage's SAE at every step, as the paper does (early
 t = 1.0, middle 0.5, final 0.0; `--sae-choice nearest`: each step's nearest). Each edit's
@@ -67,6 +71,7 @@ from core.emergence.concepts import (  # noqa: E402
     separability,
 )
 from core.emergence.metrics import (  # noqa: E402
+    NO_EFFECT,
     ClipScorer,
     label_masks,
     load_lpips,
@@ -389,6 +394,7 @@ def spatial_edit_rows(
     quadrants: Sequence[str] = QUADRANTS,
     strengths: Mapping[str, float] | None = None,
     template: str = WORLDS["grounded-sam"].template,
+    lpips_distance: Callable | None = None,
     sae_choice: str = "stage",
     seed: int = 0,
     steps: int = 50,
@@ -396,13 +402,19 @@ def spatial_edit_rows(
     resolution: int | None = None,
 ) -> Rows:
     """One row per (object, quadrant, stage). Object j is generated from seed + j; `edits`
-    says which steps were edited with which SAE (`sae_choice`) and which were skipped."""
+    says which steps were edited with which SAE (`sae_choice`) and which were skipped;
+    `pixel_diff` how much the edit changed the image (`no_effect` below `NO_EFFECT`)."""
     cids, _ = object_cids(dictionaries, objects, block, branch)
     size = image_size(pipe, resolution)
     rows = []
     jobs = [
         (j, o, q, s) for j, o in enumerate(objects) if o in cids for q in quadrants for s in stages
     ]
+    before = {
+        j: generate(pipe, template.format(obj), seed + j, steps, guidance_scale, resolution)
+        for j, obj in enumerate(objects)
+        if obj in cids
+    }
     for j, obj, quadrant, stage in tqdm(jobs, desc="spatial edits"):
         strength = strength_for("spatial", stage, strengths)
         region = quadrant_mask(quadrant, size)
@@ -422,6 +434,7 @@ def spatial_edit_rows(
             )
         point = centre_of_mass(segmenter.segment(image, [obj])[obj])
         found = quadrant_of(point, image.size) if point else ""
+        change = pixel_difference(before[j], image)
         rows.append(
             {
                 "object": obj,
@@ -433,6 +446,9 @@ def spatial_edit_rows(
                 "com_y": point[1] if point else math.nan,
                 "found_quadrant": found,
                 "success": int(found == quadrant),
+                "pixel_diff": change,
+                "no_effect": int(change < NO_EFFECT),
+                "lpips": lpips_distance(before[j], image) if lpips_distance else math.nan,
                 "edits": record.summary(),
             }
         )
@@ -441,16 +457,31 @@ def spatial_edit_rows(
 
 def spatial_summary(rows: Rows) -> Rows:
     rates = mean_by(rows, ("stage",), "success")
-    return [
-        {
-            "stage": stage,
-            "success_rate": rate,
-            "n": sum(r["stage"] == stage for r in rows),
-            "paper": PAPER_SPATIAL.get(stage, math.nan),
-            "random": 0.25,
-        }
-        for (stage,), rate in rates.items()
-    ]
+    summary = []
+    for (stage,), rate in rates.items():
+        mine = [r for r in rows if r["stage"] == stage]
+        summary.append(
+            {
+                "stage": stage,
+                "success_rate": rate,
+                "n": len(mine),
+                **effect_summary(mine),
+                "paper": PAPER_SPATIAL.get(stage, math.nan),
+                "random": 0.25,
+            }
+        )
+    return summary
+
+
+def effect_summary(rows: Rows) -> dict[str, float]:
+    """How much a stage's edits changed their images: the mean pixel change and the share of
+    edits with no effect (`NO_EFFECT`)."""
+    lpips_values = [r["lpips"] for r in rows if not math.isnan(r["lpips"])]
+    return {
+        "mean_pixel_diff": float(np.mean([r["pixel_diff"] for r in rows])),
+        "no_effect_share": float(np.mean([r["pixel_diff"] < NO_EFFECT for r in rows])),
+        "mean_lpips": float(np.mean(lpips_values)) if lpips_values else math.nan,
+    }
 
 
 # (c) global edits
@@ -504,6 +535,7 @@ def global_edit_rows(
             scores = scorer.similarity([before, *edited], concept)
             results = zip(stages, edited, scores[1:], records, strict=True)
             for stage, after, score, record in results:
+                change = pixel_difference(before, after)
                 rows.append(
                     {
                         "concept": concept,
@@ -515,7 +547,8 @@ def global_edit_rows(
                         "clip_after": score,
                         "delta_clip": score - scores[0],
                         "success": int(score > scores[0]),
-                        "pixel_diff": pixel_difference(before, after),
+                        "pixel_diff": change,
+                        "no_effect": int(change < NO_EFFECT),
                         "lpips": lpips_distance(before, after) if lpips_distance else math.nan,
                         "edits": record.summary(),
                     }
@@ -527,7 +560,6 @@ def global_summary(rows: Rows) -> Rows:
     summary = []
     for stage in dict.fromkeys(r["stage"] for r in rows):
         mine = [r for r in rows if r["stage"] == stage]
-        lpips_values = [r["lpips"] for r in mine if not math.isnan(r["lpips"])]
         paper = PAPER_GLOBAL.get(stage, {})
         summary.append(
             {
@@ -535,8 +567,7 @@ def global_summary(rows: Rows) -> Rows:
                 "n": len(mine),
                 "success_rate": float(np.mean([r["success"] for r in mine])),
                 "mean_delta_clip": float(np.mean([r["delta_clip"] for r in mine])),
-                "mean_pixel_diff": float(np.mean([r["pixel_diff"] for r in mine])),
-                "mean_lpips": float(np.mean(lpips_values)) if lpips_values else math.nan,
+                **effect_summary(mine),
                 "paper_success": paper.get("success", math.nan),
                 "paper_delta_clip": paper.get("delta_clip", math.nan),
                 "paper_lpips": paper.get("lpips", math.nan),
@@ -719,6 +750,10 @@ def evaluate(config: EvaluateConfig) -> None:
         sae_choice=config.sae_choice,
         **common,
     )
+    if {"spatial", "global"} & set(config.tasks):
+        edit["lpips_distance"], why = load_lpips(pipe.device)
+        if why:
+            print(why)
     if "spatial" in config.tasks:
         spatial_task(config, pipe, bank, dictionaries, edit)
     if "global" in config.tasks:
@@ -807,18 +842,8 @@ def global_task(
     _, skipped = object_cids(dictionaries, config.concepts, config.edit_block, config.branch)
     if skipped:
         print(f"global: skipping {skipped}: no concept of {config.edit_block} has those labels")
-    distance, why = load_lpips(pipe.device)
-    if why:
-        print(why)
     rows = global_edit_rows(
-        pipe,
-        bank,
-        dictionaries,
-        config.concepts,
-        prompts,
-        make_scorer(config),
-        lpips_distance=distance,
-        **edit,
+        pipe, bank, dictionaries, config.concepts, prompts, make_scorer(config), **edit
     )
     out = Path(config.out)
     summary = global_summary(rows)

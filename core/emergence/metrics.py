@@ -91,6 +91,11 @@ def load_lpips(device: str | torch.device = "cpu") -> tuple[Callable | None, str
     return distance, None
 
 
+NO_EFFECT = 1 / 255
+"""An edit whose `pixel_difference` is below this (one grey level of 255) had no effect:
+whether it "succeeded" says nothing about the edit."""
+
+
 def pixel_difference(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute difference of two images, with pixel values in [0, 1]."""
     before, after = rgb_floats(a, b)

@@ -30,10 +30,12 @@ with which SAE and CIDs, and which were skipped and why. An SAE trained on the b
 (SAeUron's) edits the output the same way; an SAE is never applied to another site.
 """
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +56,8 @@ DEFAULT_STRENGTH = {
     "ablate": {"early": 1.0, "middle": 1.0, "final": 1.0},
 }
 MAX_STRENGTH = 1e5
+STRENGTHS_FILE = "strengths.json"
+"""Strengths calibrated for an SAE bank (`core.emergence.strengths`), saved beside its SAEs."""
 SAE_CHOICES = ("stage", "nearest")
 """How an edited step picks its SAE: the one of its stage's t, or the one nearest its own t."""
 
@@ -66,9 +70,9 @@ class Intervention:
     kind: str
     """"spatial", "global" or "ablate"."""
     cids: CIDs
-    strength: float | None
-    """beta; see the module docstring for what it scales. None: the paper's strength for the
-    kind in each edited step's stage."""
+    strength: float | Mapping[str, float] | None
+    """beta; see the module docstring for what it scales. A mapping: each edited step's
+    stage's (`stage_strengths`); None: the paper's for the kind in each step's stage."""
     window: str | tuple[float, float]
     """A named stage ("early", "middle", "final"), whose steps all edit as that stage, or a
     custom (t_min, t_max), whose steps each edit as the stage of their t (1 = noise)."""
@@ -202,6 +206,26 @@ def stages_in(window: str | tuple[float, float]) -> list[str]:
     return names[names.index(stage_at(high)) : names.index(stage_at(low)) + 1]
 
 
+def load_strengths(folder: str | Path | None) -> dict[str, dict[str, float]] | None:
+    """kind -> stage -> strength from `folder`'s strengths.json; None if it has none."""
+    path = Path(folder) / STRENGTHS_FILE if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["strengths"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a strengths file ({error}); rebuild it with the toy build's "
+            "strengths step or delete it to use the paper's strengths"
+        ) from error
+
+
+def stage_strengths(kind: str, strengths: Mapping[str, Mapping[str, float]] | None) -> dict:
+    """Stage -> strength for `kind`: the bank's calibrated ones where it has them, else the
+    paper's."""
+    return dict((strengths or {}).get(kind) or DEFAULT_STRENGTH[kind])
+
+
 def quadrant_mask(name: str, size: tuple[int, int]) -> np.ndarray:
     """A bool mask of one image quadrant, e.g. "top_left", at image size (H, W)."""
     if name not in QUADRANTS:
@@ -225,12 +249,15 @@ def validate(intervention: Intervention, image_size: tuple[int, int]) -> None:
     iv = intervention
     if iv.kind not in KINDS:
         raise ValueError(f"unknown intervention {iv.kind!r}; choose one of {', '.join(KINDS)}")
-    beta = 0.0 if iv.strength is None else iv.strength
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"the strength must be a finite number >= 0, got {beta}")
-    if beta > MAX_STRENGTH or (iv.kind == "ablate" and beta > 1):
-        limit = 1 if iv.kind == "ablate" else MAX_STRENGTH
-        raise ValueError(f"the strength {beta} is too large for {iv.kind!r}; use at most {limit}")
+    stage_window(iv.window)
+    for beta in _strengths_used(iv):
+        if not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"the strength must be a finite number >= 0, got {beta}")
+        if beta > MAX_STRENGTH or (iv.kind == "ablate" and beta > 1):
+            limit = 1 if iv.kind == "ablate" else MAX_STRENGTH
+            raise ValueError(
+                f"the strength {beta} is too large for {iv.kind!r}; use at most {limit}"
+            )
     if iv.sae_choice not in SAE_CHOICES:
         raise ValueError(
             f"unknown sae_choice {iv.sae_choice!r}; choose one of {', '.join(SAE_CHOICES)}"
@@ -238,11 +265,26 @@ def validate(intervention: Intervention, image_size: tuple[int, int]) -> None:
     unknown = [b for b in iv.branches if b not in BRANCHES]
     if unknown or not iv.branches:
         raise ValueError(f"branches must be among {BRANCHES}, got {iv.branches}")
-    stage_window(iv.window)
     if not _all_cids(iv.cids):
         raise ValueError("the concept has no CIDs at any t; pick another word or a CID")
     if iv.kind == "spatial":
         _validate_region(iv.region, image_size)
+
+
+def strength_at(intervention: Intervention, stage: str) -> float:
+    """The strength a step of `stage` edits with: the one given, else its stage's."""
+    strength = intervention.strength
+    if isinstance(strength, (int, float)):
+        return float(strength)
+    table = strength or DEFAULT_STRENGTH[intervention.kind]
+    if stage not in table:
+        raise ValueError(f"no strength is given for the {stage} stage")
+    return float(table[stage])
+
+
+def _strengths_used(iv: Intervention) -> list[float]:
+    """The strengths the edit can use: the one given, or those of the stages it spans."""
+    return [strength_at(iv, stage) for stage in stages_in(iv.window)]
 
 
 def _all_cids(cids: CIDs) -> list[int]:
@@ -339,9 +381,7 @@ def plan_step(
     nearest = intervention.sae_choice == "nearest"
     key = bank.nearest_key(block, t if nearest else STAGE_T[stage], branch)
     cids = tuple(_cids_for(intervention.cids, key))
-    strength = intervention.strength
-    if strength is None:
-        strength = DEFAULT_STRENGTH[intervention.kind][stage]
+    strength = strength_at(intervention, stage)
     why = ""
     if not cids:
         why = f"{key.describe()} has no CIDs for {intervention.concept}"
@@ -360,21 +400,32 @@ def _edit_fn(pipe, bank: SAEBank, block: str, intervention: Intervention, record
             return None
         index = step_index(schedule_t(pipe), t)
         step = plan_step(bank, block, intervention, t, branch, index)
-        record.steps.append(step)
-        if step.skipped:
-            return None
         inside = None
-        if intervention.kind == "spatial":
+        if intervention.kind == "spatial" and not step.skipped:
             grid = tuple(delta.shape[-2:])
             if grid not in regions:
                 regions[grid] = region_on_grid(intervention.region, grid)
             inside = regions[grid]
+            if not inside.any():
+                step = replace(step, skipped=_region_missed(intervention.region, grid))
+        record.steps.append(step)
+        if step.skipped:
+            return None
         change = delta_change(
             intervention.kind, bank[step.sae], delta, step.cids, step.strength, inside
         )
         return delta + change
 
     return apply
+
+
+def _region_missed(region: np.ndarray, grid: tuple[int, int]) -> str:
+    """Why a region too small for the block's grid edits nothing, and what to draw instead."""
+    cell = f"{region.shape[0] // grid[0]}x{region.shape[1] // grid[1]}"
+    return (
+        f"the region covers no position of the block's {grid[0]}x{grid[1]} grid (each "
+        f"{cell} pixels of the image): cover at least half of one"
+    )
 
 
 def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Intervention) -> list[str]:

@@ -26,7 +26,7 @@ from core.revelio.ksae import KsaeConfig, train_ksaes
 from core.revelio.latents import PAPER_MIN_FIRES
 from core.revelio.purity import PurityConfig, PurityRow, measure_purity
 from core.runtime import command
-from core.shapes.world import LABELS, write_image_folder
+from core.shapes.world import LABELS, RADIUS_RANGE, write_image_folder
 
 LAYERS = ("bottleneck", "up_ft0", "up_ft1", "up_ft2")
 FINDING = (
@@ -53,6 +53,8 @@ class CheckConfig:
     """Test images per class."""
     resolution: int = 64
     """Scene side in pixels."""
+    radius_range: tuple[float, float] = RADIUS_RANGE
+    """Object radius as a fraction of the side (match the world the model was trained on)."""
     timesteps: tuple[int, ...] = (25, 100, 250, 500)
     """Integer timesteps of the features."""
     ksae_epochs: float = 50
@@ -76,7 +78,9 @@ def run_check(config: CheckConfig) -> Path:
     ):
         images = out / "images" / split
         if not images.is_dir():
-            write_image_folder(images, per_class, seed, config.resolution, config.label)
+            write_image_folder(
+                images, per_class, seed, config.resolution, config.label, config.radius_range
+            )
         features = FeaturesConfig(
             out=out / "cache" / split,
             images=images,

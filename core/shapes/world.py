@@ -454,7 +454,12 @@ LABELS = {
 
 
 def write_image_folder(
-    root: str | Path, per_class: int, seed: int, size: int = 64, label: str = "shape"
+    root: str | Path,
+    per_class: int,
+    seed: int,
+    size: int = 64,
+    label: str = "shape",
+    radius_range: tuple[float, float] = RADIUS_RANGE,
 ) -> Path:
     """One-object scenes as PNGs in `root/<class>/`, `per_class` of each class.
 
@@ -467,7 +472,7 @@ def write_image_folder(
     counts: dict[str, int] = {}
     rng = np.random.default_rng(seed)
     while len(counts) < _num_classes(label) or min(counts.values()) < per_class:
-        scene = sample_scene(rng, size, max_objects=1)
+        scene = sample_scene(rng, size, max_objects=1, radius_range=radius_range)
         name = LABELS[label](scene)
         if counts.get(name, 0) >= per_class:
             continue

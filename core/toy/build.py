@@ -2,15 +2,17 @@
 
 Steps, each a subcommand that skips or resumes what an earlier run in `--out` finished:
 
-    train       the toy model (VAE, text encoder, U-Net) on rendered scenes -> pipeline/
-    saes        TopK SAEs at t in {1.0, 0.5, 0.0} for the 3 hook points    -> saes/
-    dictionary  concept dictionaries with the shapes-world annotator       -> saes/
-    check       captions followed? the paper's claims on this world?       -> check/
-    ship        copy pipeline/ and saes/ to --to with a model card and checksums
+    train       the toy model (VAE, text encoder, U-Net) on rendered scenes   -> pipeline/
+    saes        TopK SAEs at t in {1.0, 0.5, 0.0} for the 3 hook points      -> saes/
+    dictionary  concept dictionaries with the shapes-world annotator         -> saes/
+    strengths   steering strengths calibrated on the model's own activations -> saes/
+    check       captions followed? the paper's claims on this world?         -> check/
+    ship        pipeline/, saes/ and the check's report to --to, with a recorded part
+                of the check, a model card and checksums
 
-`--scale full` is the recipe of the shipped weights, meant for one GPU; `--scale cpu` is
-a 32x32 version for a 2-core CPU (about 40 minutes in all); `--scale smoke` runs every
-step in 20 s (the tests use it).
+`--scale cpu` is the recipe of the shipped weights: a 32x32 world trained on a 2-core CPU
+in about 100 minutes in all; `--scale full` a larger 64x64 one for a GPU; `--scale smoke`
+runs every step in 20 s (the tests use it).
 """
 
 import json
@@ -27,17 +29,25 @@ from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_file
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.emergence import build_dictionary
-from core.emergence.concepts import CONCEPTS_FILE, ConceptDictionary, load_dictionaries
+from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
+from core.emergence.evaluate import MID, WORLDS
+from core.emergence.steer import STRENGTHS_FILE, load_strengths
+from core.emergence.strengths import CalibrationEdits, calibrate
 from core.emergence.words import load_word_vectors
-from core.runtime import command, default_device
-from core.sae.bank import SAEBank, SAEKey
-from core.toy.check import CheckSettings, report, run_check
+from core.runtime import command, default_device, device_name
+from core.sae.bank import SAEBank
+from core.toy.check import CheckSettings, heldout_scenes, labelled, report, run_check
 from core.toy.model import parameter_count
+from core.toy.reproduce import SUBSET_FILE, record, subset_rows
 from core.toy.training import TRAIN_SCALES, ToyTrainConfig, ToyTrainer
+from core.training.activations import read_prompts
 from core.training.train import RunConfig, stop_on_signals, train
 
-STEPS = ("train", "saes", "dictionary", "check", "ship")
+STEPS = ("train", "saes", "dictionary", "strengths", "check", "ship")
 MAX_SHIPPED_MB = 30.0
+PROMPTS_FILE = "prompts.txt"
+"""In check/: held-out captions, the preset's prompts (the app's examples, evaluations)."""
+PROMPTS = 64
 NOT_SHIPPED = ("spatial_means.safetensors", "examples.json")
 """Top-example indexes: too large for the size budget; the app builds them on demand."""
 
@@ -54,6 +64,8 @@ class AnalysisSettings:
     buffer_size: int = 65_536
     sae_lr: float = 4e-4
     dictionary_prompts: int = 2_000
+    calibration_prompts: int = 2
+    """Captions each global edit is calibrated on (spatial edits use the world's template)."""
     check: CheckSettings = CheckSettings()
 
 
@@ -61,12 +73,13 @@ ANALYSIS_SCALES: dict[str, AnalysisSettings] = {
     "full": AnalysisSettings(gen_batch=500),
     "cpu": AnalysisSettings(
         steps=25,
-        sae_prompts=1_000,
-        sae_batch=256,
+        guidance_scale=7.5,
+        sae_prompts=4_000,
+        sae_batch=64,
         buffer_size=4_096,
         sae_lr=1e-3,
-        dictionary_prompts=300,
-        check=CheckSettings(prompts=60, edit_prompts=6, steps=25),
+        dictionary_prompts=500,
+        check=CheckSettings(prompts=120, edit_prompts=8),
     ),
     "smoke": AnalysisSettings(
         steps=6,
@@ -76,14 +89,14 @@ ANALYSIS_SCALES: dict[str, AnalysisSettings] = {
         buffer_size=256,
         sae_lr=1e-3,
         dictionary_prompts=8,
-        check=CheckSettings(prompts=3, edit_prompts=1, steps=6),
+        check=CheckSettings(prompts=3, edit_prompts=1),
     ),
 }
 
 
 class ToyRun:
-    """The folder of one toy build, the settings of its scale, and what its steps made in
-    this process (so that a later step need not read it back)."""
+    """The folder of one toy build, the settings of its scale, and the check's report once
+    the check step made it."""
 
     def __init__(
         self,
@@ -98,12 +111,12 @@ class ToyRun:
         self.analysis = ANALYSIS_SCALES[scale]
         self.check_settings = replace(
             self.analysis.check,
+            steps=self.analysis.steps,
+            guidance_scale=self.analysis.guidance_scale,
             resolution=self.training.model.image_size,
             max_objects=self.training.max_objects,
             radius_range=self.training.radius_range,
         )
-        self.dictionaries: dict[SAEKey, ConceptDictionary] | None = None
-        """Set by the dictionary step."""
         self.check_report: str | None = None
         """Set by the check step."""
 
@@ -120,8 +133,12 @@ class ToyRun:
         path = self.out / "prompts" / f"{name}.txt"
         if not path.is_file():
             a = self.analysis
-            count = {"sae": a.sae_prompts, "dictionary": a.dictionary_prompts}[name]
-            offset = {"sae": 1, "dictionary": 2}[name]
+            count = {
+                "sae": a.sae_prompts,
+                "dictionary": a.dictionary_prompts,
+                "calibration": a.calibration_prompts,
+            }[name]
+            offset = {"sae": 1, "dictionary": 2, "calibration": 3}[name]
             scenes = self.training.draw_scenes(count, self.training.seed + offset)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(scene.caption for scene in scenes) + "\n")
@@ -203,20 +220,62 @@ def build_dictionaries(run: ToyRun) -> bool:
         annotation=build_dictionary.AnnotatorConfig(annotator="toy"),
         gen_batch=run.analysis.gen_batch,
     )
-    run.dictionaries = build_dictionary.build(config)
+    build_dictionary.build(config)
     return True
 
 
-def check(run: ToyRun) -> bool:
-    if not (run.pipeline / "model_index.json").is_file():
+def calibrate_strengths(run: ToyRun) -> bool:
+    """Each edit kind's and stage's strength from the model's own activations (see
+    `core.emergence.strengths`), on captions the check does not use."""
+    if (run.saes / STRENGTHS_FILE).is_file():
+        print(f"{run.saes} holds strengths already")
+        return True
+    pipe, bank, dictionaries = trained(run)
+    world = WORLDS["toy"]
+    edits = CalibrationEdits(
+        objects=labelled(dictionaries, world.objects, MID),
+        template=world.template,
+        concepts=labelled(dictionaries, world.concepts, MID),
+        prompts=read_prompts(run.prompts("calibration")),
+    )
+    a = run.analysis
+    calibration = calibrate(
+        pipe,
+        bank,
+        dictionaries,
+        edits,
+        block=MID,
+        seed=run.check_settings.seed - 1000,
+        steps=a.steps,
+        guidance_scale=a.guidance_scale,
+        resolution=run.training.model.image_size,
+    )
+    print(f"wrote {calibration.save(run.saes)}: {json.dumps(calibration.strengths)}")
+    print("\n".join(calibration.notes))
+    return True
+
+
+def trained(run: ToyRun, root: Path | None = None) -> tuple:
+    """(pipeline, SAE bank, dictionaries) in `root` (default: the run's folder), or one
+    sentence on what to run first."""
+    root = root or run.out
+    pipeline, saes = root / "pipeline", root / "saes"
+    if not (pipeline / "model_index.json").is_file() or not _has_saes(saes):
         raise ValueError(
-            f"no trained toy model in {run.pipeline}; run `python -m core.toy.build train --out "
-            f"{run.out}` (and saes, dictionary) first"
+            f"no trained toy model with SAEs in {root}; run `python -m core.toy.build train "
+            f"--out {run.out}` (then saes and dictionary) first"
         )
-    preset = get_preset("toy", model=str(run.pipeline), guidance_scale=run.analysis.guidance_scale)
+    preset = get_preset(
+        "toy", model=str(pipeline), guidance_scale=run.analysis.guidance_scale, assets=None
+    )
     pipe = load_pipeline(preset, device=run.device)
-    dictionaries = run.dictionaries or load_dictionaries(run.saes, branches=["cond"])
-    bank = SAEBank.from_pretrained(run.saes, branches=["cond"], device=pipe.device)
+    dictionaries = load_dictionaries(saes, branches=["cond"])
+    bank = SAEBank.from_pretrained(saes, branches=["cond"], device=pipe.device)
+    return pipe, bank, dictionaries
+
+
+def check(run: ToyRun) -> bool:
+    pipe, bank, dictionaries = trained(run)
     words = load_word_vectors(next(iter(dictionaries.values())).word_vectors)
     out = run.out / "check"
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +287,7 @@ def check(run: ToyRun) -> bool:
         run.check_settings,
         SD14_BLOCKS,
         out,
+        load_strengths(run.saes),
     )
     run.check_report = report(results)
     (out / "report.md").write_text(run.check_report)
@@ -236,11 +296,21 @@ def check(run: ToyRun) -> bool:
 
 
 def ship(run: ToyRun, to: Path) -> bool:
-    """Copy the shipped folders to `to` and write its model card with checksums."""
+    """Copy the pipeline and SAEs to `to`, record the check's fixed subset on the shipped
+    weights (`core.toy.reproduce`) beside the check's report, and write the model card with
+    checksums."""
     to.mkdir(parents=True, exist_ok=True)
     for folder in SHIPPED:
         shutil.rmtree(to / folder, ignore_errors=True)
+    for folder in ("pipeline", "saes"):
         shutil.copytree(run.out / folder, to / folder, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
+    (to / "check").mkdir()
+    if (run.out / "check" / "report.md").is_file():
+        shutil.copy(run.out / "check" / "report.md", to / "check")
+    write_prompts(to / "check" / PROMPTS_FILE, run.check_settings)
+    pipe, bank, dictionaries = trained(run, to)
+    rows = subset_rows(pipe, bank, dictionaries, load_strengths(to / "saes"), run.check_settings)
+    record(to / "check" / SUBSET_FILE, rows, run.check_settings)
     size = sum((to / p).stat().st_size for p in shipped_files(to)) / 1e6
     if size > MAX_SHIPPED_MB:
         raise ValueError(
@@ -252,11 +322,19 @@ def ship(run: ToyRun, to: Path) -> bool:
     return True
 
 
+def write_prompts(path: Path, settings: CheckSettings) -> None:
+    """`PROMPTS` distinct held-out captions of the checked world, other than the check's."""
+    scenes = heldout_scenes(4 * PROMPTS, replace(settings, seed=settings.seed + 3000))
+    captions = list(dict.fromkeys(scene.caption for scene in scenes))[:PROMPTS]
+    path.write_text("".join(f"{caption}\n" for caption in captions))
+
+
 def model_card(run: ToyRun, size_mb: float) -> str:
     log, timings = (
         json.loads(path.read_text()) if path.is_file() else {}
         for path in (run.out / "work" / "log.json", run.out / "timings.json")
     )
+    sae_settings = {k: v for k, v in asdict(run.analysis).items() if k != "check"}
     check_path = run.out / "check" / "report.md"
     check_text = run.check_report or (
         check_path.read_text() if check_path.is_file() else "Not run.\n"
@@ -272,7 +350,8 @@ def model_card(run: ToyRun, size_mb: float) -> str:
             "# Toy shapes-world model",
             "",
             "A small Stable-Diffusion-shaped text-to-image model trained from scratch on rendered "
-            "scenes of `core.shapes.world` (1 to 3 coloured shapes on a styled background), with "
+            f"scenes of `core.shapes.world` (1 to {run.training.max_objects} coloured shapes on "
+            "a styled background), with "
             "TopK SAEs on its `down_blocks.2.attentions.1`, `mid_block.attentions.0` and "
             "`up_blocks.1.attentions.0` residual updates (t = 1.0, 0.5, 0.0, cond branch) and "
             "their concept dictionaries, built with the shapes-world annotator.",
@@ -286,12 +365,11 @@ def model_card(run: ToyRun, size_mb: float) -> str:
             "reproduces them on any machine.",
             "",
             f"- training (the model's sizes included): `{json.dumps(asdict(run.training))}`",
-            f"- SAEs, dictionaries and check: `{json.dumps(asdict(run.analysis))}`",
+            f"- SAEs and dictionaries: `{json.dumps(sae_settings)}`",
+            f"- check: `{json.dumps(asdict(run.check_settings))}`",
             f"- final losses and step counts: `{json.dumps(log)}`",
             f"- wall time of each step in seconds: `{json.dumps(timings)}`",
             f"- shipped size: {size_mb:.1f} MB (pipeline in fp16)",
-            "",
-            "## Check (held-out captions)",
             "",
             check_text,
             "## Files and SHA-256 checksums",
@@ -310,8 +388,8 @@ class BuildConfig:
     """The step to run, or all of them in order."""
     out: str
     """Run folder (created; reruns resume)."""
-    scale: str = field(default="full", choices=sorted(TRAIN_SCALES))
-    """full: the shipped recipe (one GPU); cpu: 32x32 for a 2-core CPU; smoke: 20 s."""
+    scale: str = field(default="cpu", choices=sorted(TRAIN_SCALES))
+    """cpu: the shipped recipe (32x32, a 2-core CPU); full: 64x64 for a GPU; smoke: 20 s."""
     device: str | None = None
     """Device (default: cuda if available, else cpu)."""
     to: str | None = field(default=None, alias="--ship")
@@ -344,6 +422,7 @@ def build_toy(config: BuildConfig) -> bool:
         "train": train_model,
         "saes": train_saes,
         "dictionary": build_dictionaries,
+        "strengths": calibrate_strengths,
         "check": check,
     }
     for step in steps:
@@ -363,10 +442,7 @@ def record_timing(run: ToyRun, step: str, seconds: float) -> None:
     """Add the wall time of `step` (and the device's name) to `<out>/timings.json`."""
     path = run.out / "timings.json"
     timings = json.loads(path.read_text()) if path.is_file() else {}
-    device = torch.device(run.device)
-    if device.type == "cuda":
-        timings["device"] = torch.cuda.get_device_name(device)
-    timings.setdefault("device", str(device))
+    timings["device"] = f"{device_name(torch.device(run.device))}, torch {torch.__version__}"
     timings[f"{step}_s"] = round(timings.get(f"{step}_s", 0.0) + seconds, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timings, indent=2))

@@ -39,6 +39,7 @@ from core.emergence.evaluate import (
     spatial_edit_rows,
     spatial_summary,
 )
+from core.emergence.metrics import load_lpips
 from core.emergence.words import WordVectors
 from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
@@ -183,15 +184,20 @@ def run_check(
     settings: CheckSettings,
     blocks: Sequence[str],
     out: Path,
+    strengths: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict:
-    """Run all four parts, write their CSV files into `out` and return the summary."""
+    """Run all four parts, write their CSV files into `out` and return the summary. Edits use
+    `strengths` (kind -> stage -> strength, e.g. calibrated by `core.emergence.strengths`),
+    else the paper's."""
+    strengths = strengths or {}
+    lpips_distance, _ = load_lpips(pipe.device)
     s = settings
     scenes = heldout_scenes(s.prompts + s.edit_prompts, s)
     checked, edited = scenes[: s.prompts], [sc.caption for sc in scenes[s.prompts :]]
     common = dict(
         seed=s.seed, steps=s.steps, guidance_scale=s.guidance_scale, resolution=s.resolution
     )
-    results: dict = {"settings": asdict(s)}
+    results: dict = {"settings": asdict(s), "strengths": strengths}
     rows = caption_rows(pipe, checked, s)
     write_csv(out / "captions.csv", rows)
     results["captions"] = caption_summary(rows)
@@ -222,6 +228,8 @@ def run_check(
             ToySegmenter(),
             block=MID,
             template=WORLDS["toy"].template,
+            strengths=strengths.get("spatial"),
+            lpips_distance=lpips_distance,
             **common,
         )
         write_csv(out / "spatial.csv", rows)
@@ -230,7 +238,16 @@ def run_check(
     results["global"] = []
     if styles:
         rows = global_edit_rows(
-            pipe, bank, dictionaries, styles, edited, StyleScorer(), block=MID, **common
+            pipe,
+            bank,
+            dictionaries,
+            styles,
+            edited,
+            StyleScorer(),
+            block=MID,
+            strengths=strengths.get("global"),
+            lpips_distance=lpips_distance,
+            **common,
         )
         write_csv(out / "global.csv", rows)
         results["global"] = global_summary(rows)
@@ -259,23 +276,32 @@ def claims(results: dict) -> list[dict]:
                 f"{row['iou_first']:.3f} vs {baseline:.3f}",
             )
         )
-    spatial = {r["stage"]: r["success_rate"] for r in results["spatial"]}
     out.append(
-        _claim(
+        _stage_claim(
             "spatial edits succeed more often early than in the middle or final stage",
-            _stage_highest(spatial, "early"),
-            _rates(spatial),
+            results["spatial"],
+            "early",
         )
     )
-    style = {r["stage"]: r["success_rate"] for r in results["global"]}
     out.append(
-        _claim(
+        _stage_claim(
             "global style edits change the background style most in the middle stage",
-            _stage_highest(style, "middle"),
-            _rates(style),
+            results["global"],
+            "middle",
         )
     )
     return out
+
+
+def _stage_claim(text: str, summary: Rows, best: str) -> dict:
+    """Whether `best` has the highest success rate of the stages; untested (None) when the
+    edits of some stage mostly had no effect, since their "successes" say nothing."""
+    rates = {r["stage"]: r["success_rate"] for r in summary}
+    idle = [r["stage"] for r in summary if r["no_effect_share"] > 0.5]
+    numbers = _rates(rates)
+    if idle:
+        numbers += f"; most edits changed nothing (mean pixel change < 1/255) in: {', '.join(idle)}"
+    return _claim(text, None if idle else _stage_highest(rates, best), numbers)
 
 
 def _claim(text: str, holds: bool | None, numbers: str) -> dict:
@@ -312,6 +338,9 @@ def report(results: dict) -> str:
         "",
         "## Composition from SAE features (mean IoU with the final image's object masks)",
         "",
+        "The paper's concept map: each position's most active concept (none where it has no "
+        "label).",
+        "",
         "| block | IoU at t=1 | IoU at the last step | mean-mask baseline | centred box |",
         "|---|---|---|---|---|",
     ]
@@ -321,14 +350,22 @@ def report(results: dict) -> str:
             f"{r['baseline_mean_iou']:.3f} | {r['baseline_centre_iou']:.3f} |"
         )
     lines += [f"\nPaper (SD v1.4): mid_block ~{PAPER_COMPOSITION_MID_T1} at t = 1.0.", ""]
-    lines += ["## Edits by stage (success rate; paper in brackets)", ""]
-    lines += ["| stage | spatial | global style |", "|---|---|---|"]
-    spatial = {r["stage"]: r["success_rate"] for r in results["spatial"]}
-    style = {r["stage"]: r["success_rate"] for r in results["global"]}
+    lines += [
+        "## Edits by stage",
+        "",
+        "Success rate (paper in brackets), strength, mean absolute pixel change (of 1), LPIPS "
+        "where it loads, and the share of edits with no effect (a change below 1/255).",
+        "",
+        "| stage | spatial | global style |",
+        "|---|---|---|",
+    ]
+    spatial = {r["stage"]: r for r in results["spatial"]}
+    style = {r["stage"]: r for r in results["global"]}
+    strengths = results.get("strengths", {})
     for stage in PAPER_SPATIAL:
         lines.append(
-            f"| {stage} | {_rate(spatial, stage)} ({PAPER_SPATIAL[stage]:.2f}) | "
-            f"{_rate(style, stage)} ({PAPER_GLOBAL[stage]['success']:.2f}) |"
+            f"| {stage} | {_edits(spatial, stage, PAPER_SPATIAL[stage], strengths, 'spatial')} | "
+            f"{_edits(style, stage, PAPER_GLOBAL[stage]['success'], strengths, 'global')} |"
         )
     lines += ["", "## Claims", ""]
     for claim in results["claims"]:
@@ -337,5 +374,14 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rate(rates: Mapping[str, float], stage: str) -> str:
-    return f"{rates[stage]:.2f}" if stage in rates else "n/a"
+def _edits(
+    summary: Mapping[str, dict], stage: str, paper: float, strengths: Mapping, kind: str
+) -> str:
+    if stage not in summary:
+        return f"n/a ({paper:.2f})"
+    row, strength = summary[stage], strengths.get(kind, {}).get(stage, "paper's")
+    lpips = "" if math.isnan(row["mean_lpips"]) else f", LPIPS {row['mean_lpips']:.3f}"
+    return (
+        f"{row['success_rate']:.2f} ({paper:.2f}), strength {strength}, change "
+        f"{row['mean_pixel_diff']:.4f}{lpips}, no effect {row['no_effect_share']:.0%}"
+    )

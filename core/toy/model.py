@@ -4,7 +4,7 @@ Every part is the real diffusers/transformers class a Stable Diffusion pipeline 
 `StableDiffusionPipeline.from_pretrained(folder)` loads the trained model and the core's
 hooks, SAEs and interventions work on it unchanged:
 
-- `AutoencoderKL` with 2 blocks: 64x64 images <-> 32x32x4 latents;
+- `AutoencoderKL` with 2 blocks: images <-> latents of half their side, 4 channels;
 - `CLIPTextModel` (2 layers) with a `CLIPTokenizer` whose vocabulary the project writes
   from the world's words (`core.shapes.world.VOCABULARY`);
 - `UNet2DConditionModel` with SD v1.4's block types and two layers per block, so the
@@ -12,10 +12,10 @@ hooks, SAEs and interventions work on it unchanged:
   latent resolution, see `ToyModelConfig.attention_at_top`);
 - DDIM with SD v1.4's noise schedule.
 
-`TOY_SCALES["full"]` is what the shipped weights use (about 11M parameters, 22 MB in
-fp16, which leaves room for its SAEs under 30 MB); `TOY_SCALES["cpu"]` is a 32x32 world for
-a 2-core CPU (about half an hour of training); `TOY_SCALES["smoke"]` is small enough to
-train in the CPU tests.
+`TOY_SCALES["cpu"]` is what the shipped weights use: a 32x32 world (16x16 latents) whose
+2.5M-parameter U-Net trains on a 2-core CPU; `TOY_SCALES["full"]` is a 64x64 one for a GPU
+(about 11M parameters, 22 MB in fp16, which leaves room for its SAEs under 30 MB);
+`TOY_SCALES["smoke"]` is small enough to train in the CPU tests.
 """
 
 from dataclasses import asdict, dataclass

@@ -56,6 +56,9 @@ class PilotConfig:
     """An earlier pilot folder whose trained VAE to reuse."""
     captions: int = 100
     """Held-out captions to score."""
+    seed: int = 200_000
+    """Seed of the scored captions and their generations; not the check's, so that choosing
+    a recipe never looks at the captions the check scores."""
     steps: int = 25
     """Denoising steps when scoring."""
     guidance: tuple[float, ...] = (4.0,)
@@ -67,7 +70,9 @@ class PilotConfig:
 
 
 def recipe(config: PilotConfig) -> ToyTrainConfig:
-    """The scale's recipe with `config.change` applied and the denoiser fitted to the budget.
+    """The scale's recipe with `config.change` applied and the denoiser fitted to the budget
+    (at most the recipe's `denoiser_steps`), so that the scale's own recipe with the same
+    budget scores a run of `python -m core.toy.build train` in place.
 
     A change names a field of `ToyTrainConfig`, or of its model as `model.<field>`."""
     training, model = {}, {}
@@ -90,7 +95,7 @@ def recipe(config: PilotConfig) -> ToyTrainConfig:
             model[name.removeprefix("model.")] = value
     base = TRAIN_SCALES[config.scale]
     base = replace(base, model=replace(base.model, **model), **training)
-    return replace(base, denoiser_steps=10**7, denoiser_budget_s=60 * config.minutes)
+    return replace(base, denoiser_budget_s=60 * config.minutes)
 
 
 def run_pilot(config: PilotConfig) -> dict | None:
@@ -110,6 +115,7 @@ def run_pilot(config: PilotConfig) -> dict | None:
     pipe.to(device)
     settings = CheckSettings(
         prompts=config.captions,
+        seed=config.seed,
         steps=config.steps,
         resolution=training.model.image_size,
         max_objects=training.max_objects,

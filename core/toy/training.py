@@ -132,16 +132,19 @@ TRAIN_SCALES: dict[str, ToyTrainConfig] = {
     "full": ToyTrainConfig(
         vae_steps=6_000, denoiser_steps=40_000, vae_budget_s=45, denoiser_budget_s=240
     ),
-    "cpu": ToyTrainConfig(
+    "cpu": ToyTrainConfig(  # chosen by the pilots in docs/toy.md, for a 2-core CPU
         model=TOY_SCALES["cpu"],
-        scenes=6_000,
-        vae_steps=500,
+        scenes=60_000,
+        max_objects=2,
+        radius_range=(0.18, 0.3),
+        vae_steps=800,
         vae_batch=32,
-        denoiser_steps=900,
+        denoiser_steps=1_000_000,
         denoiser_batch=64,
-        denoiser_lr=5e-4,
-        warmup_steps=50,
-        save_every=100,
+        denoiser_lr=1e-3,
+        warmup_steps=200,
+        denoiser_budget_s=62 * 60,
+        save_every=200,
     ),
     "smoke": ToyTrainConfig(
         model=TOY_SCALES["smoke"],
@@ -312,6 +315,7 @@ class ToyTrainer:
         self.log[f"{phase}_steps"] = budget.steps
         if budget.steps > start:
             seconds = time.perf_counter() - started
+            self.log[f"{phase}_seconds"] = round(seconds, 1)
             self.log[f"{phase}_samples_per_s"] = (budget.steps - start) * batch / seconds
         if ema is not None:
             ema.copy_to(params)

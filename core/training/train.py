@@ -368,6 +368,7 @@ def train_rounds(
         ShardWriter(config.write_shards, run.state.process_index) if config.write_shards else None
     )
     tail_start = int(0.9 * source.num_rounds)
+    rows_before, started = run.rows_trained(), time.perf_counter()
     with tqdm(
         total=source.num_rounds,
         initial=run.next_round,
@@ -384,7 +385,10 @@ def train_rounds(
             run.train_ready()
             run.next_round = index + 1
             bar.update(1)
-            bar.set_postfix(steps=sum(t.num_steps for t in run.trainers.values()))
+            rate = (run.rows_trained() - rows_before) / (time.perf_counter() - started)
+            bar.set_postfix(
+                steps=sum(t.num_steps for t in run.trainers.values()), rows_per_s=f"{rate:.0f}"
+            )
             interrupted = agree_sum(int(stop.raised)) > 0
             if interrupted or run.steps_since_save >= config.save_every:
                 checkpoints.save(run)

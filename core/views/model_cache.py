@@ -39,6 +39,7 @@ from core.emergence.concepts import (
     load_dictionaries,
 )
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
+from core.emergence.steer import load_strengths
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
 from core.runtime import ModelNotAvailableError, default_device
@@ -73,6 +74,8 @@ class Loaded:
     dictionaries: dict[SAEKey, ConceptDictionary]
     notes: list[str] = field(default_factory=list)
     """What is missing and what that disables, one sentence each."""
+    strengths: dict[str, dict[str, float]] | None = None
+    """Steering strengths calibrated for the SAEs (kind -> stage); None: the paper's."""
     _cached: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -318,4 +321,9 @@ class ModelCache:
             )
         for dictionary in dictionaries.values():
             dictionary.to(pipe.device)
-        return Loaded(preset, pipe, bank, dictionaries, notes)
+        try:
+            strengths = load_strengths(preset.sae_source)
+        except ValueError as error:
+            strengths = None
+            notes.append(f"The paper's steering strengths are proposed: {error.args[0]}.")
+        return Loaded(preset, pipe, bank, dictionaries, notes, strengths)

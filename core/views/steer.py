@@ -29,7 +29,6 @@ from core.emergence.concepts import normalize_label
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
 from core.emergence.steer import (
     BRANCHES,
-    DEFAULT_STRENGTH,
     KINDS,
     MAX_STRENGTH,
     QUADRANTS,
@@ -38,6 +37,7 @@ from core.emergence.steer import (
     intervene,
     list_cids,
     quadrant_mask,
+    stage_strengths,
     stage_window,
     stages_in,
     validate,
@@ -193,9 +193,12 @@ def stage_of(request: SteerRequest) -> str | tuple[float, float]:
     return stage_window((low, high))
 
 
-def strength_of(request: SteerRequest, defaults: AppDefaults) -> float | None:
-    """The request's strength, else the preset's (not for ablation), else the paper's for the
-    kind and a named stage; None for a custom stage: each step takes its own stage's."""
+def strength_of(
+    request: SteerRequest, defaults: AppDefaults, strengths: Mapping | None = None
+) -> float | None:
+    """The request's strength, else the preset's (not for ablation), else the one of a named
+    stage for the kind (calibrated for the SAEs in `strengths`, else the paper's); None for a
+    custom stage: each step takes its own stage's."""
     if request.kind not in KINDS:
         raise ValueError(f"Unknown edit type {request.kind!r}; choose {', '.join(KINDS)}.")
     if request.strength is not None and request.strength != "":
@@ -203,7 +206,7 @@ def strength_of(request: SteerRequest, defaults: AppDefaults) -> float | None:
     if defaults.strength is not None and request.kind != "ablate":
         return defaults.strength
     stage = stage_of(request)
-    return DEFAULT_STRENGTH[request.kind][stage] if isinstance(stage, str) else None
+    return stage_strengths(request.kind, strengths)[stage] if isinstance(stage, str) else None
 
 
 def choice_value(key: SAEKey, cid: int) -> str:
@@ -312,12 +315,21 @@ def run_steer(
     branches = BRANCH_CHOICES[request.branch]
     for branch in branches:
         loaded.check_recorded(request.block, branch)
-    stage, strength = stage_of(request), strength_of(request, loaded.preset.app)
+    stage = stage_of(request)
+    strength = strength_of(request, loaded.preset.app, loaded.strengths)
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
     region = region_of(request, size)
+    per_stage = stage_strengths(request.kind, loaded.strengths)
     edit = Intervention(
-        request.kind, cids, strength, stage, branches, region, request.sae_choice, concept
+        request.kind,
+        cids,
+        per_stage if strength is None else strength,
+        stage,
+        branches,
+        region,
+        request.sae_choice,
+        concept,
     )
     validate(edit, size)
     steps = loaded.preset.steps
@@ -370,15 +382,10 @@ def placement_of(
 def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
     """ "strength 400" (for a custom stage without one, each stage's), or, where the SAEs carry
     mean activations (SDLens), what it multiplies."""
-    if edit.strength is None:
-        text = (
-            "the paper's strength of each step's stage ("
-            + ", ".join(
-                f"{stage} {DEFAULT_STRENGTH[edit.kind][stage]:g}"
-                for stage in stages_in(edit.window)
-            )
-            + ")"
-        )
+    if isinstance(edit.strength, Mapping):
+        whose = "calibrated" if loaded.strengths else "the paper's"
+        each = ", ".join(f"{stage} {edit.strength[stage]:g}" for stage in stages_in(edit.window))
+        text = f"{whose} strength of each step's stage ({each})"
     else:
         text = f"strength {edit.strength:g}"
     if edit.kind != "ablate" and any(loaded.bank[key].mean_acts is not None for key in edit.cids):
