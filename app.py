@@ -139,13 +139,13 @@ RUNS = EmergenceRuns()
 
 CSS = "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }"
 """A word may label hundreds of concepts: their list scrolls."""
-PROMPT = "a red circle and a blue star on a gray plain background"
+PROMPT = "a white triangle and a red circle on a teal gradient background"
 """The prompt every tab opens with: a caption of the toy model's shapes world."""
 EXAMPLE_PROMPTS = [
     [PROMPT],
     ["a yellow star and a purple triangle on a brown striped background"],
     ["a green square on a navy dotted background"],
-    ["a photo of a red car in the sky"],
+    ["a red circle and a blue square on a black plain background"],
 ]
 INTRO = (
     "# Concepts inside a diffusion model\n"
@@ -378,9 +378,9 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
         f"{len(result.steps)} steps.",
         *[f"- {note}" for note in result.notes],
         "- Panels per word: the predicted mask outlined in red on the final image, the "
-        "reference mask it is scored against in blue, the similarity of each position's top "
-        "labelled concept with the word (grey: none fires), and the word's cross-attention "
-        "(DAAM-style baseline) as a share of the step's peak.",
+        "reference mask it is scored against in blue, the similarity of each position's most "
+        "active concept with the word (grey: it has no label, or none fires), and the word's "
+        "cross-attention (DAAM-style baseline) as a share of the step's peak.",
     ]
     return "\n".join(lines)
 

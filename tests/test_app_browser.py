@@ -84,7 +84,7 @@ def test_the_page_opens_and_says_what_is_loaded(page):
 
 def test_emergence_tab_with_three_words(page):
     page.get_by_role("tab", name="emergence").click()
-    page.get_by_label("target words").fill("circle, star, square")
+    page.get_by_label("target words").fill("triangle, circle, square")
     page.click("#emergence-run")
     gallery = page.locator("#emergence-gallery")
     gallery.get_by_text("square: predicted mask at t=0.00").wait_for()
@@ -119,7 +119,7 @@ def test_a_deep_link_reopens_the_page_with_its_settings_and_results(page):
         re.compile(r"square: predicted mask at t=0\.9\d")  # the step the slider had picked
     ).wait_for()
     assert reopened.locator("#emergence-run-id textarea").input_value() == run_id
-    assert reopened.get_by_label("target words").input_value() == "circle, star, square"
+    assert reopened.get_by_label("target words").input_value() == "triangle, circle, square"
     assert reopened.locator(SLIDER).get_attribute("max") == page.locator(SLIDER).get_attribute(
         "max"
     )

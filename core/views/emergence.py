@@ -204,7 +204,8 @@ def _attention_mask(heat: torch.Tensor) -> torch.Tensor:
 def step_panels(result: EmergenceResult, index: int) -> list[tuple[Image.Image, str]]:
     """For step `index`, four captioned panels per word: the predicted mask outlined on the
     final image, the reference mask it is scored against, the concept-similarity map (grey
-    where no labelled concept fires) and the cross-attention map, each map with its scale."""
+    where the most active concept has no label, or none fires) and the cross-attention map,
+    each map with its scale."""
     index = check_step(index, len(result.steps))
     step = result.steps[index]
     panels = []

@@ -6,8 +6,9 @@ of steps, `B` its batch (1), `h x w` the block's grid, `<word>` each target word
 
     image                   uint8    [H, W, 3]     the final image
     predicted_mask/<word>   bool     [S, B, h, w]  the word's predicted mask at each step
-    similarity/<word>       float32  [S, B, h, w]  cosine of each position's top labelled
-                                                   concept with the word (NaN: none fires)
+    similarity/<word>       float32  [S, B, h, w]  cosine of each position's most active
+                                                   concept with the word (NaN: it has no
+                                                   label, or none fires)
     reference_mask/<word>   bool     [H', W']      the mask each step's IoU is scored against
     attention/<word>        float32  [S', B, h', w']  cross-attention per traced step (only
                                                    the words found in the prompt)
