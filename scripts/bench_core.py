@@ -35,7 +35,8 @@ from core.emergence.composition import concept_map
 from core.emergence.concepts import ConceptDictionary, LabelEvidence
 from core.emergence.steer import Intervention, intervene, quadrant_mask
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import EncoderOutput, SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import EncoderOutput, TopKSAE
 from core.training.activations import GenerationSource, to_rows
 from core.training.trainer import SAETrainer, TrainConfig
 

@@ -28,7 +28,8 @@ from core.diffusion.tokenizer import write_clip_tokenizer
 from core.emergence.composition import LatentGrid
 from core.files import REPO_ROOT
 from core.revelio.feature_cache import FeatureMeta, save_features, save_meta
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 
 MID = "mid_block.attentions.0"
 LAYERS = ["mid_block", "up_blocks.1"]

@@ -141,7 +141,12 @@ def test_a_run_exported_and_opened_again_shows_its_last_step(page, tmp_path):
     chooser.value.set_files(saved)
     page.locator("#emergence-gallery").get_by_text("square: predicted mask at t=0.00").wait_for()
     last = str(PRESETS[default_preset_name()].steps - 1)
-    assert page.locator(SLIDER).input_value() == last
+    # The slider follows in a second event (step_range_after_import), after the gallery.
+    page.wait_for_function(
+        "([selector, value]) => document.querySelector(selector).value === value",
+        arg=[SLIDER, last],
+        timeout=WAIT_MS,
+    )
 
 
 def test_steer_tab_with_a_drawn_region(page):

@@ -15,7 +15,7 @@ from core.diffusion.presets import PRESETS, default_preset_name
 from core.emergence.concepts import load_dictionaries
 from core.files import REPO_ROOT
 from core.sae.bank import hub_patterns
-from core.sae.model import SDLENS_FILES, folder_block
+from core.sae.checkpoints import SDLENS_FILES, folder_block
 from core.shapes.world import SHAPES
 from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache

@@ -18,7 +18,8 @@ from core.emergence.concepts import load_dictionaries
 from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 from tests.helpers import command_help, dense_latents
 
 PROMPTS = ["a red cat", "a dog on a table", "a green tree", "a blue car", "a bird in the sky"]

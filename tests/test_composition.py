@@ -15,7 +15,8 @@ from core.emergence.composition import (
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.words import WordVectors, load_word_vectors
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 from tests.helpers import dense_latents, seeded
 
 UP = "up_blocks.1.attentions.0"

@@ -22,7 +22,8 @@ from core.emergence.concepts import (
 )
 from core.emergence.words import WordVectors
 from core.sae.bank import SAEBank, SAEKey, bank_subfolder
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 
 KEY = SAEKey("up_blocks.1.attentions.0", 1.0, "cond")
 

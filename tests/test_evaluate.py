@@ -24,7 +24,8 @@ from core.emergence.evaluate import (
 from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 from core.shapes.world import SHAPES
 from tests.helpers import command_help, save_clip, save_clipseg
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from core.revelio import ksae, latents, purity
 from core.revelio.feature_cache import load_meta
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 from tests.helpers import assert_defaults_stated_once, command_help, write_cache
 
 HALF = [0] * 5 + [1] * 5

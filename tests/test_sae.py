@@ -1,4 +1,4 @@
-"""Tests of core.sae.model (the TopK SAE, its checkpoints and banks) and core.training.trainer."""
+"""Tests of core.sae (the TopK SAE, its config, checkpoints and banks) and core.training.trainer."""
 
 import copy
 import json
@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 import core.sae.model
 from core.sae.bank import SAEBank, SAEKey, hub_patterns
-from core.sae.model import LatentStats, SAEConfig, SAELoadError, TopKSAE
+from core.sae.config import SAEConfig, SAELoadError
+from core.sae.model import LatentStats, TopKSAE
 from core.sae.sparse_ops import encoder_acts_at
 from core.training.trainer import SAETrainer, TrainConfig, read_checkpoint
 from tests.helpers import write_saeuron
@@ -510,7 +511,7 @@ def test_sdlens_run_folders_resolve_to_final(tmp_path, caplog):
     write_sdlens(run / "final", k=3)
     for step in ("1000", "2000"):
         write_sdlens(run / step, k=5)
-    with caplog.at_level(logging.INFO, logger="core.sae.model"):
+    with caplog.at_level(logging.INFO, logger="core.sae.checkpoints"):
         assert SAEBank.from_pretrained(tmp_path).get(block, 0.5).cfg.k == 3
         assert TopKSAE.from_pretrained(run).cfg.k == 3
     said = [record.getMessage() for record in caplog.records]

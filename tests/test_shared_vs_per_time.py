@@ -21,7 +21,8 @@ from core.emergence.shared_vs_per_time import (
 )
 from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import SAEConfig, TopKSAE
+from core.sae.config import SAEConfig
+from core.sae.model import TopKSAE
 from core.training.trainer import SAETrainer, TrainConfig
 from scripts import plot_beyond
 from tests.helpers import MID, assert_defaults_stated_once, command_help, random_sae

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from core.sae.model import SITES
+from core.sae.config import SITES
 
 BRANCHES = ("uncond", "cond")
 

@@ -42,7 +42,8 @@ from core.emergence.evaluate import (
 )
 from core.emergence.words import WordVectors
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import SITES, TopKSAE
+from core.sae.config import SITES
+from core.sae.model import TopKSAE
 from core.shapes.annotate import ToySegmenter
 from core.training.activations import to_rows
 

@@ -28,7 +28,8 @@ from core.revelio.cache_select import Selection, select_pairs
 from core.revelio.feature_cache import load_features, load_meta
 from core.revelio.ksae_folders import ksae_folder, sae_t
 from core.runtime import command
-from core.sae.model import CFG_FILE, TopKSAE
+from core.sae.config import CFG_FILE
+from core.sae.model import TopKSAE
 from core.training.trainer import SAETrainer, TrainConfig
 
 PAPER_SAMPLES = 10_000_000

@@ -1,7 +1,7 @@
 """Many SAEs of one model, keyed by (block, t, branch), saved and loaded as one folder tree.
 
 A bank's folder holds one SAE folder per key, `<block>/t<t:.2f>/<branch>/` (or
-`<block>/<branch>/` for an SAE of every t), in either layout `core.sae.model` reads. Banks
+`<block>/<branch>/` for an SAE of every t), in either layout `core.sae.checkpoints` reads. Banks
 published by others load too: SAeUron's (sparsify's `unet.<block>/` folders, one SAE of
 the block's output for every t, cond branch) and SDLens's (`unet.<block>_<run>/final/`).
 All SAEs of one block in a bank read the same activation site.
@@ -16,21 +16,18 @@ from typing import NamedTuple
 
 import torch
 
-from core.sae.model import (
+from core.sae.checkpoints import (
     SDLENS_FILES,
     SDLENS_FINAL,
-    SITES,
-    SAELoadError,
-    TopKSAE,
     checkpoint_folders,
-    describe_sae,
     folder_block,
-    load_folder,
     push_folder,
     read_config,
     resolve_source,
     unknown_layout,
 )
+from core.sae.config import SITES, SAELoadError, describe_sae
+from core.sae.model import TopKSAE, load_folder
 
 
 class SAEKey(NamedTuple):

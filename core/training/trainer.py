@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from core.files import atomic_write
-from core.sae.model import ForwardOutput, LatentStats, SAEConfig, SAELoadError, TopKSAE
+from core.sae.config import SAEConfig, SAELoadError
+from core.sae.model import ForwardOutput, LatentStats, TopKSAE
 
 CHECKPOINT_FILE = "trainer.safetensors"
 STATE_KEY = "trainer_state"

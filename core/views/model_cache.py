@@ -44,7 +44,8 @@ from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
 from core.runtime import ModelNotAvailableError, default_device
 from core.sae.bank import SAEBank, SAEKey
-from core.sae.model import SAELoadError, TopKSAE
+from core.sae.config import SAELoadError
+from core.sae.model import TopKSAE
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -46,7 +46,8 @@ from core.revelio.latents import (
     summarize_latents,
 )
 from core.revelio.pca import cached_pca_images
-from core.sae.model import CFG_FILE, TopKSAE
+from core.sae.config import CFG_FILE
+from core.sae.model import TopKSAE
 from core.views.render import DISPLAY, for_display
 
 DEMO = ASSETS / "revelio-demo"
