@@ -7,6 +7,7 @@ diffusers pipeline. Each preset also carries what the app's page shows first for
 """
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from core.files import ASSETS
 
@@ -14,6 +15,8 @@ PROMPTS = ASSETS / "prompts"
 """Prompt files shipped for presets, one prompt a line."""
 TOY_ASSETS = ASSETS / "toy"
 """The embedded shapes-world model: `pipeline/`, `saes/` (SAEs and dictionaries), model card."""
+TOY_PROMPTS = Path("check") / "prompts.txt"
+"""In a shipped toy model's folder: held-out captions, the preset's prompt file."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
 """Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
@@ -135,7 +138,7 @@ PRESETS: dict[str, Preset] = {
         sae_source=str(TOY_ASSETS / "saes"),
         assets=str(TOY_ASSETS),
         annotator="toy",
-        prompts=str(TOY_ASSETS / "check" / "prompts.txt"),
+        prompts=str(TOY_ASSETS / TOY_PROMPTS),
     ),
     "tiny": Preset(
         name="tiny",

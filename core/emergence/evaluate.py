@@ -479,7 +479,7 @@ def effect_summary(rows: Rows) -> dict[str, float]:
     lpips_values = [r["lpips"] for r in rows if not math.isnan(r["lpips"])]
     return {
         "mean_pixel_diff": float(np.mean([r["pixel_diff"] for r in rows])),
-        "no_effect_share": float(np.mean([r["pixel_diff"] < NO_EFFECT for r in rows])),
+        "no_effect_share": float(np.mean([r["no_effect"] for r in rows])),
         "mean_lpips": float(np.mean(lpips_values)) if lpips_values else math.nan,
     }
 

@@ -17,8 +17,9 @@ resting on them as untested.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -125,20 +126,35 @@ def calibrate(
             continue
         for stage in stages:
             tried = calibration.tried.setdefault(kind, {}).setdefault(stage, {})
-            low, high = 0, len(LADDER) - 1
-            while low < high:  # bisect for the first rung whose change reaches the target
-                middle = (low + high) // 2
-                tried[f"{LADDER[middle]:g}"] = change(kind, stage, LADDER[middle])
-                if tried[f"{LADDER[middle]:g}"] >= target:
-                    high = middle
-                else:
-                    low = middle + 1
-            if f"{LADDER[low]:g}" not in tried:
-                tried[f"{LADDER[low]:g}"] = change(kind, stage, LADDER[low])
-            if tried[f"{LADDER[low]:g}"] < target:
+            strength = first_reaching(partial(change, kind, stage), target, tried)
+            if tried[f"{strength:g}"] < target:
                 calibration.notes.append(
                     f"{kind} edits in the {stage} stage change the image by less than "
-                    f"{target:.3g} even at strength {LADDER[low]:g}"
+                    f"{target:.3g} even at strength {strength:g}"
                 )
-            calibration.strengths.setdefault(kind, {})[stage] = LADDER[low]
+            calibration.strengths.setdefault(kind, {})[stage] = strength
     return calibration
+
+
+def first_reaching(
+    measure: Callable[[float], float], target: float, tried: dict[str, float]
+) -> float:
+    """The first strength of `LADDER` whose `measure` reaches `target`, found by bisection (a
+    stronger edit is assumed to measure at least as much); the largest if none does. Each
+    strength measured goes into `tried` (keyed as `f"{strength:g}"`), and none twice."""
+
+    def at(rung: int) -> float:
+        key = f"{LADDER[rung]:g}"
+        if key not in tried:
+            tried[key] = measure(LADDER[rung])
+        return tried[key]
+
+    low, high = 0, len(LADDER) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if at(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    at(low)
+    return LADDER[low]

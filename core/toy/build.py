@@ -10,8 +10,8 @@ Steps, each a subcommand that skips or resumes what an earlier run in `--out` fi
     ship        pipeline/, saes/ and the check's report to --to, with a recorded part
                 of the check, a model card and checksums
 
-`--scale cpu` is the recipe of the shipped weights: a 32x32 world trained on a 2-core CPU
-in about 100 minutes in all; `--scale full` a larger 64x64 one for a GPU; `--scale smoke`
+`--scale cpu` is the recipe of the shipped weights: a 32x32 world, 86 minutes in all on a
+2-core CPU; `--scale full` a larger 64x64 one for a GPU; `--scale smoke`
 runs every step in 20 s (the tests use it).
 """
 
@@ -27,7 +27,7 @@ from simple_parsing import field
 
 from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_files
 from core.diffusion.pipelines import load_pipeline
-from core.diffusion.presets import SD14_BLOCKS, get_preset
+from core.diffusion.presets import SD14_BLOCKS, TOY_PROMPTS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
 from core.emergence.evaluate import MID, WORLDS
@@ -45,9 +45,8 @@ from core.training.train import RunConfig, stop_on_signals, train
 
 STEPS = ("train", "saes", "dictionary", "strengths", "check", "ship")
 MAX_SHIPPED_MB = 30.0
-PROMPTS_FILE = "prompts.txt"
-"""In check/: held-out captions, the preset's prompts (the app's examples, evaluations)."""
 PROMPTS = 64
+"""Held-out captions shipped as the preset's prompt file (`TOY_PROMPTS`)."""
 NOT_SHIPPED = ("spatial_means.safetensors", "examples.json")
 """Top-example indexes: too large for the size budget; the app builds them on demand."""
 
@@ -307,7 +306,7 @@ def ship(run: ToyRun, to: Path) -> bool:
     (to / "check").mkdir()
     if (run.out / "check" / "report.md").is_file():
         shutil.copy(run.out / "check" / "report.md", to / "check")
-    write_prompts(to / "check" / PROMPTS_FILE, run.check_settings)
+    write_prompts(to / TOY_PROMPTS, run.check_settings)
     pipe, bank, dictionaries = trained(run, to)
     rows = subset_rows(pipe, bank, dictionaries, load_strengths(to / "saes"), run.check_settings)
     record(to / "check" / SUBSET_FILE, rows, run.check_settings)
