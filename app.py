@@ -25,6 +25,7 @@ import gradio as gr
 import numpy as np
 import torch
 
+from core.annotate.quadrants import QUADRANTS
 from core.diffusion.presets import (
     PRESETS,
     SD14_SAES_ENV,
@@ -33,9 +34,10 @@ from core.diffusion.presets import (
     default_preset_name,
     get_preset,
 )
-from core.emergence.steer import KINDS, QUADRANTS, SAE_CHOICES, load_strengths
 from core.files import REPO_ROOT
 from core.runtime import USER_ERRORS
+from core.steer.kinds import KINDS, get_kind
+from core.steer.windows import SAE_CHOICES
 from core.views import inspection, revelio, timeline
 from core.views.batch import (
     MAX_PAGE_RUNS,
@@ -64,8 +66,8 @@ from core.views.steer import (
     before_image,
     canvas_mask,
     concept_choices,
+    default_strength,
     run_steer,
-    strength_of,
     usable_controls,
 )
 
@@ -503,9 +505,7 @@ def on_default_strength(
     Returns:
         The strength that `steer` takes, or None.
     """
-    request = SteerRequest("", 0, "", kind=kind, stage=stage, t_range=(t_min, t_max))
-    found = get_preset(preset)
-    return strength_of(request, found.app, load_strengths(found.sae_source))
+    return default_strength(get_preset(preset), kind, stage, (t_min, t_max))
 
 
 def on_stage(stage: str) -> gr.Row:
@@ -585,7 +585,7 @@ def on_steer(
         "cid": cid,
         "cid_t": cid_t,
     }
-    drawn = kind == "spatial" and region_by == "drawn"
+    drawn = get_kind(kind).needs_region and region_by == "drawn"
     region = {"quadrant": quadrant, "mask": drawn_region(canvas) if drawn else None}
     request = SteerRequest(
         prompt,
@@ -1149,7 +1149,7 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> list:
         t_min = gr.Slider(0, 1, 0.6, step=0.05, label="t from")
         t_max = gr.Slider(0, 1, 1.0, step=0.05, label="t to")
     strength = gr.Number(
-        strength_of(SteerRequest("", 0, ""), preset.app, load_strengths(preset.sae_source)),
+        default_strength(preset, kind.value, stage.value),
         label="strength",
         info="By default the paper's for the type and stage, or the strengths calibrated for "
         "the SAEs where they come with them (the toy model); empty for a custom stage: each "

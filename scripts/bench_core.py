@@ -33,10 +33,11 @@ from core.diffusion.presets import SD14_BLOCKS
 from core.diffusion.tiny import build_tiny_pipeline, sd14_shaped_pipeline
 from core.emergence.composition import concept_map
 from core.emergence.concepts import ConceptDictionary, LabelEvidence
-from core.emergence.steer import Intervention, intervene, quadrant_mask
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.config import SAEConfig
 from core.sae.model import EncoderOutput, TopKSAE
+from core.steer.intervene import Intervention, intervene
+from core.steer.regions import quadrant_mask
 from core.training.activations import GenerationSource, to_rows
 from core.training.trainer import SAETrainer, TrainConfig
 
@@ -294,7 +295,7 @@ def naive_edits(bank: SAEBank, blocks: Iterable[str]) -> dict[str, EditFn]:
     """Edit hooks that do what a naive SAE edit does at every step: encode the whole residual
     update of the cond branch to a dense [positions, n] code, decode it with a dense matrix
     product and put the reconstruction in the update's place (no latent is changed, so only
-    the cost of the round trip is measured; the intervention in core.emergence.steer instead
+    the cost of the round trip is measured; the intervention in core.steer.intervene instead
     adds |C| concept vectors to the update)."""
 
     def replace(block: str) -> EditFn:

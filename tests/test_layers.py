@@ -16,6 +16,7 @@ LAYERS = (
     "training",
     "annotate",
     "shapes",
+    "steer",
     "emergence",
     "revelio",
     "toy",

@@ -59,7 +59,7 @@ def test_offline_hub_model_says_what_to_do():
 
 
 def test_start_prints_no_warning_a_user_cannot_act_on():
-    code = "import core.diffusion.presets, core.emergence.steer, diffusers.loaders.ip_adapter"
+    code = "import core.diffusion.presets, core.steer.intervene, diffusers.loaders.ip_adapter"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )

@@ -1,28 +1,22 @@
 import math
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
+import app
 from core.diffusion.hooks import record, schedule_t
 from core.diffusion.presets import STAGE_T, STAGES
-from core.emergence.steer import (
-    EditRecord,
-    Intervention,
-    StepEdit,
-    delta_change,
-    intervene,
-    plan_step,
-    quadrant_mask,
-    region_on_grid,
-    stage_at,
-    stage_window,
-    stages_in,
-    step_stage,
-)
 from core.sae.bank import SAEBank, SAEKey
+from core.steer.intervene import Intervention, delta_change, intervene, plan_step
+from core.steer.kinds import KINDS, Codes, Kind, register
+from core.steer.record import EditRecord, StepEdit
+from core.steer.regions import quadrant_mask, region_on_grid
+from core.steer.windows import stage_at, stage_window, stages_in, step_stage
 from core.training.activations import to_rows
+from core.views.model_cache import ModelCache
 from tests.helpers import hook_count, random_sae, recorded_steps, seeded, write_saeuron
 
 MID = "mid_block.attentions.0"
@@ -369,3 +363,51 @@ def test_a_saeuron_sae_of_another_width_is_refused(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="reads width 32 but the block has 64 channels"):
         steer(tiny_pipe, bank)
     assert hook_count(tiny_pipe) == 0
+
+
+def grow(codes: Codes, beta: float, inside: torch.Tensor | None) -> torch.Tensor:
+    return torch.where(inside[:, None], beta * codes.z, torch.zeros_like(codes.z))
+
+
+@pytest.fixture
+def grow_kind():
+    """A made-up kind, in the table only while a test runs: the concept's own code scaled by
+    1 + beta inside the region."""
+    kind = register(
+        Kind(
+            "grow",
+            "grows the concept inside a region",
+            "beta * Z_ijc inside S",
+            grow,
+            {"early": 2.0, "middle": 3.0, "final": 4.0},
+            needs_region=True,
+        )
+    )
+    yield kind
+    del KINDS[kind.name]
+
+
+def test_a_kind_added_to_the_table_alone_is_applied_and_offered(tiny_pipe, bank, grow_kind):
+    sae, delta = bank[SAEKey(MID, 1.0, "cond")], torch.randn(2, 64, 4, 4)
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[:2] = True
+    z = sae.encode_dense(to_rows(delta)).detach()
+    edited = z.clone()
+    edited[:, [3, 4]] *= torch.where(inside.flatten().repeat(2)[:, None], 3.0, 1.0)
+    expected = ((edited - z) @ sae.W_dec).view(2, 4, 4, 64).permute(0, 3, 1, 2)
+    got = delta_change("grow", sae, delta, [3, 4], 2.0, inside)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+    with pytest.raises(ValueError, match="a grow edit needs a region"):
+        steer(tiny_pipe, bank, kind="grow", strength=None, window="early")
+    top = quadrant_mask("top_left", SIZE)
+    every = list(range(256))  # a random SAE's CIDs 3 and 4 may never fire
+    spec = dict(kind="grow", cids=every, strength=None, window="middle", region=top)
+    image, edits = steered(tiny_pipe, bank, **spec)
+    assert {(s.stage, s.strength) for s in edits.edited()} == {("middle", 3.0)}
+    assert np.abs(image - generate(tiny_pipe)).max() > 0
+
+    demo = app.build_demo(ModelCache(), "tiny")
+    types = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label == "type"]
+    assert [value for _, value in types[0].choices] == ["spatial", "global", "ablate", "grow"]
+    assert app.on_default_strength("tiny", "grow", "final", 0.0, 1.0) == 4.0

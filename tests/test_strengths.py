@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from core.emergence.steer import STRENGTHS_FILE, load_strengths
 from core.emergence.strengths import LADDER, CalibrationEdits, calibrate
+from core.steer.strength import STRENGTHS_FILE, load_strengths
 from core.views.model_cache import ModelCache
 
 UP = "up_blocks.1.attentions.0"

@@ -23,11 +23,11 @@ from core.diffusion.checksums import AssetError, read_checksums, shipped_files, 
 from core.diffusion.hooks import resolve_blocks
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, get_preset
-from core.emergence.steer import load_strengths
 from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
 from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
+from core.steer.strength import load_strengths
 from core.toy.build import MAX_SHIPPED_MB, ToyRun, main, trained
 from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
 from core.toy.reproduce import SUBSET_FILE, differences, recorded, subset_rows

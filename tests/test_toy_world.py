@@ -6,7 +6,6 @@ from scipy.optimize import linear_sum_assignment
 
 from core.annotate.annotation import Annotator
 from core.annotate.quadrants import QUADRANTS, quadrant_of
-from core.emergence import steer
 from core.emergence.words import load_word_vectors
 from core.shapes import world
 from core.shapes.annotate import ToyAnnotator, background_style
@@ -174,7 +173,7 @@ def test_caption_mentions_every_visible_object(scenes):
 
 
 def test_quadrants_follow_the_project_convention(scenes):
-    assert world.QUADRANTS is steer.QUADRANTS is QUADRANTS
+    assert world.QUADRANTS is QUADRANTS
     for scene in scenes[:20]:
         height, width = scene.image.shape[:2]
         for obj in scene.objects:

@@ -78,19 +78,16 @@ from core.emergence.metrics import (  # noqa: E402
     make_segmenter,
     pixel_difference,
 )
-from core.emergence.steer import (  # noqa: E402
-    DEFAULT_STRENGTH,
-    SAE_CHOICES,
-    Intervention,
-    intervene,
-    quadrant_mask,
-)
 from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
 from core.files import write_csv  # noqa: E402
 from core.runtime import command  # noqa: E402
 from core.sae.bank import SAEBank, SAEKey
 from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
 from core.shapes.world import SHAPES, STYLES
+from core.steer.intervene import Intervention, intervene  # noqa: E402
+from core.steer.kinds import get_kind
+from core.steer.regions import quadrant_mask
+from core.steer.windows import SAE_CHOICES
 from core.training.activations import read_prompts  # noqa: E402
 
 MID = "mid_block.attentions.0"
@@ -377,7 +374,7 @@ def strength_for(kind: str, stage: str, strengths: Mapping[str, float] | None) -
     return (
         float(strengths[stage])
         if strengths and stage in strengths
-        else DEFAULT_STRENGTH[kind][stage]
+        else get_kind(kind).default_strength[stage]
     )
 
 

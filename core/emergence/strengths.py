@@ -1,6 +1,6 @@
 """Steering strengths calibrated on a model's own activations.
 
-The paper's strengths (`core.emergence.steer.DEFAULT_STRENGTH`: spatial 4000 / 400 / 1000,
+The paper's strengths (`core.steer.kinds`, `Kind.default_strength`: spatial 4000 / 400 / 1000,
 global 8 / 10 / 10) are in units of SD v1.4's residual updates. On another model the same
 numbers can change nothing: on a small shapes-world model, global edits at the paper's
 strengths moved pixels by about 6e-5 on average. `calibrate` finds, for each kind of edit
@@ -29,9 +29,11 @@ from core.diffusion.presets import STAGES
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.evaluate import generate, image_size, object_cids
 from core.emergence.metrics import NO_EFFECT, pixel_difference
-from core.emergence.steer import STRENGTHS_FILE, Intervention, intervene, quadrant_mask
 from core.files import write_json
 from core.sae.bank import SAEBank, SAEKey
+from core.steer.intervene import Intervention, intervene
+from core.steer.regions import quadrant_mask
+from core.steer.strength import STRENGTHS_FILE
 
 LADDER = tuple(float(2**i) for i in range(-4, 17))
 """Strengths tried, 1/16 to 65,536 (doubling)."""

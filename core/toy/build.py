@@ -31,11 +31,11 @@ from core.diffusion.presets import SD14_BLOCKS, TOY_PROMPTS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
 from core.emergence.evaluate import MID, WORLDS
-from core.emergence.steer import STRENGTHS_FILE, load_strengths
 from core.emergence.strengths import CalibrationEdits, calibrate
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device, device_name
 from core.sae.bank import SAEBank
+from core.steer.strength import STRENGTHS_FILE, load_strengths
 from core.toy.check import CheckSettings, heldout_scenes, labelled, report, run_check
 from core.toy.model import parameter_count
 from core.toy.reproduce import SUBSET_FILE, record, subset_rows

@@ -28,9 +28,10 @@ from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
 from core.emergence.concepts import top_examples as rank_examples
 from core.emergence.gathering import gather
-from core.emergence.steer import MAX_STRENGTH, Intervention, intervene
 from core.sae.bank import SAEKey
 from core.sae.model import TopKSAE
+from core.steer.intervene import Intervention, intervene
+from core.steer.kinds import MAX_STRENGTH
 from core.training.activations import read_prompts
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.model_cache import ExampleIndex, Loaded

@@ -39,13 +39,13 @@ from core.emergence.concepts import (
     load_dictionaries,
 )
 from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
-from core.emergence.steer import load_strengths
 from core.emergence.words import WordVectors, load_word_vectors
 from core.files import local_or_snapshot
 from core.runtime import ModelNotAvailableError, default_device
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.config import SAELoadError
 from core.sae.model import TopKSAE
+from core.steer.strength import read_strengths
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -322,9 +322,6 @@ class ModelCache:
             )
         for dictionary in dictionaries.values():
             dictionary.to(pipe.device)
-        try:
-            strengths = load_strengths(preset.sae_source)
-        except ValueError as error:
-            strengths = None
-            notes.append(f"The paper's steering strengths are proposed: {error.args[0]}.")
+        strengths, note = read_strengths(preset.sae_source)
+        notes.extend([note] if note else [])
         return Loaded(preset, pipe, bank, dictionaries, notes, strengths)

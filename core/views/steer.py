@@ -23,27 +23,25 @@ import torch
 from PIL import Image
 
 from core.annotate.clipseg import centre_of_mass
+from core.annotate.quadrants import QUADRANTS
 from core.annotate.tags import CLIP_ID
+from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import AppDefaults, Preset
 from core.emergence.concepts import normalize_label
 from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
-from core.emergence.steer import (
-    BRANCHES,
-    KINDS,
-    MAX_STRENGTH,
-    QUADRANTS,
-    EditRecord,
-    Intervention,
-    intervene,
-    list_cids,
-    quadrant_mask,
-    stage_strengths,
-    stage_window,
-    stages_in,
-    validate,
-)
 from core.runtime import ModelNotAvailableError
 from core.sae.bank import SAEKey
+from core.steer.intervene import Intervention, intervene, validate
+from core.steer.kinds import MAX_STRENGTH, get_kind
+from core.steer.record import EditRecord, list_cids
+from core.steer.regions import quadrant_mask
+from core.steer.strength import (
+    proposed_strength,
+    read_strengths,
+    stage_strengths,
+    strength_unit,
+)
+from core.steer.windows import Window, stage_window, stages_in
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.inspection import describe_labels
 from core.views.model_cache import Loaded
@@ -184,29 +182,37 @@ def change_in_words(before: Image.Image, after: Image.Image) -> str:
     return f"The image changed by {per_pixel}, {most}."
 
 
-def stage_of(request: SteerRequest) -> str | tuple[float, float]:
-    if request.stage not in STAGE_CHOICES:
-        raise ValueError(f"Unknown stage {request.stage!r}; choose {', '.join(STAGE_CHOICES)}.")
-    if request.stage != "custom":
-        return request.stage
-    low, high = (check_number(v, "A bound of the t range", 0.0, 1.0) for v in request.t_range)
+def window_of(stage: str, t_range: tuple[object, object]) -> Window:
+    """The window of a stage choice: the named stage, or for "custom" the t range checked."""
+    if stage not in STAGE_CHOICES:
+        raise ValueError(f"Unknown stage {stage!r}; choose {', '.join(STAGE_CHOICES)}.")
+    if stage != "custom":
+        return stage
+    low, high = (check_number(v, "A bound of the t range", 0.0, 1.0) for v in t_range)
     return stage_window((low, high))
+
+
+def default_strength(
+    preset: Preset, kind: str, stage: str, t_range: tuple[object, object] = (0.6, 1.0)
+) -> float | None:
+    """The strength proposed for an edit before its preset loads, read as a loaded preset
+    reads it (a damaged strengths file gives the paper's); None for a custom stage."""
+    calibrated, _ = read_strengths(preset.sae_source)
+    window = window_of(stage, t_range)
+    return proposed_strength(get_kind(kind).name, window, preset.app.strength, calibrated)
 
 
 def strength_of(
     request: SteerRequest, defaults: AppDefaults, strengths: Mapping | None = None
 ) -> float | None:
-    """The request's strength, else the preset's (not for ablation), else the one of a named
-    stage for the kind (calibrated for the SAEs in `strengths`, else the paper's); None for a
-    custom stage: each step takes its own stage's."""
-    if request.kind not in KINDS:
-        raise ValueError(f"Unknown edit type {request.kind!r}; choose {', '.join(KINDS)}.")
+    """The request's strength, else the one proposed for its kind and stage
+    (`core.steer.strength.proposed_strength`); None for a custom stage: each step takes its
+    own stage's."""
+    kind = get_kind(request.kind)
     if request.strength is not None and request.strength != "":
         return check_number(request.strength, "The strength", 0.0, MAX_STRENGTH)
-    if defaults.strength is not None and request.kind != "ablate":
-        return defaults.strength
-    stage = stage_of(request)
-    return stage_strengths(request.kind, strengths)[stage] if isinstance(stage, str) else None
+    window = window_of(request.stage, request.t_range)
+    return proposed_strength(kind.name, window, defaults.strength, strengths)
 
 
 def choice_value(key: SAEKey, cid: int) -> str:
@@ -281,7 +287,7 @@ def canvas_mask(value: dict | None) -> np.ndarray | None:
 
 def region_of(request: SteerRequest, size: tuple[int, int]) -> np.ndarray | None:
     """The spatial edit's region at image size: the drawn mask if any, else the quadrant."""
-    if request.kind != "spatial":
+    if not get_kind(request.kind).needs_region:
         return None
     if request.mask is not None:
         drawn = np.asarray(request.mask, dtype=np.float32)
@@ -315,7 +321,7 @@ def run_steer(
     branches = BRANCH_CHOICES[request.branch]
     for branch in branches:
         loaded.check_recorded(request.block, branch)
-    stage = stage_of(request)
+    stage = window_of(request.stage, request.t_range)
     strength = strength_of(request, loaded.preset.app, loaded.strengths)
     cids, concept = concept_of(loaded, request, branches)
     size = loaded.image_size()
@@ -388,9 +394,9 @@ def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
         text = f"{whose} strength of each step's stage ({each})"
     else:
         text = f"strength {edit.strength:g}"
-    if edit.kind != "ablate" and any(loaded.bank[key].mean_acts is not None for key in edit.cids):
-        text += " x each CID's mean activation (mean.pt), as in the SDLens demo"
-    return text
+    has_means = any(loaded.bank[key].mean_acts is not None for key in edit.cids)
+    unit = strength_unit(edit.kind, has_means)
+    return f"{text} {unit}" if unit else text
 
 
 def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:

@@ -24,8 +24,8 @@ from torch import Tensor
 from core.diffusion.hooks import DeltaRecord, StepInfo, record
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import normalize_label
-from core.emergence.steer import indices_by, step_ranges
 from core.sae.bank import SAEKey
+from core.steer.record import indices_by, step_ranges
 from core.views.emergence import finished, t_axis
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.inspection import activation_scale, fixed_scale
