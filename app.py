@@ -25,7 +25,6 @@ import gradio as gr
 import numpy as np
 import torch
 
-from core.annotate.quadrants import QUADRANTS
 from core.diffusion.presets import (
     PRESETS,
     SD14_SAES_ENV,
@@ -35,6 +34,7 @@ from core.diffusion.presets import (
     get_preset,
 )
 from core.files import REPO_ROOT
+from core.quadrants import QUADRANTS
 from core.runtime import USER_ERRORS
 from core.steer.kinds import KINDS, get_kind
 from core.steer.windows import SAE_CHOICES

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from core.annotate.shapes import ToyAnnotator
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import ASSETS, get_preset
 from core.emergence.build_dictionary import quality_lines
@@ -37,7 +38,6 @@ from core.emergence.gathering import gather, save_examples
 from core.emergence.words import BUNDLED_GLOVE, load_word_vectors
 from core.runtime import command
 from core.sae.bank import SAEBank
-from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
 from core.training.train import RunConfig, train
 

@@ -42,7 +42,7 @@ from core.annotate.grounded_sam import (
     deduplicate,
     grounding_query,
 )
-from core.annotate.quadrants import QUADRANTS, quadrant_of
+from core.annotate.labellers import AnnotatorConfig
 from core.annotate.tags import (
     OBJECT_VOCABULARY,
     ClipTagger,
@@ -53,7 +53,7 @@ from core.annotate.tags import (
     select_tags,
     singular_forms,
 )
-from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
+from core.quadrants import QUADRANTS, quadrant_of
 from core.runtime import ModelNotAvailableError
 from tests.helpers import VOCABULARY, WORDS, save_clip, save_clipseg
 
@@ -363,12 +363,13 @@ def test_grounded_sam_annotates_end_to_end(folders, detector, segmenter):
 def test_commands_label_with_the_vision_tagger_by_default(folders, tmp_path):
     (tmp_path / "names.txt").write_text("\n".join(VOCABULARY) + "\n")
     models = {f"{name}_model": str(folders[name]) for name in ("clip", "dino", "sam")}
-    config = AnnotatorConfig(vocabulary=str(tmp_path / "names.txt"), **models)
-    annotator = make_annotator(config, "cpu")
+    paper = {"annotator": "grounded-sam", **models}
+    config = AnnotatorConfig(vocabulary=str(tmp_path / "names.txt"), **paper)
+    annotator = config.load_annotator("cpu")
     assert isinstance(annotator.tagger, ClipTagger)
     assert annotator.tagger.vocabulary == VOCABULARY
     assert config.record()["tags"] == "vision"
-    prompted = make_annotator(AnnotatorConfig(tags="prompt", **models), "cpu")
+    prompted = AnnotatorConfig(tags="prompt", **paper).load_annotator("cpu")
     assert prompted.tagger.tag(IMAGE, "a hot dog") == ["hot dog"]  # the shipped vocabulary
     with pytest.raises(ValueError, match="unknown tags"):
         AnnotatorConfig(tags="nouns")

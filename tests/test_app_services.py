@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core.annotate.shapes import ToySegmenter
 from core.diffusion.presets import get_preset
 from core.emergence.attention_maps import token_positions, trace_cross_attention
 from core.files import ASSETS
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.annotate import ToySegmenter
 from core.shapes.world import BackgroundSpec, ObjectSpec, SceneSpec, render
 from core.views import inspection
 from core.views.emergence import (

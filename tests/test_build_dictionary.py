@@ -3,6 +3,7 @@ masks are known: it outlines where one chosen latent fires, so that latent must 
 label, with IoU 1."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core.annotate.annotation import Annotator, ObjectAnnotation
+from core.annotate.labellers import LABELLERS, AnnotatorConfig, Labeller, register
 from core.diffusion.hooks import record
 from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.emergence import build_dictionary
@@ -138,9 +140,10 @@ def test_cli_saves_dictionaries_means_and_examples(tiny_pipe, setup, tmp_path, m
     bank.save_pretrained(tmp_path / "saes")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    monkeypatch.setattr(
-        build_dictionary, "make_annotator", lambda config, device: OutlineAnnotator(maps, cid)
+    outlines = replace(
+        LABELLERS["grounded-sam"], annotator=lambda c, d: OutlineAnnotator(maps, cid)
     )
+    monkeypatch.setitem(LABELLERS, "grounded-sam", outlines)
     out = tmp_path / "dicts"
     code = build_dictionary.main(
         [
@@ -264,3 +267,44 @@ def test_a_time_shared_sae_pools_the_evidence_of_three_steps(tiny_pipe, setup):
     # the steps nearest t = 1.0, 0.5 and 0.0, each (image, step) counted as one image
     assert gathered.builders[key].num_images == 3 * len(PROMPTS)
     assert gathered.means(key).shape == (len(PROMPTS), 32)
+
+
+@pytest.fixture
+def outlines(setup):
+    """A made-up labeller, in the registry only while a test runs."""
+    _, maps, cid = setup
+    toy = LABELLERS["toy"]
+    labeller = Labeller(
+        "outlines",
+        annotator=lambda config, device: OutlineAnnotator(maps, cid),
+        reference=lambda config, device: OutlineAnnotator(maps, cid),
+        segmenter=toy.segmenter,
+        evaluator="the outlines of one latent",
+        scorer=toy.scorer,
+        world=toy.world,
+    )
+    yield register(labeller)
+    del LABELLERS[labeller.name]
+
+
+def test_a_labeller_added_to_the_registry_alone_builds_a_dictionary(tmp_path, setup, outlines):
+    bank, _, cid = setup
+    bank.save_pretrained(tmp_path / "saes")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    config = build_dictionary.DictionaryConfig(
+        saes=str(tmp_path / "saes"),
+        prompts=str(tmp_path / "prompts.txt"),
+        out=str(tmp_path / "dicts"),
+        preset="tiny",
+        blocks=(UP,),
+        t=(0.0,),
+        steps=STEPS,
+        seed=SEED,
+        gen_batch=2,
+        device="cpu",
+        annotation=AnnotatorConfig(annotator="outlines"),
+    )
+    built = build_dictionary.build(config)
+    assert cid in built[KEY].cids_for("cat")
+    assert json.loads((tmp_path / "dicts" / "examples.json").read_text())["annotator"] == "outlines"
+    assert load_dictionaries(tmp_path / "dicts")[KEY].cids_for("cat") == built[KEY].cids_for("cat")

@@ -3,6 +3,7 @@ and tiny random CLIP / CLIPSeg models (built as tests/test_annotate.py builds th
 
 import csv
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 from core.annotate.annotation import ObjectAnnotation
 from core.annotate.clipseg import ClipSegSegmenter
+from core.annotate.labellers import LABELLERS, PAPER_OBJECTS
+from core.annotate.scorers import ClipScorer
 from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGE_T
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries
@@ -21,7 +24,6 @@ from core.emergence.evaluate import (
     spatial_edit_rows,
     spatial_summary,
 )
-from core.emergence.metrics import ClipScorer
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
 from core.sae.config import SAEConfig
@@ -196,7 +198,8 @@ def test_cli_writes_csvs_plots_and_summaries(
     save_dictionaries(mixed.values(), tmp_path / "bank")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    monkeypatch.setattr(evaluate, "make_annotator", lambda config, device: LeftHalfCat())
+    left_half = replace(LABELLERS["grounded-sam"], annotator=lambda c, d: LeftHalfCat())
+    monkeypatch.setitem(LABELLERS, "grounded-sam", left_half)
     out = tmp_path / "eval"
     code = evaluate.main(
         [
@@ -306,7 +309,7 @@ def test_the_defaults_come_from_the_preset():
     assert (config.targets, config.objects) == ("labels", SHAPES)
     paper = evaluate.EvaluateConfig(out="out", preset="sd14", saes="saes", prompts="p.txt")
     assert (paper.edit_block, paper.annotation.annotator) == (MID, "grounded-sam")
-    assert paper.objects == evaluate.PAPER_OBJECTS and paper.targets == "nouns"
+    assert paper.objects == PAPER_OBJECTS and paper.targets == "nouns"
     with pytest.raises(ValueError, match="--saes is needed for .*'sd14' has no SAEs of its own"):
         evaluate.EvaluateConfig(out="out", preset="sd14", prompts="p.txt")
 

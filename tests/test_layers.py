@@ -11,11 +11,12 @@ from tests.helpers import COMMANDS, module_name
 LAYERS = (
     "runtime",
     "files",
+    "quadrants",
     "sae",
     "diffusion",
     "training",
-    "annotate",
     "shapes",
+    "annotate",
     "steer",
     "emergence",
     "revelio",

@@ -19,13 +19,13 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from core.annotate.clipseg import centre_of_mass
+from core.annotate.shapes import StyleScorer, ToyAnnotator, ToySegmenter
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
 from core.diffusion.hooks import resolve_blocks
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.files import REPO_ROOT
 from core.sae.bank import SAEBank
-from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import VOCABULARY, dataset
 from core.steer.strength import load_strengths
 from core.toy.build import MAX_SHIPPED_MB, ToyRun, main, trained

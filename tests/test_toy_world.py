@@ -5,10 +5,10 @@ from scipy.ndimage import gaussian_filter
 from scipy.optimize import linear_sum_assignment
 
 from core.annotate.annotation import Annotator
-from core.annotate.quadrants import QUADRANTS, quadrant_of
+from core.annotate.shapes import ToyAnnotator, background_style
 from core.emergence.words import load_word_vectors
+from core.quadrants import QUADRANTS, quadrant_of
 from core.shapes import world
-from core.shapes.annotate import ToyAnnotator, background_style
 from core.shapes.world import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,

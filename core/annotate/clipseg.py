@@ -13,35 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.annotate.loading import (
-    Source,
-    load_model,
-    load_processor,
-    model_inputs,
-    resolve_device_dtype,
-)
+from core.annotate.loading import HubModel, model_inputs
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, ProcessorMixin
+    pass
 
 CLIPSEG_ID = "CIDAS/clipseg-rd64-refined"
 
 
-class ClipSegSegmenter:
+class ClipSegSegmenter(HubModel):
     """Text-prompted soft segmentation: one probability map per word, at image resolution."""
 
-    def __init__(
-        self,
-        model: Source | PreTrainedModel = CLIPSEG_ID,
-        processor: Source | ProcessorMixin | None = None,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        what = "CLIPSeg segmenter"
-        self.model = load_model("CLIPSegForImageSegmentation", model, what, self.device, self.dtype)
-        self.processor = load_processor(processor, model, what)
+    model_class = "CLIPSegForImageSegmentation"
+    source = CLIPSEG_ID
+    what = "CLIPSeg segmenter"
 
     @torch.no_grad()
     def segment(self, image: Image.Image, words: Iterable[str]) -> dict[str, np.ndarray]:

@@ -11,24 +11,23 @@ Anything with an `annotate(image, prompt)` method returning `ObjectAnnotation`s 
 The CLIPSeg evaluator of spatial edits lives in `core.annotate.clipseg`.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PreTrainedModel, ProcessorMixin
 
 from core.annotate.annotation import Box, ObjectAnnotation
-from core.annotate.loading import (
-    Source,
-    load_model,
-    load_processor,
-    model_inputs,
-    resolve_device_dtype,
-)
+from core.annotate.loading import HubModel, Source, model_inputs
 from core.annotate.tags import Tagger, make_tagger, normalise_vocabulary
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 DINO_ID = "IDEA-Research/grounding-dino-tiny"
 SAM_ID = "facebook/sam-vit-base"
@@ -75,7 +74,7 @@ def _pixel_boxes(centre_boxes: torch.Tensor, size: tuple[int, int]) -> list[Box]
     return [tuple(row) for row in (corners.cpu() * scale).tolist()]
 
 
-class GroundingDinoDetector:
+class GroundingDinoDetector(HubModel):
     """Open-set detection of named objects with Grounding DINO.
 
     Grounding DINO scores every box against every token of the text. A box's score is
@@ -86,9 +85,13 @@ class GroundingDinoDetector:
     query. Long name lists are split into several queries that fit the text length.
     """
 
+    model_class = "GroundingDinoForObjectDetection"
+    source = DINO_ID
+    what = "Grounding DINO detector"
+
     def __init__(
         self,
-        model: Source | PreTrainedModel = DINO_ID,
+        model: Source | PreTrainedModel | None = None,
         processor: Source | ProcessorMixin | None = None,
         *,
         box_threshold: float = 0.35,
@@ -96,12 +99,7 @@ class GroundingDinoDetector:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ):
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        what = "Grounding DINO detector"
-        self.model = load_model(
-            "GroundingDinoForObjectDetection", model, what, self.device, self.dtype
-        )
-        self.processor = load_processor(processor, model, what)
+        super().__init__(model, processor, device=device, dtype=dtype)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         tokenizer = self.processor.tokenizer
         self._separators = {*tokenizer.all_special_ids, tokenizer.convert_tokens_to_ids(".")}
@@ -155,20 +153,12 @@ class GroundingDinoDetector:
         ]
 
 
-class SamBoxSegmenter:
+class SamBoxSegmenter(HubModel):
     """SAM masks for box prompts, at the image's resolution (one mask per box)."""
 
-    def __init__(
-        self,
-        model: Source | PreTrainedModel = SAM_ID,
-        processor: Source | ProcessorMixin | None = None,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.model = load_model("SamModel", model, "SAM segmenter", self.device, self.dtype)
-        self.processor = load_processor(processor, model, "SAM segmenter")
+    model_class = "SamModel"
+    source = SAM_ID
+    what = "SAM segmenter"
 
     @torch.no_grad()
     def segment_boxes(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -93,3 +93,28 @@ def model_inputs(
         for key, value in inputs.items()
         if isinstance(value, torch.Tensor)
     }
+
+
+class HubModel:
+    """A transformers model and its processor on one device and dtype: what every annotator
+    model loads alike. A subclass names its transformers class (`model_class`), its default
+    Hub id (`source`) and what it is in messages (`what`)."""
+
+    model_class: ClassVar[str]
+    source: ClassVar[str]
+    what: ClassVar[str]
+    default_dtype: ClassVar[torch.dtype | None] = None
+    """None: fp16 on CUDA, fp32 elsewhere (`resolve_device_dtype`)."""
+
+    def __init__(
+        self,
+        model: Source | PreTrainedModel | None = None,
+        processor: Source | ProcessorMixin | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        model = self.source if model is None else model
+        self.device, self.dtype = resolve_device_dtype(device, dtype or self.default_dtype)
+        self.model = load_model(self.model_class, model, self.what, self.device, self.dtype)
+        self.processor = load_processor(processor, model, self.what)

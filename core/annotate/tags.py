@@ -28,13 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.annotate.loading import (
-    Source,
-    load_model,
-    load_processor,
-    model_inputs,
-    resolve_device_dtype,
-)
+from core.annotate.loading import HubModel, Source, model_inputs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
@@ -159,7 +153,7 @@ def select_tags(
     return kept if top_k is None else kept[:top_k]
 
 
-class ClipTagger:
+class ClipTagger(HubModel):
     """Zero-shot CLIP tagging: softmax over "a photo of a {name}." for every vocabulary name.
 
     Vision only, as the paper's RAM tagger: the prompt is never read, so every tag is a
@@ -169,9 +163,13 @@ class ClipTagger:
     probability.
     """
 
+    model_class = "CLIPModel"
+    source = CLIP_ID
+    what = "CLIP tagger"
+
     def __init__(
         self,
-        model: Source | PreTrainedModel = CLIP_ID,
+        model: Source | PreTrainedModel | None = None,
         processor: Source | ProcessorMixin | None = None,
         *,
         vocabulary: Iterable[str] = OBJECT_VOCABULARY,
@@ -181,9 +179,7 @@ class ClipTagger:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ):
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.model = load_model("CLIPModel", model, "CLIP tagger", self.device, self.dtype)
-        self.processor = load_processor(processor, model, "CLIP tagger")
+        super().__init__(model, processor, device=device, dtype=dtype)
         self.vocabulary = normalise_vocabulary(vocabulary)
         self.threshold, self.top_k = threshold, top_k
         self._text_features = self._encode_texts([template.format(n) for n in self.vocabulary])

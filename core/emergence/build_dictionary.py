@@ -17,24 +17,15 @@ over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
 """
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from simple_parsing import field
 
-from core.annotate.annotation import Annotator
-from core.annotate.grounded_sam import DINO_ID, SAM_ID, GroundedSamAnnotator
-from core.annotate.tags import (
-    CLIP_ID,
-    OBJECT_VOCABULARY,
-    TAGS,
-    VOCABULARY_FILE,
-    load_vocabulary,
-    make_tagger,
-)
+from core.annotate.labellers import AnnotatorConfig
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.pipelines import load_pipeline
-from core.diffusion.presets import PRESETS, Preset, get_preset
+from core.diffusion.presets import PRESETS, get_preset
 from core.emergence.concepts import (
     IOU_THRESHOLD,
     ConceptDictionary,
@@ -44,14 +35,9 @@ from core.emergence.concepts import (
 )
 from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
-from core.files import REPO_ROOT
 from core.runtime import command
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.annotate import ToyAnnotator
 from core.training.activations import read_prompts
-
-ANNOTATORS = ("grounded-sam", "toy")
-"""`toy` labels shapes-world images from their pixels (`core.shapes.annotate`), needing no model."""
 
 
 def quality_lines(
@@ -73,59 +59,6 @@ def quality_lines(
     )
     lines.append("                       at t = 1.0/0.5/0.0 (Word2Vec; GloVe runs higher)")
     return lines
-
-
-@dataclass(kw_only=True)
-class AnnotatorConfig:
-    """The annotator that labels generated images, and its models."""
-
-    annotator: str | None = field(default=None, choices=ANNOTATORS)
-    """grounded-sam: tags -> Grounding DINO -> SAM; toy reads shapes-world pixels (default:
-    the preset's, toy for tiny and toy, else grounded-sam)."""
-    tags: str = field(default="vision", choices=TAGS)
-    """grounded-sam's tags: vision (zero-shot CLIP over the vocabulary, no prompt words, as
-    the paper's RAM), prompt (the prompt's nouns) or prompt+vision."""
-    vocabulary: str | None = None
-    """Tag vocabulary, a text file with one object name a line (default:
-    core/annotate/vocabulary.txt, COCO's 80 classes and 73 common things)."""
-    clip_model: str = CLIP_ID
-    """CLIP id or folder: the tagger (and, in evaluate, the scorer of global edits)."""
-    dino_model: str = DINO_ID
-    """Grounding DINO id or folder."""
-    sam_model: str = SAM_ID
-    """SAM id or folder."""
-
-    def __post_init__(self) -> None:
-        if self.annotator not in (None, *ANNOTATORS):
-            raise ValueError(
-                f"unknown annotator {self.annotator!r}; choose one of {', '.join(ANNOTATORS)}"
-            )
-        if self.tags not in TAGS:
-            raise ValueError(f"unknown tags {self.tags!r}; choose one of {', '.join(TAGS)}")
-
-    def for_preset(self, preset: Preset) -> "AnnotatorConfig":
-        """This config, with the preset's annotator where it names none."""
-        return replace(self, annotator=self.annotator or preset.annotator)
-
-    def record(self) -> dict[str, str]:
-        """What labelled the images, for the files written beside the results."""
-        if self.annotator == "toy":
-            return {"annotator": self.annotator}
-        vocabulary = self.vocabulary or str(VOCABULARY_FILE.resolve().relative_to(REPO_ROOT))
-        return {"annotator": self.annotator, "tags": self.tags, "vocabulary": vocabulary}
-
-    def describe(self) -> str:
-        """`record()` as one line: "annotator grounded-sam, tags vision, vocabulary ..."."""
-        return ", ".join(f"{what} {value}" for what, value in self.record().items())
-
-
-def make_annotator(config: AnnotatorConfig, device: str | None) -> Annotator:
-    """The annotator `config` names, on `device`."""
-    if config.annotator == "toy":
-        return ToyAnnotator(with_background=True)
-    vocabulary = load_vocabulary(config.vocabulary) if config.vocabulary else OBJECT_VOCABULARY
-    tagger = make_tagger(config.tags, config.clip_model, vocabulary, device=device)
-    return GroundedSamAnnotator(tagger, config.dino_model, config.sam_model, device=device)
 
 
 @dataclass(kw_only=True)
@@ -179,7 +112,7 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
     pipe = load_pipeline(preset, device=config.device)
     bank = SAEBank(bank[k].to(pipe.device) for k in keys)
     annotation = config.annotation.for_preset(preset)
-    annotator = make_annotator(annotation, config.device)
+    annotator = annotation.load_annotator(config.device)
     steps = config.steps or preset.steps
     guidance = preset.guidance_scale if config.guidance is None else config.guidance
     gathered = gather(

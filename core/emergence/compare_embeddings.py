@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from simple_parsing import field
 
+from core.annotate.labellers import AnnotatorConfig
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
-from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.emergence.concepts import IOU_THRESHOLD, ConceptDictionary, cohesion, separability
-from core.emergence.evaluate import WORLDS, composition_rows
+from core.emergence.evaluate import composition_rows
 from core.emergence.gathering import gather
 from core.emergence.words import BUNDLED_GLOVE, TEXT_ENCODER, WordVectors, load_word_vectors
 from core.files import write_csv, write_json
@@ -72,7 +72,7 @@ def compare(config: CompareConfig) -> dict[str, dict]:
     train, held_out = _split(prompts, config.dictionary_prompts, config.composition_prompts)
     pipe = load_pipeline(preset, device=config.device)
     bank = SAEBank.from_pretrained(config.saes, device=pipe.device)
-    annotator = make_annotator(config.annotation, config.device)
+    annotator = config.annotation.load_annotator(config.device)
     sampling = {
         "steps": preset.steps,
         "guidance_scale": preset.guidance_scale,
@@ -112,7 +112,7 @@ def compare(config: CompareConfig) -> dict[str, dict]:
             annotator,
             vectors,
             blocks=sorted({key.block for key in bank}),
-            targets=WORLDS[config.annotation.annotator].targets,
+            targets=config.annotation.labeller.world.targets,
             seed=config.seed + len(train),
             **sampling,
         )

@@ -20,22 +20,18 @@ from pathlib import Path
 
 from simple_parsing import field
 
-from core.annotate.clipseg import CLIPSEG_ID
-from core.annotate.quadrants import QUADRANTS
+from core.annotate.labellers import PAPER_OBJECTS, AnnotatorConfig
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, STAGES, get_preset
-from core.emergence.build_dictionary import AnnotatorConfig, make_annotator
 from core.emergence.composition import DEFAULT_THRESHOLD
 from core.emergence.concepts import DictionaryLoadError, load_dictionaries
 from core.emergence.evaluate import (
     MID,
-    PAPER_OBJECTS,
     Rows,
     format_table,
     target_choice,
 )
-from core.emergence.metrics import make_segmenter
 from core.emergence.shared_vs_per_time import (
     KINDS,
     Dictionaries,
@@ -47,6 +43,7 @@ from core.emergence.shared_vs_per_time import (
 )
 from core.emergence.words import load_word_vectors
 from core.files import write_csv
+from core.quadrants import QUADRANTS
 from core.runtime import command
 from core.sae.bank import SAEBank
 from core.training.activations import read_prompts
@@ -101,8 +98,6 @@ class CompareConfig:
     """Spatial-edit target quadrants."""
     stages: tuple[str, ...] = field(default=tuple(STAGES), choices=tuple(STAGES), nargs="*")
     """Stages the spatial edits act in."""
-    clipseg_model: str = CLIPSEG_ID
-    """CLIPSeg id or folder (spatial edits)."""
     seed: int = 100_000
     """Prompt/object i uses seed + i: by default far from training's (0 + i), so held out."""
     limit: int | None = None
@@ -159,7 +154,7 @@ def compare(config: CompareConfig) -> Rows:
             banks,
             dictionaries,
             prompts,
-            make_annotator(config.annotation, config.device),
+            config.annotation.load_annotator(config.device),
             load_word_vectors(source),
             blocks=blocks,
             branch=config.branch,
@@ -173,7 +168,7 @@ def compare(config: CompareConfig) -> Rows:
             banks,
             dictionaries,
             config.objects,
-            make_segmenter(config.annotation.annotator, config.clipseg_model, config.device),
+            config.annotation.load_segmenter(config.device),
             block=config.edit_block,
             branch=config.branch,
             stages=config.stages,

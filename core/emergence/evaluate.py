@@ -44,8 +44,8 @@ from simple_parsing import field  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core.annotate.annotation import Annotator
-from core.annotate.clipseg import CLIPSEG_ID, ClipSegSegmenter, centre_of_mass
-from core.annotate.quadrants import QUADRANTS, quadrant_of
+from core.annotate.clipseg import centre_of_mass
+from core.annotate.labellers import PAPER_WORLD, AnnotatorConfig, Scorer, Segmenter, World
 from core.annotate.tags import PromptNounTagger
 from core.diffusion.hooks import BRANCHES, record  # noqa: E402
 from core.diffusion.pipelines import load_pipeline  # noqa: E402
@@ -56,7 +56,6 @@ from core.diffusion.presets import (  # noqa: E402
     get_preset,
 )
 from core.diffusion.sampling import generate_images  # noqa: E402
-from core.emergence.build_dictionary import AnnotatorConfig, make_annotator  # noqa: E402
 from core.emergence.composition import (  # noqa: E402
     DEFAULT_THRESHOLD,
     READINGS,
@@ -72,18 +71,15 @@ from core.emergence.concepts import (  # noqa: E402
 )
 from core.emergence.metrics import (  # noqa: E402
     NO_EFFECT,
-    ClipScorer,
     label_masks,
     load_lpips,
-    make_segmenter,
     pixel_difference,
 )
 from core.emergence.words import WordVectors, load_word_vectors  # noqa: E402
 from core.files import write_csv  # noqa: E402
+from core.quadrants import QUADRANTS, quadrant_of
 from core.runtime import command  # noqa: E402
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.annotate import StyleScorer, ToySegmenter  # noqa: E402
-from core.shapes.world import SHAPES, STYLES
 from core.steer.intervene import Intervention, intervene  # noqa: E402
 from core.steer.kinds import get_kind
 from core.steer.regions import quadrant_mask
@@ -92,8 +88,6 @@ from core.training.activations import read_prompts  # noqa: E402
 
 MID = "mid_block.attentions.0"
 TASKS = ("composition", "quality", "spatial", "global")
-PAPER_OBJECTS = ("cat", "dog", "car", "bird", "horse", "boat", "apple", "chair", "tree", "cup")
-"""Ten everyday objects (the paper uses 10 objects but does not list them)."""
 PAPER_COHESION = {1.0: 0.588, 0.5: 0.639, 0.0: 0.664}
 PAPER_SEPARABILITY = {1.0: 0.433, 0.5: 0.363, 0.0: 0.344}
 PAPER_SPATIAL = {"early": 0.80, "middle": 0.35, "final": 0.23}
@@ -104,30 +98,6 @@ PAPER_GLOBAL = {
 }
 PAPER_COMPOSITION = "paper (SD v1.4): mid_block IoU ~0.26 at t=1.0, saturating by t=0.5; up best"
 Rows = list[dict]
-
-
-@dataclass(frozen=True)
-class World:
-    """What the evaluations ask of the images an annotator labels."""
-
-    targets: str
-    """Composition words: "nouns" of the prompt or every annotation "labels"."""
-    objects: tuple[str, ...]
-    """What spatial edits move."""
-    template: str
-    """The prompt of a spatial edit's image, with the object in place of {}."""
-    concepts: tuple[str, ...]
-    """What global edits add."""
-
-
-WORLDS = {
-    "grounded-sam": World(
-        "nouns", PAPER_OBJECTS, "a photo of a {}", ("snow", "painting", "flower")
-    ),
-    "toy": World("labels", SHAPES, "a red {} on a gray plain background", STYLES),
-}
-"""By annotator: the paper's world, or the shapes world (whose captions name a colour, a
-shape and a background)."""
 
 
 # generation helpers
@@ -383,14 +353,14 @@ def spatial_edit_rows(
     bank: SAEBank,
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     objects: Sequence[str],
-    segmenter: ClipSegSegmenter | ToySegmenter,
+    segmenter: Segmenter,
     *,
     block: str = MID,
     branch: str = "cond",
     stages: Sequence[str] = tuple(STAGES),
     quadrants: Sequence[str] = QUADRANTS,
     strengths: Mapping[str, float] | None = None,
-    template: str = WORLDS["grounded-sam"].template,
+    template: str = PAPER_WORLD.template,
     lpips_distance: Callable | None = None,
     sae_choice: str = "stage",
     seed: int = 0,
@@ -490,7 +460,7 @@ def global_edit_rows(
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     concepts: Sequence[str],
     prompts: Sequence[str],
-    scorer: ClipScorer | StyleScorer,
+    scorer: Scorer,
     *,
     block: str = MID,
     branch: str = "cond",
@@ -657,8 +627,6 @@ class EvaluateConfig:
     """SAE of each edited step: the stage's t (1.0, 0.5, 0.0), or the t nearest the step's."""
     annotation: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     """Which annotator labels the generated images (composition), and its models."""
-    clipseg_model: str = CLIPSEG_ID
-    """CLIPSeg id or folder (spatial edits)."""
     word_vectors: str | None = None
     """Word vectors (default: the source the dictionaries were built with)."""
     seed: int = 0
@@ -700,13 +668,7 @@ class EvaluateConfig:
     @property
     def world(self) -> World:
         """What the evaluations ask of the images, by the annotator that labels them."""
-        return WORLDS[self.annotation.annotator]
-
-
-def make_scorer(config: EvaluateConfig) -> ClipScorer | StyleScorer:
-    if config.annotation.annotator == "toy":
-        return StyleScorer()
-    return ClipScorer(config.annotation.clip_model, device=config.device)
+        return self.annotation.labeller.world
 
 
 def evaluate(config: EvaluateConfig) -> None:
@@ -775,7 +737,7 @@ def composition_task(
         bank,
         dictionaries,
         prompts,
-        make_annotator(config.annotation, config.device),
+        config.annotation.load_annotator(config.device),
         word_vectors,
         blocks=blocks,
         branch=config.branch,
@@ -812,7 +774,7 @@ def spatial_task(
         bank,
         dictionaries,
         config.objects,
-        make_segmenter(config.annotation.annotator, config.clipseg_model, config.device),
+        config.annotation.load_segmenter(config.device),
         quadrants=config.quadrants,
         template=config.world.template,
         **edit,
@@ -840,7 +802,13 @@ def global_task(
     if skipped:
         print(f"global: skipping {skipped}: no concept of {config.edit_block} has those labels")
     rows = global_edit_rows(
-        pipe, bank, dictionaries, config.concepts, prompts, make_scorer(config), **edit
+        pipe,
+        bank,
+        dictionaries,
+        config.concepts,
+        prompts,
+        config.annotation.load_scorer(config.device),
+        **edit,
     )
     out = Path(config.out)
     summary = global_summary(rows)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from core.annotate.annotation import Annotator
 from core.annotate.clipseg import ClipSegSegmenter
-from core.annotate.quadrants import QUADRANTS
+from core.annotate.shapes import ToySegmenter
 from core.diffusion.hooks import record
 from core.diffusion.presets import STAGES
 from core.diffusion.sampling import generate_images
@@ -41,10 +41,10 @@ from core.emergence.evaluate import (
     spatial_edit_rows,
 )
 from core.emergence.words import WordVectors
+from core.quadrants import QUADRANTS
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.config import SITES
 from core.sae.model import TopKSAE
-from core.shapes.annotate import ToySegmenter
 from core.training.activations import to_rows
 
 KINDS = ("per_time", "shared")

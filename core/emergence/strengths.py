@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.annotate.quadrants import QUADRANTS
 from core.diffusion.presets import STAGES
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.evaluate import generate, image_size, object_cids
 from core.emergence.metrics import NO_EFFECT, pixel_difference
 from core.files import write_json
+from core.quadrants import QUADRANTS
 from core.sae.bank import SAEBank, SAEKey
 from core.steer.intervene import Intervention, intervene
 from core.steer.regions import quadrant_mask

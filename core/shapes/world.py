@@ -9,10 +9,10 @@ be checked against the truth:
     scene.objects[0].mask                               # bool [H, W], visible pixels
     render(scene.spec, size=128)                        # the same scene at another size
 
-Design rules (the annotator in `core.shapes.annotate` relies on them):
+Design rules (the annotator in `core.annotate.shapes` relies on them):
 - Rendering is hard-edged, no anti-aliasing: each pixel belongs to exactly one object or
   to the background, so masks are exact. Shapes are tested at pixel centres, which sit at
-  integer coordinates (as in `core.annotate.quadrants.quadrant_of`).
+  integer coordinates (as in `core.quadrants.quadrant_of`).
 - Object colours are vivid (CIELAB chroma >= 50) or white (L* >= 90); background colours,
   pattern tones included, are muted (chroma <= 25, L* <= 60). Objects therefore always
   stand out, whatever the background, and a pixel's Lab value tells object from background.
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.annotate.quadrants import QUADRANTS, quadrant_of
+from core.quadrants import QUADRANTS, quadrant_of
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.annotate.quadrants import QUADRANTS
+from core.quadrants import QUADRANTS
 
 
 def quadrant_mask(name: str, size: tuple[int, int]) -> np.ndarray:

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from simple_parsing import field
 
+from core.annotate.labellers import TOY_WORLD
 from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_files
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, TOY_PROMPTS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
-from core.emergence.evaluate import MID, WORLDS
+from core.emergence.evaluate import MID
 from core.emergence.strengths import CalibrationEdits, calibrate
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device, device_name
@@ -230,7 +231,7 @@ def calibrate_strengths(run: ToyRun) -> bool:
         print(f"{run.saes} holds strengths already")
         return True
     pipe, bank, dictionaries = trained(run)
-    world = WORLDS["toy"]
+    world = TOY_WORLD
     edits = CalibrationEdits(
         objects=labelled(dictionaries, world.objects, MID),
         template=world.template,

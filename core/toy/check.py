@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.annotate.labellers import TOY_WORLD
+from core.annotate.shapes import StyleScorer, ToyAnnotator, ToySegmenter
 from core.emergence.concepts import ConceptDictionary
 from core.emergence.evaluate import (
     MID,
     PAPER_GLOBAL,
     PAPER_SPATIAL,
-    WORLDS,
     Rows,
     composition_rows,
     generate,
@@ -43,7 +44,6 @@ from core.emergence.metrics import load_lpips
 from core.emergence.words import WordVectors
 from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.annotate import StyleScorer, ToyAnnotator, ToySegmenter
 from core.shapes.world import RADIUS_RANGE, SHAPES, STYLES, Scene, dataset
 from core.toy.training import held_out
 
@@ -227,7 +227,7 @@ def run_check(
             shapes,
             ToySegmenter(),
             block=MID,
-            template=WORLDS["toy"].template,
+            template=TOY_WORLD.template,
             strengths=strengths.get("spatial"),
             lpips_distance=lpips_distance,
             **common,

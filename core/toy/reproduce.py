@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from core.annotate.labellers import TOY_WORLD
+from core.annotate.shapes import StyleScorer, ToySegmenter
 from core.emergence.concepts import ConceptDictionary
-from core.emergence.evaluate import MID, WORLDS, Rows, global_edit_rows, spatial_edit_rows
+from core.emergence.evaluate import MID, Rows, global_edit_rows, spatial_edit_rows
 from core.files import write_json
 from core.sae.bank import SAEBank, SAEKey
-from core.shapes.annotate import StyleScorer, ToySegmenter
 from core.shapes.world import SHAPES, STYLES
 from core.toy.check import CheckSettings, caption_rows, heldout_scenes, labelled
 
@@ -60,7 +61,7 @@ def subset_rows(
             block=MID,
             quadrants=QUADRANTS,
             strengths=strengths.get("spatial"),
-            template=WORLDS["toy"].template,
+            template=TOY_WORLD.template,
             **common,
         )
     if styles:

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.annotate.annotation import Annotator
+from core.annotate.labellers import AnnotatorConfig, Segmenter
 from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset
 from core.diffusion.sampling import generate_images
 from core.emergence.concepts import (
@@ -107,18 +108,10 @@ class Loaded:
 
     def _load_annotator(self) -> tuple[Annotator | None, str | None]:
         """The emergence view scores the prompt's words against the final image's annotation,
-        so the labeller looks for the prompt's nouns as well as CLIP's tags."""
-        if self.preset.annotator == "toy":
-            from core.shapes.annotate import ToyAnnotator
-
-            return ToyAnnotator(), None
-        from core.annotate.grounded_sam import GroundedSamAnnotator
-        from core.annotate.tags import make_tagger
-
+        so the labeller's reference annotator looks for the prompt's objects."""
         try:
-            tagger = make_tagger("prompt+vision", device=self.device)
-            return GroundedSamAnnotator(tagger, device=self.device), None
-        except (OSError, ValueError) as error:
+            return self.labelling().load_reference(self.device), None
+        except (OSError, ValueError, ModelNotAvailableError) as error:
             return None, f"no annotator ({error.args[0] if error.args else error})"
 
     def segmenter(self) -> tuple[object | None, str]:
@@ -126,15 +119,17 @@ class Loaded:
         the shapes world's pixels for its presets, else CLIPSeg, as the emergence paper."""
         return self.cached("segmenter", self._load_segmenter)
 
-    def _load_segmenter(self) -> tuple[object | None, str]:
-        from core.emergence.metrics import make_segmenter
-
-        toy = self.preset.annotator == "toy"
+    def _load_segmenter(self) -> tuple[Segmenter | None, str]:
+        labelling = self.labelling()
+        evaluator = labelling.labeller.evaluator
         try:
-            segmenter = make_segmenter(self.preset.annotator, device=self.device)
+            return labelling.load_segmenter(self.device), evaluator
         except (OSError, ValueError, ModelNotAvailableError) as error:
-            return None, f"CLIPSeg does not load ({error.args[0] if error.args else error})"
-        return segmenter, "the shapes world's pixels" if toy else "CLIPSeg"
+            return None, f"{evaluator} does not load ({error.args[0] if error.args else error})"
+
+    def labelling(self) -> AnnotatorConfig:
+        """The preset's labeller with its default models."""
+        return AnnotatorConfig(annotator=self.preset.annotator)
 
     def generate(
         self,

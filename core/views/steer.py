@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 
 from core.annotate.clipseg import centre_of_mass
-from core.annotate.quadrants import QUADRANTS
+from core.annotate.scorers import ClipScorer
 from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import AppDefaults, Preset
 from core.emergence.concepts import normalize_label
-from core.emergence.metrics import ClipScorer, load_lpips, pixel_difference
+from core.emergence.metrics import load_lpips, pixel_difference
+from core.quadrants import QUADRANTS
 from core.runtime import ModelNotAvailableError
 from core.sae.bank import SAEKey
 from core.steer.intervene import Intervention, intervene, validate
