@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from core.diffusion.presets import TOY_ASSETS  # noqa: E402
-from core.emergence.evaluate import generate  # noqa: E402
+from core.diffusion.sampling import generate_image
 from core.runtime import command  # noqa: E402
 from core.toy.check import heldout_scenes  # noqa: E402
 from core.toy.reproduce import SUBSET_FILE, recorded  # noqa: E402
@@ -44,7 +44,7 @@ def draw_samples(config: SamplesConfig) -> None:
     fig, axes = plt.subplots(2, len(chosen), figsize=(1.7 * len(chosen), 4.2), squeeze=False)
     with ModelCache().using("toy") as loaded:
         for column, scene in enumerate(chosen):
-            image = generate(
+            image = generate_image(
                 loaded.pipe,
                 scene.caption,
                 settings.seed + column,

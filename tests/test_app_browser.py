@@ -16,10 +16,10 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from playwright.sync_api import Locator, Page, sync_playwright
 
-from app import DEEP_LINK
 from core.diffusion.presets import PRESETS, STAGES, default_preset_name
 from core.diffusion.tiny import SD14_SCHEDULER
 from core.files import REPO_ROOT
+from page.texts import DEEP_LINK
 from scripts.app_server import app_url
 
 CHROMIUM = Path("/usr/bin/chromium")

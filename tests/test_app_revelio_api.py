@@ -6,8 +6,6 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import app
-from core.views.model_cache import ModelCache
 from core.views.revelio import PURITY_HEADERS, TOP_IMAGE_HEADERS
 from scripts.app_server import app_url
 
@@ -61,14 +59,6 @@ def test_load_lists_the_pairs_and_measures_purity(client):
     assert len(table["data"]) == 8 and all(row[2] > 10 for row in table["data"])
 
 
-def test_load_offers_the_layers_and_timesteps_found_on_the_page():
-    k_layer, k_time, p_layer, p_time = app.on_revelio_choices(CACHE, SAES)  # page-only event
-    assert k_layer.value == p_layer.value == "up_blocks.1"
-    assert ("up_ft2 (up_blocks.2)", "up_blocks.2") in k_layer.choices
-    assert ("up_ft2 (up_blocks.2)", "up_blocks.2") not in p_layer.choices
-    assert k_time.value == p_time.value == 25
-
-
 def test_inspect_shows_the_grid_or_only_the_labels(client):
     note, grid, top = inspect(client)
     assert pixels(grid).shape == (2 * (128 + 14), 5 * 128, 3)
@@ -112,10 +102,3 @@ def test_bad_input_is_one_sentence(client, call, changes, message):
     with pytest.raises(AppError) as error:
         call(client, **changes)
     assert message in str(error.value) and "Traceback" not in str(error.value)
-
-
-def test_the_revelio_events_are_named_and_stay_out_of_the_model_slot():
-    demo = app.build_demo(ModelCache(), "tiny")
-    events = {fn.api_name: fn for fn in demo.fns.values()}
-    for name in ("revelio_load", "revelio_inspect", "revelio_pca"):
-        assert events[name].concurrency_id != "model" and events[name].concurrency_limit is None

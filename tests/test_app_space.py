@@ -1,9 +1,7 @@
 """The app as a Hugging Face Space and as the project's `make run`: settings, API names."""
 
-import importlib.util
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -17,7 +15,6 @@ from core.files import REPO_ROOT
 from core.sae.bank import hub_patterns
 from core.sae.checkpoints import SDLENS_FILES, folder_block
 from core.shapes.world import SHAPES
-from core.views.inputs import MAX_STEPS
 from core.views.model_cache import ModelCache
 
 
@@ -103,44 +100,6 @@ def test_model_events_share_one_queue_slot():
     for fn in demo.fns.values():
         if fn.api_name in model_events:
             assert fn.concurrency_id == "model" and fn.concurrency_limit == 1, fn.api_name
-
-
-def test_without_the_spaces_package_the_gpu_decorator_changes_nothing():
-    if importlib.util.find_spec("spaces") is not None:
-        pytest.skip("the spaces package is installed here")
-
-    def handler() -> int:
-        return 1
-
-    assert app.gpu(generations=1)(handler) is handler
-
-
-def test_zero_gpu_is_asked_for_as_long_as_the_request_needs(monkeypatch):
-    asked = {}
-
-    def fake_gpu(duration):
-        def decorate(fn):
-            asked[fn.__name__] = duration
-            return fn
-
-        return decorate
-
-    monkeypatch.setattr(app, "spaces", SimpleNamespace(GPU=fake_gpu))
-    app.gpu(generations=1)(app.emergence_result)
-    app.gpu(generations=2)(app.on_steer)
-    emergence, steer = asked["emergence_result"], asked["on_steer"]
-    few, many = (emergence("tiny", "a cat", 0, n, "b", "cond", "") for n in (5, 10_000))
-    assert app.GPU_LOAD_S < few < many == app.gpu_seconds(MAX_STEPS, 1) <= app.GPU_MAX_S
-    assert emergence("tiny", "a cat", 0, "1e999", "b", "cond", "") == many
-    steps = PRESETS["sd14"].steps
-    assert steer("sd14", *[None] * 16) == app.gpu_seconds(steps, 2) > app.gpu_seconds(steps, 1)
-
-
-def test_errors_become_sentences():
-    assert app.sentence(ValueError("the mask is empty; draw one")) == (
-        "The mask is empty; draw one."
-    )
-    assert app.sentence(KeyError("no SAE for x.")) == "No SAE for x."
 
 
 def test_the_app_opens_on_the_offline_default_unless_told_otherwise(monkeypatch):

@@ -6,20 +6,18 @@ import pytest
 import torch
 from gensim.models import KeyedVectors
 
+from core.emergence.concept_measures import cohesion, separability, top_examples
 from core.emergence.concepts import (
     CONCEPTS_FILE,
     EMBEDDINGS_FILE,
     ConceptDictionary,
-    DictionaryBuilder,
     DictionaryLoadError,
     LabelEvidence,
-    cohesion,
     concept_cids,
     load_dictionaries,
     save_dictionaries,
-    separability,
-    top_examples,
 )
+from core.emergence.dictionary_builder import DictionaryBuilder
 from core.emergence.words import WordVectors
 from core.sae.bank import SAEBank, SAEKey, bank_subfolder
 from core.sae.config import SAEConfig

@@ -16,14 +16,14 @@ from core.annotate.scorers import ClipScorer
 from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGE_T
 from core.emergence import evaluate
 from core.emergence.concepts import ConceptDictionary, save_dictionaries
-from core.emergence.evaluate import (
-    composition_rows,
+from core.emergence.evaluate_composition import composition_rows
+from core.emergence.evaluate_edits import (
     global_edit_rows,
     global_summary,
-    quality_rows,
     spatial_edit_rows,
     spatial_summary,
 )
+from core.emergence.evaluate_quality import quality_rows
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank
 from core.sae.config import SAEConfig

@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-import app
 from core.diffusion.hooks import record, schedule_t
 from core.diffusion.presets import STAGE_T, STAGES
 from core.sae.bank import SAEBank, SAEKey
@@ -17,6 +16,8 @@ from core.steer.regions import quadrant_mask, region_on_grid
 from core.steer.windows import stage_at, stage_window, stages_in, step_stage
 from core.training.activations import to_rows
 from core.views.model_cache import ModelCache
+from page.assembly import build_demo
+from page.steer import on_default_strength
 from tests.helpers import hook_count, random_sae, recorded_steps, seeded, write_saeuron
 
 MID = "mid_block.attentions.0"
@@ -407,7 +408,7 @@ def test_a_kind_added_to_the_table_alone_is_applied_and_offered(tiny_pipe, bank,
     assert {(s.stage, s.strength) for s in edits.edited()} == {("middle", 3.0)}
     assert np.abs(image - generate(tiny_pipe)).max() > 0
 
-    demo = app.build_demo(ModelCache(), "tiny")
+    demo = build_demo(ModelCache(), "tiny")
     types = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label == "type"]
     assert [value for _, value in types[0].choices] == ["spatial", "global", "ablate", "grow"]
-    assert app.on_default_strength("tiny", "grow", "final", 0.0, 1.0) == 4.0
+    assert on_default_strength("tiny", "grow", "final", 0.0, 1.0) == 4.0

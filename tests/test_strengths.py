@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from core.diffusion.presets import get_preset
 from core.emergence.strengths import LADDER, CalibrationEdits, calibrate
-from core.steer.strength import STRENGTHS_FILE, load_strengths
+from core.steer.strength import STRENGTHS_FILE, load_strengths, read_strengths
 from core.views.model_cache import ModelCache
+from core.views.steer import default_strength
 
 UP = "up_blocks.1.attentions.0"
 
@@ -62,3 +64,14 @@ def test_strengths_are_saved_beside_the_saes_and_read_back(calibration, tmp_path
     (tmp_path / STRENGTHS_FILE).write_text(json.dumps({"early": 1}))
     with pytest.raises(ValueError, match="is not a strengths file"):
         load_strengths(tmp_path)
+
+
+def test_the_page_and_the_loaded_preset_read_a_damaged_file_alike(tmp_path):
+    """Before its preset loads, the page proposes a strength from the same reader the model
+    cache uses: a damaged file gives the paper's strengths and a note, never an error."""
+    (tmp_path / STRENGTHS_FILE).write_text("{not json")
+    strengths, note = read_strengths(tmp_path)
+    assert strengths is None and note.startswith("The paper's steering strengths are proposed")
+    preset = get_preset("tiny", sae_source=str(tmp_path))
+    assert default_strength(preset, "spatial", "early") == 4000.0
+    assert default_strength(preset, "global", "custom", (0.0, 1.0)) is None

@@ -34,3 +34,28 @@ def generate_images(
         output_type=output_type,
         callback_on_step_end=callback_on_step_end,
     ).images
+
+
+def image_size(pipe, resolution: int | None = None) -> tuple[int, int]:
+    """(H, W) of the pipeline's images at side `resolution` (None: the pipeline's default)."""
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def on_each_step(on_step: Callable[[int, int], None], steps: int) -> Callable:
+    """A `callback_on_step_end` that calls `on_step(done, steps)` after each step."""
+
+    def step_end(pipe, index: int, timestep, callback_kwargs: dict) -> dict:
+        on_step(index + 1, steps)
+        return callback_kwargs
+
+    return step_end
+
+
+def generate_image(
+    pipe, prompt: str, seed: int, steps: int, guidance_scale: float, resolution: int | None
+):
+    """One image as PIL, from seed `seed` (`generate_images` of one prompt)."""
+    return generate_images(
+        pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale, resolution=resolution
+    )[0]

@@ -26,13 +26,9 @@ from core.annotate.labellers import AnnotatorConfig
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
-from core.emergence.concepts import (
-    IOU_THRESHOLD,
-    ConceptDictionary,
-    cohesion,
-    save_dictionaries,
-    separability,
-)
+from core.emergence.concept_measures import cohesion, separability
+from core.emergence.concepts import ConceptDictionary, save_dictionaries
+from core.emergence.dictionary_builder import IOU_THRESHOLD
 from core.emergence.gathering import gather, save_examples, select_keys
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 from core.runtime import command

@@ -24,8 +24,10 @@ from simple_parsing import field
 from core.annotate.labellers import AnnotatorConfig
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
-from core.emergence.concepts import IOU_THRESHOLD, ConceptDictionary, cohesion, separability
-from core.emergence.evaluate import composition_rows
+from core.emergence.concept_measures import cohesion, separability
+from core.emergence.concepts import ConceptDictionary
+from core.emergence.dictionary_builder import IOU_THRESHOLD
+from core.emergence.evaluate_composition import composition_rows
 from core.emergence.gathering import gather
 from core.emergence.words import BUNDLED_GLOVE, TEXT_ENCODER, WordVectors, load_word_vectors
 from core.files import write_csv, write_json

@@ -26,12 +26,8 @@ from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, STAGES, get_preset
 from core.emergence.composition import DEFAULT_THRESHOLD
 from core.emergence.concepts import DictionaryLoadError, load_dictionaries
-from core.emergence.evaluate import (
-    MID,
-    Rows,
-    format_table,
-    target_choice,
-)
+from core.emergence.evaluate_composition import target_choice
+from core.emergence.results import MID, Rows, format_table
 from core.emergence.shared_vs_per_time import (
     KINDS,
     Dictionaries,

@@ -16,11 +16,8 @@ from core.diffusion.hooks import record
 from core.diffusion.presets import STAGE_T
 from core.diffusion.sampling import generate_images
 from core.emergence.composition import latent_grid
-from core.emergence.concepts import (
-    IOU_THRESHOLD,
-    ConceptDictionary,
-    DictionaryBuilder,
-)
+from core.emergence.concepts import ConceptDictionary
+from core.emergence.dictionary_builder import IOU_THRESHOLD, DictionaryBuilder
 from core.emergence.words import WordVectors
 from core.sae.bank import SAEBank, SAEKey, bank_subfolder
 

@@ -12,8 +12,8 @@ step's t; time-shared, its one SAE.
   every held-out row of the step nearest t (all images pooled);
 - dead fraction: the share of latents that fire on no held-out row of that step;
 - composition IoU (needs concept dictionaries for both kinds): the mean IoU at the step
-  nearest t, as `evaluate.composition_rows` scores it;
-- spatial-edit success per stage (needs dictionaries): `evaluate.spatial_edit_rows`, on the
+  nearest t, as `evaluate_composition.composition_rows` scores it;
+- spatial-edit success per stage (needs dictionaries): `evaluate_edits.spatial_edit_rows`, on the
   objects that both kinds' dictionaries label.
 """
 
@@ -33,13 +33,9 @@ from core.diffusion.presets import STAGES
 from core.diffusion.sampling import generate_images
 from core.emergence.composition import DEFAULT_THRESHOLD
 from core.emergence.concepts import ConceptDictionary
-from core.emergence.evaluate import (
-    Rows,
-    composition_rows,
-    mean_by,
-    object_cids,
-    spatial_edit_rows,
-)
+from core.emergence.evaluate_composition import composition_rows
+from core.emergence.evaluate_edits import object_cids, spatial_edit_rows
+from core.emergence.results import Rows, mean_by
 from core.emergence.words import WordVectors
 from core.quadrants import QUADRANTS
 from core.sae.bank import SAEBank, SAEKey
@@ -196,10 +192,10 @@ def composition_iou_rows(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
 ) -> Rows:
-    """`evaluate.composition_rows` of each kind on the same prompts and seeds (so the same
-    images and annotations), each row with its `kind`. A word is scored only where both
-    dictionaries label it (`composition_rows` skips words a dictionary lacks), so both kinds'
-    means are over the same (image, word) pairs."""
+    """`evaluate_composition.composition_rows` of each kind on the same prompts and seeds (so
+    the same images and annotations), each row with its `kind`. A word is scored only where
+    both dictionaries label it (`composition_rows` skips words a dictionary lacks), so both
+    kinds' means are over the same (image, word) pairs."""
     rows = []
     for kind, bank in banks.items():
         scored = composition_rows(
@@ -255,7 +251,7 @@ def spatial_rows(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
 ) -> Rows:
-    """`evaluate.spatial_edit_rows` of each kind on the objects both label (object j from seed
+    """`evaluate_edits.spatial_edit_rows` of each kind on the objects both label (object j from seed
     + j), with the paper's strengths and the stage's SAE; each row with its kind and block."""
     common = common_objects(dictionaries, objects, block, branch)
     rows = []

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from core.diffusion.presets import STAGES
+from core.diffusion.sampling import generate_image, image_size
 from core.emergence.concepts import ConceptDictionary
-from core.emergence.evaluate import generate, image_size, object_cids
+from core.emergence.evaluate_edits import object_cids
 from core.emergence.metrics import NO_EFFECT, pixel_difference
 from core.files import write_json
 from core.quadrants import QUADRANTS
@@ -115,10 +116,10 @@ def calibrate(
         for i, (prompt, cids, region) in enumerate(jobs[kind]):
             args = (pipe, prompt, seed + i, steps, guidance_scale, resolution)
             if (prompt, seed + i) not in before:
-                before[prompt, seed + i] = generate(*args)
+                before[prompt, seed + i] = generate_image(*args)
             edit = Intervention(kind, cids, strength, stage, (branch,), region)
             with intervene(pipe, bank, block, edit, size):
-                changes.append(pixel_difference(before[prompt, seed + i], generate(*args)))
+                changes.append(pixel_difference(before[prompt, seed + i], generate_image(*args)))
         return float(np.median(changes))
 
     calibration = Calibration({}, target)

@@ -31,7 +31,7 @@ from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, TOY_PROMPTS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
-from core.emergence.evaluate import MID
+from core.emergence.results import MID
 from core.emergence.strengths import CalibrationEdits, calibrate
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device, device_name

@@ -4,14 +4,14 @@ On held-out captions (`core.toy.training.held_out`: training never sees them):
 
 1. Caption following: the shapes-world annotator looks for every object the caption names
    (colour and shape) and for the background style.
-2. Composition (`core.emergence.evaluate.composition_rows`): IoU of the mask predicted from SAE
-   features at every step with the final image's object masks, beside the mean-mask
-   and centred-box baselines that ignore the model. Claims: IoU rises with the steps; at
-   t = 1 it beats the better baseline.
-3. Spatial edits (`core.emergence.evaluate.spatial_edit_rows`): move a shape to each quadrant
-   in each stage. Claim: success is higher early than in the middle or final stage.
-4. Global edits (`core.emergence.evaluate.global_edit_rows`): add a background-style concept
-   everywhere. Claim: the style changes most often in the middle stage.
+2. Composition (`core.emergence.evaluate_composition.composition_rows`): IoU of the mask
+   predicted from SAE features at every step with the final image's object masks, beside
+   the mean-mask and centred-box baselines that ignore the model. Claims: IoU rises with
+   the steps; at t = 1 it beats the better baseline.
+3. Spatial edits (`core.emergence.evaluate_edits.spatial_edit_rows`): move a shape to each
+   quadrant in each stage. Claim: success is higher early than in the middle or final stage.
+4. Global edits (`core.emergence.evaluate_edits.global_edit_rows`): add a background-style
+   concept everywhere. Claim: the style changes most often in the middle stage.
 
 Every number comes from generations; nothing is tuned to make a claim hold.
 """
@@ -26,21 +26,17 @@ import numpy as np
 
 from core.annotate.labellers import TOY_WORLD
 from core.annotate.shapes import StyleScorer, ToyAnnotator, ToySegmenter
+from core.diffusion.sampling import generate_image
 from core.emergence.concepts import ConceptDictionary
-from core.emergence.evaluate import (
-    MID,
-    PAPER_GLOBAL,
-    PAPER_SPATIAL,
-    Rows,
-    composition_rows,
-    generate,
+from core.emergence.evaluate_composition import composition_rows
+from core.emergence.evaluate_edits import (
     global_edit_rows,
     global_summary,
-    mean_by,
     spatial_edit_rows,
     spatial_summary,
 )
 from core.emergence.metrics import load_lpips
+from core.emergence.results import MID, PAPER_GLOBAL, PAPER_SPATIAL, Rows, mean_by
 from core.emergence.words import WordVectors
 from core.files import write_csv
 from core.sae.bank import SAEBank, SAEKey
@@ -82,7 +78,7 @@ def heldout_scenes(n: int, s: CheckSettings, tries: int = 100) -> list[Scene]:
 def caption_rows(pipe, scenes: Sequence[Scene], s: CheckSettings) -> Rows:
     """One row per named object of each caption's generated image (`scored_rows`)."""
     images = [
-        generate(pipe, scene.caption, s.seed + i, s.steps, s.guidance_scale, s.resolution)
+        generate_image(pipe, scene.caption, s.seed + i, s.steps, s.guidance_scale, s.resolution)
         for i, scene in enumerate(scenes)
     ]
     return scored_rows(images, scenes)

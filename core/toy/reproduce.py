@@ -16,7 +16,8 @@ from pathlib import Path
 from core.annotate.labellers import TOY_WORLD
 from core.annotate.shapes import StyleScorer, ToySegmenter
 from core.emergence.concepts import ConceptDictionary
-from core.emergence.evaluate import MID, Rows, global_edit_rows, spatial_edit_rows
+from core.emergence.evaluate_edits import global_edit_rows, spatial_edit_rows
+from core.emergence.results import MID, Rows
 from core.files import write_json
 from core.sae.bank import SAEBank, SAEKey
 from core.shapes.world import SHAPES, STYLES

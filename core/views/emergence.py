@@ -82,7 +82,7 @@ def default_words(loaded: Loaded, prompt: str, block: str, branch: str) -> tuple
     """
     labels = labelled_words(loaded, block, branch)
     nouns = PromptNounTagger([*OBJECT_VOCABULARY, *labels]).tag(None, prompt)
-    vectors = loaded.word_vectors()
+    vectors = loaded.dictionaries.word_vectors
     with_vectors = [n for n in nouns if n in vectors]
     with_concepts = [n for n in with_vectors if n in labels]
     if with_concepts:
@@ -121,7 +121,7 @@ def run_emergence(
         loaded.bank,
         loaded.dictionaries,
         targets,
-        loaded.word_vectors(),
+        loaded.dictionaries.word_vectors,
         block=block,
         branch=branch,
     )
@@ -159,7 +159,7 @@ def _targets(
     chosen = parse_words(words)
     if not chosen:
         return default_words(loaded, prompt, block, branch)
-    vectors = loaded.word_vectors()
+    vectors = loaded.dictionaries.word_vectors
     unknown = [w for w in chosen if w not in vectors]
     if unknown:
         raise ValueError(
@@ -176,7 +176,7 @@ def _references(
     words: Sequence[str],
     predictions: Sequence[StepPrediction],
 ) -> tuple[dict[str, tuple[torch.Tensor, str]], list[str]]:
-    annotator, why_not = loaded.annotator()
+    annotator, why_not = loaded.labelling.annotator
     masks = label_masks(annotator.annotate(image, prompt)) if annotator else {}
     references, fallback = {}, []
     for word in words:

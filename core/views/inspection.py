@@ -23,24 +23,17 @@ from PIL import Image
 from torch import Tensor
 
 from core.diffusion.hooks import record
-from core.diffusion.presets import PRESETS
 from core.emergence.composition import latent_grid
+from core.emergence.concept_measures import top_examples as rank_examples
 from core.emergence.concepts import normalize_label
-from core.emergence.concepts import top_examples as rank_examples
-from core.emergence.gathering import gather
 from core.sae.bank import SAEKey
 from core.sae.model import TopKSAE
 from core.steer.intervene import Intervention, intervene
 from core.steer.kinds import MAX_STRENGTH
-from core.training.activations import read_prompts
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
-from core.views.model_cache import ExampleIndex, Loaded
+from core.views.model_cache import Loaded
 from core.views.render import heat_map, overlay
 
-ON_DEMAND_PROMPTS = PRESETS["tiny"].prompts
-"""The prompts of an on-demand index for a preset that ships none."""
-ON_DEMAND_COUNT = 16
-"""Images generated for an on-demand example index (when none is shipped)."""
 NEAREST = 5
 
 
@@ -54,13 +47,6 @@ class ConceptCard:
     nearest: list[list]
     """Rows [by, CID, cosine, labels]."""
     notes: list[str] = field(default_factory=list)
-
-
-class _NoObjects:
-    """An annotator that finds nothing: gathering then only ranks examples."""
-
-    def annotate(self, image, prompt=None) -> list:
-        return []
 
 
 def describe_labels(loaded: Loaded, key: SAEKey, cid: int, including: str | None = None) -> str:
@@ -148,7 +134,7 @@ def _firing_stats(loaded: Loaded, key: SAEKey, sae: TopKSAE, cid: int) -> dict[s
                 "max activation": round(float(sae.stats.act_max[cid]), 4),
             }
         )
-    index = loaded.example_index()
+    index = loaded.examples.shipped
     if index is not None and key in index.means:
         means = index.means[key][:, cid]
         stats["fires on example images"] = f"{int((means > 0).sum())} of {len(means)}"
@@ -193,7 +179,7 @@ def search(
     if cids:
         found = [(c, describe_labels(loaded, key, c, label)) for c in cids]
         return found, f"labelled {word!r}"
-    vector = loaded.word_vectors().vector(word)
+    vector = loaded.dictionaries.word_vectors.vector(word)
     if vector is None or not bool(dictionary.has_embedding.any()):
         raise ValueError(f"No concept of this SAE is labelled {word!r}, and none can be compared.")
     embeddings = F.normalize(dictionary.embeddings.float(), dim=1)
@@ -205,30 +191,6 @@ def search(
         for c, v in zip(indices, values, strict=True)
     ]
     return found, f"no concept is labelled {word!r}; nearest by word vector"
-
-
-def example_index(loaded: Loaded) -> ExampleIndex:
-    """The shipped index, or one built once from ON_DEMAND_COUNT prompts of the preset's kind."""
-    return loaded.example_index() or loaded.cached("examples-built", lambda: _build_index(loaded))
-
-
-def _build_index(loaded: Loaded) -> ExampleIndex:
-    preset = loaded.preset
-    prompts = read_prompts(preset.prompts or ON_DEMAND_PROMPTS)[:ON_DEMAND_COUNT]
-    keys = [key for key in loaded.bank if key.t is not None]
-    gathered = gather(
-        loaded.pipe,
-        loaded.bank,
-        prompts,
-        _NoObjects(),
-        keys=keys,
-        steps=preset.steps,
-        guidance_scale=preset.guidance_scale,
-        resolution=loaded.image_size()[0],
-    )
-    means = {key: gathered.means(key) for key in gathered.builders}
-    seeds = list(range(len(prompts)))
-    return ExampleIndex(prompts, seeds, preset.steps, preset.guidance_scale, means, "built")
 
 
 def _cid_maps(
@@ -261,7 +223,7 @@ def top_examples(
 ) -> tuple[list[tuple[Image.Image, str]], str]:
     """The CID's top-activating example images with its activation map on each."""
     key, sae, cid = _sae(loaded, block, t, branch, cid)
-    index = example_index(loaded)
+    index = loaded.examples.index
     if key not in index.means:
         return [], "the example index has no entry for this SAE"
     ranked = rank_examples(index.means[key], cid, count)

@@ -16,120 +16,77 @@ loads, not with this module, so that the app serves its page before they are.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from torch import Tensor
 
-from core.annotate.annotation import Annotator
-from core.annotate.labellers import AnnotatorConfig, Segmenter
 from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset
-from core.diffusion.sampling import generate_images
+from core.diffusion.sampling import generate_images, image_size, on_each_step
 from core.emergence.concepts import (
     ConceptDictionary,
     DictionaryLoadError,
-    concept_cids,
     load_dictionaries,
 )
-from core.emergence.gathering import EXAMPLES_FILE, SPATIAL_MEANS_FILE, load_spatial_means
-from core.emergence.words import WordVectors, load_word_vectors
-from core.files import local_or_snapshot
-from core.runtime import ModelNotAvailableError, default_device
+from core.runtime import default_device
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.config import SAELoadError
 from core.sae.model import TopKSAE
 from core.steer.strength import read_strengths
+from core.views.dictionaries import Dictionaries
+from core.views.examples import Examples
+from core.views.labelling import Labelling
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 
 @dataclass
-class ExampleIndex:
-    """Generated images whose latents' spatial means rank a concept's top examples."""
-
-    prompts: list[str]
-    seeds: list[int]
-    steps: int
-    guidance_scale: float
-    means: dict[SAEKey, Tensor]
-    """Per SAE, [num_images, num_latents] spatial means (row i: prompts[i], seeds[i])."""
-    source: str
-    """Where it comes from: "shipped" with the SAEs, or "built" on demand."""
-
-
-@dataclass
 class Loaded:
-    """One preset's models, as the app uses them."""
+    """One preset's models, as the app uses them: what generates, records and edits images
+    (the pipeline, the SAEs and their steering strengths) here, and one part each for the
+    dictionaries and word vectors, the models that label and score images, and the example
+    index."""
 
     preset: Preset
     pipe: DiffusionPipeline
     bank: SAEBank
-    dictionaries: dict[SAEKey, ConceptDictionary]
+    dictionaries: Mapping[SAEKey, ConceptDictionary]
+    """Kept as `Dictionaries`, which also give the word vectors they were built with."""
     notes: list[str] = field(default_factory=list)
     """What is missing and what that disables, one sentence each."""
     strengths: dict[str, dict[str, float]] | None = None
     """Steering strengths calibrated for the SAEs (kind -> stage); None: the paper's."""
     _cached: dict[str, object] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.dictionaries = Dictionaries(self.dictionaries, self.preset.word_vectors)
+        self.labelling = Labelling(self.preset.annotator, self.device)
+        self.examples = Examples(self.preset, self.pipe, self.bank, self.image_size()[0])
+
     @property
     def device(self) -> torch.device:
         return self.pipe.device
 
     def image_size(self) -> tuple[int, int]:
-        side = self.preset.resolution or (
-            self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        )
-        return side, side
+        return image_size(self.pipe, self.preset.resolution)
+
+    def warm_up(self) -> tuple:
+        """The word vectors and the labeller's annotator, loaded now rather than on first use."""
+        return self.dictionaries.word_vectors, self.labelling.annotator
 
     def cached(self, name: str, load: Callable[[], object]) -> object:
-        """`load()` once per name; an exception is not cached."""
+        """`load()` once per name (what a view derives from the models); an exception is
+        not cached."""
         if name not in self._cached:
             self._cached[name] = load()
         return self._cached[name]
-
-    def word_vectors(self) -> WordVectors:
-        """The word vectors the dictionaries were built with (else the preset's)."""
-        sources = {d.word_vectors for d in self.dictionaries.values()}
-        source = sources.pop() if len(sources) == 1 else self.preset.word_vectors
-        return self.cached(f"words:{source}", lambda: load_word_vectors(source))
-
-    def annotator(self) -> tuple[Annotator | None, str | None]:
-        """(annotator, None), or (None, why there is none) when its models cannot load."""
-        return self.cached("annotator", self._load_annotator)
-
-    def _load_annotator(self) -> tuple[Annotator | None, str | None]:
-        """The emergence view scores the prompt's words against the final image's annotation,
-        so the labeller's reference annotator looks for the prompt's objects."""
-        try:
-            return self.labelling().load_reference(self.device), None
-        except (OSError, ValueError, ModelNotAvailableError) as error:
-            return None, f"no annotator ({error.args[0] if error.args else error})"
-
-    def segmenter(self) -> tuple[object | None, str]:
-        """(the spatial-edit evaluator's segmenter, what it is), or (None, why there is none):
-        the shapes world's pixels for its presets, else CLIPSeg, as the emergence paper."""
-        return self.cached("segmenter", self._load_segmenter)
-
-    def _load_segmenter(self) -> tuple[Segmenter | None, str]:
-        labelling = self.labelling()
-        evaluator = labelling.labeller.evaluator
-        try:
-            return labelling.load_segmenter(self.device), evaluator
-        except (OSError, ValueError, ModelNotAvailableError) as error:
-            return None, f"{evaluator} does not load ({error.args[0] if error.args else error})"
-
-    def labelling(self) -> AnnotatorConfig:
-        """The preset's labeller with its default models."""
-        return AnnotatorConfig(annotator=self.preset.annotator)
 
     def generate(
         self,
@@ -142,12 +99,6 @@ class Loaded:
     ) -> list[Image.Image]:
         """One image per prompt, prompt i from seed i; `on_step(done, total)` after each step."""
         guidance = self.preset.guidance_scale if guidance_scale is None else guidance_scale
-
-        def step_end(pipe, index: int, timestep, callback_kwargs: dict) -> dict:
-            if on_step is not None:
-                on_step(index + 1, steps)
-            return callback_kwargs
-
         return generate_images(
             self.pipe,
             prompts,
@@ -155,7 +106,7 @@ class Loaded:
             steps=steps,
             guidance_scale=guidance,
             resolution=self.image_size()[0],
-            callback_on_step_end=step_end,
+            callback_on_step_end=on_each_step(on_step, steps) if on_step else None,
         )
 
     def check_block(self, block: str, branch: str = "cond") -> None:
@@ -179,49 +130,11 @@ class Loaded:
             raise ValueError("The uncond branch exists only with classifier-free guidance.")
         self.check_block(block, branch)
 
-    def word_cids(self, word: str, block: str, branches: Sequence[str]) -> dict[SAEKey, list[int]]:
-        """The CIDs labelled `word` in each dictionary of `block` on `branches`
-        (`concept_cids`); an error when the preset has no dictionaries."""
-        if not self.dictionaries:
-            raise ValueError("This preset has no concept dictionaries; choose a concept by CID.")
-        found: dict[SAEKey, list[int]] = {}
-        for branch in branches:
-            found.update(concept_cids(self.dictionaries, word, block, branch))
-        return found
-
     def sae(self, block: str, t: float, branch: str) -> tuple[SAEKey, TopKSAE]:
         """The SAE of (block, branch) trained nearest to t, and its key."""
         self.check_block(block, branch)
         key = self.bank.nearest_key(block, t, branch)
         return key, self.bank[key]
-
-    def example_index(self) -> ExampleIndex | None:
-        """The index shipped beside the SAEs (examples.json + spatial means), or None."""
-        return self.cached("examples", self._shipped_index)
-
-    def _shipped_index(self) -> ExampleIndex | None:
-        patterns = [EXAMPLES_FILE, f"*{SPATIAL_MEANS_FILE}"]
-        try:
-            root = local_or_snapshot(self.preset.sae_source, patterns)
-        except FileNotFoundError:
-            return None
-        if not (root / EXAMPLES_FILE).is_file():
-            return None
-        info = json.loads((root / EXAMPLES_FILE).read_text())
-        means = {}
-        for key in self.bank:
-            try:
-                means[key] = load_spatial_means(root, key)
-            except FileNotFoundError:
-                continue
-        return ExampleIndex(
-            info["prompts"],
-            info["seeds"],
-            int(info.get("steps", self.preset.steps)),
-            float(info.get("guidance_scale", self.preset.guidance_scale)),
-            means,
-            "shipped",
-        )
 
 
 class ModelCache:

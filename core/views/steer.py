@@ -19,18 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from core.annotate.clipseg import centre_of_mass
-from core.annotate.scorers import ClipScorer
-from core.annotate.tags import CLIP_ID
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.presets import AppDefaults, Preset
 from core.emergence.concepts import normalize_label
-from core.emergence.metrics import load_lpips, pixel_difference
+from core.emergence.metrics import pixel_difference
 from core.quadrants import QUADRANTS
-from core.runtime import ModelNotAvailableError
 from core.sae.bank import SAEKey
 from core.steer.intervene import Intervention, intervene, validate
 from core.steer.kinds import MAX_STRENGTH, get_kind
@@ -228,7 +224,7 @@ def concept_choices(loaded: Loaded, block: str, branch: str, word: object) -> li
     word = str(word or "").strip()
     if not word:
         raise ValueError("Type a word to list the concepts labelled with it.")
-    found = loaded.word_cids(word, block, BRANCH_CHOICES[branch])
+    found = loaded.dictionaries.word_cids(word, block, BRANCH_CHOICES[branch])
     label = normalize_label(word)
     return [
         (
@@ -258,7 +254,7 @@ def concept_of(loaded: Loaded, request: SteerRequest, branches: Sequence[str]) -
     `request.keep`), or one CID."""
     if request.word.strip():
         word = request.word.strip()
-        found = loaded.word_cids(word, request.block, branches)
+        found = loaded.dictionaries.word_cids(word, request.block, branches)
         return narrowed(found, request.keep, word), f"{word!r}"
     if request.cid is None or request.cid == "":
         raise ValueError("Choose a concept: type a word, or give a CID.")
@@ -377,7 +373,7 @@ def placement_of(
     concepts."""
     if region is None or word is None:
         return None, None
-    segmenter, evaluator = loaded.segmenter()
+    segmenter, evaluator = loaded.labelling.segmenter
     if segmenter is None:
         return None, f"not checked: {evaluator}"
     (point_before, in_before), (point_after, in_after) = (
@@ -430,22 +426,15 @@ def compare(
     metrics: dict[str, object] = {
         "mean_abs_pixel_difference": round(pixel_difference(before, after), 5)
     }
-    lpips, why = loaded.cached("lpips", lambda: load_lpips(loaded.device))
+    lpips, why = loaded.labelling.lpips
     metrics["lpips"] = round(lpips(before, after), 5) if lpips else why.split(";")[0]
     if word is None:
         metrics["clip_delta"] = "no word to compare with (the concept has no label)"
         return metrics
-    scorer, why = loaded.cached("clip", lambda: _load_clip(loaded.device))
+    scorer, why = loaded.labelling.clip
     if scorer is None:
         metrics["clip_delta"] = why
     else:
         before_score, after_score = scorer.similarity([before, after], f"a photo of a {word}")
         metrics["clip_delta"] = round(after_score - before_score, 5)
     return metrics
-
-
-def _load_clip(device: torch.device):
-    try:
-        return ClipScorer(device=device), None
-    except (OSError, ValueError, ModelNotAvailableError):
-        return None, f"unavailable: the CLIP model {CLIP_ID!r} is neither cached nor downloadable"

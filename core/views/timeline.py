@@ -163,7 +163,7 @@ def _concept(
 ) -> tuple[CIDsAt, str]:
     """The SAE and CIDs per step, and the concept's name; a ValueError for bad input."""
     if word:
-        found = loaded.word_cids(word, block, (branch,))
+        found = loaded.dictionaries.word_cids(word, block, (branch,))
 
         def by_word(t: float) -> tuple[SAEKey, tuple[int, ...]]:
             key = loaded.bank.nearest_key(block, t, branch)

@@ -1,3 +1,5 @@
+"""The shapes world (`core.shapes.world`) and its labeller (`core.annotate.shapes`)."""
+
 import numpy as np
 import pytest
 from PIL import Image

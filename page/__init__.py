@@ -1,0 +1,1 @@
+"""The Gradio page: one module per tab, each holding its handlers beside its layout."""

@@ -1,0 +1,354 @@
+"""The emergence tab: one generation, where each word will appear at every step; a batch over
+prompts and seeds; run files to keep and reopen."""
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import gradio as gr
+
+from core.diffusion.presets import Preset
+from core.views.batch import (
+    MAX_PAGE_RUNS,
+    TABLE_HEADERS,
+    batch_figure,
+    batch_table,
+    page_batch,
+    run_batch,
+    summary_line,
+)
+from core.views.emergence import (
+    EmergenceResult,
+    EmergenceRuns,
+    iou_figure,
+    run_emergence,
+    step_panels,
+)
+from core.views.inputs import MAX_STEPS
+from core.views.render import figure_image, for_display
+from core.views.run_file import SUFFIX, load_run, save_run
+from page.components import block_dropdown, results_line
+from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
+from page.status import on_status
+from page.texts import EMERGENCE_RESULTS, EXAMPLE_PROMPTS, PROMPT
+
+RUNS = EmergenceRuns()
+"""The recent emergence results by run id, in this (the server's) process."""
+
+
+@gpu(generations=1)
+@user_errors
+def emergence_result(preset, prompt, seed, steps, block, branch, words, progress):
+    """One emergence generation. On ZeroGPU it runs in the GPU worker process, and its result
+    comes back to the server's process, where `RUNS` keeps it."""
+    with models(preset, progress) as (loaded, on_step):
+        return run_emergence(loaded, prompt, seed, steps, block, branch, words, on_step)
+
+
+@user_errors
+def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PROGRESS):
+    """Generate an image and predict, at every denoising step, where each word will appear.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        prompt: the text prompt.
+        seed: the generation seed (an integer).
+        steps: denoising steps (1 to the app's maximum).
+        block: the U-Net block whose SAEs read the residual updates, e.g. "mid_block.attentions.0".
+        branch: "cond" or "uncond", the classifier-free guidance branch.
+        words: comma-separated target words; empty takes the prompt's nouns.
+
+    Returns:
+        The final image, the IoU-per-step plot, the last step's panels, a Markdown summary,
+        and the run id, which `emergence_step` takes to show the run's other steps.
+    """
+    result = emergence_result(preset, prompt, seed, steps, block, branch, words, progress)
+    return emergence_outputs(preset, result)
+
+
+def emergence_outputs(preset: str, result: EmergenceResult) -> tuple:
+    """What the page and the API show of a run, which `RUNS` now keeps: the final image, the
+    IoU plot, the last step's panels, the summary and the run id."""
+    return (
+        for_display(result.image),
+        figure_image(iou_figure(result)),
+        step_panels(result, len(result.steps) - 1),
+        emergence_summary(preset, result),
+        RUNS.add(preset, result),
+    )
+
+
+def emergence_summary(preset: str, result: EmergenceResult) -> str:
+    lines = [
+        f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
+        f"{len(result.steps)} steps.",
+        *[f"- {note}" for note in result.notes],
+        "- Panels per word: the predicted mask outlined in red on the final image, the "
+        "reference mask it is scored against in blue, the similarity of each position's most "
+        "active concept with the word (grey: it has no label, or none fires), and the word's "
+        "cross-attention (DAAM-style baseline) as a share of the step's peak.",
+    ]
+    return "\n".join(lines)
+
+
+@user_errors
+def on_emergence_step(run_id: str, index: float) -> list:
+    """The panels of one step of an emergence run.
+
+    Args:
+        run_id: the run id that `emergence` returned (the server keeps its recent runs).
+        index: the step, 0 (the first, noisiest) to the number of steps minus 1.
+
+    Returns:
+        Per target word: its predicted mask on the final image, its concept-similarity map and
+        its cross-attention map at that step.
+    """
+    return step_panels(RUNS.get(run_id), index)
+
+
+@user_errors
+def on_step_range(run_id: str) -> gr.Slider:
+    """The step slider over the run's steps, at its last (page only)."""
+    last = len(RUNS.get(run_id).steps) - 1
+    return gr.Slider(maximum=last, value=last)
+
+
+@gpu(generations=None)
+@user_errors
+def on_emergence_batch(
+    preset, prompt, prompts, seeds, steps, block, branch, words, progress=PROGRESS
+):
+    """Run the emergence view for several prompts and seeds; each step's IoU over the runs.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        prompt: the first prompt (the tab's).
+        prompts: more prompts, one a line; may be empty.
+        seeds: the seeds, like "0-3" or "0, 1, 2"; every prompt runs with every seed, at
+            most 16 runs in all (more with `python -m core.views.emergence_batch`).
+        steps: denoising steps (1 to the app's maximum), the same for every run.
+        block: the U-Net block whose SAEs read the residual updates.
+        branch: "cond" or "uncond", the classifier-free guidance branch.
+        words: comma-separated target words; empty takes each prompt's nouns.
+
+    Returns:
+        The mean IoU vs t over every run and word, with a band of one standard deviation, of
+        the SAE prediction (solid) and of cross-attention (dashed); a table with, per step,
+        each one's mean, standard deviation and number of defined IoUs; and a one-line
+        summary.
+    """
+    prompts, seeds = page_batch(prompt, prompts, seeds)
+
+    def on_run(done: int, total: int, _) -> None:
+        progress((done, total), desc="emergence runs", unit="runs")
+
+    with models(preset, progress) as (loaded, _):
+        result = run_batch(loaded, prompts, seeds, steps, block, branch, words, on_run)
+    return figure_image(batch_figure(result)), batch_table(result), summary_line(result)
+
+
+@functools.cache
+def export_folder() -> Path:
+    """Where this process writes run files before the page or a client downloads them."""
+    return Path(tempfile.mkdtemp(prefix="emergence-runs-"))
+
+
+@user_errors
+def on_export_run(run_id: str) -> str:
+    """Write an emergence run to one file, to keep, share or open again with `import_run`.
+
+    Args:
+        run_id: the run id that `emergence` or `import_run` returned.
+
+    Returns:
+        The run file: safetensors, with the final image, every step's masks and maps and the
+        IoUs as tensors and the run's settings as JSON metadata (the format is documented in
+        core/views/run_file.py).
+    """
+    preset, result = RUNS.get_with_preset(run_id)
+    path = export_folder() / f"emergence-{str(run_id).strip()}{SUFFIX}"
+    return str(save_run(result, path, preset))
+
+
+def on_run_file_written() -> gr.File:
+    """The run file's box, hidden until there is a file (page only)."""
+    return gr.File(visible=True)
+
+
+@user_errors
+def on_import_run(file: str) -> tuple:
+    """Open a run file that `export_run` wrote and show it as a fresh emergence run.
+
+    Args:
+        file: the run file (a .safetensors file from `export_run`).
+
+    Returns:
+        As `emergence`: the final image, the IoU-per-step plot, the last step's panels, a
+        Markdown summary, and the run id, which `emergence_step` and `export_run` take.
+    """
+    if not file:
+        raise ValueError("Choose a run file (.safetensors) that the emergence tab exported.")
+    return emergence_outputs(*load_run(file))
+
+
+class EmergenceControls(NamedTuple):
+    """The emergence tab's controls that follow the preset."""
+
+    block: gr.Dropdown
+    steps: gr.Number
+    branch: gr.Radio
+
+
+def emergence_tab(
+    preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
+) -> EmergenceControls:
+    """Generate once; where each word will be at every step."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(PROMPT, label="prompt")
+            with gr.Row():
+                seed = gr.Number(0, label="seed")
+                steps = gr.Number(preset.steps, label=f"steps (1 to {MAX_STEPS})")
+            block = block_dropdown(preset, preset.app.block)
+            branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+            words = gr.Textbox(
+                "", label="target words (comma-separated; empty: the prompt's nouns)"
+            )
+            run = gr.Button("generate and predict", variant="primary", elem_id="emergence-run")
+            gr.Examples(EXAMPLE_PROMPTS, [prompt])
+        with gr.Column(scale=2):
+            line = results_line(EMERGENCE_RESULTS, "emergence-line")
+            image, plot, summary, run_id, export, opener, run_file = emergence_results()
+    step = gr.Slider(  # any run's steps: the server checks API calls against this range
+        0, MAX_STEPS - 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
+    )
+    gallery = gr.Gallery(  # the page's full width: four panels per word, one row each
+        label="at this step, per word: predicted mask (red), reference (blue), concept "
+        "similarity, cross-attention",
+        columns=4,
+        height="max-content",
+        object_fit="contain",
+        format="png",
+        elem_id="emergence-gallery",
+    )
+    inputs = inputs_of(
+        on_emergence,
+        preset=preset_box,
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        block=block,
+        branch=branch,
+        words=words,
+    )
+    outputs = [image, plot, gallery, summary, run_id]
+    done = run.click(
+        on_emergence, inputs, outputs, api_name="emergence", show_progress_on=line, **MODEL
+    )
+    done.success(on_step_range, run_id, step, api_name="step_range", **PAGE)
+    done.then(on_status, preset_box, status, api_name="status_after_emergence", **PAGE)
+    light = {**LIGHT, "show_progress_on": line}
+    exported = export.click(on_export_run, run_id, run_file, api_name="export_run", **light)
+    exported.success(on_run_file_written, None, run_file, api_name="show_run_file", **PAGE)
+    opened = opener.upload(on_import_run, opener, outputs, api_name="import_run", **light)
+    opened.success(on_step_range, run_id, step, api_name="step_range_after_import", **PAGE)
+    step.release(on_emergence_step, [run_id, step], gallery, api_name="emergence_step", **light)
+    emergence_batch_panel(
+        preset_box=preset_box,
+        prompt=prompt,
+        steps=steps,
+        block=block,
+        branch=branch,
+        words=words,
+        line=line,
+    )
+    return EmergenceControls(block, steps, branch)
+
+
+class RunResults(NamedTuple):
+    """A run's results beside the controls, and the buttons that keep and reopen it."""
+
+    image: gr.Image
+    plot: gr.Image
+    summary: gr.Markdown
+    run_id: gr.Textbox
+    export: gr.Button
+    opener: gr.UploadButton
+    run_file: gr.File
+
+
+def emergence_results() -> RunResults:
+    with gr.Row():
+        image = gr.Image(
+            label="final image", height=256, format="png", scale=1, elem_id="emergence-image"
+        )
+        plot = gr.Image(
+            label="IoU vs t", show_label=False, format="png", scale=2, elem_id="emergence-plot"
+        )
+    summary = gr.Markdown(label="summary")
+    run_id = gr.Textbox(label="run id", interactive=False, elem_id="emergence-run-id")
+    with gr.Row():
+        export = gr.Button("export run", elem_id="emergence-export")
+        opener = gr.UploadButton("open a run file", file_types=[SUFFIX], elem_id="emergence-open")
+    run_file = gr.File(  # shown once there is a file: empty, it is a large blank box
+        label="run file (safetensors)",
+        interactive=False,
+        visible=False,
+        elem_id="emergence-run-file",
+    )
+    return RunResults(image, plot, summary, run_id, export, opener, run_file)
+
+
+def emergence_batch_panel(
+    preset_box: gr.Dropdown,
+    prompt: gr.Textbox,
+    steps: gr.Number,
+    block: gr.Dropdown,
+    branch: gr.Radio,
+    words: gr.Textbox,
+    line: gr.Markdown,
+) -> None:
+    """Every prompt with every seed, at the tab's settings: each step's IoU averaged over the
+    runs. Progress and errors show on the tab's results `line`."""
+    title = f"batch: several prompts and seeds (at most {MAX_PAGE_RUNS} runs)"
+    with gr.Accordion(title, open=False):
+        with gr.Row():
+            with gr.Column(scale=1):
+                seeds = gr.Textbox("0-3", label='seeds, like "0-3" or "0, 1, 2"')
+                prompts = gr.Textbox(
+                    "", lines=3, label="more prompts, one a line (the tab's prompt runs too)"
+                )
+                run = gr.Button("run the batch", elem_id="emergence-batch-run")
+            with gr.Column(scale=2):
+                plot = gr.Image(
+                    label="mean IoU vs t",
+                    show_label=False,
+                    format="png",
+                    elem_id="emergence-batch-plot",
+                )
+                summary = gr.Markdown(label="batch summary", elem_id="emergence-batch-summary")
+        table = gr.Dataframe(
+            headers=TABLE_HEADERS,
+            label="IoU per step over every run and word (n: defined IoUs)",
+            elem_id="emergence-batch-table",
+        )
+    inputs = inputs_of(
+        on_emergence_batch,
+        preset=preset_box,
+        prompt=prompt,
+        prompts=prompts,
+        seeds=seeds,
+        steps=steps,
+        block=block,
+        branch=branch,
+        words=words,
+    )
+    run.click(
+        on_emergence_batch,
+        inputs,
+        [plot, table, summary],
+        api_name="emergence_batch",
+        show_progress_on=line,
+        **MODEL,
+    )

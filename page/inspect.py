@@ -1,0 +1,319 @@
+"""The inspect tab: one concept of one SAE, from its dictionary entry to a picture, and its
+timeline over one generation."""
+
+from typing import NamedTuple
+
+import gradio as gr
+
+from core.diffusion.presets import Preset
+from core.views import inspection, timeline
+from core.views.render import figure_image, for_display
+from page.components import block_dropdown, results_line
+from page.serving import MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
+from page.texts import INSPECT_RESULTS, PROMPT
+
+
+def on_request_inspect(runs: int) -> int:
+    """One more inspection: the change of the counter runs the inspect chain (page only)."""
+    return runs + 1
+
+
+def on_pick_concept(cid: int, runs: int) -> tuple[int, int]:
+    """The concept picked among those found, inspected (page only)."""
+    return cid, runs + 1
+
+
+def on_found(matches: list[dict], runs: int) -> tuple[gr.Dropdown, int]:
+    """The concepts found as the dropdown's choices, the best picked and inspected (page
+    only)."""
+    choices = [(f"CID {match['cid']}: {match['labels']}", match["cid"]) for match in matches]
+    return gr.Dropdown(choices=choices, value=choices[0][1]), runs + 1
+
+
+@gpu(generations=0)
+@user_errors
+def on_search_concepts(preset, block, t, branch, word, progress=PROGRESS):
+    """Concepts whose labels match a word; the best becomes the CID to inspect.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        word: the word to look for among the concepts' labels.
+
+    Returns:
+        The matching concepts (each its CID and labels), the best CID and how they were found.
+    """
+    with models(preset, progress) as (loaded, _):
+        found, how = inspection.search(loaded, block, t, branch, word)
+    matches = [{"cid": cid, "labels": labels} for cid, labels in found]
+    return matches, found[0][0], f"Found: {how}."
+
+
+@gpu(generations=0)
+@user_errors
+def on_inspect_concept(preset, block, t, branch, cid, progress=PROGRESS):
+    """What one SAE concept is: its dictionary entry, statistics and nearest concepts.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1] (1.0: the first denoising step).
+        branch: "cond" or "uncond".
+        cid: the concept id (the SAE latent's index).
+
+    Returns:
+        The dictionary entry (labels and their weights), activation statistics, the nearest
+        concepts by decoder direction, and a one-line note.
+    """
+    with models(preset, progress) as (loaded, _):
+        card = inspection.concept_card(loaded, block, t, branch, cid)
+    notes = "; ".join(card.notes) or f"CID {card.cid} of the SAE at t={card.key.t}"
+    return card.entry, card.stats, card.nearest, notes
+
+
+@gpu(generations=None)
+@user_errors
+def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
+    """The images a concept fires on most, with its activation map over each.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        cid: the concept id.
+
+    Returns:
+        A gallery of (image, caption) pairs and a one-line note on the example index used.
+    """
+    with models(preset, progress) as (loaded, on_step):
+        panels, note = inspection.top_examples(loaded, block, t, branch, cid, on_step=on_step)
+    return panels, note
+
+
+@gpu(generations=1)
+@user_errors
+def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROGRESS):
+    """Where a concept fires when a prompt of your choice is generated.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1]; the map is read at the step nearest to it.
+        branch: "cond" or "uncond".
+        cid: the concept id.
+        prompt: the prompt to generate.
+        seed: the generation seed.
+
+    Returns:
+        The generated image with the concept's activation map over it, and a note.
+    """
+    with models(preset, progress) as (loaded, on_step):
+        return inspection.activation_on(loaded, block, t, branch, cid, prompt, seed, on_step)
+
+
+@gpu(generations=1)
+@user_errors
+def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROGRESS):
+    """How strongly a concept fires at every denoising step of one generation.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block whose SAEs read the residual updates, e.g.
+            "mid_block.attentions.0".
+        t: the timestep in [0, 1] of the SAE that `cid` belongs to; that SAE reads every step.
+        branch: "cond" or "uncond".
+        cid: the concept id, used when `word` is empty.
+        word: a concept label; each step sums its CIDs in the SAE trained nearest to the
+            step's t. Empty: follow `cid`.
+        prompt: the prompt to generate.
+        seed: the generation seed.
+
+    Returns:
+        The filmstrip (the concept's activation map at each step, t from 1 to 0, on one fixed
+        scale with its colour bar), the plot of its mean and max activation against t, and a
+        line saying which SAE read which steps, which were skipped and the scale.
+    """
+    with models(preset, progress) as (loaded, on_step):
+        found = timeline.concept_timeline(
+            loaded, block, branch, prompt, seed, word, cid, t, on_step
+        )
+    strength = figure_image(timeline.strength_figure(found))
+    return timeline.filmstrip(found), strength, found.summary()
+
+
+@gpu(generations=1)
+@user_errors
+def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROGRESS):
+    """The concept's icon: an image generated from the empty prompt with the concept added.
+
+    Args:
+        preset: the model preset, e.g. "toy", "tiny" or "sd14".
+        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        t: the SAE's timestep in [0, 1].
+        branch: "cond" or "uncond".
+        cid: the concept id.
+        strength: how strongly the concept is added (the SAE latent's value).
+        seed: the generation seed.
+
+    Returns:
+        The generated image.
+    """
+    with models(preset, progress) as (loaded, on_step):
+        icon = inspection.feature_icon(loaded, block, t, branch, cid, strength, seed, on_step)
+    return for_display(icon)
+
+
+class ConceptViews(NamedTuple):
+    """The inspect tab's outputs, top to bottom."""
+
+    note: gr.Markdown
+    entry: gr.Dataframe
+    stats: gr.JSON
+    nearest: gr.Dataframe
+    examples: gr.Gallery
+    examples_note: gr.Markdown
+    overlay: gr.Image
+    heat: gr.Image
+    icon: gr.Image
+    caption: gr.Markdown
+    strip: gr.Image
+    strength: gr.Image
+    timeline_note: gr.Markdown
+
+
+class InspectControls(NamedTuple):
+    """The inspect tab's controls that follow the preset."""
+
+    block: gr.Dropdown
+    branch: gr.Radio
+    cid: gr.Number
+
+
+def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
+    """One concept of one SAE, found by CID or by word."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            block = block_dropdown(preset, preset.app.block)
+            t = gr.Slider(0, 1, 0.5, step=0.05, label="t (the nearest SAE is used)")
+            branch = gr.Radio(["cond", "uncond"], value="cond", label="branch")
+            cid = gr.Number(preset.app.cid, label="CID", precision=0)
+            with gr.Row():
+                word = gr.Textbox("", label="search by word")
+                search = gr.Button("search", elem_id="inspect-search")
+            found = gr.Dropdown([], label="concepts found", interactive=True)
+            prompt = gr.Textbox(PROMPT, label="new generation")
+            with gr.Row():
+                seed = gr.Number(0, label="seed")
+                icon_strength = gr.Number(10.0, label="icon strength")
+            run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
+            follow = gr.Button("timeline", elem_id="inspect-timeline")
+        with gr.Column(scale=2):
+            line = results_line(INSPECT_RESULTS, "inspect-line")
+            views = concept_views()
+    matches = gr.JSON(label="concepts matching the word", visible="hidden")
+    runs = gr.State(0)  # inspections asked for: each change runs `show_concept`'s chain
+    run.click(on_request_inspect, runs, runs, api_name="request_inspect", **PAGE)
+    key = {"preset": preset_box, "block": block, "t": t, "branch": branch}
+    search.click(
+        on_search_concepts,
+        inputs_of(on_search_concepts, **key, word=word),
+        [matches, cid, views.note],
+        api_name="search_concepts",
+        show_progress_on=line,
+        **MODEL,
+    ).success(on_found, [matches, runs], [found, runs], api_name="show_found", **PAGE)
+    found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **PAGE)
+    concept = {**key, "cid": cid}
+    show_concept(runs, concept, prompt, seed, icon_strength, views, line)
+    follow.click(
+        on_timeline,
+        inputs_of(on_timeline, **concept, word=word, prompt=prompt, seed=seed),
+        [views.strip, views.strength, views.timeline_note],
+        api_name="timeline",
+        show_progress_on=line,
+        **MODEL,
+    )
+    return InspectControls(block, branch, cid)
+
+
+def concept_views() -> ConceptViews:
+    note = gr.Markdown(label="note")
+    with gr.Row():
+        entry = gr.Dataframe(headers=["label", "count", "mean IoU"], label="dictionary entry")
+        stats = gr.JSON(label="firing statistics")
+    nearest = gr.Dataframe(headers=["by", "CID", "cosine", "labels"], label="nearest concepts")
+    examples = gr.Gallery(
+        label="top-activating examples, the concept's activation tinted (0 to the scale's top)",
+        columns=6,
+        height=220,
+        format="png",
+        elem_id="inspect-examples",
+    )
+    examples_note = gr.Markdown(label="examples note")
+    with gr.Row():
+        overlay = gr.Image(label="activation over the image", height=256, format="png")
+        heat = gr.Image(label="activation, fixed scale", height=256, format="png")
+        icon = gr.Image(
+            label="feature icon (empty prompt)", height=256, format="png", elem_id="inspect-icon"
+        )
+    caption = gr.Markdown(label="caption")
+    strip = gr.Image(  # its header says what it shows, clear of the label and buttons
+        label="timeline: the concept's activation at each step of the new generation, t from 1 "
+        "(noise) to 0, all on one fixed scale (0 to its largest in training; for a word, to "
+        "the strip's largest)",
+        show_label=False,
+        format="png",
+        elem_id="inspect-timeline-strip",
+    )
+    strength = gr.Image(  # its title says what it shows
+        label="the concept's mean and max activation per step",
+        show_label=False,
+        format="png",
+        height=320,
+        elem_id="inspect-timeline-strength",
+    )
+    timeline_note = gr.Markdown(label="timeline note")
+    return ConceptViews(
+        note,
+        entry,
+        stats,
+        nearest,
+        examples,
+        examples_note,
+        overlay,
+        heat,
+        icon,
+        caption,
+        strip,
+        strength,
+        timeline_note,
+    )
+
+
+def show_concept(
+    runs: gr.State,
+    concept: dict[str, gr.Component],
+    prompt: gr.Textbox,
+    seed: gr.Number,
+    icon_strength: gr.Number,
+    views: ConceptViews,
+    line: gr.Markdown,
+) -> None:
+    """On each new inspection of `concept` (its preset, block, t, branch and CID): the card,
+    then top examples, activation map and feature icon, each only if the one before
+    succeeded; progress and errors show on `line`."""
+    model = {**MODEL, "show_progress_on": line}
+    inputs = inputs_of(on_inspect_concept, **concept)
+    outputs = [views.entry, views.stats, views.nearest, views.note]
+    shown = runs.change(on_inspect_concept, inputs, outputs, api_name="inspect_concept", **model)
+    inputs = inputs_of(on_top_examples, **concept)
+    outputs = [views.examples, views.examples_note]
+    shown = shown.success(on_top_examples, inputs, outputs, api_name="top_examples", **model)
+    inputs = inputs_of(on_activation_map, **concept, prompt=prompt, seed=seed)
+    outputs = [views.overlay, views.heat, views.caption]
+    shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **model)
+    inputs = inputs_of(on_feature_icon, **concept, strength=icon_strength, seed=seed)
+    shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)

@@ -1,0 +1,51 @@
+"""The page's texts: its introduction, each tab's line above its results, the prompts it
+opens with, and its style."""
+
+CSS = "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }"
+"""A word may label hundreds of concepts: their list scrolls."""
+PROMPT = "a white triangle and a red circle on a teal gradient background"
+"""The prompt every tab opens with: a caption of the toy model's shapes world."""
+EXAMPLE_PROMPTS = [
+    [PROMPT],
+    ["a yellow star and a purple triangle on a brown striped background"],
+    ["a green square on a navy dotted background"],
+    ["a red circle and a blue square on a black plain background"],
+]
+INTRO = (
+    "# Concepts inside a diffusion model\n"
+    "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "
+    "blocks turn every position of every denoising step into a few concepts. "
+    "**emergence**: where each word will appear, predicted from the first steps. "
+    "**steer**: move or add a concept during one stage of generation. "
+    "**inspect**: what one concept is. "
+    "**revelio**: what k-SAEs of pooled image features and PCA maps show per layer."
+)
+EMERGENCE_RESULTS = (
+    "One generation: the final image, each target word's IoU with its reference per step, "
+    "and the panels of the step the slider picks."
+)
+STEER_RESULTS = (
+    "The same seed without and with the edit (drag to compare), their difference, what was "
+    "edited and how much the image changed."
+)
+INSPECT_RESULTS = (
+    "The concept's dictionary entry, firing statistics and nearest concepts, then its top "
+    "examples, its activation on a new generation and its feature icon; **timeline**: the "
+    "concept (the word searched for, else the CID) at every step of the new generation."
+)
+DEEP_LINK = "Copy a link to this page"
+"""The deep-link button: the link reopens the page with this session's settings and results
+(every component that an event of the session read or wrote) while the server keeps them."""
+REVELIO_RESULTS = (
+    "**load**: the purity table; **inspect**: one latent's top images; **show PCA maps**: "
+    "images beside the maps of their features."
+)
+REVELIO_ABOUT = (
+    "What each U-Net layer and timestep knows about labelled images (Revelio): a feature "
+    "cache (`python -m core.revelio.features`), its k-SAEs (`python -m core.revelio.ksae`) "
+    "and, for pictures, the image folder the cache was extracted from. **Load** lists their "
+    "layers and timesteps "
+    "and measures every k-SAE's label purity against chance. The default demo is 120 "
+    "shapes-world images through the `tiny` preset, whose weights are random: it shows the "
+    "views working, not findings (its purity is at chance)."
+)
