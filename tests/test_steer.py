@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from core.diffusion.hooks import record, schedule_t
-from core.diffusion.presets import STAGE_T, STAGES
+from core.diffusion.presets import STAGE_T, STAGES, Stages
 from core.sae.bank import SAEBank, SAEKey
 from core.steer.intervene import Intervention, delta_change, intervene, plan_step
 from core.steer.kinds import KINDS, Codes, Kind, register
@@ -412,3 +412,26 @@ def test_a_kind_added_to_the_table_alone_is_applied_and_offered(tiny_pipe, bank,
     types = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label == "type"]
     assert [value for _, value in types[0].choices] == ["spatial", "global", "ablate", "grow"]
     assert on_default_strength("tiny", "grow", "final", 0.0, 1.0) == 4.0
+
+
+def test_a_preset_may_give_its_own_stage_windows(tiny_pipe, bank):
+    """A schedule whose steps sit elsewhere (few steps, flow matching) names the same three
+    stages with its own t windows and SAE t."""
+    late = Stages(
+        {"early": (0.9, 1.0), "middle": (0.5, 0.9), "final": (0.0, 0.5)},
+        {"early": 1.0, "middle": 0.5, "final": 0.0},
+    )
+    assert [stage_at(t, late) for t in (0.95, 0.9, 0.7, 0.5, 0.2)] == [
+        "early",
+        "early",
+        "middle",
+        "middle",
+        "final",
+    ]
+    assert stages_in((0.6, 1.0), late) == ["early", "middle"]
+    _, edits = steered(tiny_pipe, bank, window="middle", stages=late)
+    ts = ddim_ts(tiny_pipe, 10)
+    assert [s.t for s in edits.edited()] == [t for t in ts if 0.5 <= t <= 0.9]
+    assert {s.sae.t for s in edits.edited()} == {0.5}
+    with pytest.raises(ValueError, match="stages are named early, middle, final"):
+        Stages({"start": (0.5, 1.0)}, {"start": 1.0})

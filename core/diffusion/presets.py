@@ -6,6 +6,7 @@ diffusers pipeline. Each preset also carries what the app's page shows first for
 (`AppDefaults`).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,11 +19,31 @@ TOY_ASSETS = ASSETS / "toy"
 TOY_PROMPTS = Path("check") / "prompts.txt"
 """In a shipped toy model's folder: held-out captions, the preset's prompt file."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
-STAGES = {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)}
-"""Denoising stages as t windows (t = 1 is pure noise), as in the emergence paper."""
-STAGE_T = {"early": 1.0, "middle": 0.5, "final": 0.0}
-"""The t of the SAE that edits each stage in the emergence paper (its SAEs are trained at
-these three t)."""
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The denoising stages a steering edit names: each one's t window (t = 1 is pure noise)
+    and the t of the SAE that edits it. The names are always early, middle and final; a
+    preset whose schedule puts its steps elsewhere (a 1-4-step model, a flow-matching
+    schedule) may give its own windows and t."""
+
+    windows: Mapping[str, tuple[float, float]]
+    sae_t: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        names = ("early", "middle", "final")
+        if tuple(self.windows) != names or tuple(self.sae_t) != names:
+            raise ValueError(f"stages are named {', '.join(names)}, in that order")
+
+
+PAPER_STAGES = Stages(
+    {"early": (0.6, 1.0), "middle": (0.2, 0.6), "final": (0.0, 0.2)},
+    {"early": 1.0, "middle": 0.5, "final": 0.0},
+)
+"""The emergence paper's stages; its SAEs are trained at these three t."""
+STAGES = PAPER_STAGES.windows
+STAGE_T = PAPER_STAGES.sae_t
 SD14_SAES_ENV = "SD14_SAES"
 """Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 
@@ -77,6 +98,8 @@ class Preset:
     models) or "toy" (the shapes world's annotator, from pixels, offline)."""
     prompts: str | None = None
     """A prompt file shipped for it: what the evaluations and an example index generate."""
+    stages: Stages = PAPER_STAGES
+    """The steering stages' t windows and the t of each one's SAE."""
 
 
 PRESETS: dict[str, Preset] = {

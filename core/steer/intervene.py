@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from core.diffusion.hooks import BRANCHES, edit, resolve_blocks, schedule_t, step_index
-from core.diffusion.presets import STAGE_T
+from core.diffusion.presets import PAPER_STAGES, Stages
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import TopKSAE
 from core.steer.kinds import Codes, get_kind
@@ -50,18 +50,20 @@ class Intervention:
     region: np.ndarray | None = None
     """For kinds that need one: bool/float mask at image resolution (> 0.5 = inside)."""
     sae_choice: str = "stage"
-    """"stage": every step uses the SAE at its stage's t (`STAGE_T`); "nearest": each step
-    uses the SAE trained nearest to its own t."""
+    """"stage": every step uses the SAE at its stage's t (`stages.sae_t`); "nearest": each
+    step uses the SAE trained nearest to its own t."""
     concept: str = "the concept"
     """How the record names the concept, e.g. "'cat'"."""
+    stages: Stages = PAPER_STAGES
+    """The t windows the stage names mean and the t of each stage's SAE (the preset's)."""
 
 
 def validate(intervention: Intervention, image_size: tuple[int, int]) -> None:
     """Refuse, with one sentence, anything that cannot be applied as asked."""
     iv = intervention
     kind = get_kind(iv.kind)
-    stage_window(iv.window)
-    for beta in [strength_at(iv, stage) for stage in stages_in(iv.window)]:
+    stage_window(iv.window, iv.stages)
+    for beta in [strength_at(iv, stage) for stage in stages_in(iv.window, iv.stages)]:
         if not math.isfinite(beta) or beta < 0:
             raise ValueError(f"the strength must be a finite number >= 0, got {beta}")
         if beta > kind.max_strength:
@@ -150,13 +152,14 @@ def plan_step(
     """How one step in the window is edited: its stage, its SAE (the stage's or the one nearest
     t, as `sae_choice` says), that SAE's CIDs of the concept and the strength, or why the step
     is skipped."""
-    stage = step_stage(intervention.window, t)
-    key = bank.nearest_key(block, sae_t(intervention.sae_choice, stage, t), branch)
-    cids = tuple(_cids_for(intervention.cids, key))
-    strength = strength_at(intervention, stage)
+    iv = intervention
+    stage = step_stage(iv.window, t, iv.stages)
+    key = bank.nearest_key(block, sae_t(iv.sae_choice, stage, t, iv.stages), branch)
+    cids = tuple(_cids_for(iv.cids, key))
+    strength = strength_at(iv, stage)
     why = ""
     if not cids:
-        why = f"{key.describe()} has no CIDs for {intervention.concept}"
+        why = f"{key.describe()} has no CIDs for {iv.concept}"
     elif strength == 0:
         why = "the strength is 0"
     return StepEdit(block, index, t, branch, key, cids, stage, strength, why)
@@ -164,7 +167,7 @@ def plan_step(
 
 def _edit_fn(pipe, bank: SAEBank, block: str, intervention: Intervention, record: EditRecord):
     """The hooks' edit function for one block: (delta, t, branch) -> new delta or None."""
-    low, high = stage_window(intervention.window)
+    low, high = stage_window(intervention.window, intervention.stages)
     needs_region = get_kind(intervention.kind).needs_region
     regions: dict[tuple[int, int], Tensor] = {}
 
@@ -198,8 +201,8 @@ def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Interve
     if intervention.sae_choice != "stage":
         return []
     notes = []
-    for stage in stages_in(intervention.window):
-        target = STAGE_T[stage]
+    for stage in stages_in(intervention.window, intervention.stages):
+        target = intervention.stages.sae_t[stage]
         for block in blocks:
             for branch in intervention.branches:
                 key = bank.nearest_key(block, target, branch)

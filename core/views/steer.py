@@ -325,14 +325,15 @@ def run_steer(
     region = region_of(request, size)
     per_stage = stage_strengths(request.kind, loaded.strengths)
     edit = Intervention(
-        request.kind,
-        cids,
-        per_stage if strength is None else strength,
-        stage,
-        branches,
-        region,
-        request.sae_choice,
-        concept,
+        kind=request.kind,
+        cids=cids,
+        strength=per_stage if strength is None else strength,
+        window=stage,
+        branches=branches,
+        region=region,
+        sae_choice=request.sae_choice,
+        concept=concept,
+        stages=loaded.preset.stages,
     )
     validate(edit, size)
     steps = loaded.preset.steps
@@ -349,7 +350,7 @@ def run_steer(
     metrics = {
         **compare(loaded, before, after, word),
         "concept": concept,
-        "edit": f"{request.kind}, {_describe_stage(stage)}, {_describe_strength(loaded, edit)}, "
+        "edit": f"{request.kind}, {_describe_stage(edit)}, {_describe_strength(loaded, edit)}, "
         f"SAE per step: {request.sae_choice}",
         "region": _describe_region(request, edit.region),
         "edited_steps": f"{len({step.index for step in record.edited()})} of {steps}",
@@ -387,7 +388,9 @@ def _describe_strength(loaded: Loaded, edit: Intervention) -> str:
     mean activations (SDLens), what it multiplies."""
     if isinstance(edit.strength, Mapping):
         whose = "calibrated" if loaded.strengths else "the paper's"
-        each = ", ".join(f"{stage} {edit.strength[stage]:g}" for stage in stages_in(edit.window))
+        each = ", ".join(
+            f"{stage} {edit.strength[stage]:g}" for stage in stages_in(edit.window, edit.stages)
+        )
         text = f"{whose} strength of each step's stage ({each})"
     else:
         text = f"strength {edit.strength:g}"
@@ -403,9 +406,9 @@ def _describe_region(request: SteerRequest, region: np.ndarray | None) -> str:
     return f"{where}, {region.mean():.0%} of the image"
 
 
-def _describe_stage(stage: str | tuple[float, float]) -> str:
-    low, high = stage_window(stage)
-    name = stage if isinstance(stage, str) else "custom"
+def _describe_stage(edit: Intervention) -> str:
+    low, high = stage_window(edit.window, edit.stages)
+    name = edit.window if isinstance(edit.window, str) else "custom"
     return f"{name} stage (t in [{low:g}, {high:g}])"
 
 
