@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from core.diffusion.checksums import verify_assets
-from core.diffusion.presets import Preset
+from core.diffusion.presets import TINY_MODEL, Preset
 from core.diffusion.tiny import build_tiny_pipeline
 from core.runtime import ModelNotAvailableError, default_device
 
@@ -20,7 +20,7 @@ def load_pipeline(
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if preset.model == "tiny":
+    if preset.model == TINY_MODEL:
         pipe = build_tiny_pipeline()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)

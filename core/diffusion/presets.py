@@ -18,6 +18,8 @@ TOY_ASSETS = ASSETS / "toy"
 """The embedded shapes-world model: `pipeline/`, `saes/` (SAEs and dictionaries), model card."""
 TOY_PROMPTS = Path("check") / "prompts.txt"
 """In a shipped toy model's folder: held-out captions, the preset's prompt file."""
+TINY_MODEL = "tiny"
+"""The model that is built from configs (`core.diffusion.tiny`) instead of loaded."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 
 
@@ -71,7 +73,8 @@ class AppDefaults:
 class Preset:
     name: str
     model: str
-    """Hub repo id or local folder of a diffusers pipeline; `"tiny"` builds one from configs."""
+    """Hub repo id or local folder of a diffusers pipeline; `TINY_MODEL` builds one from
+    configs."""
     steps: int
     """Default number of denoising steps."""
     guidance_scale: float
@@ -165,7 +168,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny": Preset(
         name="tiny",
-        model="tiny",
+        model=TINY_MODEL,
         steps=10,
         guidance_scale=7.5,
         hook_points=SD14_BLOCKS,

@@ -163,12 +163,12 @@ def _text_encoder_vectors(source: str) -> TextEncoderVectors:
     `tokenizer` and `text_encoder` subfolders; SDXL's second encoder is not used)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from core.diffusion.presets import PRESETS
+    from core.diffusion.presets import PRESETS, TINY_MODEL
     from core.diffusion.tiny import build_tiny_pipeline
 
     name = source.removeprefix(TEXT_ENCODER)
     model = PRESETS[name].model if name in PRESETS else name
-    if model == "tiny":
+    if model == TINY_MODEL:
         pipe = build_tiny_pipeline()
         return TextEncoderVectors(pipe.tokenizer, pipe.text_encoder, source)
     try:
