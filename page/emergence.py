@@ -33,6 +33,7 @@ from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, u
 from page.status import on_status
 from page.texts import EMERGENCE_RESULTS, EXAMPLE_PROMPTS, PROMPT
 
+STEP_LABEL = "step (0 = first, noisiest)"
 RUNS = EmergenceRuns()
 """The recent emergence results by run id, in this (the server's) process."""
 
@@ -109,9 +110,9 @@ def on_emergence_step(run_id: str, index: float) -> list:
 
 @user_errors
 def on_step_range(run_id: str) -> gr.Slider:
-    """The step slider over the run's steps, at its last (page only)."""
+    """The step slider over the run's steps, at its last, and movable (page only)."""
     last = len(RUNS.get(run_id).steps) - 1
-    return gr.Slider(maximum=last, value=last)
+    return gr.Slider(maximum=last, value=last, interactive=True, label=STEP_LABEL)
 
 
 @gpu(generations=None)
@@ -221,7 +222,13 @@ def emergence_tab(
             line = results_line(EMERGENCE_RESULTS, "emergence-line")
             image, plot, summary, run_id, export, opener, run_file = emergence_results()
     step = gr.Slider(  # any run's steps: the server checks API calls against this range
-        0, MAX_STEPS - 1, 0, step=1, label="step (0 = first, noisiest)", elem_id="emergence-step"
+        0,
+        MAX_STEPS - 1,
+        0,
+        step=1,
+        label="step: movable once there is a run, over its steps",
+        interactive=False,
+        elem_id="emergence-step",
     )
     gallery = gr.Gallery(  # the page's full width: four panels per word, one row each
         label="at this step, per word: predicted mask (red), reference (blue), concept "

@@ -4,6 +4,7 @@ timeline over one generation."""
 from typing import NamedTuple
 
 import gradio as gr
+from gradio.events import Dependency
 
 from core.diffusion.presets import Preset
 from core.views import inspection, timeline
@@ -136,12 +137,34 @@ def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROG
         scale with its colour bar), the plot of its mean and max activation against t, and a
         line saying which SAE read which steps, which were skipped and the scale.
     """
+    return timeline_outputs(preset, block, t, branch, cid, word, prompt, seed, progress)
+
+
+def timeline_outputs(preset, block, t, branch, cid, word, prompt, seed, progress) -> tuple:
+    """The timeline's filmstrip, plot and line (`on_timeline`)."""
     with models(preset, progress) as (loaded, on_step):
         found = timeline.concept_timeline(
             loaded, block, branch, prompt, seed, word, cid, t, on_step
         )
     strength = figure_image(timeline.strength_figure(found))
     return timeline.filmstrip(found), strength, found.summary()
+
+
+def on_timeline_opened() -> bool:
+    """A timeline is shown: from now on it follows the inspected concept (page only)."""
+    return True
+
+
+@gpu(generations=1)
+@user_errors
+def on_timeline_follows(
+    opened, preset, block, t, branch, cid, word, prompt, seed, progress=PROGRESS
+) -> tuple:
+    """The timeline of the concept just inspected, where one is shown; else nothing changes
+    (page only)."""
+    if not opened:
+        return gr.skip(), gr.skip(), gr.skip()
+    return timeline_outputs(preset, block, t, branch, cid, word, prompt, seed, progress)
 
 
 @gpu(generations=1)
@@ -227,14 +250,20 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
     ).success(on_found, [matches, runs], [found, runs], api_name="show_found", **PAGE)
     found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **PAGE)
     concept = {**key, "cid": cid}
-    show_concept(runs, concept, prompt, seed, icon_strength, views, line)
+    shown = show_concept(runs, concept, prompt, seed, icon_strength, views, line)
+    timeline = {**concept, "word": word, "prompt": prompt, "seed": seed}
+    outputs = [views.strip, views.strength, views.timeline_note]
+    model = {**MODEL, "show_progress_on": line}
+    opened = gr.State(False)  # whether this page has shown a timeline
     follow.click(
-        on_timeline,
-        inputs_of(on_timeline, **concept, word=word, prompt=prompt, seed=seed),
-        [views.strip, views.strength, views.timeline_note],
-        api_name="timeline",
-        show_progress_on=line,
-        **MODEL,
+        on_timeline, inputs_of(on_timeline, **timeline), outputs, api_name="timeline", **model
+    ).success(on_timeline_opened, None, opened, api_name="timeline_opened", **PAGE)
+    shown.success(  # a shown timeline follows the concept at once
+        on_timeline_follows,
+        inputs_of(on_timeline_follows, opened=opened, **timeline),
+        outputs,
+        api_name="timeline_follows",
+        **{**model, "api_visibility": "private"},
     )
     return InspectControls(block, branch, cid)
 
@@ -301,10 +330,10 @@ def show_concept(
     icon_strength: gr.Number,
     views: ConceptViews,
     line: gr.Markdown,
-) -> None:
+) -> Dependency:
     """On each new inspection of `concept` (its preset, block, t, branch and CID): the card,
     then top examples, activation map and feature icon, each only if the one before
-    succeeded; progress and errors show on `line`."""
+    succeeded; progress and errors show on `line`. Returns the last event of the chain."""
     model = {**MODEL, "show_progress_on": line}
     inputs = inputs_of(on_inspect_concept, **concept)
     outputs = [views.entry, views.stats, views.nearest, views.note]
@@ -316,4 +345,4 @@ def show_concept(
     outputs = [views.overlay, views.heat, views.caption]
     shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **model)
     inputs = inputs_of(on_feature_icon, **concept, strength=icon_strength, seed=seed)
-    shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)
+    return shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)

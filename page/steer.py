@@ -7,6 +7,7 @@ import numpy as np
 
 from core.diffusion.presets import Preset, get_preset
 from core.quadrants import QUADRANTS
+from core.runtime import counted
 from core.steer.kinds import KINDS, get_kind
 from core.steer.windows import SAE_CHOICES
 from core.views.render import for_display
@@ -23,6 +24,8 @@ from core.views.steer import (
 from page.components import block_dropdown, results_line
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.texts import PROMPT, STEER_RESULTS
+
+CONCEPTS_LABEL = "edit only the ticked concepts of the word (none listed or ticked: all of them)"
 
 
 @user_errors
@@ -116,6 +119,8 @@ def on_steer(
         region before and after), and metrics.
     """
     by_word = concept_by == "word"
+    if by_word and not str(word or "").strip():
+        raise ValueError("Type the word to steer with, or choose the concept by CID.")
     drawn = get_kind(kind).needs_region and region_by == "drawn"
     request = SteerRequest(
         prompt=prompt,
@@ -161,9 +166,14 @@ def on_steer_concepts(preset, block, branch, word, progress=PROGRESS):
 
 
 def on_concept_list(found: list[dict]) -> gr.CheckboxGroup:
-    """The word's concepts as ticked boxes (page only)."""
+    """The word's concepts as ticked boxes, under a label that counts them (page only)."""
     choices = [(entry["label"], entry["value"]) for entry in found]
-    return gr.CheckboxGroup(choices=choices, value=[value for _, value in choices])
+    saes = {value.rsplit(":", 1)[0] for _, value in choices}
+    label = (
+        f"the word's {counted(len(choices), 'concept')} in {counted(len(saes), 'SAE')}, "
+        "scrolling; the ticked ones are edited (none ticked: all of them)"
+    )
+    return gr.CheckboxGroup(choices=choices, value=[v for _, v in choices], label=label)
 
 
 def on_ticked(values: list[str]) -> list[str]:
@@ -174,7 +184,7 @@ def on_ticked(values: list[str]) -> list[str]:
 
 def on_concepts_stale() -> gr.CheckboxGroup:
     """A changed word, block or branch empties the list of its concepts (page only)."""
-    return gr.CheckboxGroup(choices=[], value=[])
+    return gr.CheckboxGroup(choices=[], value=[], label=CONCEPTS_LABEL)
 
 
 def canvas_value(background: np.ndarray) -> dict:
@@ -274,11 +284,7 @@ def steer_concepts(
     with gr.Row():
         word = gr.Textbox(preset.app.word, label="word", scale=2)
         listing = gr.Button("list its concepts", scale=1, elem_id="steer-list")
-    concepts = gr.CheckboxGroup(
-        [],
-        label="edit only the ticked concepts of the word (none listed or ticked: all of them)",
-        elem_id="steer-concepts",
-    )
+    concepts = gr.CheckboxGroup([], label=CONCEPTS_LABEL, elem_id="steer-concepts")
     found = gr.JSON(label="the word's concepts", visible="hidden")
     ticked = gr.JSON([], label="the ticked concepts", visible="hidden")
     concepts.change(on_ticked, concepts, ticked, api_name="ticked", **PAGE)

@@ -84,12 +84,14 @@ def test_the_page_opens_and_says_what_is_loaded(page):
 
 def test_emergence_tab_with_three_words(page):
     page.get_by_role("tab", name="emergence").click()
+    assert page.locator(SLIDER).is_disabled()  # no run yet: no steps to move over
     page.get_by_label("target words").fill("triangle, circle, square")
     page.click("#emergence-run")
     gallery = page.locator("#emergence-gallery")
     gallery.get_by_text("square: predicted mask at t=0.00").wait_for()
     page.locator("#emergence-plot img").wait_for()
     slider = page.locator(SLIDER)
+    page.wait_for_function("(s) => !document.querySelector(s).disabled", arg=SLIDER)
     last = str(PRESETS[default_preset_name()].steps - 1)  # the run's steps set its range
     page.wait_for_function(
         "([s, last]) => document.querySelector(s).max === last", arg=[SLIDER, last]
@@ -126,6 +128,18 @@ def test_a_deep_link_reopens_the_page_with_its_settings_and_results(page):
     reopened.wait_for_function(ALL_LOADED, arg="#emergence-image img, #emergence-plot img")
     shot(reopened, "1-deep-link")
     reopened.close()
+
+
+def test_the_batch_leaves_out_words_scored_against_their_own_last_step(page):
+    """ "square" is in neither the caption nor the image: each run scores it against its own
+    last step (1.0 there by construction), which the batch must not average in."""
+    page.get_by_text("batch: several prompts and seeds").click()
+    page.click("#emergence-batch-run")  # seeds 0-3
+    summary = page.locator("#emergence-batch-summary")
+    summary.get_by_text("4 runs (1 prompt × 4 seeds").wait_for()
+    assert "mean IoU against the annotation" in summary.inner_text()
+    assert re.search(r"Left out: \d+ words the annotator did not find", summary.inner_text())
+    page.get_by_text("batch: several prompts and seeds").click()  # closed again
 
 
 def test_a_run_exported_and_opened_again_shows_its_last_step(page, tmp_path):
@@ -206,6 +220,16 @@ def test_steer_tab_with_a_drawn_region(page):
     shot(page, "2-steer")
 
 
+def test_an_empty_word_is_refused_and_the_last_edit_stays(page):
+    page.get_by_role("tab", name="steer").click()
+    word = page.get_by_role("textbox", name="word", exact=True)
+    word.fill("")
+    page.click("#steer-run")
+    page.get_by_text("Type the word to steer with, or choose the concept by CID.").first.wait_for()
+    assert page.locator("#steer-pair img").count() == 2
+    word.fill(PRESETS[default_preset_name()].app.word)
+
+
 def test_inspect_tab_from_a_word(page):
     page.get_by_role("tab", name="inspect").click()
     page.get_by_label("search by word").fill(PRESETS[default_preset_name()].app.word)
@@ -220,6 +244,10 @@ def test_inspect_tab_from_a_word(page):
     word = PRESETS[default_preset_name()].app.word
     assert page.get_by_text(f"'{word}': steps 0–").is_visible()
     shot(page, "3-inspect")
+    page.get_by_label("search by word").fill("star")  # another concept: the timeline follows
+    page.click("#inspect-search")
+    page.get_by_text("'star': steps 0–").wait_for()
+    assert page.get_by_label("concepts found").input_value().startswith("CID ")
 
 
 def test_a_bad_input_shows_a_sentence_and_keeps_the_earlier_results(page):

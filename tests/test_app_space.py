@@ -136,3 +136,25 @@ def test_the_inspect_tab_opens_on_a_shape_concept_of_the_toy_model():
         f"CID {defaults.cid} of {defaults.block} at t=0.5 has labels {dict(labels)}; set the "
         "toy's AppDefaults.cid in core/diffusion/presets.py to a CID whose top label is a shape"
     )
+
+
+def documented_endpoints() -> dict[str, tuple[list[str], list[str]]]:
+    """docs/app.md's endpoint table: endpoint -> (its inputs, its outputs)."""
+    text = (REPO_ROOT / "docs" / "app.md").read_text()
+    rows = re.findall(r"^\| `(/\w+)` \| (.*?) \| (.*?) \|$", text, re.M)
+
+    def items(cell: str) -> list[str]:  # commas inside brackets do not separate
+        return [part.strip() for part in re.split(r",\s*(?![^()]*\))", cell)]
+
+    return {name: (items(inputs), items(outputs)) for name, inputs, outputs in rows}
+
+
+def test_the_documented_endpoints_are_the_apps():
+    api = app.build_demo(ModelCache(), "tiny").get_api_info()["named_endpoints"]
+    documented = documented_endpoints()
+    assert set(documented) == set(api)
+    for name, (inputs, outputs) in documented.items():
+        assert inputs == [p["parameter_name"] for p in api[name]["parameters"]], name
+        same_as = re.fullmatch(r"as `(/\w+)`", outputs[0])
+        outputs = documented[same_as[1]][1] if same_as else outputs
+        assert len(outputs) == len(api[name]["returns"]), name

@@ -21,6 +21,7 @@ from core.views.batch import (
     parse_seeds,
     seed_count,
     spread,
+    summary_line,
 )
 from core.views.emergence import run_emergence
 from core.views.emergence_batch import main
@@ -51,11 +52,16 @@ def test_the_command_pools_each_steps_iou_over_runs_and_words(loaded, tmp_path, 
     assert main(argv) == 0
     runs = [run_emergence(loaded, p, seed, 3, UP, "cond") for p in PROMPTS for seed in (0, 1)]
     rows = list(csv.DictReader((tmp_path / "batch.csv").read_text().splitlines()))
+    annotated = [
+        {w for w, (_, how) in run.references.items() if how == "annotation"} for run in runs
+    ]
+    assert any(set(run.words) - found for run, found in zip(runs, annotated, strict=True))
     for method, scores in (("sae", "ious"), ("attention", "attention_ious")):
-        series = [s for run in runs for s in getattr(run, scores).values()]
-        assert np.isnan(series).any() or method == "attention"  # the NaN-aware case is met
+        by_word = [
+            [(w, s) for w, s in getattr(run, scores).items() if w in found]
+            for run, found in zip(runs, annotated, strict=True)
+        ]
         for word in ("all", "star"):
-            by_word = [getattr(run, scores).items() for run in runs]
             mine = [s for items in by_word for w, s in items if word in (w, "all")]
             found = [r for r in rows if r["word"] == word]
             assert [float(r["t"]) for r in found] == pytest.approx(runs[0].ts)
@@ -136,3 +142,24 @@ def test_bad_page_requests_are_one_sentence(prompt, extra, seeds, message):
         page_batch(prompt, extra, seeds)
     text = refused.value.args[0]
     assert message in text and text.endswith(".") and text.count(". ") == 0
+
+
+def test_a_word_scored_against_its_own_last_step_is_no_result():
+    """A word the annotator did not find is scored against the run's last prediction (1.0 at
+    the last step by construction): it is left out of every mean, and the summary says so."""
+    found = RunScores("p", 0, ["a"], {"a": "annotation"}, {"a": [0.2, 0.4]}, {"a": [0.1, 0.3]})
+    self_scored = {"b": "last step"}
+    missed = RunScores("p", 1, ["b"], self_scored, {"b": [0.3, 1.0]}, {"b": [0.2, 0.5]})
+    result = BatchResult("tiny", UP, "cond", ["p"], [0, 1], [1.0, 0.5], [found, missed])
+    assert [astuple(s) for s in result.spreads("sae")] == [
+        pytest.approx((0.2, 0.0, 1)),
+        pytest.approx((0.4, 0.0, 1)),
+    ]
+    assert batch_table(result)[1][1:4] == [0.4, 0.0, 1]
+    line = summary_line(result)
+    assert "SAE prediction 0.300 ± 0.100 (n=2)" in line
+    assert line.endswith(
+        "Left out: 1 word the annotator did not find in their run's final image (scored only "
+        "against the run's own last step, which is no result)."
+    )
+    assert "Left out" not in summary_line(synthetic())

@@ -271,3 +271,16 @@ def test_top_examples_rank_images_by_spatial_mean():
     assert top_examples(means, 1, n=2).images.tolist() == [3, 1]
     with pytest.raises(ValueError, match="out of range"):
         top_examples(means, 2)
+
+
+def test_a_search_ranks_the_concepts_a_word_names_first():
+    """CID 1 has "star" most often but is mostly a circle; CID 3 is a star before all else."""
+    labels = {
+        1: ["circle"] * 10 + ["star"] * 7,
+        2: ["star"] * 2 + ["square"] * 2,
+        3: ["star"] * 4 + ["dotted"] * 2,
+        4: ["cat"],
+    }
+    dictionary = ConceptDictionary.from_labels(KEY, 8, labels, VECTORS)
+    assert dictionary.cids_for("star") == [1, 2, 3]
+    assert dictionary.ranked_cids("Star") == [3, 2, 1]

@@ -79,6 +79,8 @@ def test_shipped_tiny_assets_match_the_tiny_pipeline(loaded):
         (check_seed, float("nan"), "finite"),
         (check_steps, 0, "from 1 to"),
         (check_steps, 10_000, "from 1 to"),
+        (check_steps, None, "from 1 to 150, got nothing .an empty box, or a number too large"),
+        (check_steps, float("inf"), r"finite number .a whole number from 1 to 150., got inf"),
     ],
 )
 def test_bad_settings_are_refused_with_one_sentence(check, value, fragment):

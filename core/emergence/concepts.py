@@ -165,6 +165,18 @@ class ConceptDictionary:
         label = normalize_label(word)
         return [cid for cid, entry in self.evidence.items() if label in entry]
 
+    def ranked_cids(self, word: str) -> list[int]:
+        """`cids_for(word)`, best first: the concepts that `word` labels most often (their
+        first label), then the others; within each, the more images `word` labels, the
+        earlier."""
+        label = normalize_label(word)
+
+        def rank(cid: int) -> tuple:
+            counts = self.labels(cid)
+            return (counts[label] < max(counts.values()), -counts[label], cid)
+
+        return sorted(self.cids_for(word), key=rank)
+
     def check_sae(self, sae: TopKSAE) -> None:
         """Raise if `sae` is not the SAE this dictionary was built for."""
         if sae.cfg.num_latents != self.num_latents:

@@ -6,6 +6,11 @@ branch and words. Each step's IoU of the SAE prediction and of the cross-attenti
 is pooled over every run and target word: their mean, standard deviation and the number of
 defined values (a word in neither mask has no IoU at that step, and is left out), per step,
 and per word as well.
+
+Only IoUs against an annotation of the final image are results. Where the annotator does not
+find a word, a run scores it against its own last step's prediction instead (1.0 at the last
+step by construction): the batch leaves those out of every mean, table and plot, and its
+summary line says how many there were.
 """
 
 import math
@@ -29,6 +34,8 @@ METHODS = {"sae": "SAE prediction", "attention": "cross-attention"}
 STATISTICS = ("mean", "std", "n")
 ALL_WORDS = "all"
 """The word column of the rows pooled over every word."""
+SELF_REFERENCE = "last step"
+"""A run's reference for a word its annotator did not find: its own last prediction."""
 MAX_PAGE_RUNS = 16
 """Runs a page request may ask for; more are for the command line."""
 
@@ -75,8 +82,15 @@ class RunScores:
         )
 
     def scores(self, method: str) -> dict[str, list[float]]:
-        """word -> IoU per step of the method ("sae" or "attention")."""
-        return self.ious if method == "sae" else self.attention_ious
+        """word -> IoU per step of the method ("sae" or "attention") against an annotation:
+        a word scored against the run's own last step is left out."""
+        scores = self.ious if method == "sae" else self.attention_ious
+        return {w: s for w, s in scores.items() if w not in self.against_last_step}
+
+    @property
+    def against_last_step(self) -> list[str]:
+        """The words the annotator did not find, scored against the run's last step."""
+        return [w for w, how in self.references.items() if how == SELF_REFERENCE]
 
 
 @dataclass
@@ -185,7 +199,7 @@ def run_batch(
 def batch_figure(result: BatchResult) -> Figure:
     """Mean IoU vs t over the runs and words, with a band of one standard deviation: the SAE
     prediction solid, the cross-attention baseline dashed."""
-    ax = iou_axes("mean IoU with the reference mask")
+    ax = iou_axes("mean IoU with the annotation mask")
     colours = matplotlib.colormaps["tab10"]
     for i, (method, style) in enumerate(zip(METHODS, ("o-", "--"), strict=True)):
         spreads = result.spreads(method)
@@ -242,9 +256,16 @@ def summary_line(result: BatchResult) -> str:
     scores = ", ".join(
         f"{METHODS[m]} {s.mean:.3f} ± {s.std:.3f} (n={s.n})" for m, s in pooled.items()
     )
+    left_out = sum(len(run.against_last_step) for run in result.runs)
+    missing = (
+        f" Left out: {counted(left_out, 'word')} the annotator did not find in their run's "
+        "final image (scored only against the run's own last step, which is no result)."
+        if left_out
+        else ""
+    )
     return (
         f"{_design(result, f'{len(result.ts)} steps, {result.block} {result.branch}')}; "
-        f"mean IoU over every step, run and word: {scores}."
+        f"mean IoU against the annotation over every step, run and word: {scores}.{missing}"
     )
 
 

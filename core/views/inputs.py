@@ -30,47 +30,29 @@ def check_prompt(prompt: object) -> str:
 
 
 def check_seed(seed: object) -> int:
-    value = _as_number(seed, "The seed")
-    if not value.is_integer() or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
-    return int(value)
+    return _whole(seed, "The seed", 0, MAX_SEED)
 
 
 def check_steps(steps: object, maximum: int = MAX_STEPS) -> int:
-    value = _as_number(steps, "The number of steps")
-    if not value.is_integer() or not 1 <= value <= maximum:
-        raise ValueError(
-            f"The number of steps must be a whole number from 1 to {maximum}, got {steps!r}."
-        )
-    return int(value)
+    return _whole(steps, "The number of steps", 1, maximum)
 
 
 def check_number(value: object, what: str, low: float, high: float) -> float:
     """A finite number in [low, high]; `what` names it in the message ("The strength")."""
-    number = _as_number(value, what)
+    expected = f"a number between {low:g} and {high:g}"
+    number = _as_number(value, what, expected)
     if not low <= number <= high:
-        raise ValueError(f"{what} must be between {low:g} and {high:g}, got {value!r}.")
+        raise ValueError(f"{what} must be {expected}, got {_shown(value)}.")
     return number
 
 
 def check_step(index: object, count: int) -> int:
     """A step index of a run of `count` steps (0 = the first, noisiest)."""
-    value = _as_number(index, "The step")
-    if not value.is_integer() or not 0 <= value < count:
-        raise ValueError(
-            f"The step must be a whole number from 0 to {count - 1} for this run, got {index!r}."
-        )
-    return int(value)
+    return _whole(index, "The step", 0, count - 1, " for this run")
 
 
 def check_cid(cid: object, num_latents: int) -> int:
-    value = _as_number(cid, "The concept id (CID)")
-    if not value.is_integer() or not 0 <= value < num_latents:
-        raise ValueError(
-            f"The concept id (CID) must be a whole number from 0 to {num_latents - 1} for this "
-            f"SAE, got {cid!r}."
-        )
-    return int(value)
+    return _whole(cid, "The concept id (CID)", 0, num_latents - 1, " for this SAE")
 
 
 def parse_words(text: object) -> list[str]:
@@ -82,14 +64,36 @@ def parse_words(text: object) -> list[str]:
     return words
 
 
-def _as_number(value: object, what: str) -> float:
-    """`value` as a finite float (numbers and numeric strings), or a ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, got {value!r}.")
+def _whole(value: object, what: str, low: int, high: int, where: str = "") -> int:
+    """`value` as a whole number in [low, high], or a ValueError naming the range."""
+    expected = f"a whole number from {low} to {high}{where}"
+    number = _as_number(value, what, expected)
+    if not number.is_integer() or not low <= number <= high:
+        raise ValueError(f"{what} must be {expected}, got {_shown(value)}.")
+    return int(number)
+
+
+def _as_number(value: object, what: str, expected: str) -> float:
+    """`value` as a finite float (numbers and numeric strings), or a ValueError saying that
+    `what` must be `expected`."""
+    if value is None:
+        raise ValueError(f"{what} must be {expected}, got {_shown(value)}.")
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}.") from None
+        number = None
+    if number is None or isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}.")
     if not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}.")
+        raise ValueError(f"{what} must be a finite number ({expected}), got {_shown(value)}.")
     return number
+
+
+def _shown(value: object) -> str:
+    """How a message names a value; a form sends nothing (None) for an empty box and for a
+    number too large to read, such as 1e999."""
+    if value is None:
+        return "nothing (an empty box, or a number too large to read)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return repr(value)

@@ -175,7 +175,7 @@ def search(
     if dictionary is None:
         raise ValueError("This SAE has no concept dictionary; choose a concept by CID.")
     label = normalize_label(word)
-    cids = sorted(dictionary.cids_for(word), key=lambda c: -dictionary.labels(c)[label])
+    cids = dictionary.ranked_cids(word)
     if cids:
         found = [(c, describe_labels(loaded, key, c, label)) for c in cids]
         return found, f"labelled {word!r}"
