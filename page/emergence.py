@@ -61,8 +61,11 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
         words: comma-separated target words; empty takes the prompt's nouns.
 
     Returns:
-        The final image, the IoU-per-step plot, the last step's panels, a Markdown summary,
-        and the run id, which `emergence_step` takes to show the run's other steps.
+        the final image
+        the plot of each word's IoU with its reference per step
+        the last step's panels: four per word
+        a Markdown summary of the run
+        the run id, which `emergence_step` and `export_run` take
     """
     result = emergence_result(preset, prompt, seed, steps, block, branch, words, progress)
     return emergence_outputs(preset, result)
@@ -102,8 +105,7 @@ def on_emergence_step(run_id: str, index: float) -> list:
         index: the step, 0 (the first, noisiest) to the number of steps minus 1.
 
     Returns:
-        Per target word: its predicted mask on the final image, its concept-similarity map and
-        its cross-attention map at that step.
+        the step's panels per word: predicted mask, reference, concept similarity, cross-attention
     """
     return step_panels(RUNS.get(run_id), index)
 
@@ -134,10 +136,9 @@ def on_emergence_batch(
         words: comma-separated target words; empty takes each prompt's nouns.
 
     Returns:
-        The mean IoU vs t over every run and word, with a band of one standard deviation, of
-        the SAE prediction (solid) and of cross-attention (dashed); a table with, per step,
-        each one's mean, standard deviation and number of defined IoUs; and a one-line
-        summary.
+        the plot of the mean IoU per step over every run and word (SAE solid, attention dashed)
+        the table of each step's mean, standard deviation and count of defined IoUs per method
+        a one-line summary, counting the words left out as scored only against their own run
     """
     prompts, seeds = page_batch(prompt, prompts, seeds)
 
@@ -163,9 +164,7 @@ def on_export_run(run_id: str) -> str:
         run_id: the run id that `emergence` or `import_run` returned.
 
     Returns:
-        The run file: safetensors, with the final image, every step's masks and maps and the
-        IoUs as tensors and the run's settings as JSON metadata (the format is documented in
-        core/views/run_file.py).
+        the run file (safetensors; the format is documented in core/views/run_file.py)
     """
     preset, result = RUNS.get_with_preset(run_id)
     path = export_folder() / f"emergence-{str(run_id).strip()}{SUFFIX}"
@@ -185,8 +184,11 @@ def on_import_run(file: str) -> tuple:
         file: the run file (a .safetensors file from `export_run`).
 
     Returns:
-        As `emergence`: the final image, the IoU-per-step plot, the last step's panels, a
-        Markdown summary, and the run id, which `emergence_step` and `export_run` take.
+        the final image
+        the plot of each word's IoU with its reference per step
+        the last step's panels: four per word
+        a Markdown summary of the run
+        the run id, which `emergence_step` and `export_run` take
     """
     if not file:
         raise ValueError("Choose a run file (.safetensors) that the emergence tab exported.")

@@ -44,7 +44,9 @@ def on_search_concepts(preset, block, t, branch, word, progress=PROGRESS):
         word: the word to look for among the concepts' labels.
 
     Returns:
-        The matching concepts (each its CID and labels), the best CID and how they were found.
+        the matching concepts, each its CID and labels
+        the best CID
+        how they were found
     """
     with models(preset, progress) as (loaded, _):
         found, how = inspection.search(loaded, block, t, branch, word)
@@ -65,8 +67,10 @@ def on_inspect_concept(preset, block, t, branch, cid, progress=PROGRESS):
         cid: the concept id (the SAE latent's index).
 
     Returns:
-        The dictionary entry (labels and their weights), activation statistics, the nearest
-        concepts by decoder direction, and a one-line note.
+        the dictionary entry: labels, their counts and mean IoU
+        the activation statistics
+        the nearest concepts, by label embedding and by decoder direction
+        a one-line note
     """
     with models(preset, progress) as (loaded, _):
         card = inspection.concept_card(loaded, block, t, branch, cid)
@@ -87,7 +91,8 @@ def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
         cid: the concept id.
 
     Returns:
-        A gallery of (image, caption) pairs and a one-line note on the example index used.
+        a gallery of the top examples, the concept's activation tinted on each
+        a one-line note on the example index used
     """
     with models(preset, progress) as (loaded, on_step):
         panels, note = inspection.top_examples(loaded, block, t, branch, cid, on_step=on_step)
@@ -109,7 +114,9 @@ def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROG
         seed: the generation seed.
 
     Returns:
-        The generated image with the concept's activation map over it, and a note.
+        the generated image with the concept's activation over it
+        the activation map alone, on the concept's fixed scale
+        a caption
     """
     with models(preset, progress) as (loaded, on_step):
         return inspection.activation_on(loaded, block, t, branch, cid, prompt, seed, on_step)
@@ -133,9 +140,9 @@ def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROG
         seed: the generation seed.
 
     Returns:
-        The filmstrip (the concept's activation map at each step, t from 1 to 0, on one fixed
-        scale with its colour bar), the plot of its mean and max activation against t, and a
-        line saying which SAE read which steps, which were skipped and the scale.
+        the filmstrip: the concept's activation at each step on one fixed scale, t from 1 to 0
+        the plot of its mean and max activation against t
+        a line saying which SAE read which steps, which were skipped, and the scale
     """
     return timeline_outputs(preset, block, t, branch, cid, word, prompt, seed, progress)
 
@@ -182,7 +189,7 @@ def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROG
         seed: the generation seed.
 
     Returns:
-        The generated image.
+        the generated image
     """
     with models(preset, progress) as (loaded, on_step):
         icon = inspection.feature_icon(loaded, block, t, branch, cid, strength, seed, on_step)

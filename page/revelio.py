@@ -39,7 +39,8 @@ def on_revelio_load(cache: str, saes: str) -> tuple:
         saes: folder of its k-SAEs (`python -m core.revelio.ksae`); may be empty.
 
     Returns:
-        A note on what was found and the purity table (one row per layer and timestep).
+        a note on what was found
+        the purity table, one row per layer and timestep
     """
     found = revelio.contents(cache, saes)
     meta = found.meta
@@ -76,7 +77,9 @@ def on_revelio_inspect(cache, saes, images, layer, timestep, by, number) -> tupl
         number: the rank or the latent's index.
 
     Returns:
-        A note, a grid of the latent's top images, and a table of their labels.
+        a note
+        a grid of the latent's top images (none without the image folder)
+        a table of their labels
     """
     view = revelio.inspect_latent(cache, saes, images, layer, timestep, by, number)
     return view.note, view.grid, view.rows
@@ -94,7 +97,7 @@ def on_revelio_pca(cache, images, layer, timestep, indices) -> list:
         indices: comma-separated image indices to show; empty picks some of each class.
 
     Returns:
-        A gallery of (image, PCA map) panels.
+        a gallery of (image, PCA map) panels
     """
     return revelio.pca_view(cache, images, layer, timestep, indices)
 

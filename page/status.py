@@ -18,7 +18,7 @@ def on_status(preset: str) -> str:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
 
     Returns:
-        The status, in Markdown.
+        the preset's status, in Markdown
     """
     check_preset(preset)
     state, why = serving.CACHE.state(preset)

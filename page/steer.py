@@ -43,7 +43,7 @@ def on_default_strength(
         t_max: the end of a custom stage, in [0, 1].
 
     Returns:
-        The strength that `steer` takes, or None.
+        the strength that `steer` takes, or None
     """
     return default_strength(get_preset(preset), kind, stage, (t_min, t_max))
 
@@ -113,10 +113,10 @@ def on_steer(
         canvas: the drawn region (an image editor value) when `region_by` is "drawn".
 
     Returns:
-        The images before and after, the difference map (grey levels 0-255), a few lines
-        (the steps edited with which SAE and concepts, and those skipped and why; how much
-        the image changed; for a spatial edit, whether the object's centre of mass is in the
-        region before and after), and metrics.
+        the images before and after
+        the difference map, in grey levels on a fixed 0-255 scale
+        the steps edited (with which SAE and CIDs) and skipped (why), and what changed, in words
+        the edit and what changed (pixel difference, LPIPS, CLIP, centre of mass), as JSON
     """
     by_word = concept_by == "word"
     if by_word and not str(word or "").strip():
@@ -157,8 +157,7 @@ def on_steer_concepts(preset, block, branch, word, progress=PROGRESS):
         word: the concept's word.
 
     Returns:
-        One entry per concept (per SAE t and branch): its label (t, branch, CID and its
-        labels) and the value that `steer` takes in `concepts`.
+        one entry per concept and SAE: its label and the value that `steer` takes in `concepts`
     """
     with models(preset, progress) as (loaded, _):
         choices = concept_choices(loaded, block, branch, word)

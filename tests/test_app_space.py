@@ -6,6 +6,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import yaml
+from gradio.utils import get_function_description
 from huggingface_hub.utils import filter_repo_objects
 
 import app
@@ -158,3 +159,15 @@ def test_the_documented_endpoints_are_the_apps():
         same_as = re.fullmatch(r"as `(/\w+)`", outputs[0])
         outputs = documented[same_as[1]][1] if same_as else outputs
         assert len(outputs) == len(api[name]["returns"]), name
+
+
+def test_each_output_of_an_endpoint_is_described_in_one_clause():
+    """MCP clients read a tool's outputs from its docstring's Returns section, one line an
+    output, joined with commas: a line per output, no empty or comma-ended part."""
+    demo = app.build_demo(ModelCache(), "tiny")
+    public = [fn for fn in demo.fns.values() if f"/{fn.api_name}" in documented_endpoints()]
+    assert public
+    for fn in public:
+        _, _, returns = get_function_description(fn.fn)
+        assert len(returns) == len(fn.outputs), fn.api_name
+        assert all(part and not part.endswith((",", ";", ".")) for part in returns), returns
