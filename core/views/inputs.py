@@ -39,7 +39,7 @@ def check_steps(steps: object, maximum: int = MAX_STEPS) -> int:
 
 def check_number(value: object, what: str, low: float, high: float) -> float:
     """A finite number in [low, high]; `what` names it in the message ("The strength")."""
-    expected = f"a number between {low:g} and {high:g}"
+    expected = f"between {low:g} and {high:g}"
     number = _as_number(value, what, expected)
     if not low <= number <= high:
         raise ValueError(f"{what} must be {expected}, got {_shown(value)}.")
