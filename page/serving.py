@@ -114,21 +114,19 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def progress_hooks(progress: gr.Progress) -> dict:
-    """The core's callbacks, reported to the page: loading, then one tick per step."""
-    return {
-        "on_load": lambda name: progress(0, desc=f"loading the {name} preset"),
-        "on_step": lambda done, total: progress((done, total), desc="denoising", unit="steps"),
-    }
-
-
 @contextmanager
 def models(preset: str, progress: gr.Progress) -> Iterator[tuple[Loaded, Callable]]:
     """Hold the model slot with the preset's models, loading them if needed (reported on
-    `progress`); yields them and the per-step progress callback."""
-    hooks = progress_hooks(progress)
-    with CACHE.using(preset, hooks["on_load"]) as loaded:
-        yield loaded, hooks["on_step"]
+    `progress`); yields them and the callback that reports each denoising step."""
+
+    def on_load(name: str) -> None:
+        progress(0, desc=f"loading the {name} preset")
+
+    def on_step(done: int, total: int) -> None:
+        progress((done, total), desc="denoising", unit="steps")
+
+    with CACHE.using(preset, on_load) as loaded:
+        yield loaded, on_step
 
 
 def inputs_of(handler: Callable, **components: gr.Component) -> list[gr.Component]:
