@@ -7,6 +7,7 @@ from core.views.model_cache import ModelCache
 from page import serving
 from page.emergence import emergence_tab
 from page.inspect import inspect_tab
+from page.refusals import Page
 from page.revelio import revelio_tab
 from page.serving import LIGHT, PAGE, inputs_of
 from page.status import on_controls, on_select_preset, on_status, on_status_tick
@@ -14,11 +15,11 @@ from page.steer import steer_tab
 from page.texts import DEEP_LINK, INTRO
 
 
-def build_demo(cache: ModelCache, preset: str) -> gr.Blocks:
+def build_demo(cache: ModelCache, preset: str) -> Page:
     """The page, opening on `preset`, its handlers serving the models of `cache`."""
     serving.CACHE = cache
     opening = PRESETS[preset]
-    with gr.Blocks(title="Concept emergence and steering") as demo:
+    with Page(title="Concept emergence and steering") as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset", scale=1)

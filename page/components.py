@@ -16,9 +16,9 @@ def shown_path(source: str | Path) -> str:
 
 
 def results_line(text: str, elem_id: str) -> gr.Markdown:
-    """A line above a tab's results saying what they show; the tab's events report progress
-    and errors on it (`show_progress_on`), so that a refused request shows its message and
-    leaves the results of the last one in place instead of covering each with an error."""
+    """A line above a tab's results saying what they show. The tab's events report progress
+    and refusals under their buttons (`page.refusals.message_line`) instead, so that
+    nothing covers it and a refused request leaves the last one's results in place."""
     return gr.Markdown(text, elem_id=elem_id)
 
 

@@ -29,6 +29,7 @@ from core.views.inputs import MAX_STEPS
 from core.views.render import figure_image, for_display
 from core.views.run_file import SUFFIX, load_run, save_run
 from page.components import block_dropdown, results_line
+from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.status import on_status
 from page.texts import EMERGENCE_RESULTS, EXAMPLE_PROMPTS, PROMPT
@@ -219,9 +220,10 @@ def emergence_tab(
                 "", label="target words (comma-separated; empty: the prompt's nouns)"
             )
             run = gr.Button("generate and predict", variant="primary", elem_id="emergence-run")
+            message = message_line("emergence-message")
             gr.Examples(EXAMPLE_PROMPTS, [prompt])
         with gr.Column(scale=2):
-            line = results_line(EMERGENCE_RESULTS, "emergence-line")
+            results_line(EMERGENCE_RESULTS, "emergence-line")
             image, plot, summary, run_id, export, opener, run_file = emergence_results()
     step = gr.Slider(  # any run's steps: the server checks API calls against this range
         0,
@@ -252,17 +254,29 @@ def emergence_tab(
         words=words,
     )
     outputs = [image, plot, gallery, summary, run_id]
-    done = run.click(
-        on_emergence, inputs, outputs, api_name="emergence", show_progress_on=line, **MODEL
-    )
+    shown = {**MODEL, "show_progress_on": message}
+    done = run.click(on_emergence, inputs, outputs, api_name="emergence", **shown)
+    tells_refusal(done, message, "emergence_refused")
     done.success(on_step_range, run_id, step, api_name="step_range", **PAGE)
     done.then(on_status, preset_box, status, api_name="status_after_emergence", **PAGE)
-    light = {**LIGHT, "show_progress_on": line}
+    light = {**LIGHT, "show_progress_on": message}
     exported = export.click(on_export_run, run_id, run_file, api_name="export_run", **light)
+    tells_refusal(exported, message, "export_refused")
     exported.success(on_run_file_written, None, run_file, api_name="show_run_file", **PAGE)
     opened = opener.upload(on_import_run, opener, outputs, api_name="import_run", **light)
+    tells_refusal(opened, message, "import_refused")
     opened.success(on_step_range, run_id, step, api_name="step_range_after_import", **PAGE)
-    step.release(on_emergence_step, [run_id, step], gallery, api_name="emergence_step", **light)
+    moved = step.release(
+        on_emergence_step, [run_id, step], gallery, api_name="emergence_step", **light
+    )
+    tells_refusal(moved, message, "emergence_step_refused")
+    presses = {
+        "run": run.click,
+        "export": export.click,
+        "import": opener.upload,
+        "step": step.release,
+    }
+    clears(message, {f"emergence_{name}_clears": press for name, press in presses.items()})
     emergence_batch_panel(
         preset_box=preset_box,
         prompt=prompt,
@@ -270,7 +284,6 @@ def emergence_tab(
         block=block,
         branch=branch,
         words=words,
-        line=line,
     )
     return EmergenceControls(block, steps, branch)
 
@@ -316,10 +329,9 @@ def emergence_batch_panel(
     block: gr.Dropdown,
     branch: gr.Radio,
     words: gr.Textbox,
-    line: gr.Markdown,
 ) -> None:
     """Every prompt with every seed, at the tab's settings: each step's IoU averaged over the
-    runs. Progress and errors show on the tab's results `line`."""
+    runs; progress and refusals show under its button."""
     title = f"batch: several prompts and seeds (at most {MAX_PAGE_RUNS} runs)"
     with gr.Accordion(title, open=False):
         with gr.Row():
@@ -329,6 +341,7 @@ def emergence_batch_panel(
                     "", lines=3, label="more prompts, one a line (the tab's prompt runs too)"
                 )
                 run = gr.Button("run the batch", elem_id="emergence-batch-run")
+                message = message_line("emergence-batch-message")
             with gr.Column(scale=2):
                 plot = gr.Image(
                     label="mean IoU vs t",
@@ -353,11 +366,8 @@ def emergence_batch_panel(
         branch=branch,
         words=words,
     )
-    run.click(
-        on_emergence_batch,
-        inputs,
-        [plot, table, summary],
-        api_name="emergence_batch",
-        show_progress_on=line,
-        **MODEL,
-    )
+    outputs = [plot, table, summary]
+    shown = {**MODEL, "show_progress_on": message}
+    done = run.click(on_emergence_batch, inputs, outputs, api_name="emergence_batch", **shown)
+    tells_refusal(done, message, "emergence_batch_refused")
+    clears(message, {"emergence_batch_clears": run.click})

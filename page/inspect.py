@@ -10,6 +10,7 @@ from core.diffusion.presets import Preset
 from core.views import inspection, timeline
 from core.views.render import figure_image, for_display
 from page.components import block_dropdown, results_line
+from page.refusals import clears, message_line, tells_refusal
 from page.serving import MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.texts import INSPECT_RESULTS, PROMPT
 
@@ -240,38 +241,44 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
                 icon_strength = gr.Number(10.0, label="icon strength")
             run = gr.Button("inspect", variant="primary", elem_id="inspect-run")
             follow = gr.Button("timeline", elem_id="inspect-timeline")
+            message = message_line("inspect-message")
         with gr.Column(scale=2):
-            line = results_line(INSPECT_RESULTS, "inspect-line")
+            results_line(INSPECT_RESULTS, "inspect-line")
             views = concept_views()
     matches = gr.JSON(label="concepts matching the word", visible="hidden")
     runs = gr.State(0)  # inspections asked for: each change runs `show_concept`'s chain
     run.click(on_request_inspect, runs, runs, api_name="request_inspect", **PAGE)
     key = {"preset": preset_box, "block": block, "t": t, "branch": branch}
-    search.click(
+    model = {**MODEL, "show_progress_on": message}
+    searched = search.click(
         on_search_concepts,
         inputs_of(on_search_concepts, **key, word=word),
         [matches, cid, views.note],
         api_name="search_concepts",
-        show_progress_on=line,
-        **MODEL,
-    ).success(on_found, [matches, runs], [found, runs], api_name="show_found", **PAGE)
+        **model,
+    )
+    tells_refusal(searched, message, "search_concepts_refused")
+    searched.success(on_found, [matches, runs], [found, runs], api_name="show_found", **PAGE)
     found.input(on_pick_concept, [found, runs], [cid, runs], api_name="pick_concept", **PAGE)
     concept = {**key, "cid": cid}
-    shown = show_concept(runs, concept, prompt, seed, icon_strength, views, line)
+    shown = show_concept(runs, concept, prompt, seed, icon_strength, views, message)
     timeline = {**concept, "word": word, "prompt": prompt, "seed": seed}
     outputs = [views.strip, views.strength, views.timeline_note]
-    model = {**MODEL, "show_progress_on": line}
     opened = gr.State(False)  # whether this page has shown a timeline
-    follow.click(
-        on_timeline, inputs_of(on_timeline, **timeline), outputs, api_name="timeline", **model
-    ).success(on_timeline_opened, None, opened, api_name="timeline_opened", **PAGE)
-    shown.success(  # a shown timeline follows the concept at once
+    inputs = inputs_of(on_timeline, **timeline)
+    drawn = follow.click(on_timeline, inputs, outputs, api_name="timeline", **model)
+    tells_refusal(drawn, message, "timeline_refused")
+    drawn.success(on_timeline_opened, None, opened, api_name="timeline_opened", **PAGE)
+    followed = shown.success(  # a shown timeline follows the concept at once
         on_timeline_follows,
         inputs_of(on_timeline_follows, opened=opened, **timeline),
         outputs,
         api_name="timeline_follows",
         **{**model, "api_visibility": "private"},
     )
+    tells_refusal(followed, message, "timeline_follows_refused")
+    presses = {"search": search.click, "inspect": run.click, "timeline": follow.click}
+    clears(message, {f"inspect_{name}_clears": press for name, press in presses.items()})
     return InspectControls(block, branch, cid)
 
 
@@ -336,20 +343,24 @@ def show_concept(
     seed: gr.Number,
     icon_strength: gr.Number,
     views: ConceptViews,
-    line: gr.Markdown,
+    message: gr.Markdown,
 ) -> Dependency:
     """On each new inspection of `concept` (its preset, block, t, branch and CID): the card,
     then top examples, activation map and feature icon, each only if the one before
-    succeeded; progress and errors show on `line`. Returns the last event of the chain."""
-    model = {**MODEL, "show_progress_on": line}
+    succeeded; progress and refusals show on `message`. Returns the last event of the chain."""
+    model = {**MODEL, "show_progress_on": message}
     inputs = inputs_of(on_inspect_concept, **concept)
     outputs = [views.entry, views.stats, views.nearest, views.note]
     shown = runs.change(on_inspect_concept, inputs, outputs, api_name="inspect_concept", **model)
+    tells_refusal(shown, message, "inspect_concept_refused")
     inputs = inputs_of(on_top_examples, **concept)
     outputs = [views.examples, views.examples_note]
     shown = shown.success(on_top_examples, inputs, outputs, api_name="top_examples", **model)
+    tells_refusal(shown, message, "top_examples_refused")
     inputs = inputs_of(on_activation_map, **concept, prompt=prompt, seed=seed)
     outputs = [views.overlay, views.heat, views.caption]
     shown = shown.success(on_activation_map, inputs, outputs, api_name="activation_map", **model)
+    tells_refusal(shown, message, "activation_map_refused")
     inputs = inputs_of(on_feature_icon, **concept, strength=icon_strength, seed=seed)
-    return shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)
+    shown = shown.success(on_feature_icon, inputs, views.icon, api_name="feature_icon", **model)
+    return tells_refusal(shown, message, "feature_icon_refused")

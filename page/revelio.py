@@ -6,6 +6,7 @@ import gradio as gr
 from core.runtime import USER_ERRORS
 from core.views import revelio
 from page.components import results_line, shown_path
+from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, PAGE, inputs_of, user_errors
 from page.texts import REVELIO_ABOUT, REVELIO_RESULTS
 
@@ -110,8 +111,8 @@ def revelio_tab() -> None:
         saes = gr.Textbox(shown_path(revelio.DEMO_SAES), label="k-SAE folder")
         images = gr.Textbox(shown_path(revelio.DEMO_IMAGES), label="image folder (optional)")
     load = gr.Button("load", variant="primary", elem_id="revelio-load")
-    line = results_line(REVELIO_RESULTS, "revelio-line")
-    light = {**LIGHT, "show_progress_on": line}
+    message = message_line("revelio-message")
+    results_line(REVELIO_RESULTS, "revelio-line")
     note = gr.Markdown(label="note", elem_id="revelio-note")
     table = gr.Dataframe(
         headers=revelio.PURITY_HEADERS,
@@ -120,15 +121,18 @@ def revelio_tab() -> None:
         elem_id="revelio-table",
     )
     choices = revelio_choices(revelio_demo_contents())
-    ksae = ksae_latent_panel(cache, saes, images, choices[:2], light)
-    maps = pca_panel(cache, images, choices[2:], light)
+    ksae = ksae_latent_panel(cache, saes, images, choices[:2])
+    maps = pca_panel(cache, images, choices[2:])
     loaded = load.click(
         on_revelio_load,
         inputs_of(on_revelio_load, cache=cache, saes=saes),
         [note, table],
         api_name="revelio_load",
-        **light,
+        show_progress_on=message,
+        **LIGHT,
     )
+    tells_refusal(loaded, message, "revelio_load_refused")
+    clears(message, {"revelio_load_clears": load.click})
     loaded.success(
         on_revelio_choices,
         inputs_of(on_revelio_choices, cache=cache, saes=saes),
@@ -148,10 +152,9 @@ def pair_dropdowns(choices: list[tuple[list, object]], layer_label: str) -> list
 
 
 def ksae_latent_panel(
-    cache: gr.Textbox, saes: gr.Textbox, images: gr.Textbox, choices: list, light: dict
+    cache: gr.Textbox, saes: gr.Textbox, images: gr.Textbox, choices: list
 ) -> list[gr.Dropdown]:
-    """One k-SAE latent's top images (its event's settings `light`); returns its layer and
-    timestep dropdowns."""
+    """One k-SAE latent's top images; returns its layer and timestep dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### k-SAE latent")
@@ -159,11 +162,12 @@ def ksae_latent_panel(
             by = gr.Radio(["purest", "id"], value="purest", label="latent by")
             number = gr.Number(0, precision=0, label="rank among the purest (0 = purest), or id")
             inspect = gr.Button("inspect", variant="primary", elem_id="revelio-inspect")
+            message = message_line("revelio-inspect-message")
         with gr.Column(scale=2):
             note = gr.Markdown(label="note", elem_id="revelio-latent-note")
             grid = gr.Image(label="top-activating images", format="png", elem_id="revelio-grid")
             top = gr.Dataframe(headers=revelio.TOP_IMAGE_HEADERS, label="its top images")
-    inspect.click(
+    shown = inspect.click(
         on_revelio_inspect,
         inputs_of(
             on_revelio_inspect,
@@ -177,16 +181,17 @@ def ksae_latent_panel(
         ),
         [note, grid, top],
         api_name="revelio_inspect",
-        **light,
+        show_progress_on=message,
+        **LIGHT,
     )
+    tells_refusal(shown, message, "revelio_inspect_refused")
+    clears(message, {"revelio_inspect_clears": inspect.click})
     return [layer, timestep]
 
 
-def pca_panel(
-    cache: gr.Textbox, images: gr.Textbox, choices: list, light: dict
-) -> list[gr.Dropdown]:
-    """Images beside the PCA maps of their features (its event's settings `light`); returns
-    its layer and timestep dropdowns."""
+def pca_panel(cache: gr.Textbox, images: gr.Textbox, choices: list) -> list[gr.Dropdown]:
+    """Images beside the PCA maps of their features; returns its layer and timestep
+    dropdowns."""
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### PCA maps of features")
@@ -195,6 +200,7 @@ def pca_panel(
                 "", label='images (indices like "0-7, 12"; empty: the first of each class)'
             )
             run = gr.Button("show PCA maps", variant="primary", elem_id="revelio-pca-run")
+            message = message_line("revelio-pca-message")
         with gr.Column(scale=2):
             maps = gr.Gallery(
                 label="image | its PCA map (one PCA over all shown: colours compare)",
@@ -206,5 +212,9 @@ def pca_panel(
     inputs = inputs_of(
         on_revelio_pca, cache=cache, images=images, layer=layer, timestep=timestep, indices=indices
     )
-    run.click(on_revelio_pca, inputs, maps, api_name="revelio_pca", **light)
+    shown = run.click(
+        on_revelio_pca, inputs, maps, api_name="revelio_pca", show_progress_on=message, **LIGHT
+    )
+    tells_refusal(shown, message, "revelio_pca_refused")
+    clears(message, {"revelio_pca_clears": run.click})
     return [layer, timestep]

@@ -22,6 +22,7 @@ from core.views.steer import (
     run_steer,
 )
 from page.components import block_dropdown, results_line
+from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.texts import PROMPT, STEER_RESULTS
 
@@ -217,6 +218,7 @@ class SteerControls(NamedTuple):
 
 def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
     """Generate without and with a concept edited in, from one seed."""
+    message = message_line("steer-message", render=False)  # every event of the tab tells it
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(PROMPT, label="prompt")
@@ -226,15 +228,16 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
                 list(BRANCH_CHOICES), value="cond", label="branch", elem_id="steer-branch"
             )
             by = gr.Radio(["word", "CID"], value="word", label="concept by")
-            word, concepts = steer_concepts(preset_box, preset, block, branch)
+            word, concepts = steer_concepts(preset_box, preset, block, branch, message)
             with gr.Row():
                 cid = gr.Number(0, label="CID", precision=0)
                 cid_t = gr.Slider(0, 1, 1.0, step=0.05, label="the CID's SAE: the one nearest t")
-            edit = steer_edit(preset_box, preset)
-            region = steer_region(preset_box, prompt, seed)
+            edit = steer_edit(preset_box, preset, message)
+            region = steer_region(preset_box, prompt, seed, message)
             run = gr.Button("generate before and after", variant="primary", elem_id="steer-run")
+            message.render()
         with gr.Column(scale=1):
-            line = results_line(STEER_RESULTS, "steer-line")
+            results_line(STEER_RESULTS, "steer-line")
             pair = gr.ImageSlider(
                 label="before | after (same seed)", format="png", elem_id="steer-pair"
             )
@@ -271,15 +274,21 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
         **region._asdict(),
     )
     outputs = [pair, difference, edits, metrics]
-    run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=line, **MODEL)
+    done = run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=message, **MODEL)
+    tells_refusal(done, message, "steer_refused")
+    clears(message, {"steer_clears": run.click})
     return SteerControls(block, word, branch, by, edit.sae_choice)
 
 
 def steer_concepts(
-    preset_box: gr.Dropdown, preset: Preset, block: gr.Dropdown, branch: gr.Radio
+    preset_box: gr.Dropdown,
+    preset: Preset,
+    block: gr.Dropdown,
+    branch: gr.Radio,
+    message: gr.Markdown,
 ) -> tuple[gr.Textbox, gr.JSON]:
     """The concept's word and, listed on request, its concepts to narrow the edit to (the
-    ticked ones, as a list)."""
+    ticked ones, as a list); a refusal shows on the tab's `message` line."""
     with gr.Row():
         word = gr.Textbox(preset.app.word, label="word", scale=2)
         listing = gr.Button("list its concepts", scale=1, elem_id="steer-list")
@@ -287,13 +296,17 @@ def steer_concepts(
     found = gr.JSON(label="the word's concepts", visible="hidden")
     ticked = gr.JSON([], label="the ticked concepts", visible="hidden")
     concepts.change(on_ticked, concepts, ticked, api_name="ticked", **PAGE)
-    listing.click(
+    listed = listing.click(
         on_steer_concepts,
         inputs_of(on_steer_concepts, preset=preset_box, block=block, branch=branch, word=word),
         found,
         api_name="steer_concepts",
+        show_progress_on=message,
         **MODEL,
-    ).success(on_concept_list, found, concepts, api_name="concept_list", **PAGE)
+    )
+    tells_refusal(listed, message, "steer_concepts_refused")
+    clears(message, {"steer_concepts_clears": listing.click})
+    listed.success(on_concept_list, found, concepts, api_name="concept_list", **PAGE)
     gr.on(
         [word.change, block.change, branch.change],
         on_concepts_stale,
@@ -324,9 +337,9 @@ class RegionControls(NamedTuple):
     canvas: gr.ImageEditor
 
 
-def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> EditControls:
+def steer_edit(preset_box: gr.Dropdown, preset: Preset, message: gr.Markdown) -> EditControls:
     """The edit's type, stage (or t range), strength (which follows the preset's default) and
-    the SAE each step edits with."""
+    the SAE each step edits with; a refusal shows on the tab's `message` line."""
     kind = gr.Radio(list(KINDS), value="spatial", label="type")
     stage = gr.Radio(list(STAGE_CHOICES), value="early", label="stage")
     with gr.Row(visible=False) as t_range:
@@ -340,7 +353,7 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> EditControls:
         "step takes its own stage's. With SDLens SAEs (sdxl-turbo) a multiple of the "
         "concept's mean activation, as in the SDLens demo.",
     )
-    gr.on(
+    proposed = gr.on(
         [preset_box.change, kind.change, stage.change, t_min.release, t_max.release],
         on_default_strength,
         inputs_of(
@@ -355,6 +368,7 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> EditControls:
         api_name="default_strength",
         **LIGHT,
     )
+    tells_refusal(proposed, message, "default_strength_refused")
     stage.change(on_stage, stage, t_range, api_name="stage_range", **PAGE)
     sae_choice = gr.Radio(
         list(SAE_CHOICES),
@@ -364,9 +378,11 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset) -> EditControls:
     return EditControls(kind, stage, t_min, t_max, strength, sae_choice)
 
 
-def steer_region(preset_box: gr.Dropdown, prompt: gr.Textbox, seed: gr.Number) -> RegionControls:
+def steer_region(
+    preset_box: gr.Dropdown, prompt: gr.Textbox, seed: gr.Number, message: gr.Markdown
+) -> RegionControls:
     """Where a spatial edit acts: a quadrant, or a region drawn on the canvas over the image
-    to edit (a button puts it there)."""
+    to edit (a button puts it there; a refusal shows on the tab's `message` line)."""
     region_by = gr.Radio(["quadrant", "drawn"], value="quadrant", label="region")
     quadrant = gr.Radio(list(QUADRANTS), value="top_left", label="quadrant")
     canvas = gr.ImageEditor(
@@ -381,11 +397,13 @@ def steer_region(preset_box: gr.Dropdown, prompt: gr.Textbox, seed: gr.Number) -
         brush=gr.Brush(colors=["#e02020"], default_size=28, color_mode="fixed"),
     )
     show = gr.Button("put the image to edit (before) on the canvas", elem_id="steer-show")
-    show.click(
+    shown = show.click(
         on_canvas_image,
         inputs_of(on_canvas_image, preset=preset_box, prompt=prompt, seed=seed),
         canvas,
         api_name="canvas_image",
         **{**MODEL, "api_visibility": "private"},
     )
+    tells_refusal(shown, message, "canvas_image_refused")
+    clears(message, {"canvas_image_clears": show.click})
     return RegionControls(region_by, quadrant, canvas)

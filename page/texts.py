@@ -1,8 +1,16 @@
 """The page's texts: its introduction, each tab's line above its results, the prompts it
 opens with, and its style."""
 
-CSS = "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }"
-"""A word may label hundreds of concepts: their list scrolls."""
+REFUSAL_CLASS = "refusal"
+"""The class of the lines under buttons that say why a request was refused."""
+CSS = (
+    "#steer-concepts .wrap { max-height: 12em; overflow-y: auto; }\n"
+    f".{REFUSAL_CLASS} .md.prose p {{ color: var(--error-text-color); }}\n"
+    f".{REFUSAL_CLASS} .meta-text-center {{ top: auto; bottom: 0; transform: none; }}\n"
+    f".{REFUSAL_CLASS} .progress-level {{ margin-bottom: var(--size-6); }}"
+)
+"""A word may label hundreds of concepts: their list scrolls. A refusal reads as one. The
+progress of a request shows on the same narrow line: its count of steps goes below the bar."""
 PROMPT = "a white triangle and a red circle on a teal gradient background"
 """The prompt every tab opens with: a caption of the toy model's shapes world."""
 EXAMPLE_PROMPTS = [

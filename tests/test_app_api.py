@@ -288,10 +288,16 @@ def test_each_refused_request_is_one_line_in_the_server_log(client):
             emergence(client, **changes)
     with pytest.raises(AppError):
         steer(client, word="qzxv")
-    first, second, third, *rest = log.read_text()[start:].splitlines()
+    with pytest.raises(AppError, match="is not in the list of choices"):  # refused by Gradio
+        steer(client, branch="sideways")
+    with pytest.raises(AppError, match="The input 'step.*' could not be read"):
+        client.predict("abc", "two", api_name="/emergence_step")
+    first, second, third, fourth, fifth, *rest = log.read_text()[start:].splitlines()
     assert first.startswith("refused emergence_result: The prompt is empty; ")
     assert second.startswith("refused emergence_result: The number of steps must be a whole")
     assert third.startswith("refused on_steer: ") and "is labelled 'qzxv' at any t" in third
+    assert fourth.startswith("refused on_steer: Value: 'sideways'")
+    assert fifth.startswith("refused on_emergence_step: The input 'step")
     assert rest == []  # no traceback, chained or not
 
 

@@ -225,7 +225,8 @@ def test_an_empty_word_is_refused_and_the_last_edit_stays(page):
     word = page.get_by_role("textbox", name="word", exact=True)
     word.fill("")
     page.click("#steer-run")
-    page.get_by_text("Type the word to steer with, or choose the concept by CID.").first.wait_for()
+    refusal = "Type the word to steer with, or choose the concept by CID."
+    page.locator("#steer-message").get_by_text(refusal).wait_for()
     assert page.locator("#steer-pair img").count() == 2
     word.fill(PRESETS[default_preset_name()].app.word)
 
@@ -250,21 +251,30 @@ def test_inspect_tab_from_a_word(page):
     assert page.get_by_label("concepts found").input_value().startswith("CID ")
 
 
-def test_a_bad_input_shows_a_sentence_and_keeps_the_earlier_results(page):
+def test_a_bad_input_shows_a_sentence_that_stays_and_keeps_the_earlier_results(page):
     page.get_by_role("tab", name="emergence").click()
     page.get_by_label("prompt").first.fill("")
     page.click("#emergence-run")
-    page.get_by_text("The prompt is empty").first.wait_for()
-    page.wait_for_timeout(800)  # the message fades in
+    message = page.locator("#emergence-message")
+    message.get_by_text("The prompt is empty").wait_for()
+    page.wait_for_timeout(800)  # the toast fades in
     shot(page, "4-error")
     for results in ("#emergence-image", "#emergence-plot", "#emergence-gallery"):
         assert page.locator(f"{results} img").first.is_visible()
         assert page.locator(results).get_by_text("Error", exact=True).count() == 0
     assert page.locator("#emergence-gallery img").count() == 12
+    assert page.locator("#emergence-line").get_by_text("Error", exact=True).count() == 0
+    colour = "e => getComputedStyle(e).color"  # a refusal does not read as a result
+    assert message.locator("p").evaluate(colour) != page.locator("#emergence-line p").evaluate(
+        colour
+    )
+    page.locator(".toast-body").first.wait_for(state="detached")  # the toast has gone ...
+    assert message.inner_text().startswith("The prompt is empty")  # ... the line has not
     page.get_by_label("prompt").first.fill("a red circle and a blue star")
     page.get_by_label("seed").first.fill("7")
-    page.click("#emergence-run")
+    page.click("#emergence-run")  # the next press empties it
     page.get_by_text("(cond), seed 7,").wait_for()
+    assert message.inner_text().strip() == ""
 
 
 def test_revelio_tab_loads_and_shows_a_latents_grid(page):
