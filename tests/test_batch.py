@@ -102,7 +102,7 @@ def test_the_figure_and_table_show_both_methods_per_step():
     assert result.spreads("sae", "b")[0].n == 0 and result.spreads("attention", "b")[1].n == 0
     ax = batch_figure(result).axes[0]
     assert "over 2 runs (1 prompt × 2 seeds)" in ax.get_title(loc="left")
-    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    labels = [text.get_text() for text in ax.figure.legends[0].get_texts()]
     assert labels == [
         "SAE prediction, mean",
         "SAE prediction, ±1 std",

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from core.annotate.shapes import ToySegmenter
@@ -19,11 +20,13 @@ from core.views import inspection
 from core.views.emergence import (
     EmergenceRuns,
     default_words,
+    finished,
+    iou_axes,
     iou_figure,
     run_emergence,
     step_panels,
 )
-from core.views.inputs import check_prompt, check_seed, check_steps, parse_words
+from core.views.inputs import MAX_WORDS, check_prompt, check_seed, check_steps, parse_words
 from core.views.model_cache import Loaded, ModelCache
 from core.views.render import BAR_WIDTH, difference_map, heat_map, outline, overlay
 from core.views.steer import (
@@ -147,7 +150,7 @@ def test_emergence_predicts_every_step_and_scores_it(loaded):
     ):
         assert mask.size == reference.size == (256, 256) and "predicted mask at t=" in caption
         assert similarity.size == attention.size == (256 + BAR_WIDTH, 256)  # a colour bar
-    assert iou_figure(result).axes[0].get_legend() is not None
+    assert len(iou_figure(result).legends) == 1
     assert hook_count(loaded.pipe) == 0
 
 
@@ -164,6 +167,25 @@ def test_a_word_absent_from_prediction_and_reference_has_no_iou_and_no_point(loa
     assert "square: predicted mask at t=0.80: empty" in captions
     assert "square: reference (last step): empty" in captions
     assert len(captions) == 12 and "circle: not in the prompt" in captions
+
+
+def test_the_iou_legend_stays_readable_with_the_most_words_and_longest_labels():
+    ax = iou_axes("IoU with the reference mask")
+    ts = np.linspace(1, 0, 25)
+    for i in range(MAX_WORDS):
+        ax.plot(ts, ts, "o-", label=f"background{i} (vs last step): no IoU at 20 steps")
+        ax.plot(ts, ts, "--", label=f"background{i}, cross-attention: no IoU at 20 steps")
+    figure = finished(ax, "IoU of each word's predicted mask, per step\n(a second line)")
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = figure.legends
+    entries = [text.get_window_extent(renderer) for text in legend.get_texts()]
+    assert len(entries) == 2 * MAX_WORDS
+    assert not any(a.overlaps(b) for i, a in enumerate(entries) for b in entries[i + 1 :])
+    box = legend.get_window_extent(renderer)
+    assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and figure.bbox.y0 <= box.y0
+    assert not box.overlaps(ax.xaxis.get_tightbbox(renderer))  # nor the t axis above it
 
 
 def test_emergence_runs_keep_the_most_recently_used(loaded):

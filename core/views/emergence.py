@@ -266,7 +266,7 @@ def iou_figure(result: EmergenceResult) -> Figure:
 
 def iou_axes(ylabel: str) -> Axes:
     """The axes of an IoU-vs-t plot: t from 1 (noise) to 0, as generation runs, IoU in [0, 1]."""
-    ax = Figure(figsize=(6, 4.4), dpi=100).subplots()
+    ax = Figure(figsize=(6, 4.4), dpi=100, layout="constrained").subplots()
     t_axis(ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(ylabel)
@@ -275,10 +275,16 @@ def iou_axes(ylabel: str) -> Axes:
 
 
 def finished(ax: Axes, title: str) -> Figure:
-    """The figure of `iou_axes` with its title and, below the plot, its legend."""
+    """The figure of `iou_axes` with its title and, below the plot, its legend: in two
+    columns where they fit the figure's width, else in one."""
     ax.set_title(title, fontsize=10, loc="left")  # clear of the page's buttons, top right
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    ax.figure.tight_layout()
+    for columns in (2, 1):
+        legend = ax.figure.legend(
+            loc="outside lower center", ncol=columns, fontsize=8, frameon=False
+        )
+        if legend.get_window_extent().width <= ax.figure.bbox.width:
+            break
+        legend.remove()
     return ax.figure
 
 
