@@ -237,8 +237,9 @@ def test_a_budgeted_phase_fits_its_steps_to_the_budget_and_records_them(tmp_path
     assert trainer.run() is not None
     recorded = json.loads((tmp_path / "work" / "steps.json").read_text())["denoiser"]
     assert PROBE_STEPS[1] <= recorded["steps"] < 100_000 and recorded["seconds_per_step"] > 0
-    fitted = recorded["steps"] * recorded["seconds_per_step"]
-    assert fitted <= budget or recorded["steps"] == PROBE_STEPS[1]  # a slow machine: the probe
+    left = (recorded["steps"] - recorded["fitted_at_step"]) * recorded["seconds_per_step"]
+    assert recorded["fitted_at_step"] == PROBE_STEPS[1]
+    assert recorded["elapsed_s"] + left <= budget or left == 0  # or the probe spent it all
     assert trainer.log["denoiser_steps"] == recorded["steps"]
     again = ToyTrainer(tmp_path, config, "cpu")
     assert again.run() is not None and again.log["denoiser_steps"] == recorded["steps"]

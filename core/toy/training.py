@@ -472,8 +472,9 @@ class StepBudget:
                 self.probe_start = now
             else:
                 per_step = (now - self.probe_start) / (PROBE_STEPS[1] - PROBE_STEPS[0])
-                left = self.budget - (now - self.started)
-                self._settle(min(self.steps, step + max(0, int(left / per_step))), per_step)
+                elapsed = now - self.started
+                fitted = min(self.steps, step + max(0, int((self.budget - elapsed) / per_step)))
+                self._settle(fitted, per_step, {"fitted_at_step": step, "elapsed_s": elapsed})
         elif (
             self.steps_taken > PROBE_STEPS[1]
             and step < self.steps
@@ -481,10 +482,12 @@ class StepBudget:
         ):
             self._settle(step, None)
 
-    def _settle(self, steps: int, seconds_per_step: float | None) -> None:
+    def _settle(self, steps: int, seconds_per_step: float | None, fit: dict | None = None) -> None:
+        """Set the count; `fit` records when it was fitted (the step, the seconds elapsed)."""
         self.steps = steps
         saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
         entry = {"steps": steps, "budget_s": self.budget, "seconds_per_step": seconds_per_step}
+        entry |= fit or {}
         if seconds_per_step is None:
             entry["seconds_per_step"] = saved.get(self.phase, {}).get("seconds_per_step")
             entry["stopped_at_overrun"] = True
