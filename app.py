@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Mapping
 
 import torch
 
@@ -22,18 +23,34 @@ from page.assembly import build_demo
 from page.serving import sentence
 from page.texts import CSS
 
+TRUE = ("1", "true", "yes", "on")
+"""How environment flags say yes (as huggingface_hub reads them)."""
 PRESET_ENV = "APP_PRESET"
 SPACE_ENV = "SPACE_ID"
 """Set by Hugging Face Spaces in a Space's environment."""
+ZERO_GPU_ENV = "SPACES_ZERO_GPU"
+"""Set to "true" by Hugging Face Spaces on ZeroGPU hardware (its main process sees no CUDA)."""
+GPU_PRESET = "sdxl-turbo"
+"""The preset the page opens on where a GPU is present: a real model with published SAEs."""
+
+
+def opening_preset(environ: Mapping[str, str], cuda: bool) -> str:
+    """The preset the page opens on unless --preset or APP_PRESET name one: `GPU_PRESET`
+    where CUDA is available or in a ZeroGPU Space, unless the Hub is offline; else the
+    shipped offline model."""
+    zero_gpu = bool(environ.get(SPACE_ENV)) and environ.get(ZERO_GPU_ENV, "").lower() in TRUE
+    offline = environ.get("HF_HUB_OFFLINE", "").lower() in TRUE
+    return GPU_PRESET if (cuda or zero_gpu) and not offline else default_preset_name()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
     p.add_argument(
         "--preset",
-        default=os.environ.get(PRESET_ENV) or default_preset_name(),
+        default=os.environ.get(PRESET_ENV) or opening_preset(os.environ, torch.cuda.is_available()),
         choices=list(PRESETS),
-        help=f"preset selected when the page opens (env {PRESET_ENV}; default: the offline one)",
+        help=f"preset selected when the page opens (env {PRESET_ENV}; default: {GPU_PRESET} "
+        "where a GPU is present (CUDA or ZeroGPU) and the Hub reachable, else the offline one)",
     )
     p.add_argument("--sd14-saes", help=f"SAE repo or folder for sd14 (env {SD14_SAES_ENV})")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")

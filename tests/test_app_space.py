@@ -11,6 +11,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import app
 from core.diffusion.presets import PRESETS, default_preset_name
+from core.diffusion.tiny import build_tiny_sdxl_pipeline
 from core.emergence.concepts import load_dictionaries
 from core.files import REPO_ROOT
 from core.sae.bank import hub_patterns
@@ -37,11 +38,17 @@ def test_readme_front_matter_repeats_space_yaml():
     assert any(item.startswith("surokpro2/sdxl-saes") for item in space["preload_from_hub"])
 
 
-def test_preload_lists_the_files_the_app_loads():
+def test_preload_lists_the_files_the_app_loads(tmp_path):
+    """Exactly what the page opens on in a ZeroGPU Space: the GPU preset's pipeline weights
+    (as an SDXL-layout pipeline saves them) and its SAEs."""
     space = yaml.safe_load((REPO_ROOT / "space.yaml").read_text())
     files = dict(item.partition(" ")[::2] for item in space["preload_from_hub"])
-    assert {PRESETS["sd14"].model, PRESETS["sdxl-turbo"].model} < set(files)
-    turbo = PRESETS["sdxl-turbo"]
+    turbo = PRESETS[app.GPU_PRESET]
+    assert set(files) == {turbo.model, turbo.sae_source}
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path)
+    saved = [path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")]
+    weights = {name for name in saved if name.endswith(".safetensors")}
+    assert set(files[turbo.model].split(",")) == {"model_index.json", *weights}
     listed = files[turbo.sae_source].split(",")
     patterns = hub_patterns(turbo.hook_points, turbo.sae_variant)
     assert list(filter_repo_objects(listed, allow_patterns=patterns)) == listed
@@ -109,6 +116,36 @@ def test_the_app_opens_on_the_offline_default_unless_told_otherwise(monkeypatch)
     monkeypatch.setenv(app.PRESET_ENV, "sd14")
     assert app.parse_args([]).preset == "sd14"
     assert app.parse_args(["--preset", "tiny"]).preset == "tiny"
+
+
+ZERO_GPU_SPACE = {app.SPACE_ENV: "user/space", app.ZERO_GPU_ENV: "true"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "cuda", "opening"),
+    [
+        ({}, False, default_preset_name()),
+        ({}, True, app.GPU_PRESET),
+        (ZERO_GPU_SPACE, False, app.GPU_PRESET),  # ZeroGPU's main process sees no CUDA
+        ({app.SPACE_ENV: "user/space"}, False, default_preset_name()),  # a CPU Space
+        ({app.ZERO_GPU_ENV: "true"}, False, default_preset_name()),  # not in a Space
+        ({"HF_HUB_OFFLINE": "1"}, True, default_preset_name()),
+        ({**ZERO_GPU_SPACE, "HF_HUB_OFFLINE": "1"}, False, default_preset_name()),
+    ],
+)
+def test_the_app_opens_on_the_real_model_where_a_gpu_is_present(environ, cuda, opening):
+    assert app.opening_preset(environ, cuda) == opening
+
+
+def test_a_named_preset_wins_over_the_gpu_default(monkeypatch):
+    for name in (app.PRESET_ENV, "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ZERO_GPU_SPACE.items():
+        monkeypatch.setenv(name, value)
+    assert app.parse_args([]).preset == app.GPU_PRESET
+    assert app.parse_args(["--preset", "toy"]).preset == "toy"
+    monkeypatch.setenv(app.PRESET_ENV, "tiny")
+    assert app.parse_args([]).preset == "tiny"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "toy"])

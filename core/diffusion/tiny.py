@@ -1,16 +1,29 @@
-"""A randomly initialised Stable-Diffusion-shaped pipeline, small enough for CPU tests.
+"""Randomly initialised Stable-Diffusion-shaped pipelines, small enough for CPU tests.
 
-Its U-Net has SD v1.4's block types and layer counts, so it has the same 16
+The `tiny` U-Net has SD v1.4's block types and layer counts, so it has the same 16
 `Transformer2DModel` blocks under the same names (`down_blocks.2.attentions.1`,
 `mid_block.attentions.0`, ...); only the widths are small. Images are 32x32 pixels,
-latents 16x16x4.
+latents 16x16x4. `build_tiny_sdxl_pipeline` does the same for SDXL's layout (two text
+encoders, SDXL's 11 block names, its added time conditioning), standing in for SDXL-Turbo.
 """
 
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from core.diffusion.tokenizer import write_clip_tokenizer
 
@@ -71,8 +84,29 @@ def tiny_vae(num_blocks: int = 2) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def tiny_sdxl_unet(text_width: int, pooled_width: int, time_width: int = 8) -> UNet2DConditionModel:
+    """SDXL's block layout (its 11 transformer blocks' names) at small widths, one
+    transformer layer per block where SDXL has 1, 2 and 10."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=text_width,
+        attention_head_dim=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_width,
+        projection_class_embeddings_input_dim=6 * time_width + pooled_width,
+    )
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -82,8 +116,12 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32) -> CLIPTe
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    return CLIPTextModel(config)
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32) -> CLIPTextModel:
+    return CLIPTextModel(tiny_text_config(tokenizer, hidden_size))
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -117,6 +155,35 @@ def _random_pipeline(seed: int, build) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A random SDXL-layout pipeline with SDXL-Turbo's scheduler (Euler ancestral, trailing
+    timesteps); the same seed always gives the same weights. Images are 32x32 pixels."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, TINY_WORDS))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer, projection_dim=32))
+        unet = tiny_sdxl_unet(text_width=64, pooled_width=32)
+        vae = tiny_vae()
+    scheduler = EulerAncestralDiscreteScheduler(
+        **{k: SD14_SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
