@@ -18,6 +18,7 @@ from core.emergence import build_dictionary
 from core.emergence.composition import latent_grid
 from core.emergence.concepts import load_dictionaries
 from core.emergence.gathering import build_dictionaries, gather, load_spatial_means, select_keys
+from core.emergence.parts import PartedBuild
 from core.emergence.words import load_word_vectors
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.config import SAEConfig
@@ -267,6 +268,10 @@ def test_a_time_shared_sae_pools_the_evidence_of_three_steps(tiny_pipe, setup):
     # the steps nearest t = 1.0, 0.5 and 0.0, each (image, step) counted as one image
     assert gathered.builders[key].num_images == 3 * len(PROMPTS)
     assert gathered.means(key).shape == (len(PROMPTS), 32)
+    # with two steps, two of those t share a step: each step read counts once
+    arguments = dict(keys=[key], seed=SEED, gen_batch=5, steps=2, guidance_scale=7.5)
+    two = gather(tiny_pipe, bank, PROMPTS, OutlineAnnotator(maps, 0), **arguments)
+    assert two.builders[key].num_images == 2 * len(PROMPTS)
 
 
 @pytest.fixture
@@ -287,14 +292,14 @@ def outlines(setup):
     del LABELLERS[labeller.name]
 
 
-def test_a_labeller_added_to_the_registry_alone_builds_a_dictionary(tmp_path, setup, outlines):
-    bank, _, cid = setup
-    bank.save_pretrained(tmp_path / "saes")
+def outlines_config(tmp_path, out: str, **changes) -> build_dictionary.DictionaryConfig:
+    """The outlines labeller's build of PROMPTS with the SAEs in tmp_path/saes, into
+    tmp_path/out."""
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    config = build_dictionary.DictionaryConfig(
+    settings = dict(
         saes=str(tmp_path / "saes"),
         prompts=str(tmp_path / "prompts.txt"),
-        out=str(tmp_path / "dicts"),
+        out=str(tmp_path / out),
         preset="tiny",
         blocks=(UP,),
         t=(0.0,),
@@ -304,7 +309,120 @@ def test_a_labeller_added_to_the_registry_alone_builds_a_dictionary(tmp_path, se
         device="cpu",
         annotation=AnnotatorConfig(annotator="outlines"),
     )
+    return build_dictionary.DictionaryConfig(**{**settings, **changes})
+
+
+def parted(tmp_path, out: str, **changes) -> build_dictionary.DictionaryConfig:
+    """`outlines_config` in parts of two prompts."""
+    return outlines_config(tmp_path, out, **{"part_size": 2, **changes})
+
+
+def test_a_labeller_added_to_the_registry_alone_builds_a_dictionary(tmp_path, setup, outlines):
+    bank, _, cid = setup
+    bank.save_pretrained(tmp_path / "saes")
+    config = outlines_config(tmp_path, "dicts")
     built = build_dictionary.build(config)
     assert cid in built[KEY].cids_for("cat")
     assert json.loads((tmp_path / "dicts" / "examples.json").read_text())["annotator"] == "outlines"
     assert load_dictionaries(tmp_path / "dicts")[KEY].cids_for("cat") == built[KEY].cids_for("cat")
+
+
+def test_an_interrupted_build_goes_on_from_its_parts(tmp_path, setup, outlines, monkeypatch):
+    bank, _, cid = setup
+    bank.save_pretrained(tmp_path / "saes")
+    whole = build_dictionary.build(parted(tmp_path, "whole", part_size=len(PROMPTS)))
+    built, build_part = [], PartedBuild.build
+
+    def stops_after_one(self, index, *args, **kwargs):
+        if built:
+            raise KeyboardInterrupt  # as a stopped process or an expired GPU call
+        built.append(index)
+        build_part(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(PartedBuild, "build", stops_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build_dictionary.build(parted(tmp_path, "parted"))
+    parts = tmp_path / "parted" / "parts"
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "part-00000.json",
+        "part-00000.safetensors",
+        "plan.json",
+    ]
+    with pytest.raises(ValueError, match=r"other settings \(seed\); delete that folder"):
+        build_dictionary.build(parted(tmp_path, "parted", seed=SEED + 1))
+    assert (parts / "part-00000.json").is_file()  # refused, nothing lost
+
+    def counted(self, index, *args, **kwargs):
+        built.append(index)
+        build_part(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(PartedBuild, "build", counted)
+    resumed = build_dictionary.build(parted(tmp_path, "parted"))
+    assert built == [0, 1, 2]  # parts 1 and 2 only, on the second run
+    assert not parts.exists()
+    assert resumed[KEY].num_images == whole[KEY].num_images == len(PROMPTS)
+    assert resumed[KEY].evidence.keys() == whole[KEY].evidence.keys()
+    for c, labels in whole[KEY].evidence.items():
+        for label, evidence in labels.items():
+            assert resumed[KEY].evidence[c][label].count == evidence.count
+            assert resumed[KEY].evidence[c][label].mean_iou == pytest.approx(evidence.mean_iou)
+    assert cid in resumed[KEY].cids_for("cat")
+    torch.testing.assert_close(
+        load_spatial_means(tmp_path / "parted", KEY), load_spatial_means(tmp_path / "whole", KEY)
+    )
+
+
+def test_a_build_writes_a_card_beside_its_dictionaries(tmp_path, setup, outlines):
+    bank, _, _ = setup
+    bank.save_pretrained(tmp_path / "saes")
+    built = build_dictionary.build(parted(tmp_path, "dicts"))
+    card = (tmp_path / "dicts" / "README.md").read_text()
+    assert f"SAEs `{tmp_path / 'saes'}`" in card
+    assert "Prompts: 5" in card and "Labeller: annotator: outlines" in card
+    assert "Thresholds: activation 0.1, iou 0.5" in card
+    labelled = int(built[KEY].has_embedding.sum())
+    assert f"| {KEY.describe()} | {labelled} | {len(built[KEY].vocabulary())} |" in card
+    (tmp_path / "saes" / "README.md").write_text("# My SAEs\n")  # a folder's own card stays
+    build_dictionary.build(parted(tmp_path, "saes"))
+    assert (tmp_path / "saes" / "README.md").read_text() == "# My SAEs\n"
+    assert (tmp_path / "saes" / "DICTIONARIES.md").read_text().startswith("---\ntags:")
+
+
+class FakeHub:
+    """What `push_dictionaries` asks of the Hub, recorded; nothing leaves the machine."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.repos, self.uploads = fail, [], []
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def create_repo(self, repo_id, exist_ok=False):
+        if self.fail:
+            raise OSError("403 Forbidden: you cannot write to this repo")
+        self.repos.append(repo_id)
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns, commit_message):
+        files = sorted(p.relative_to(folder_path).as_posix() for p in folder_path.rglob("*.*"))
+        self.uploads.append((repo_id, [f for f in files if not f.startswith("parts/")]))
+        return type("Commit", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+
+def test_push_to_hub_uploads_the_dictionaries_and_their_card(
+    tmp_path, setup, outlines, monkeypatch
+):
+    bank, _, _ = setup
+    bank.save_pretrained(tmp_path / "saes")
+    hub = FakeHub()
+    monkeypatch.setattr(build_dictionary.huggingface_hub, "HfApi", hub)
+    build_dictionary.build(parted(tmp_path, "dicts", push_to_hub="user/dicts"))
+    ((repo, files),) = hub.uploads
+    assert hub.repos == [repo] == ["user/dicts"]
+    folder = f"{UP}/t0.00/cond"
+    assert {"README.md", "examples.json", f"{folder}/concepts.json"} <= set(files)
+    assert f"{folder}/spatial_means.safetensors" in files
+    failing = FakeHub(fail=True)
+    monkeypatch.setattr(build_dictionary.huggingface_hub, "HfApi", failing)
+    with pytest.raises(ValueError, match="the dictionaries are kept in .*dicts: log in"):
+        build_dictionary.build(parted(tmp_path, "dicts", push_to_hub="other/dicts"))
+    assert (tmp_path / "dicts" / folder / "concepts.json").is_file()

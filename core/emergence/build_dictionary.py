@@ -13,23 +13,31 @@ folder separately to the tools that need both, or build into the SAE folder itse
 
 Beside each dictionary, `spatial_means.safetensors` holds every image's latents averaged
 over the grid ([num_images, n]), and out/examples.json the prompts and seeds, so
-`top_examples` can be computed later without generating again.
+`top_examples` can be computed later without generating again; out/README.md is a card
+saying what they were built from (`core.emergence.parts.dictionary_card`).
+
+The prompts are built in parts of `--part-size`, each kept in out/parts/ when done: a build
+interrupted and run again with the same settings goes on from the parts it finds (other
+settings are refused, not mixed in). `--push-to-hub REPO` then uploads the folder.
 """
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 from simple_parsing import field
+from tqdm.auto import tqdm
 
 from core.annotate.labellers import AnnotatorConfig
 from core.diffusion.hooks import BRANCHES
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
 from core.emergence.concept_measures import cohesion, separability
-from core.emergence.concepts import ConceptDictionary, save_dictionaries
+from core.emergence.concepts import ConceptDictionary
 from core.emergence.dictionary_builder import IOU_THRESHOLD
-from core.emergence.gathering import gather, save_examples, select_keys
+from core.emergence.gathering import select_keys
+from core.emergence.parts import PARTS_DIR, PartedBuild, Plan
 from core.emergence.words import BUNDLED_GLOVE, WordVectors, load_word_vectors
 from core.runtime import command
 from core.sae.bank import SAEBank, SAEKey
@@ -96,49 +104,82 @@ class DictionaryConfig:
     """CFG scale (default: the preset's)."""
     device: str | None = None
     """Device (default: cuda if available, else cpu)."""
+    part_size: int = 16
+    """Prompts per part: each part is kept in out/parts/ as it is done, and a build run again
+    with the same settings goes on from the parts it finds."""
+    push_to_hub: str | None = field(default=None, metavar="REPO")
+    """Also upload the dictionaries, their example index and card to this Hub model repo
+    (created if needed), so that the app can load them beside the SAEs."""
+
+
+def push_dictionaries(folder: Path, repo_id: str) -> str:
+    """Upload a folder of built dictionaries to `repo_id`; returns the commit's URL."""
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            ignore_patterns=[f"{PARTS_DIR}/*"],
+            commit_message="Concept dictionaries built with core.emergence.build_dictionary",
+        )
+    except (huggingface_hub.errors.HfHubHTTPError, OSError, ValueError) as error:
+        raise ValueError(
+            f"could not push to the Hub repo {repo_id!r} ({error}); the dictionaries are kept "
+            f"in {folder}: log in (`hf auth login`) or name a repo you can write, then upload "
+            f"that folder (`hf upload {repo_id} {folder}`)"
+        ) from error
+    return str(commit.commit_url)
 
 
 def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
-    """Build, save and return the dictionaries `config` asks for, printing their quality."""
+    """Build, save and return the dictionaries `config` asks for, printing their quality;
+    resumes from the parts an interrupted build of the same settings left in out/parts/."""
     prompts = read_prompts(config.prompts)[: config.limit]
+    if not prompts:
+        raise ValueError(f"{config.prompts} holds no prompts to build dictionaries from")
     preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
     bank = SAEBank.from_pretrained(config.saes, config.blocks, config.branches, device="cpu")
     keys = select_keys(bank, config.blocks, config.branches, config.t)
     word_vectors = load_word_vectors(config.word_vectors)
-    pipe = load_pipeline(preset, device=config.device)
-    bank = SAEBank(bank[k].to(pipe.device) for k in keys)
     annotation = config.annotation.for_preset(preset)
-    annotator = annotation.load_annotator(config.device)
-    steps = config.steps or preset.steps
-    guidance = preset.guidance_scale if config.guidance is None else config.guidance
-    gathered = gather(
-        pipe,
-        bank,
-        prompts,
-        annotator,
-        keys=keys,
+    plan = Plan(
+        model=preset.model,
+        saes=config.saes,
+        keys=tuple(key.describe() for key in keys),
+        prompts=tuple(prompts),
         seed=config.seed,
-        gen_batch=config.gen_batch,
-        steps=steps,
-        guidance_scale=guidance,
+        steps=config.steps or preset.steps,
+        guidance_scale=preset.guidance_scale if config.guidance is None else config.guidance,
         resolution=preset.resolution,
         iou_threshold=config.iou_threshold,
+        labeller=annotation.record(),
+        part_size=config.part_size,
     )
-    dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
-    out = Path(config.out)
-    save_dictionaries(dictionaries.values(), out)
+    pipe = load_pipeline(preset, device=config.device)
+    bank = SAEBank(bank[k].to(pipe.device) for k in keys)
+    parts = PartedBuild(Path(config.out), plan, bank, keys)
+    remaining = parts.remaining()
+    if len(remaining) < plan.num_parts:
+        print(f"resuming: {plan.num_parts - len(remaining)} of {plan.num_parts} parts done")
+    annotator = annotation.load_annotator(config.device) if remaining else None
+    for index in tqdm(remaining, desc="parts", unit="part"):
+        parts.build(index, pipe, annotator, config.gen_batch)
     info = {
         "model": preset.model,
-        "steps": steps,
-        "guidance_scale": guidance,
-        **annotation.record(),
+        "steps": plan.steps,
+        "guidance_scale": plan.guidance_scale,
+        **plan.labeller,
         "word_vectors": config.word_vectors,
     }
-    save_examples(out, gathered, prompts, config.seed, info)
+    dictionaries, num_objects = parts.finish(word_vectors, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
     labeller = annotation.describe()
-    print(f"{len(prompts)} images, {gathered.num_objects} annotated objects ({labeller})")
-    print(f"saved {len(dictionaries)} dictionaries to {out}")
+    print(f"{len(prompts)} images, {num_objects} annotated objects ({labeller})")
+    print(f"saved {len(dictionaries)} dictionaries and their card to {config.out}")
+    if config.push_to_hub:
+        url = push_dictionaries(Path(config.out), config.push_to_hub)
+        print(f"pushed to {url}")
     return dictionaries
 
 

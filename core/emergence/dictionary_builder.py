@@ -120,6 +120,20 @@ class DictionaryBuilder:
             self._iou_sums[match] += float(ious[row, obj])
         return len(matches)
 
+    def state(self) -> dict:
+        """The evidence so far as plain values (JSON), to resume a build from (`add_state`)."""
+        matches = [
+            [cid, label, n, self._iou_sums[cid, label]] for (cid, label), n in self._counts.items()
+        ]
+        return {"num_images": self.num_images, "matches": sorted(matches)}
+
+    def add_state(self, state: dict) -> None:
+        """Add the evidence of another builder's `state` (of the same SAE and thresholds)."""
+        self.num_images += state["num_images"]
+        for cid, label, count, iou_sum in state["matches"]:
+            self._counts[cid, label] += count
+            self._iou_sums[cid, label] += iou_sum
+
     def evidence(self) -> dict[int, dict[str, LabelEvidence]]:
         """The entries gathered so far."""
         evidence: dict[int, dict[str, LabelEvidence]] = {}

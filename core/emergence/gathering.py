@@ -98,7 +98,8 @@ def gather(
     A label joins a concept's entry where IoU(activation map, object mask) > `iou_threshold`
     (the paper's 0.5 by default). An SAE trained at one t reads the step nearest it; a
     time-shared SAE (t None) pools the evidence of the steps nearest each of `shared_t` (by
-    default the three t of the paper's SAEs), each (image, step) counting as one image, and
+    default the three t of the paper's SAEs; with fewer steps, as SDXL-Turbo's 1 to 4, a
+    step nearest two of them is read once), each (image, step) counting as one image, and
     its spatial means are averaged over those steps.
     """
     if not prompts:
@@ -132,7 +133,8 @@ def gather(
         gathered.num_objects += sum(len(o) for o in objects)
         for key in keys:
             sae = bank[key]
-            records = [recording.at(key.block, t, key.branch) for t in times[key]]
+            nearest = [recording.at(key.block, t, key.branch) for t in times[key]]
+            records = list({id(r): r for r in nearest}.values())  # a step read once
             grids = [latent_grid(sae, r.delta, r.site) for r in records]
             means = [grid.spatial_means(sae.cfg.num_latents).cpu() for grid in grids]
             gathered.spatial_means.setdefault(key, []).append(torch.stack(means).mean(dim=0))
