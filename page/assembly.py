@@ -1,10 +1,12 @@
 """The page: the preset and its status, then one tab per view."""
 
 import gradio as gr
+from gradio.events import Dependency
 
 from core.diffusion.presets import PRESETS
 from core.views.model_cache import ModelCache
 from page import serving
+from page.dictionaries import on_dictionary_plan
 from page.emergence import emergence_tab
 from page.inspect import inspect_tab
 from page.refusals import Page
@@ -40,20 +42,37 @@ def build_demo(cache: ModelCache, preset: str) -> Page:
             "inspect_branch": inspect.branch,
         }
         inputs = inputs_of(on_controls, preset=preset_box, **branches)
-        follow = (on_controls, inputs, [*branches.values(), steer.sae_choice])
-        demo.load(on_status, preset_box, status, api_name="status", **LIGHT).then(
-            *follow, api_name="controls", **PAGE
-        )
+        panel = emergence.dictionaries
+
+        def follow(event: Dependency, prefix: str) -> None:
+            """After `event`, the controls and the dictionary panel follow the preset."""
+            outputs = [*branches.values(), steer.sae_choice]
+            event.then(on_controls, inputs, outputs, api_name=f"{prefix}controls", **PAGE).then(
+                on_dictionary_plan,
+                preset_box,
+                [panel.panel, panel.about],
+                api_name=f"{prefix}dictionary_plan",
+                **PAGE,
+            )
+
+        loaded = demo.load(on_status, preset_box, status, api_name="status", **LIGHT)
+        follow(loaded, "")
         ticks = gr.Timer(1.0)  # while the preset loads in the background
-        ticks.tick(
+        ticked = ticks.tick(
             on_status_tick, preset_box, [status, ticks], api_name="status_tick", **PAGE
-        ).then(*follow, api_name="tick_controls", **PAGE)
+        )
+        follow(ticked, "tick_")
         opened_with = [emergence.block, steer.block, inspect.block, emergence.steps]
-        preset_box.change(
+        selected = preset_box.change(
             on_select_preset,
             preset_box,
             [status, *opened_with, steer.word, inspect.cid],
             api_name="select_preset",
             **PAGE,
-        ).then(*follow, api_name="preset_controls", **PAGE)
+        )
+        follow(selected, "preset_")
+        built = panel.built.then(
+            on_status, preset_box, status, api_name="status_after_build", **PAGE
+        )
+        follow(built, "build_")
     return demo

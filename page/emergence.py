@@ -29,6 +29,7 @@ from core.views.inputs import MAX_STEPS
 from core.views.render import figure_image, for_display
 from core.views.run_file import SUFFIX, load_run, save_run
 from page.components import block_dropdown, results_line
+from page.dictionaries import DictionaryPanel, dictionary_panel
 from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.status import on_status
@@ -202,12 +203,14 @@ class EmergenceControls(NamedTuple):
     block: gr.Dropdown
     steps: gr.Number
     branch: gr.Radio
+    dictionaries: DictionaryPanel
 
 
 def emergence_tab(
     preset_box: gr.Dropdown, status: gr.Markdown, preset: Preset
 ) -> EmergenceControls:
     """Generate once; where each word will be at every step."""
+    dictionaries = dictionary_panel(preset_box)
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(PROMPT, label="prompt")
@@ -285,7 +288,7 @@ def emergence_tab(
         branch=branch,
         words=words,
     )
-    return EmergenceControls(block, steps, branch)
+    return EmergenceControls(block, steps, branch, dictionaries)
 
 
 class RunResults(NamedTuple):

@@ -287,3 +287,48 @@ def random_sae(
     with torch.no_grad():
         sae.encoder.bias.uniform_(0.0, 0.5)  # every row keeps k positive latents
     return sae
+
+
+SDLENS_RUN = "_k{k}_hidden{n}_auxk256_bs4096_lr0.0001"
+"""How SDLens names the run folder of a block's SAE: unet.<block><run>/final/."""
+
+
+def write_sdlens(
+    folder: Path,
+    d: int = 8,
+    n: int = 32,
+    k: int = 3,
+    nested: bool = False,
+    mean: torch.Tensor | None = None,
+    constant: bool = False,
+) -> dict[str, torch.Tensor]:
+    """An SDLens checkpoint; `nested` wraps the weights in {"state_dict": ...} as SDLens saves,
+    `mean` is saved as its mean.pt. `constant`: an encoder of zeros and decreasing latent
+    biases, so that latents 0 to k - 1 fire at every position, whatever the input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "encoder.weight": torch.randn(n, d),
+        "decoder.weight": torch.randn(d, n),
+        "pre_bias": torch.randn(d),
+        "latent_bias": torch.randn(n) * 0.1,
+        "stats_last_nonzero": torch.zeros(n, dtype=torch.long),
+    }
+    if constant:
+        state["encoder.weight"] = torch.zeros(n, d)
+        state["latent_bias"] = torch.linspace(1.0, 0.1, n)
+    torch.save({"state_dict": state} if nested else state, folder / "state_dict.pth")
+    config = {"n_dirs_local": n, "d_model": d, "k": k, "auxk": 16, "dead_steps_threshold": 100}
+    (folder / "config.json").write_text(json.dumps(config))
+    if mean is not None:
+        torch.save(mean, folder / "mean.pt")
+    return state
+
+
+def write_sdlens_bank(root: Path, blocks: dict[str, int], n: int = 32, k: int = 4) -> Path:
+    """SAEs in SDLens's repo layout (unet.<block>_k10_hidden5120_.../final/, one per block,
+    for every step, named as the published runs whatever their size), `constant` ones of
+    each block's width in `blocks`, with mean activations."""
+    for block, width in blocks.items():
+        run = root / f"unet.{block}{SDLENS_RUN.format(k=10, n=5120)}" / "final"
+        write_sdlens(run, d=width, n=n, k=k, mean=torch.ones(n), constant=True)
+    return root

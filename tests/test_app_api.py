@@ -21,6 +21,7 @@ PUBLIC = (
     "emergence",
     "emergence_step",
     "emergence_batch",
+    "build_dictionaries",
     "export_run",
     "import_run",
     "default_strength",
@@ -111,6 +112,11 @@ def test_the_api_names_every_output_and_leaves_page_updates_out(client):
 
 def test_status(client):
     assert "Preset `tiny`" in client.predict(PRESET, api_name="/status")
+
+
+def test_a_preset_whose_saes_have_dictionaries_builds_none(client):
+    built = client.predict(PRESET, api_name="/build_dictionaries")
+    assert built.startswith("The preset's SAEs have their ") and "nothing was built" in built
 
 
 def test_emergence_and_its_steps_from_any_client(client):

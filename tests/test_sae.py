@@ -20,7 +20,7 @@ from core.sae.config import SAEConfig, SAELoadError
 from core.sae.model import LatentStats, TopKSAE
 from core.sae.sparse_ops import encoder_acts_at
 from core.training.trainer import SAETrainer, TrainConfig, read_checkpoint
-from tests.helpers import write_saeuron
+from tests.helpers import SDLENS_RUN, write_saeuron, write_sdlens
 
 BLOCK = "unet.mid_block.attentions.0"
 
@@ -269,32 +269,6 @@ def test_sparsify_options_this_sae_lacks_are_refused(tmp_path, option, value):
         TopKSAE.from_pretrained(tmp_path)
 
 
-def write_sdlens(
-    folder: Path,
-    d: int = 8,
-    n: int = 32,
-    k: int = 3,
-    nested: bool = False,
-    mean: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """An SDLens checkpoint; `nested` wraps the weights in {"state_dict": ...} as SDLens saves,
-    `mean` is saved as its mean.pt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "encoder.weight": torch.randn(n, d),
-        "decoder.weight": torch.randn(d, n),
-        "pre_bias": torch.randn(d),
-        "latent_bias": torch.randn(n) * 0.1,
-        "stats_last_nonzero": torch.zeros(n, dtype=torch.long),
-    }
-    torch.save({"state_dict": state} if nested else state, folder / "state_dict.pth")
-    config = {"n_dirs_local": n, "d_model": d, "k": k, "auxk": 16, "dead_steps_threshold": 100}
-    (folder / "config.json").write_text(json.dumps(config))
-    if mean is not None:
-        torch.save(mean, folder / "mean.pt")
-    return state
-
-
 def test_sdlens_checkpoint_computes_the_same_sae(tmp_path):
     torch.manual_seed(0)
     state = write_sdlens(tmp_path / "sdlens")
@@ -476,7 +450,6 @@ def test_bank_nearest_time_lookup():
         bank.get("unet.down_blocks.0", 0.5)
 
 
-SDLENS_RUN = "_k{k}_hidden{n}_auxk256_bs4096_lr0.0001"
 """How the published SDLens repo names its folders: unet.<block><run>/final/."""
 
 

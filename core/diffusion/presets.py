@@ -135,9 +135,10 @@ PRESETS: dict[str, Preset] = {
         ),
         app=AppDefaults(
             "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
-            "(surokpro2/sdxl-saes); no concept dictionaries, so concepts are chosen by CID; "
-            "steering strengths are multiples of the concept's mean activation, as in the "
-            "SDLens demo",
+            "(surokpro2/sdxl-saes, one per block for every step), which come without concept "
+            "dictionaries: the emergence tab builds them once, from the preset's prompts, and "
+            "keeps them; steering strengths are multiples of the concept's mean activation, as "
+            "in the SDLens demo",
             block="up_blocks.0.attentions.1",
             steer_block="down_blocks.2.attentions.1",
             strength=10.0,  # the SDLens demo's default
@@ -147,6 +148,7 @@ PRESETS: dict[str, Preset] = {
         sae_variant="k10_hidden5120",
         word_vectors="word2vec-google-news-300",
         resolution=512,
+        prompts=str(PROMPTS / "sdxl-turbo.txt"),
     ),
     "toy": Preset(
         name="toy",

@@ -13,6 +13,7 @@ removes `out/parts/`.
 
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,9 +86,6 @@ class PartedBuild:
                     f"({', '.join(changed)}); delete that folder to start again, or build "
                     "into another output folder"
                 )
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(written, plan.record())
 
     def path(self, index: int, suffix: str) -> Path:
         return self.folder / f"part-{index:05d}{suffix}"
@@ -102,6 +100,7 @@ class PartedBuild:
     def build(self, index: int, pipe, annotator: Annotator, gen_batch: int = 4) -> None:
         """Generate (`gen_batch` prompts at once), record, annotate and keep part `index`."""
         prompts, seed = self.plan.part(index)
+        started = time.perf_counter()
         gathered = gather(
             pipe,
             self.bank,
@@ -115,15 +114,25 @@ class PartedBuild:
             resolution=self.plan.resolution,
             iou_threshold=self.plan.iou_threshold,
         )
-        self._save(index, gathered)
+        self._save(index, gathered, time.perf_counter() - started)
 
-    def _save(self, index: int, gathered: Gathered) -> None:
-        """Keep part `index`: its spatial means, then its evidence (the mark of a done part)."""
+    def _save(self, index: int, gathered: Gathered, seconds: float) -> None:
+        """Keep part `index`: its spatial means, then its evidence and how long it took (the
+        mark of a done part)."""
+        if not (self.folder / PLAN_FILE).is_file():  # the first part: nothing is written before
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / PLAN_FILE, self.plan.record())
         names = {key: key.describe() for key in gathered.builders}
         means = {names[key]: gathered.means(key).contiguous() for key in gathered.builders}
         atomic_write(self.path(index, ".safetensors"), lambda tmp: save_file(means, tmp))
         evidence = {names[key]: b.state() for key, b in gathered.builders.items()}
-        write_json(self.path(index, ".json"), {**evidence, "num_objects": gathered.num_objects})
+        counts = {"num_objects": gathered.num_objects, "seconds": seconds}
+        write_json(self.path(index, ".json"), {**evidence, **counts})
+
+    def seconds_per_part(self) -> float | None:
+        """How long the parts done so far took each, on average; None before any."""
+        done = [_read_json(self.path(index, ".json"))["seconds"] for index in self.done()]
+        return sum(done) / len(done) if done else None
 
     def merged(self) -> Gathered:
         """The evidence of every part, in order, as one pass over all prompts gathers it."""

@@ -39,6 +39,15 @@ class Labelling:
             return None, f"no annotator ({_why(error)})"
 
     @cached_property
+    def dictionary_annotator(self) -> tuple[Annotator | None, str | None]:
+        """(the annotator that labels images for concept dictionaries, None), or (None, why
+        there is none): it labels what it sees, not the prompt's words."""
+        try:
+            return self.config.load_annotator(self.device), None
+        except NOT_LOADED as error:
+            return None, f"the labeller does not load ({_why(error)})"
+
+    @cached_property
     def segmenter(self) -> tuple[Segmenter | None, str]:
         """(the spatial-edit evaluator's segmenter, what it is), or (None, why there is none):
         the shapes world's pixels for its presets, else CLIPSeg, as the emergence paper."""

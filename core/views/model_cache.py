@@ -40,11 +40,15 @@ from core.sae.config import SAELoadError
 from core.sae.model import TopKSAE
 from core.steer.strength import read_strengths
 from core.views.dictionaries import Dictionaries
+from core.views.dictionary_cache import cached_dictionaries
 from core.views.examples import Examples
 from core.views.labelling import Labelling
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
+
+NO_DICTIONARIES = "No concept dictionaries"
+"""How the note that a preset has none begins (it goes once they are built)."""
 
 
 @dataclass
@@ -80,6 +84,17 @@ class Loaded:
     def warm_up(self) -> tuple:
         """The word vectors and the labeller's annotator, loaded now rather than on first use."""
         return self.dictionaries.word_vectors, self.labelling.annotator
+
+    def find_built_dictionaries(self) -> None:
+        """Take the dictionaries built for these SAEs since they were loaded (by another
+        process, as ZeroGPU's worker, or another request), where the preset has none."""
+        if not self.dictionaries:
+            built = cached_dictionaries(self.preset)
+            if built:
+                for dictionary in built.values():
+                    dictionary.to(self.device)
+                self.dictionaries = Dictionaries(built, self.preset.word_vectors)
+                self.notes = [n for n in self.notes if not n.startswith(NO_DICTIONARIES)]
 
     def cached(self, name: str, load: Callable[[], object]) -> object:
         """`load()` once per name (what a view derives from the models); an exception is
@@ -146,10 +161,13 @@ class ModelCache:
         *,
         device: str | None = None,
         max_loaded: int = 2,
+        presets: Mapping[str, Preset] | None = None,
     ) -> None:
         sources = {"sd14": os.environ.get(SD14_SAES_ENV) or None}
         sources.update({k: v for k, v in (sae_sources or {}).items() if v})
         self.sae_sources = {k: v for k, v in sources.items() if v}
+        self.presets = dict(presets or {})
+        """Presets served under a name in place of the one `PRESETS` has (a stand-in model)."""
         self.device = device
         self.max_loaded = max_loaded
         self.lock = threading.RLock()
@@ -159,6 +177,8 @@ class ModelCache:
         """Preset -> why its last load failed (until one succeeds)."""
 
     def preset(self, name: str) -> Preset:
+        if name in self.presets:
+            return self.presets[name]
         source = self.sae_sources.get(name)
         return get_preset(name, sae_source=source) if source else get_preset(name)
 
@@ -179,7 +199,9 @@ class ModelCache:
     def using(self, name: str, on_load: Callable[[str], None] | None = None) -> Iterator[Loaded]:
         """Hold the model lock and yield the preset's models, loading them if needed."""
         with self.lock:
-            yield self.get(name, on_load)
+            loaded = self.get(name, on_load)
+            loaded.find_built_dictionaries()
+            yield loaded
 
     def get(self, name: str, on_load: Callable[[str], None] | None = None) -> Loaded:
         with self.lock:
@@ -223,11 +245,12 @@ class ModelCache:
         try:
             dictionaries = load_dictionaries(preset.sae_source, preset.hook_points)
         except DictionaryLoadError as error:
-            dictionaries = {}
-            notes.append(
-                f"No concept dictionaries ({error.args[0]}): concepts can be chosen by CID only, "
-                "and the emergence view is unavailable."
-            )
+            dictionaries = cached_dictionaries(preset)
+            if not dictionaries:
+                notes.append(
+                    f"{NO_DICTIONARIES} ({error.args[0]}): concepts can be chosen by CID only, "
+                    "and the emergence view is unavailable until they are built."
+                )
         for dictionary in dictionaries.values():
             dictionary.to(pipe.device)
         strengths, note = read_strengths(preset.sae_source)
