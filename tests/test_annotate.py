@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from core.annotate.annotation import Annotator, ObjectAnnotation
-from core.annotate.clipseg import ClipSegSegmenter, centre_of_mass
+from core.annotate.clipseg import ClipSegAnnotator, ClipSegSegmenter, centre_of_mass
 from core.annotate.grounded_sam import (
     Detection,
     GroundedSamAnnotator,
@@ -402,6 +402,18 @@ def test_clipseg_maps_are_probabilities_at_image_size(folders):
         assert prob.shape == (HEIGHT, WIDTH) and prob.dtype == np.float32
         assert prob.min() >= 0.0 and prob.max() <= 1.0
     assert segmenter.segment(IMAGE, []) == {}
+
+
+def test_clipseg_annotator_keeps_each_tag_where_its_map_reaches_the_threshold(folders):
+    segmenter = ClipSegSegmenter(folders["clipseg"])
+    maps = segmenter.segment(IMAGE, ["dog", "cat"])
+    low, high = sorted(maps, key=lambda word: maps[word].max())
+    threshold = float(maps[low].max() + maps[high].max()) / 2  # one tag above, one below
+    annotator = ClipSegAnnotator(PromptNounTagger(VOCABULARY), segmenter, threshold)
+    assert isinstance(annotator, Annotator)
+    (found,) = annotator.annotate(IMAGE, "a dog and two cats")
+    assert found.label == high and found.score == pytest.approx(float(maps[high].max()))
+    np.testing.assert_array_equal(found.mask, maps[high] >= threshold)
 
 
 def test_clipseg_accepts_built_model_and_processor(folders):

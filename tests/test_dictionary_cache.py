@@ -187,3 +187,22 @@ def test_the_estimate_scales_the_costs_measured_on_a_cpu():
     assert minutes(estimate_seconds(plan, "cuda")) == "under a minute"
     assert minutes(estimate_seconds(plan, "cpu")) == "about 73 minutes"
     assert estimate_seconds(replace(plan, model="a/model-not-measured"), "cuda") is None
+
+
+def test_where_the_labeller_does_not_load_its_fallback_labels_the_images(cache, monkeypatch):
+    def fails(config, device):
+        raise OSError("Grounding DINO is neither cached nor downloadable")
+
+    broken = replace(labeller("broken", "circle"), annotator=fails, fallback="circles")
+    monkeypatch.setitem(LABELLERS, "broken", broken)
+    with cache(annotator="broken").using("sdxl-turbo") as loaded:
+        assert loaded.labelling.dictionary_annotator[1] == "circles"
+        for index in parted_build(loaded).remaining():
+            build_part(loaded, index)
+        finish_build(loaded)
+    card = (dictionary_cache.cache_folder(loaded.preset) / "README.md").read_text()
+    assert "Labeller: annotator: broken; the images were labelled by circles" in card
+    monkeypatch.setitem(LABELLERS, "broken", replace(broken, fallback="broken"))
+    loaded = cache(annotator="broken").get("sdxl-turbo")
+    with pytest.raises(ValueError, match=r"no labeller loads: broken \(Grounding DINO is"):
+        build_part(loaded, 0)

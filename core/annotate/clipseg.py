@@ -1,7 +1,10 @@
-"""CLIPSeg, the emergence paper's evaluator of spatially targeted edits.
+"""CLIPSeg, the emergence paper's evaluator of spatially targeted edits, and a lighter
+labeller of images than Grounded SAM.
 
 An edit that moves object o to quadrant q succeeds when the centre of mass of CLIPSeg's
-probability map for o lies in q (10 objects x 4 quadrants; chance is 0.25).
+probability map for o lies in q (10 objects x 4 quadrants; chance is 0.25). As a labeller
+(`ClipSegAnnotator`), a tagger names the image's objects and CLIPSeg's map of each name,
+thresholded, is its mask.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.annotate.annotation import ObjectAnnotation
 from core.annotate.loading import HubModel, model_inputs
 
 if TYPE_CHECKING:
-    pass
+    from core.annotate.tags import Tagger
 
 CLIPSEG_ID = "CIDAS/clipseg-rd64-refined"
 
@@ -47,6 +51,22 @@ class ClipSegSegmenter(HubModel):
         size = (image.height, image.width)
         maps = torch.nn.functional.interpolate(logits, size=size, mode="bilinear").sigmoid()
         return dict(zip(words, maps[:, 0].cpu().numpy(), strict=True))
+
+
+class ClipSegAnnotator:
+    """Tags -> CLIPSeg maps -> masks: each tag's object is where its probability is at least
+    `threshold` (a tag with no such pixel is dropped); its score is the map's peak."""
+
+    def __init__(self, tagger: Tagger, segmenter: ClipSegSegmenter, threshold: float = 0.5):
+        self.tagger, self.segmenter, self.threshold = tagger, segmenter, threshold
+
+    def annotate(self, image: Image.Image, prompt: str | None = None) -> list[ObjectAnnotation]:
+        maps = self.segmenter.segment(image, self.tagger.tag(image, prompt))
+        return [
+            ObjectAnnotation(label, probabilities >= self.threshold, float(probabilities.max()))
+            for label, probabilities in maps.items()
+            if (probabilities >= self.threshold).any()
+        ]
 
 
 def centre_of_mass(prob_map: np.ndarray, threshold: float = 0.5) -> tuple[float, float] | None:

@@ -4,10 +4,12 @@ the commands and the page both choose from.
 A labeller gives the annotator that concept dictionaries are built with, the annotator of the
 emergence view's reference masks (it looks for the prompt's objects), the segmenter that
 finds where a spatial edit's object went, the scorer of global edits, and what the paper's
-evaluations ask of its world's images. Two are registered: the paper's ("grounded-sam":
-tags -> Grounding DINO -> SAM, CLIPSeg, CLIP; models downloaded once) and the shapes
-world's ("toy": read from pixels, offline). `register` adds another; every factory imports
-its models when called, so the page is served before any of them loads.
+evaluations ask of its world's images. Three are registered: the paper's ("grounded-sam":
+tags -> Grounding DINO -> SAM, CLIPSeg, CLIP; models downloaded once), a lighter one
+("clipseg": tags -> CLIPSeg's thresholded maps; grounded-sam's fallback where its models do
+not load) and the shapes world's ("toy": read from pixels, offline). `register` adds
+another; every factory imports its models when called, so the page is served before any of
+them loads.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class Labeller:
     world: World
     options: tuple[str, ...] = ()
     """The `AnnotatorConfig` fields that say, beside its name, what labelled the images."""
+    fallback: str | None = None
+    """The labeller whose annotator labels images for dictionaries where this one's does
+    not load (its models neither cached nor downloadable)."""
 
 
 LABELLERS: dict[str, Labeller] = {}
@@ -106,9 +111,13 @@ def grounded_sam(config: AnnotatorConfig, device: Device) -> Annotator:
     return GroundedSamAnnotator(tagger, config.dino_model, config.sam_model, device=device)
 
 
-def grounded_sam_of_prompt(config: AnnotatorConfig, device: Device) -> Annotator:
-    """Tags from the prompt's nouns as well as CLIP's, to find the prompt's objects."""
-    return grounded_sam(replace(config, tags="prompt+vision"), device)
+def clipseg_annotator(config: AnnotatorConfig, device: Device) -> Annotator:
+    from core.annotate.clipseg import ClipSegAnnotator
+    from core.annotate.tags import make_tagger
+
+    vocabulary = load_vocabulary(config.vocabulary) if config.vocabulary else OBJECT_VOCABULARY
+    tagger = make_tagger(config.tags, config.clip_model, vocabulary, device=device)
+    return ClipSegAnnotator(tagger, clipseg(config, device))
 
 
 def clipseg(config: AnnotatorConfig, device: Device) -> Segmenter:
@@ -123,20 +132,30 @@ def clip_scorer(config: AnnotatorConfig, device: Device) -> Scorer:
     return ClipScorer(config.clip_model, device=device)
 
 
-register(
-    Labeller(
-        "grounded-sam",
-        annotator=grounded_sam,
-        reference=lambda config, device: grounded_sam(
-            replace(config, tags="prompt+vision"), device
-        ),
+def paper_world(
+    name: str, annotator: Callable[[AnnotatorConfig, Device], Annotator], **fields
+) -> Labeller:
+    """A labeller of everyday images from its annotator: the reference annotator adds the
+    prompt's nouns to the tags, CLIPSeg finds an edited object, CLIP scores global edits."""
+
+    def of_prompt(config: AnnotatorConfig, device: Device) -> Annotator:
+        return annotator(replace(config, tags="prompt+vision"), device)
+
+    return Labeller(
+        name,
+        annotator=annotator,
+        reference=of_prompt,
         segmenter=clipseg,
         evaluator="CLIPSeg",
         scorer=clip_scorer,
         world=PAPER_WORLD,
         options=("tags", "vocabulary"),
+        **fields,
     )
-)
+
+
+register(paper_world("grounded-sam", grounded_sam, fallback="clipseg"))
+register(paper_world("clipseg", clipseg_annotator))
 
 
 TOY_WORLD = World("labels", SHAPES, "a red {} on a gray plain background", STYLES)
@@ -186,11 +205,11 @@ class AnnotatorConfig:
 
     annotator: str | None = field(default=None, choices=tuple(LABELLERS))
     """grounded-sam: tags -> Grounding DINO -> SAM (CLIPSeg finds edited objects, CLIP scores
-    global edits); toy reads shapes-world pixels (default: the preset's, toy for tiny and
-    toy, else grounded-sam)."""
+    global edits); clipseg: tags -> CLIPSeg's maps above 0.5, lighter; toy reads
+    shapes-world pixels (default: the preset's, toy for tiny and toy, else grounded-sam)."""
     tags: str = field(default="vision", choices=TAGS)
-    """grounded-sam's tags: vision (zero-shot CLIP over the vocabulary, no prompt words, as
-    the paper's RAM), prompt (the prompt's nouns) or prompt+vision."""
+    """grounded-sam's and clipseg's tags: vision (zero-shot CLIP over the vocabulary, no
+    prompt words, as the paper's RAM), prompt (the prompt's nouns) or prompt+vision."""
     vocabulary: str | None = None
     """Tag vocabulary, a text file with one object name a line (default:
     core/annotate/vocabulary.txt, COCO's 80 classes and 73 common things)."""

@@ -164,7 +164,13 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
         print(f"resuming: {plan.num_parts - len(remaining)} of {plan.num_parts} parts done")
     annotator = annotation.load_annotator(config.device) if remaining else None
     for index in tqdm(remaining, desc="parts", unit="part"):
-        parts.build(index, pipe, annotator, config.gen_batch)
+        parts.build(
+            index,
+            pipe,
+            annotator,
+            labelled_by=plan.labeller["annotator"],
+            gen_batch=config.gen_batch,
+        )
     info = {
         "model": preset.model,
         "steps": plan.steps,

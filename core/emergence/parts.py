@@ -97,8 +97,11 @@ class PartedBuild:
         done = set(self.done())
         return [i for i in range(self.plan.num_parts) if i not in done]
 
-    def build(self, index: int, pipe, annotator: Annotator, gen_batch: int = 4) -> None:
-        """Generate (`gen_batch` prompts at once), record, annotate and keep part `index`."""
+    def build(
+        self, index: int, pipe, annotator: Annotator, *, labelled_by: str, gen_batch: int = 4
+    ) -> None:
+        """Generate (`gen_batch` prompts at once), record, annotate and keep part `index`;
+        `labelled_by` names the labeller of `annotator`."""
         prompts, seed = self.plan.part(index)
         started = time.perf_counter()
         gathered = gather(
@@ -114,9 +117,9 @@ class PartedBuild:
             resolution=self.plan.resolution,
             iou_threshold=self.plan.iou_threshold,
         )
-        self._save(index, gathered, time.perf_counter() - started)
+        self._save(index, gathered, time.perf_counter() - started, labelled_by)
 
-    def _save(self, index: int, gathered: Gathered, seconds: float) -> None:
+    def _save(self, index: int, gathered: Gathered, seconds: float, labelled_by: str) -> None:
         """Keep part `index`: its spatial means, then its evidence and how long it took (the
         mark of a done part)."""
         if not (self.folder / PLAN_FILE).is_file():  # the first part: nothing is written before
@@ -127,7 +130,13 @@ class PartedBuild:
         atomic_write(self.path(index, ".safetensors"), lambda tmp: save_file(means, tmp))
         evidence = {names[key]: b.state() for key, b in gathered.builders.items()}
         counts = {"num_objects": gathered.num_objects, "seconds": seconds}
+        counts["labelled_by"] = labelled_by
         write_json(self.path(index, ".json"), {**evidence, **counts})
+
+    def labellers(self) -> list[str]:
+        """The labellers that labelled the parts done (a fallback may have labelled some)."""
+        done = [_read_json(self.path(index, ".json"))["labelled_by"] for index in self.done()]
+        return sorted(set(done))
 
     def seconds_per_part(self) -> float | None:
         """How long the parts done so far took each, on average; None before any."""
@@ -163,7 +172,7 @@ class PartedBuild:
         dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
         save_dictionaries(dictionaries.values(), self.out)
         save_examples(self.out, gathered, self.plan.prompts, self.plan.seed, info)
-        card = dictionary_card(self.plan, dictionaries, gathered.num_objects)
+        card = dictionary_card(self.plan, dictionaries, gathered.num_objects, self.labellers())
         atomic_write(card_path(self.out), lambda tmp: tmp.write_text(card))
         shutil.rmtree(self.folder)
         return dictionaries, gathered.num_objects
@@ -178,7 +187,10 @@ def card_path(out: Path) -> Path:
 
 
 def dictionary_card(
-    plan: Plan, dictionaries: dict[SAEKey, ConceptDictionary], num_objects: int
+    plan: Plan,
+    dictionaries: dict[SAEKey, ConceptDictionary],
+    num_objects: int,
+    labelled_by: list[str],
 ) -> str:
     """The README of a folder or Hub repo of dictionaries: what they were built from, with
     what, and what they hold."""
@@ -203,7 +215,7 @@ def dictionary_card(
             f"guidance {plan.guidance_scale:g}, seeds {plan.seed} to "
             f"{plan.seed + len(plan.prompts) - 1}",
             f"- Prompts: {len(plan.prompts)} (listed in `examples.json`)",
-            f"- Labeller: {labeller}",
+            f"- Labeller: {labeller}; the images were labelled by {', '.join(labelled_by)}",
             f"- Thresholds: {', '.join(f'{k} {v:g}' for k, v in thresholds.items())}",
             f"- Annotated objects: {num_objects}",
             "",

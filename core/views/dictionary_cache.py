@@ -110,10 +110,10 @@ def parted_build(loaded: Loaded) -> PartedBuild:
 
 def build_part(loaded: Loaded, index: int) -> None:
     """Generate, label and keep part `index` of the first-use build."""
-    annotator, why = loaded.labelling.dictionary_annotator
+    annotator, labeller = loaded.labelling.dictionary_annotator
     if annotator is None:
-        raise ValueError(f"The concept dictionaries cannot be built: {why}.")
-    parted_build(loaded).build(index, loaded.pipe, annotator)
+        raise ValueError(f"The concept dictionaries cannot be built: {labeller}.")
+    parted_build(loaded).build(index, loaded.pipe, annotator, labelled_by=labeller)
 
 
 def finish_build(loaded: Loaded) -> int:
@@ -133,6 +133,7 @@ def finish_build(loaded: Loaded) -> int:
         "steps": parts.plan.steps,
         "guidance_scale": parts.plan.guidance_scale,
         **parts.plan.labeller,
+        "labelled_by": parts.labellers(),
         "word_vectors": loaded.preset.word_vectors,
     }
     parts.finish(loaded.dictionaries.word_vectors, info)

@@ -6,6 +6,7 @@ steered image changed). One that cannot load is (None, why), and the views say w
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 
 import torch
@@ -39,13 +40,22 @@ class Labelling:
             return None, f"no annotator ({_why(error)})"
 
     @cached_property
-    def dictionary_annotator(self) -> tuple[Annotator | None, str | None]:
-        """(the annotator that labels images for concept dictionaries, None), or (None, why
-        there is none): it labels what it sees, not the prompt's words."""
+    def dictionary_annotator(self) -> tuple[Annotator | None, str]:
+        """(the annotator that labels images for concept dictionaries, its labeller's name),
+        or (None, why there is none): the preset's labeller, else its fallback where that
+        does not load. It labels what it sees, not the prompt's words."""
         try:
-            return self.config.load_annotator(self.device), None
+            return self.config.load_annotator(self.device), self.config.annotator
         except NOT_LOADED as error:
-            return None, f"the labeller does not load ({_why(error)})"
+            first = f"{self.config.annotator} ({_why(error)})"
+        fallback = self.config.labeller.fallback
+        if fallback is None:
+            return None, f"the labeller does not load: {first}"
+        try:
+            config = replace(self.config, annotator=fallback)
+            return config.load_annotator(self.device), fallback
+        except NOT_LOADED as error:
+            return None, f"no labeller loads: {first}, {fallback} ({_why(error)})"
 
     @cached_property
     def segmenter(self) -> tuple[Segmenter | None, str]:
