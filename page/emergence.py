@@ -36,6 +36,7 @@ from page.status import on_status
 from page.texts import EMERGENCE_RESULTS, EXAMPLE_PROMPTS, PROMPT
 
 STEP_LABEL = "step (0 = first, noisiest)"
+ONE_STEP_LABEL = "step 0, the run's only step"
 RUNS = EmergenceRuns()
 """The recent emergence results by run id, in this (the server's) process."""
 
@@ -114,8 +115,11 @@ def on_emergence_step(run_id: str, index: float) -> list:
 
 @user_errors
 def on_step_range(run_id: str) -> gr.Slider:
-    """The step slider over the run's steps, at its last, and movable (page only)."""
+    """The step slider over the run's steps, at its last, and movable; a run of one step
+    (SDXL-Turbo's) has nothing to move to (page only)."""
     last = len(RUNS.get(run_id).steps) - 1
+    if last == 0:
+        return gr.Slider(value=0, interactive=False, label=ONE_STEP_LABEL)
     return gr.Slider(maximum=last, value=last, interactive=True, label=STEP_LABEL)
 
 

@@ -30,6 +30,7 @@ from core.views.emergence import run_emergence
 from core.views.model_cache import NO_DICTIONARIES, ModelCache
 from page import serving
 from page.dictionaries import minutes, on_build_dictionaries, on_dictionary_plan
+from page.emergence import ONE_STEP_LABEL, on_emergence, on_step_range
 from tests.helpers import write_sdlens_bank
 
 PROMPTS = ["a red circle", "a blue circle", "a circle on a table", "a big circle", "a circle"]
@@ -143,6 +144,12 @@ def test_the_page_builds_them_part_by_part_and_then_hides_the_panel(cache, monke
     text = on_build_dictionaries("sdxl-turbo", progress=lambda *a, **k: None)
     assert text == "Built 4 concept dictionaries from 5 labelled objects."
     assert on_dictionary_plan("sdxl-turbo")[0].visible is False  # the page hides it then
+    block, steps = "up_blocks.0.attentions.1", 1  # the emergence tab, by word, at one step
+    run = dict(prompt="a red circle", seed=0, steps=steps, block=block, branch="cond")
+    image, plot, panels, summary, run_id = on_emergence("sdxl-turbo", **run, words="circle")
+    assert "target words: circle" in summary and len(panels) == 4
+    slider = on_step_range(run_id)
+    assert (slider.value, slider.interactive, slider.label) == (0, False, ONE_STEP_LABEL)
 
 
 def test_a_build_that_finds_no_object_is_refused_and_keeps_its_parts(cache, monkeypatch):

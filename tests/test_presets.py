@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from core.diffusion.pipelines import load_pipeline
-from core.diffusion.presets import PRESETS, SD14_BLOCKS, STAGES, get_preset
-from core.diffusion.tiny import build_tiny_pipeline
+from core.diffusion.presets import PAPER_STAGES, PRESETS, SD14_BLOCKS, STAGES, get_preset
+from core.diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from core.files import REPO_ROOT
 from core.runtime import ModelNotAvailableError
+from core.steer.windows import stage_at
 from tests.helpers import seeded
 
 
@@ -64,3 +65,14 @@ def test_start_prints_no_warning_a_user_cannot_act_on():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
     assert "torchvision" not in result.stderr, result.stderr
+
+
+def test_sdxl_turbo_stages_put_each_of_its_four_steps_in_a_stage():
+    scheduler = build_tiny_sdxl_pipeline().scheduler  # SDXL-Turbo's: trailing timesteps
+    scheduler.set_timesteps(4)
+    ts = [float(timestep) / 1000 for timestep in scheduler.timesteps]
+    stages = get_preset("sdxl-turbo").stages
+    assert [stage_at(t, stages) for t in ts] == ["early", "middle", "middle", "final"]
+    assert [stage_at(t, PAPER_STAGES) for t in ts] == ["early", "early", "middle", "middle"]
+    scheduler.set_timesteps(1)
+    assert stage_at(float(scheduler.timesteps[0]) / 1000, stages) == "early"

@@ -46,6 +46,14 @@ PAPER_STAGES = Stages(
 """The emergence paper's stages; its SAEs are trained at these three t."""
 STAGES = PAPER_STAGES.windows
 STAGE_T = PAPER_STAGES.sae_t
+TURBO_STAGES = Stages(
+    {"early": (0.8, 1.0), "middle": (0.4, 0.8), "final": (0.0, 0.4)},
+    {"early": 1.0, "middle": 0.6, "final": 0.2},
+)
+"""SDXL-Turbo's stages. Its 4 steps (trailing spacing) sit at t = 0.999, 0.749, 0.499 and
+0.249, where the paper's windows would leave "final" empty: here the first step is early,
+the next two middle and the last final; its default single step is early only. SDLens's
+SAEs read every step, so the t of each stage's SAE picks nothing among them."""
 SD14_SAES_ENV = "SD14_SAES"
 """Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 
@@ -149,6 +157,7 @@ PRESETS: dict[str, Preset] = {
         word_vectors="word2vec-google-news-300",
         resolution=512,
         prompts=str(PROMPTS / "sdxl-turbo.txt"),
+        stages=TURBO_STAGES,
     ),
     "toy": Preset(
         name="toy",
