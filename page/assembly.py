@@ -63,10 +63,11 @@ def build_demo(cache: ModelCache, preset: str) -> Page:
         )
         follow(ticked, "tick_")
         opened_with = [emergence.block, steer.block, inspect.block, emergence.steps]
+        prompts = [emergence.prompt, steer.prompt, inspect.prompt]
         selected = preset_box.change(
             on_select_preset,
             preset_box,
-            [status, *opened_with, steer.word, inspect.cid],
+            [status, *opened_with, steer.word, inspect.cid, *prompts, emergence.examples],
             api_name="select_preset",
             **PAGE,
         )

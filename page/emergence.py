@@ -33,7 +33,7 @@ from page.dictionaries import DictionaryPanel, dictionary_panel
 from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
 from page.status import on_status
-from page.texts import EMERGENCE_RESULTS, EXAMPLE_PROMPTS, PROMPT
+from page.texts import EMERGENCE_RESULTS
 
 STEP_LABEL = "step (0 = first, noisiest)"
 ONE_STEP_LABEL = "step 0, the run's only step"
@@ -207,6 +207,8 @@ class EmergenceControls(NamedTuple):
     block: gr.Dropdown
     steps: gr.Number
     branch: gr.Radio
+    prompt: gr.Textbox
+    examples: gr.Dataset
     dictionaries: DictionaryPanel
 
 
@@ -217,7 +219,7 @@ def emergence_tab(
     dictionaries = dictionary_panel(preset_box)
     with gr.Row():
         with gr.Column(scale=1):
-            prompt = gr.Textbox(PROMPT, label="prompt")
+            prompt = gr.Textbox(preset.app.prompts[0], label="prompt")
             with gr.Row():
                 seed = gr.Number(0, label="seed")
                 steps = gr.Number(preset.steps, label=f"steps (1 to {MAX_STEPS})")
@@ -228,7 +230,7 @@ def emergence_tab(
             )
             run = gr.Button("generate and predict", variant="primary", elem_id="emergence-run")
             message = message_line("emergence-message")
-            gr.Examples(EXAMPLE_PROMPTS, [prompt])
+            examples = gr.Examples([[p] for p in preset.app.prompts], [prompt])
         with gr.Column(scale=2):
             results_line(EMERGENCE_RESULTS, "emergence-line")
             image, plot, summary, run_id, export, opener, run_file = emergence_results()
@@ -292,7 +294,7 @@ def emergence_tab(
         branch=branch,
         words=words,
     )
-    return EmergenceControls(block, steps, branch, dictionaries)
+    return EmergenceControls(block, steps, branch, prompt, examples.dataset, dictionaries)
 
 
 class RunResults(NamedTuple):

@@ -12,7 +12,7 @@ from core.views.render import figure_image, for_display
 from page.components import block_dropdown, results_line
 from page.refusals import clears, message_line, tells_refusal
 from page.serving import MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
-from page.texts import INSPECT_RESULTS, PROMPT
+from page.texts import INSPECT_RESULTS
 
 
 def on_request_inspect(runs: int) -> int:
@@ -221,6 +221,7 @@ class InspectControls(NamedTuple):
     block: gr.Dropdown
     branch: gr.Radio
     cid: gr.Number
+    prompt: gr.Textbox
 
 
 def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
@@ -235,7 +236,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
                 word = gr.Textbox("", label="search by word")
                 search = gr.Button("search", elem_id="inspect-search")
             found = gr.Dropdown([], label="concepts found", interactive=True)
-            prompt = gr.Textbox(PROMPT, label="new generation")
+            prompt = gr.Textbox(preset.app.prompts[0], label="new generation")
             with gr.Row():
                 seed = gr.Number(0, label="seed")
                 icon_strength = gr.Number(10.0, label="icon strength")
@@ -279,7 +280,7 @@ def inspect_tab(preset_box: gr.Dropdown, preset: Preset) -> InspectControls:
     tells_refusal(followed, message, "timeline_follows_refused")
     presses = {"search": search.click, "inspect": run.click, "timeline": follow.click}
     clears(message, {f"inspect_{name}_clears": press for name, press in presses.items()})
-    return InspectControls(block, branch, cid)
+    return InspectControls(block, branch, cid, prompt)
 
 
 def concept_views() -> ConceptViews:

@@ -47,8 +47,9 @@ def on_status_tick(preset: str) -> tuple[str, gr.Timer]:
 
 
 def on_select_preset(preset: str) -> tuple:
-    """The status, and the blocks, steps, steering word and inspected CID the preset opens
-    with (page only: component updates)."""
+    """The status, and the blocks, steps, steering word, inspected CID, prompts (of the
+    emergence, steer and inspect tabs) and example prompts the preset opens with (page only:
+    component updates)."""
     text = on_status(preset)
     chosen = PRESETS[preset]
     app = chosen.app
@@ -58,7 +59,9 @@ def on_select_preset(preset: str) -> tuple:
 
     emergence, steer, inspect = dropdown(app.block), dropdown(app.steer_block), dropdown(app.block)
     steps, word, cid = gr.Number(value=chosen.steps), gr.Textbox(app.word), gr.Number(app.cid)
-    return text, emergence, steer, inspect, steps, word, cid
+    prompt = gr.Textbox(app.prompts[0])
+    examples = gr.Dataset(samples=[[p] for p in app.prompts])
+    return text, emergence, steer, inspect, steps, word, cid, prompt, prompt, prompt, examples
 
 
 def on_controls(

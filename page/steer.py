@@ -24,7 +24,7 @@ from core.views.steer import (
 from page.components import block_dropdown, results_line
 from page.refusals import clears, message_line, tells_refusal
 from page.serving import LIGHT, MODEL, PAGE, PROGRESS, gpu, inputs_of, models, user_errors
-from page.texts import PROMPT, STEER_RESULTS
+from page.texts import STEER_RESULTS
 
 CONCEPTS_LABEL = "edit only the ticked concepts of the word (none listed or ticked: all of them)"
 
@@ -214,6 +214,7 @@ class SteerControls(NamedTuple):
     branch: gr.Radio
     by: gr.Radio
     sae_choice: gr.Radio
+    prompt: gr.Textbox
 
 
 def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
@@ -221,7 +222,7 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
     message = message_line("steer-message", render=False)  # every event of the tab tells it
     with gr.Row():
         with gr.Column(scale=1):
-            prompt = gr.Textbox(PROMPT, label="prompt")
+            prompt = gr.Textbox(preset.app.prompts[0], label="prompt")
             seed = gr.Number(0, label="seed")
             block = block_dropdown(preset, preset.app.steer_block)
             branch = gr.Radio(
@@ -277,7 +278,7 @@ def steer_tab(preset_box: gr.Dropdown, preset: Preset) -> SteerControls:
     done = run.click(on_steer, inputs, outputs, api_name="steer", show_progress_on=message, **MODEL)
     tells_refusal(done, message, "steer_refused")
     clears(message, {"steer_clears": run.click})
-    return SteerControls(block, word, branch, by, edit.sae_choice)
+    return SteerControls(block, word, branch, by, edit.sae_choice, prompt)
 
 
 def steer_concepts(

@@ -1,5 +1,5 @@
-"""The page's texts: its introduction, each tab's line above its results, the prompts it
-opens with, and its style."""
+"""The page's texts: its introduction, each tab's line above its results, and its style
+(the prompts each tab opens with are its preset's, `AppDefaults.prompts`)."""
 
 REFUSAL_CLASS = "refusal"
 """The class of the lines under buttons that say why a request was refused."""
@@ -11,14 +11,6 @@ CSS = (
 )
 """A word may label hundreds of concepts: their list scrolls. A refusal reads as one. The
 progress of a request shows on the same narrow line: its count of steps goes below the bar."""
-PROMPT = "a white triangle and a red circle on a teal gradient background"
-"""The prompt every tab opens with: a caption of the toy model's shapes world."""
-EXAMPLE_PROMPTS = [
-    [PROMPT],
-    ["a yellow star and a purple triangle on a brown striped background"],
-    ["a green square on a navy dotted background"],
-    ["a red circle and a blue square on a black plain background"],
-]
 INTRO = (
     "# Concepts inside a diffusion model\n"
     "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "

@@ -291,3 +291,17 @@ def test_revelio_tab_loads_and_shows_a_latents_grid(page):
     page.locator("#revelio-pca").scroll_into_view_if_needed()
     page.wait_for_function(ALL_LOADED, arg="#revelio-pca img")
     shot(page, "5-revelio")
+
+
+def test_another_preset_opens_the_tabs_on_its_own_prompts(page):
+    page.get_by_role("tab", name="emergence").click()
+    turbo = PRESETS["sdxl-turbo"].app.prompts
+    page.get_by_label("preset").first.click()
+    page.get_by_role("option", name="sdxl-turbo").click()
+    page.get_by_text(turbo[2]).first.wait_for()  # an example prompt of its own
+    assert page.get_by_label("prompt").first.input_value() == turbo[0]
+    page.get_by_label("preset").first.click()
+    page.get_by_role("option", name=default_preset_name()).click()
+    opening = PRESETS[default_preset_name()].app.prompts
+    page.get_by_text(opening[2]).first.wait_for()  # a short one: long ones are cut short
+    assert page.get_by_label("prompt").first.input_value() == opening[0]

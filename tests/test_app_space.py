@@ -10,6 +10,7 @@ from gradio.utils import get_function_description
 from huggingface_hub.utils import filter_repo_objects
 
 import app
+from core.annotate.tags import OBJECT_VOCABULARY
 from core.diffusion.presets import PRESETS, default_preset_name
 from core.diffusion.tiny import build_tiny_sdxl_pipeline
 from core.emergence.concepts import load_dictionaries
@@ -18,6 +19,7 @@ from core.sae.bank import hub_patterns
 from core.sae.checkpoints import SDLENS_FILES, folder_block
 from core.shapes.world import SHAPES
 from core.views.model_cache import ModelCache
+from page.status import on_select_preset
 
 
 def front_matter(text: str) -> dict:
@@ -208,3 +210,13 @@ def test_each_output_of_an_endpoint_is_described_in_one_clause():
         _, _, returns = get_function_description(fn.fn)
         assert len(returns) == len(fn.outputs), fn.api_name
         assert all(part and not part.endswith((",", ";", ".")) for part in returns), returns
+
+
+def test_sdxl_turbo_opens_on_prompts_whose_objects_its_labeller_names():
+    defaults = PRESETS["sdxl-turbo"].app
+    for prompt in defaults.prompts:
+        assert set(prompt.split()) & set(OBJECT_VOCABULARY), prompt
+    assert defaults.word in OBJECT_VOCABULARY and defaults.word in defaults.prompts[0]
+    *_, emergence, steer, inspect, examples = on_select_preset("sdxl-turbo")
+    assert emergence.value == steer.value == inspect.value == defaults.prompts[0]
+    assert examples.raw_samples == [[prompt] for prompt in defaults.prompts]

@@ -58,6 +58,15 @@ SD14_SAES_ENV = "SD14_SAES"
 """Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 
 
+SHAPES_PROMPTS = (
+    "a white triangle and a red circle on a teal gradient background",
+    "a yellow star and a purple triangle on a brown striped background",
+    "a green square on a navy dotted background",
+    "a red circle and a blue square on a black plain background",
+)
+"""Captions of the toy model's shapes world."""
+
+
 @dataclass(frozen=True)
 class AppDefaults:
     """What the app's page shows for a preset before a person changes anything."""
@@ -75,6 +84,8 @@ class AppDefaults:
     paper's for the edit type and stage (or the SAEs' calibrated ones)."""
     cid: int = 0
     """The concept the inspect tab opens on (with `block`, at t = 0.5)."""
+    prompts: tuple[str, ...] = SHAPES_PROMPTS
+    """The prompts the tabs open with (the first) and offer as examples."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,14 @@ PRESETS: dict[str, Preset] = {
             "in the SDLens demo",
             block="up_blocks.0.attentions.1",
             steer_block="down_blocks.2.attentions.1",
+            word="cat",  # once its dictionaries are built; by CID until then
             strength=10.0,  # the SDLens demo's default
+            prompts=(  # objects its labeller's vocabulary names
+                "a photo of a cat next to a dog",
+                "a photo of a red car in a city street",
+                "a bird and a boat by a lake",
+                "a photo of a pizza on a wooden table",
+            ),
         ),
         scheduler=None,
         sae_source="surokpro2/sdxl-saes",
