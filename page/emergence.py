@@ -9,6 +9,7 @@ from typing import NamedTuple
 import gradio as gr
 
 from core.diffusion.presets import Preset
+from core.runtime import counted
 from core.views.batch import (
     MAX_PAGE_RUNS,
     TABLE_HEADERS,
@@ -89,7 +90,8 @@ def emergence_outputs(preset: str, result: EmergenceResult) -> tuple:
 def emergence_summary(preset: str, result: EmergenceResult) -> str:
     lines = [
         f"**{preset}**, {result.block} ({result.branch}), seed {result.seed}, "
-        f"{len(result.steps)} steps.",
+        f"{counted(len(result.steps), 'step')}.",
+        f"- {sae_line(result)}",
         *[f"- {note}" for note in result.notes],
         "- Panels per word: the predicted mask outlined in red on the final image, the "
         "reference mask it is scored against in blue, the similarity of each position's most "
@@ -97,6 +99,20 @@ def emergence_summary(preset: str, result: EmergenceResult) -> str:
         "cross-attention (DAAM-style baseline) as a share of the step's peak.",
     ]
     return "\n".join(lines)
+
+
+def sae_line(result: EmergenceResult) -> str:
+    """Which SAE read which steps: the one trained nearest each step's t, or the one SAE
+    trained on every t (as SDLens's)."""
+
+    def steps(first: int, last: int) -> str:
+        return f"step {first}" if first == last else f"steps {first}-{last}"
+
+    spans = result.sae_spans()
+    if len(spans) == 1 and spans[0][0].t is None:
+        return f"One SAE, trained on every t (as SDLens's), read {steps(*spans[0][1:])}."
+    read = "; ".join(f"t={key.t:g}: {steps(first, last)}" for key, first, last in spans)
+    return f"The SAE trained nearest each step's t read it ({read})."
 
 
 @user_errors

@@ -126,6 +126,8 @@ def test_emergence_and_its_steps_from_any_client(client):
     assert len(panels) == 8 and panels[0]["caption"].startswith("circle: predicted mask at t=0.00")
     assert pixels(panels[2]["image"]).shape == (256, 256 + BAR_WIDTH, 3)  # with a colour bar
     assert "target words: circle, star" in summary
+    read = "(t=1: steps 0-1; t=0.5: steps 2-6; t=0: steps 7-9)"  # DDIM's 10 steps, t 0.9 to 0
+    assert f"The SAE trained nearest each step's t read it {read}." in summary
     other = Client(app_url(), verbose=False)
     earlier = other.predict(run_id, 2, api_name="/emergence_step")
     assert len(earlier) == 8 and earlier[4]["caption"].startswith("star: predicted mask at t=0.70")

@@ -148,6 +148,9 @@ def test_the_page_builds_them_part_by_part_and_then_hides_the_panel(cache, monke
     run = dict(prompt="a red circle", seed=0, steps=steps, block=block, branch="cond")
     image, plot, panels, summary, run_id = on_emergence("sdxl-turbo", **run, words="circle")
     assert "target words: circle" in summary and len(panels) == 4
+    assert (
+        "1 step." in summary and "One SAE, trained on every t (as SDLens's), read step 0" in summary
+    )
     slider = on_step_range(run_id)
     assert (slider.value, slider.interactive, slider.label) == (0, False, ONE_STEP_LABEL)
 

@@ -28,6 +28,7 @@ from core.emergence.attention_maps import AttentionTrace, trace_cross_attention
 from core.emergence.composition import StepPrediction, iou, predict_over_steps
 from core.emergence.concepts import normalize_label
 from core.emergence.metrics import label_masks
+from core.sae.bank import SAEKey
 from core.views.inputs import check_prompt, check_seed, check_step, check_steps, parse_words
 from core.views.model_cache import Loaded
 from core.views.render import REFERENCE_COLOUR, heat_map, normalised, outline
@@ -62,6 +63,16 @@ class EmergenceResult:
     @property
     def ts(self) -> list[float]:
         return [s.step.t for s in self.steps]
+
+    def sae_spans(self) -> list[tuple[SAEKey, int, int]]:
+        """Which SAE read which steps: (its key, first step, last step), in step order."""
+        spans: list[tuple[SAEKey, int, int]] = []
+        for index, step in enumerate(self.steps):
+            if spans and spans[-1][0] == step.sae_key:
+                spans[-1] = (step.sae_key, spans[-1][1], index)
+            else:
+                spans.append((step.sae_key, index, index))
+        return spans
 
 
 def labelled_words(loaded: Loaded, block: str, branch: str) -> list[str]:
