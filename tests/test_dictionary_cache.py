@@ -3,6 +3,7 @@ sdxl-turbo: a small SDXL-layout pipeline saved with `save_pretrained`, SAEs in S
 folder layout (read back with `weights_only=True`), a labeller that finds a circle
 everywhere; nothing is downloaded."""
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -80,7 +81,7 @@ def cache(stand_in, tmp_path, monkeypatch) -> Iterator:
     monkeypatch.setattr(dictionary_cache, "CACHE_ROOT", tmp_path / "hf-home")
     monkeypatch.setattr(dictionary_cache, "PART_SIZE", 2)
 
-    def start(annotator: str = "circles") -> ModelCache:
+    def start(annotator: str = "circles", **changes) -> ModelCache:
         preset = get_preset(
             "sdxl-turbo",
             model=str(stand_in / "pipeline"),
@@ -89,6 +90,7 @@ def cache(stand_in, tmp_path, monkeypatch) -> Iterator:
             word_vectors=BUNDLED_GLOVE,
             annotator=annotator,
             prompts=str(stand_in / "prompts.txt"),
+            **changes,
         )
         return ModelCache(device="cpu", presets={"sdxl-turbo": preset})
 
@@ -216,3 +218,17 @@ def test_where_the_labeller_does_not_load_its_fallback_labels_the_images(cache, 
     loaded = cache(annotator="broken").get("sdxl-turbo")
     with pytest.raises(ValueError, match=r"no labeller loads: broken \(Grounding DINO is"):
         build_part(loaded, 0)
+
+
+def test_published_dictionaries_are_loaded_instead_of_built(cache, tmp_path, monkeypatch):
+    with cache().using("sdxl-turbo") as loaded:
+        for index in parted_build(loaded).remaining():
+            build_part(loaded, index)
+        finish_build(loaded)
+    published = tmp_path / "published"  # as `build_dictionary --push-to-hub` publishes them
+    shutil.move(dictionary_cache.cache_folder(loaded.preset), published)
+    loaded = cache(dictionary_source=str(published)).get("sdxl-turbo")
+    assert set(loaded.dictionaries) == set(loaded.bank) and not loaded.notes
+    assert not dictionary_cache.cache_folder(loaded.preset).exists()  # nothing built
+    offline = cache(dictionary_source="user/not-downloadable").get("sdxl-turbo")
+    assert not offline.dictionaries and offline.notes[0].startswith(NO_DICTIONARIES)

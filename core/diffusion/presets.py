@@ -108,6 +108,9 @@ class Preset:
     """Hub repo id or local folder of the SAE bank; None until a user names or trains one."""
     sae_variant: str | None = None
     """Which run to load where the SAE repo holds several per block (`SAEBank.from_pretrained`)."""
+    dictionary_source: str | None = None
+    """Hub repo or folder of concept dictionaries published for SAEs that come without them
+    (`build_dictionary --push-to-hub`); None: built on first use where none are found."""
     word_vectors: str = "glove-6b-50d"
     """Word-vector source: a gensim-data name, a local file, or the offline GloVe default."""
     resolution: int | None = None

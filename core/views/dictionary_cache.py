@@ -62,6 +62,17 @@ def cached_dictionaries(preset: Preset) -> dict[SAEKey, ConceptDictionary]:
         return {}
 
 
+def published_dictionaries(preset: Preset) -> dict[SAEKey, ConceptDictionary]:
+    """The dictionaries published for the preset's SAEs (its `dictionary_source`); empty
+    where it names none or they cannot be had (offline, say: they are built then)."""
+    if not preset.dictionary_source:
+        return {}
+    try:
+        return load_dictionaries(preset.dictionary_source, preset.hook_points)
+    except DictionaryLoadError:
+        return {}
+
+
 def first_use_plan(loaded: Loaded) -> Plan:
     """What a first-use build generates, labels and gives dictionaries to: the first
     `FIRST_USE_PROMPTS` prompts of the preset's file, from seed 0, at its steps, for its

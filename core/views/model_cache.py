@@ -40,7 +40,7 @@ from core.sae.config import SAELoadError
 from core.sae.model import TopKSAE
 from core.steer.strength import read_strengths
 from core.views.dictionaries import Dictionaries
-from core.views.dictionary_cache import cached_dictionaries
+from core.views.dictionary_cache import cached_dictionaries, published_dictionaries
 from core.views.examples import Examples
 from core.views.labelling import Labelling
 
@@ -245,7 +245,7 @@ class ModelCache:
         try:
             dictionaries = load_dictionaries(preset.sae_source, preset.hook_points)
         except DictionaryLoadError as error:
-            dictionaries = cached_dictionaries(preset)
+            dictionaries = published_dictionaries(preset) or cached_dictionaries(preset)
             if not dictionaries:
                 notes.append(
                     f"{NO_DICTIONARIES} ({error.args[0]}): concepts can be chosen by CID only, "
