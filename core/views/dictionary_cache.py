@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from core.views.model_cache import Loaded
 
 CACHE_ROOT = Path(constants.HF_HOME) / "concept-dictionaries"
+"""Where first-use builds are kept, one folder per SAE source (`cache_folder`)."""
 FIRST_USE_PROMPTS = 128
 """Prompts of the preset's file a first-use build generates and labels."""
 PART_SIZE = 16
