@@ -26,7 +26,7 @@ from core.emergence.dictionary_builder import DictionaryBuilder
 from core.emergence.gathering import Gathered, gather, save_examples
 from core.emergence.words import WordVectors
 from core.files import atomic_write, read_safetensors, write_json
-from core.runtime import CorruptFileError
+from core.runtime import CorruptFileError, counted
 from core.sae.bank import SAEBank, SAEKey
 
 PARTS_DIR = "parts"
@@ -129,9 +129,8 @@ class PartedBuild:
         means = {names[key]: gathered.means(key).contiguous() for key in gathered.builders}
         atomic_write(self.path(index, ".safetensors"), lambda tmp: save_file(means, tmp))
         evidence = {names[key]: b.state() for key, b in gathered.builders.items()}
-        counts = {"num_objects": gathered.num_objects, "seconds": seconds}
-        counts["labelled_by"] = labelled_by
-        write_json(self.path(index, ".json"), {**evidence, **counts})
+        done = {"num_objects": gathered.num_objects, "seconds": seconds, "labelled_by": labelled_by}
+        write_json(self.path(index, ".json"), {**evidence, **done})
 
     def labellers(self) -> list[str]:
         """The labellers that labelled the parts done (a fallback may have labelled some)."""
@@ -211,7 +210,7 @@ def dictionary_card(
             "Each SAE latent (CID) gets the names of the objects whose masks its activation "
             "map overlaps (built with `python -m core.emergence.build_dictionary`).",
             "",
-            f"- SAEs: `{plan.saes}`; pipeline: `{plan.model}`, {plan.steps} steps, "
+            f"- SAEs: `{plan.saes}`; pipeline: `{plan.model}`, {counted(plan.steps, 'step')}, "
             f"guidance {plan.guidance_scale:g}, seeds {plan.seed} to "
             f"{plan.seed + len(plan.prompts) - 1}",
             f"- Prompts: {len(plan.prompts)} (listed in `examples.json`)",
