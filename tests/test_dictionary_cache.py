@@ -32,6 +32,7 @@ from core.views.model_cache import NO_DICTIONARIES, ModelCache
 from page import serving
 from page.dictionaries import minutes, on_build_dictionaries, on_dictionary_plan
 from page.emergence import ONE_STEP_LABEL, on_emergence, on_step_range
+from page.inspect import on_timeline
 from tests.helpers import write_sdlens_bank
 
 PROMPTS = ["a red circle", "a blue circle", "a circle on a table", "a big circle", "a circle"]
@@ -155,6 +156,9 @@ def test_the_page_builds_them_part_by_part_and_then_hides_the_panel(cache, monke
     )
     slider = on_step_range(run_id)
     assert (slider.value, slider.interactive, slider.label) == (0, False, ONE_STEP_LABEL)
+    timeline = dict(t=0.5, branch="cond", cid=None, word="circle", prompt="a circle", seed=0)
+    _, _, line = on_timeline("sdxl-turbo", block, **timeline)  # the inspect tab, one step
+    assert line.startswith("'circle': step 0 (t 1.00) read with the SAE at every t")
 
 
 def test_a_build_that_finds_no_object_is_refused_and_keeps_its_parts(cache, monkeypatch):
