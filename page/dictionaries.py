@@ -9,14 +9,14 @@ from gradio.events import Dependency
 
 from core.emergence.parts import PartedBuild
 from core.runtime import counted
-from core.views.dictionary_cache import (
+from core.views.dictionary_build import (
     GPU_CPU_RATIO,
     build_part,
-    cache_folder,
     estimate_seconds,
     finish_build,
     parted_build,
 )
+from core.views.dictionary_cache import cache_folder
 from core.views.model_cache import Loaded
 from page import serving
 from page.components import shown_path

@@ -4,7 +4,7 @@ random weights in the real architectures (nothing is downloaded): one SDXL U-Net
 
     python -m scripts.bench_first_use_build      # prints seconds per call, median of 3
 
-The app's estimate (`core.views.dictionary_cache.estimate_seconds`) scales these by a
+The app's estimate (`core.views.dictionary_build.estimate_seconds`) scales these by a
 stated GPU/CPU ratio; docs/app.md records the numbers.
 """
 

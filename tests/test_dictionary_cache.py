@@ -18,8 +18,8 @@ from core.diffusion.presets import get_preset
 from core.diffusion.tiny import build_tiny_sdxl_pipeline
 from core.emergence.parts import PartedBuild, Plan
 from core.emergence.words import BUNDLED_GLOVE
-from core.views import dictionary_cache
-from core.views.dictionary_cache import (
+from core.views import dictionary_build, dictionary_cache
+from core.views.dictionary_build import (
     GPU_CPU_RATIO,
     build_part,
     estimate_seconds,
@@ -80,7 +80,7 @@ def cache(stand_in, tmp_path, monkeypatch) -> Iterator:
     """A model cache serving the stand-in as sdxl-turbo, its dictionaries cached in tmp_path,
     in parts of two prompts; returns a function that makes it (one per app start)."""
     monkeypatch.setattr(dictionary_cache, "CACHE_ROOT", tmp_path / "hf-home")
-    monkeypatch.setattr(dictionary_cache, "PART_SIZE", 2)
+    monkeypatch.setattr(dictionary_build, "PART_SIZE", 2)
 
     def start(annotator: str = "circles", **changes) -> ModelCache:
         preset = get_preset(
