@@ -178,10 +178,11 @@ def build(config: DictionaryConfig) -> dict[SAEKey, ConceptDictionary]:
         **plan.labeller,
         "word_vectors": config.word_vectors,
     }
-    dictionaries, num_objects = parts.finish(word_vectors, info)
+    gathered = parts.merged()
+    dictionaries = parts.finish(gathered, word_vectors, info)
     print("\n".join(quality_lines(dictionaries, word_vectors)))
     labeller = annotation.describe()
-    print(f"{len(prompts)} images, {num_objects} annotated objects ({labeller})")
+    print(f"{len(prompts)} images, {gathered.num_objects} annotated objects ({labeller})")
     print(f"saved {len(dictionaries)} dictionaries and their card to {config.out}")
     if config.push_to_hub:
         url = push_dictionaries(Path(config.out), config.push_to_hub)

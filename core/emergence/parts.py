@@ -6,9 +6,9 @@ time limit, as on ZeroGPU) goes on from the parts it has.
     out/parts/part-00003.json    each SAE's evidence of part 3 (written last: the part is done)
     out/parts/part-00003.safetensors  each SAE's per-image spatial means of part 3
 
-Once every part is done, `finish` writes the dictionaries in the bank's layout, the example
-index and a card (README.md, or DICTIONARIES.md beside another README) to `out/`, and
-removes `out/parts/`.
+Once every part is done, `finish` writes what `merged` gathered: the dictionaries in the
+bank's layout, the example index and a card (README.md, or DICTIONARIES.md beside another
+README) to `out/`, and removes `out/parts/`.
 """
 
 import json
@@ -163,18 +163,17 @@ class PartedBuild:
         return gathered
 
     def finish(
-        self, word_vectors: WordVectors, info: dict
-    ) -> tuple[dict[SAEKey, ConceptDictionary], int]:
-        """Write the dictionaries, the example index (with `info`) and the card to `out/`,
-        then remove the parts; returns the dictionaries and the number of annotated objects."""
-        gathered = self.merged()
+        self, gathered: Gathered, word_vectors: WordVectors, info: dict
+    ) -> dict[SAEKey, ConceptDictionary]:
+        """Write the dictionaries of `gathered` (the parts `merged`), the example index (with
+        `info`) and the card to `out/`, then remove the parts; returns the dictionaries."""
         dictionaries = {key: b.build(word_vectors) for key, b in gathered.builders.items()}
         save_dictionaries(dictionaries.values(), self.out)
         save_examples(self.out, gathered, self.plan.prompts, self.plan.seed, info)
         card = dictionary_card(self.plan, dictionaries, gathered.num_objects, self.labellers())
         atomic_write(card_path(self.out), lambda tmp: tmp.write_text(card))
         shutil.rmtree(self.folder)
-        return dictionaries, gathered.num_objects
+        return dictionaries
 
 
 def card_path(out: Path) -> Path:

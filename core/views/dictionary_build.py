@@ -88,8 +88,8 @@ def finish_build(loaded: Loaded) -> int:
     `loaded`; returns how many objects the labeller found. A build whose images show no
     object is refused, its parts kept."""
     parts = parted_build(loaded)
-    found = parts.merged().num_objects
-    if not found:
+    gathered = parts.merged()
+    if not gathered.num_objects:
         raise ValueError(
             f"The labeller found no object in the {len(parts.plan.prompts)} images of "
             f"{loaded.preset.prompts}, so no concept can be named; build the dictionaries "
@@ -103,6 +103,6 @@ def finish_build(loaded: Loaded) -> int:
         "labelled_by": parts.labellers(),
         "word_vectors": loaded.preset.word_vectors,
     }
-    parts.finish(loaded.dictionaries.word_vectors, info)
+    parts.finish(gathered, loaded.dictionaries.word_vectors, info)
     loaded.find_built_dictionaries()
-    return found
+    return gathered.num_objects
