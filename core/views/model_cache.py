@@ -70,7 +70,7 @@ class Loaded:
     _cached: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.dictionaries = Dictionaries(self.dictionaries, self.preset.word_vectors)
+        self.keep_dictionaries(self.dictionaries)
         self.labelling = Labelling(self.preset.annotator, self.device)
         self.examples = Examples(self.preset, self.pipe, self.bank, self.image_size()[0])
 
@@ -85,15 +85,19 @@ class Loaded:
         """The word vectors and the labeller's annotator, loaded now rather than on first use."""
         return self.dictionaries.word_vectors, self.labelling.annotator
 
+    def keep_dictionaries(self, by_key: Mapping[SAEKey, ConceptDictionary]) -> None:
+        """Use these dictionaries, on the pipeline's device (where concept maps are made)."""
+        for dictionary in by_key.values():
+            dictionary.to(self.device)
+        self.dictionaries = Dictionaries(by_key, self.preset.word_vectors)
+
     def find_built_dictionaries(self) -> None:
         """Take the dictionaries built for these SAEs since they were loaded (by another
         process, as ZeroGPU's worker, or another request), where the preset has none."""
         if not self.dictionaries:
             built = cached_dictionaries(self.preset)
             if built:
-                for dictionary in built.values():
-                    dictionary.to(self.device)
-                self.dictionaries = Dictionaries(built, self.preset.word_vectors)
+                self.keep_dictionaries(built)
                 self.notes = [n for n in self.notes if not n.startswith(NO_DICTIONARIES)]
 
     def cached(self, name: str, load: Callable[[], object]) -> object:
@@ -251,8 +255,6 @@ class ModelCache:
                     f"{NO_DICTIONARIES} ({error.args[0]}): concepts can be chosen by CID only, "
                     "and the emergence view is unavailable until they are built."
                 )
-        for dictionary in dictionaries.values():
-            dictionary.to(pipe.device)
         strengths, note = read_strengths(preset.sae_source)
         notes.extend([note] if note else [])
         return Loaded(preset, pipe, bank, dictionaries, notes, strengths)
