@@ -65,7 +65,10 @@ def duration_text(parts: PartedBuild, device_type: str) -> str:
 
 
 def minutes(seconds: float) -> str:
-    return "under a minute" if seconds < 60 else f"about {round(seconds / 60)} minutes"
+    if seconds < 60:
+        return "under a minute"
+    count = round(seconds / 60)
+    return f"about {count} minute{'' if count == 1 else 's'}"
 
 
 @user_errors

@@ -374,7 +374,8 @@ def steer_edit(preset_box: gr.Dropdown, preset: Preset, message: gr.Markdown) ->
     sae_choice = gr.Radio(
         list(SAE_CHOICES),
         value="stage",
-        label="SAE per edited step: the stage's (t = 1.0, 0.5, 0.0) or the nearest to its t",
+        label="SAE per edited step: the one at its stage's t (the paper's 1.0, 0.5, 0.0) or the "
+        "one nearest its own t",
     )
     return EditControls(kind, stage, t_min, t_max, strength, sae_choice)
 

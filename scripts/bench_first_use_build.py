@@ -1,6 +1,8 @@
 """The cost of a first-use dictionary build for sdxl-turbo, measured on this machine with
 random weights in the real architectures (nothing is downloaded): one SDXL U-Net call at
-512 px (64x64 latents), the SDXL VAE's decode, and CLIPSeg's forward pass at its 352 px.
+512 px (64x64 latents), the SDXL VAE's decode, CLIPSeg's forward pass at its 352 px, and
+Grounded SAM's three models on one image (the CLIP tagger at 224 px, Grounding DINO tiny
+at its 800 px with one query of 10 names, SAM ViT-B at its 1024 px with 3 boxes).
 
     python -m scripts.bench_first_use_build      # prints seconds per call, median of 3
 
@@ -13,7 +15,16 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+from transformers import (
+    CLIPSegConfig,
+    CLIPSegForImageSegmentation,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    SamConfig,
+    SamModel,
+)
 
 
 def median_seconds(call, repeats: int = 3) -> float:
@@ -73,11 +84,42 @@ def clipseg_seconds() -> float:
     return median_seconds(lambda: clipseg(input_ids=ids, pixel_values=pixels))
 
 
+@torch.inference_mode()
+def grounded_sam_seconds() -> dict[str, float]:
+    """Per image: the tagger's image embedding (its vocabulary's text embeddings are made
+    once), the detector's one query, SAM's image encoder and mask decoder."""
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
+    dino = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()
+    sam = SamModel(SamConfig()).eval()
+    ids = torch.randint(1000, 2000, (1, 30))
+    return {
+        "CLIP tagger": median_seconds(lambda: clip(pixel_values=torch.randn(1, 3, 224, 224))),
+        "Grounding DINO": median_seconds(
+            lambda: dino(
+                pixel_values=torch.randn(1, 3, 800, 800),
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+            )
+        ),
+        "SAM": median_seconds(
+            lambda: sam(
+                pixel_values=torch.randn(1, 3, 1024, 1024),
+                input_boxes=torch.rand(1, 3, 4) * 1024,
+                multimask_output=False,
+            )
+        ),
+    }
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"SDXL U-Net, one call at 512 px: {unet_seconds():.2f} s")
     print(f"SDXL VAE, one decode to 512 px: {vae_seconds():.2f} s")
     print(f"CLIPSeg, one image with 10 words: {clipseg_seconds():.2f} s")
+    parts = grounded_sam_seconds()
+    for name, seconds in parts.items():
+        print(f"Grounded SAM's {name}, one image: {seconds:.2f} s")
+    print(f"Grounded SAM, one image: {sum(parts.values()):.2f} s")
     print(f"torch threads: {torch.get_num_threads()}")
 
 

@@ -29,6 +29,7 @@ from core.views.dictionary_build import (
 )
 from core.views.emergence import run_emergence
 from core.views.model_cache import NO_DICTIONARIES, ModelCache
+from core.views.steer import SteerRequest, run_steer
 from page import serving
 from page.dictionaries import minutes, on_build_dictionaries, on_dictionary_plan
 from page.emergence import ONE_STEP_LABEL, on_emergence, on_step_range
@@ -197,12 +198,15 @@ def test_the_estimate_scales_the_costs_measured_on_a_cpu():
         labeller={"annotator": "grounded-sam"},
         part_size=16,
     )
-    per_image = 11.74 + 20.71 + 1.63  # U-Net call, VAE decode, labelled image
+    per_image = 11.74 + 20.71 + 20.25  # U-Net call, VAE decode, image labelled by Grounded SAM
     assert estimate_seconds(plan, "cpu") == pytest.approx(128 * per_image)
     assert estimate_seconds(plan, "cuda") == pytest.approx(128 * per_image / GPU_CPU_RATIO)
-    assert minutes(estimate_seconds(plan, "cuda")) == "under a minute"
-    assert minutes(estimate_seconds(plan, "cpu")) == "about 73 minutes"
+    assert minutes(estimate_seconds(plan, "cuda")) == "about 1 minute"
+    assert minutes(estimate_seconds(plan, "cpu")) == "about 112 minutes"
+    clipseg = replace(plan, labeller={"annotator": "clipseg"})
+    assert minutes(estimate_seconds(clipseg, "cpu")) == "about 73 minutes"
     assert estimate_seconds(replace(plan, model="a/model-not-measured"), "cuda") is None
+    assert estimate_seconds(replace(plan, labeller={"annotator": "toy"}), "cuda") is None
 
 
 def test_where_the_labeller_does_not_load_its_fallback_labels_the_images(cache, monkeypatch):
@@ -236,3 +240,20 @@ def test_published_dictionaries_are_loaded_instead_of_built(cache, tmp_path, mon
     assert not dictionary_cache.cache_folder(loaded.preset).exists()  # nothing built
     offline = cache(dictionary_source="user/not-downloadable").get("sdxl-turbo")
     assert not offline.dictionaries and offline.notes[0].startswith(NO_DICTIONARIES)
+
+
+def test_each_stage_steers_some_of_sdxl_turbos_four_steer_steps(cache):
+    """SDXL-Turbo generates one step by default; its steer tab takes 4 (t = 0.999, 0.749,
+    0.499, 0.249) so that early, middle and final each edit some."""
+    loaded = cache().get("sdxl-turbo")
+    block = "down_blocks.2.attentions.1"
+    edited = {}
+    for stage in ("early", "middle", "final"):
+        request = SteerRequest("a red circle", 0, block, stage=stage, cid=3, strength=10.0)
+        result = run_steer(loaded, request)
+        edited[stage] = result.metrics["edited_steps"], result.record.summary().split(" with")[0]
+    assert edited == {
+        "early": ("1 of 4", "edited step 0"),
+        "middle": ("2 of 4", "edited steps 1–2"),
+        "final": ("1 of 4", "edited step 3"),
+    }

@@ -235,6 +235,26 @@ def test_steering_changes_the_image_only_when_it_edits(loaded):
     assert hook_count(loaded.pipe) == 0
 
 
+def test_steering_takes_the_presets_steer_steps_and_refuses_a_stage_without_steps(loaded):
+    preset = loaded.preset
+    loaded.preset = replace(preset, app=replace(preset.app, steer_steps=4))
+    try:  # 4 DDIM steps: t = 0.751, 0.501, 0.251, 0.001; the early stage holds the first
+        result = run_steer(loaded, SteerRequest(PROMPT, 1, UP, word="star", stage="early"))
+    finally:
+        loaded.preset = preset
+    assert result.metrics["edited_steps"] == "1 of 4"
+    assert result.record.summary().startswith(f"edited step 0 with {UP} (t=1, cond)")
+    # at the preset's 10 steps (t = 0.901 .. 0.001) nothing lies in [0.91, 0.99]
+    request = SteerRequest(PROMPT, 1, UP, word="star", stage="custom", t_range=(0.91, 0.99))
+    with pytest.raises(ValueError) as refused:
+        run_steer(loaded, request)
+    assert str(refused.value) == (
+        "The custom stage (t in [0.91, 0.99]) holds none of the 10 steps (t = 0.90, 0.80, "
+        "0.70, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.00); choose another stage or a t range "
+        "that includes one."
+    )
+
+
 def test_steering_by_cid_with_a_drawn_region_and_a_custom_stage(loaded):
     mask = np.zeros((100, 100))
     mask[:50, 50:] = 1

@@ -52,8 +52,9 @@ TURBO_STAGES = Stages(
 )
 """SDXL-Turbo's stages. Its 4 steps (trailing spacing) sit at t = 0.999, 0.749, 0.499 and
 0.249, where the paper's windows would leave "final" empty: here the first step is early,
-the next two middle and the last final; its default single step is early only. SDLens's
-SAEs read every step, so the t of each stage's SAE picks nothing among them."""
+the next two middle and the last final; its default single step is early only, so its
+steer tab generates 4. SDLens's SAEs read every step, so the t of each stage's SAE picks
+nothing among them."""
 SD14_SAES_ENV = "SD14_SAES"
 """Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
 
@@ -86,6 +87,9 @@ class AppDefaults:
     """The concept the inspect tab opens on (with `block`, at t = 0.5)."""
     prompts: tuple[str, ...] = SHAPES_PROMPTS
     """The prompts the tabs open with (the first) and offer as examples."""
+    steer_steps: int | None = None
+    """The steps of the steer tab's two images; None: the preset's `steps`. A model sampled
+    in one step steers at more, so that each stage has a step to edit."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,8 @@ PRESETS: dict[str, Preset] = {
             "up_blocks.0.attentions.1",
         ),
         app=AppDefaults(
-            "SDXL-Turbo, 512 px, 1-4 steps, with the published SDLens SAEs "
+            "SDXL-Turbo, 512 px, 1 step (the steer tab 4: one early, two middle, one final), "
+            "with the published SDLens SAEs "
             "(surokpro2/sdxl-saes, one per block for every step), which come without concept "
             "dictionaries: the emergence tab builds them once, from the preset's prompts, and "
             "keeps them; steering strengths are multiples of the concept's mean activation, as "
@@ -165,6 +170,7 @@ PRESETS: dict[str, Preset] = {
             steer_block="down_blocks.2.attentions.1",
             word="cat",  # once its dictionaries are built; by CID until then
             strength=10.0,  # the SDLens demo's default
+            steer_steps=4,  # one step each for early and final, two for middle
             prompts=(  # objects its labeller's vocabulary names
                 "a photo of a cat next to a dog",
                 "a photo of a red car in a city street",

@@ -20,10 +20,13 @@ FIRST_USE_PROMPTS = 128
 """Prompts of the preset's file a first-use build generates and labels."""
 PART_SIZE = 16
 """Prompts per part: one GPU call generates and labels them."""
-CPU_SECONDS = {"stabilityai/sdxl-turbo": {"unet": 11.74, "vae": 20.71, "labeller": 1.63}}
-"""Seconds per U-Net call, VAE decode and labelled image at the model's 512 px, measured on
-a 2-core CPU with random weights in the real architectures (`scripts/bench_first_use_build`;
-the labeller's is CLIPSeg's with 10 words: Grounded SAM's is not measured)."""
+CPU_SECONDS = {"stabilityai/sdxl-turbo": {"unet": 11.74, "vae": 20.71}}
+"""Seconds per U-Net call and VAE decode at the model's 512 px, measured on a 2-core CPU
+with random weights in the real architectures (`scripts/bench_first_use_build`)."""
+LABELLER_CPU_SECONDS = {"grounded-sam": 20.25, "clipseg": 1.63}
+"""Seconds per labelled image, measured the same way: Grounded SAM's CLIP tagger (0.11 s),
+Grounding DINO tiny with one query (9.48 s) and SAM ViT-B with 3 boxes (10.66 s); CLIPSeg
+with 10 words."""
 GPU_CPU_RATIO = 100
 """How much faster a GPU is taken to be: SD v1.4's U-Net runs about 7 s a call on that
 CPU and about 0.03 s on an H100 (x230); ZeroGPU lends a slice of a GPU, so half that."""
@@ -56,12 +59,13 @@ def first_use_plan(loaded: Loaded) -> Plan:
 
 
 def estimate_seconds(plan: Plan, device_type: str) -> float | None:
-    """An estimate of a build's time on this kind of device from `CPU_SECONDS`, for the
-    models measured there; None for others."""
+    """An estimate of a build's time on this kind of device from `CPU_SECONDS` and
+    `LABELLER_CPU_SECONDS`, for the models and labellers measured there; None for others."""
     costs = CPU_SECONDS.get(plan.model)
-    if costs is None:
+    labelling = LABELLER_CPU_SECONDS.get(plan.labeller.get("annotator", ""))
+    if costs is None or labelling is None:
         return None
-    per_image = plan.steps * costs["unet"] + costs["vae"] + costs["labeller"]
+    per_image = plan.steps * costs["unet"] + costs["vae"] + labelling
     return len(plan.prompts) * per_image / (GPU_CPU_RATIO if device_type == "cuda" else 1)
 
 

@@ -39,6 +39,7 @@ from core.steer.strength import (
     strength_unit,
 )
 from core.steer.windows import Window, stage_window, stages_in
+from core.training.activations import schedule_of, steps_in_range
 from core.views.inputs import check_cid, check_number, check_prompt, check_seed
 from core.views.inspection import describe_labels
 from core.views.model_cache import Loaded
@@ -304,8 +305,24 @@ def before_image(
 ) -> Image.Image:
     """The unsteered image of a steer request: the canvas shows it to draw the region on."""
     return loaded.generate(
-        [check_prompt(prompt)], [check_seed(seed)], loaded.preset.steps, on_step=on_step
+        [check_prompt(prompt)], [check_seed(seed)], steer_steps(loaded.preset), on_step=on_step
     )[0]
+
+
+def steer_steps(preset: Preset) -> int:
+    """How many steps the steer tab's images take: the preset's, or its own for steering."""
+    return preset.app.steer_steps or preset.steps
+
+
+def check_window_has_steps(loaded: Loaded, edit: Intervention, steps: int) -> None:
+    """Refuse a stage or t range that holds none of the run's steps: it would edit nothing."""
+    ts = schedule_of(loaded.pipe, steps)
+    if not steps_in_range(ts, stage_window(edit.window, edit.stages)):
+        listed = ", ".join(f"{t:.2f}" for t in ts)
+        raise ValueError(
+            f"The {_describe_stage(edit)} holds none of the {steps} steps (t = {listed}); "
+            "choose another stage or a t range that includes one."
+        )
 
 
 def run_steer(
@@ -336,7 +353,8 @@ def run_steer(
         stages=loaded.preset.stages,
     )
     validate(edit, size)
-    steps = loaded.preset.steps
+    steps = steer_steps(loaded.preset)
+    check_window_has_steps(loaded, edit, steps)
     total = 2 * steps
 
     def progress(offset: int) -> Callable[[int, int], None] | None:
