@@ -1,7 +1,7 @@
 """Watch concepts emerge inside a text-to-image diffusion model, and steer with them.
 
     python app.py                       # the offline default preset, on 127.0.0.1:7860
-    python app.py --preset sd14 --sd14-saes user/sd14-saes
+    python app.py --preset sd14 --saes sd14=user/sd14-saes
 
 The entry point only: the page is the `page` package (one module per tab, its handlers beside
 its layout), every computation is in `core.views` (one module per tab), what a preset's page
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from core.diffusion.presets import PRESETS, SD14_SAES_ENV, default_preset_name
+from core.diffusion.presets import PRESETS, default_preset_name
 from core.runtime import USER_ERRORS
 from core.views.model_cache import ModelCache
 from page.assembly import build_demo
@@ -43,6 +43,16 @@ def opening_preset(environ: Mapping[str, str], cuda: bool) -> str:
     return GPU_PRESET if (cuda or zero_gpu) and not offline else default_preset_name()
 
 
+def sae_source(text: str) -> tuple[str, str]:
+    """`PRESET=REPO` as (preset, repo); anything else refused with what is expected."""
+    preset, equals, source = text.partition("=")
+    if not equals or preset not in PRESETS or not source:
+        raise argparse.ArgumentTypeError(
+            f"expected PRESET=REPO with a preset among {', '.join(PRESETS)}, got {text!r}"
+        )
+    return preset, source
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -52,7 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"preset selected when the page opens (env {PRESET_ENV}; default: {GPU_PRESET} "
         "where a GPU is present (CUDA or ZeroGPU) and the Hub reachable, else the offline one)",
     )
-    p.add_argument("--sd14-saes", help=f"SAE repo or folder for sd14 (env {SD14_SAES_ENV})")
+    p.add_argument(
+        "--saes",
+        action="append",
+        default=[],
+        type=sae_source,
+        metavar="PRESET=REPO",
+        help="SAE repo or folder for a preset whose SAEs a user trains (sd14, pixart, sd3, "
+        "flux; or env <PRESET>_SAES, e.g. SD14_SAES); repeat for several",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, help="port (default 7860, or GRADIO_SERVER_PORT)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
@@ -87,7 +105,7 @@ def preload(cache: ModelCache, preset: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache = ModelCache({"sd14": args.sd14_saes}, device=args.device)
+    cache = ModelCache(dict(args.saes), device=args.device)
     demo = build_demo(cache, args.preset)
     demo.queue(max_size=64).launch(
         server_name=args.host,

@@ -60,7 +60,8 @@ def on_emergence(preset, prompt, seed, steps, block, branch, words, progress=PRO
         prompt: the text prompt.
         seed: the generation seed (an integer).
         steps: denoising steps (1 to the app's maximum).
-        block: the U-Net block whose SAEs read the residual updates, e.g. "mid_block.attentions.0".
+        block: the block (U-Net or DiT) whose SAEs read the residual updates, e.g.
+            "mid_block.attentions.0".
         branch: "cond" or "uncond", the classifier-free guidance branch.
         words: comma-separated target words; empty takes the prompt's nouns.
 
@@ -153,7 +154,7 @@ def on_emergence_batch(
         seeds: the seeds, like "0-3" or "0, 1, 2"; every prompt runs with every seed, at
             most 16 runs in all (more with `python -m core.views.emergence_batch`).
         steps: denoising steps (1 to the app's maximum), the same for every run.
-        block: the U-Net block whose SAEs read the residual updates.
+        block: the denoiser block (U-Net or DiT) whose SAEs read the residual updates.
         branch: "cond" or "uncond", the classifier-free guidance branch.
         words: comma-separated target words; empty takes each prompt's nouns.
 

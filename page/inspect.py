@@ -39,7 +39,7 @@ def on_search_concepts(preset, block, t, branch, word, progress=PROGRESS):
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        block: the SAE's block, e.g. "mid_block.attentions.0" or "transformer_blocks.14".
         t: the SAE's timestep in [0, 1].
         branch: "cond" or "uncond".
         word: the word to look for among the concepts' labels.
@@ -62,7 +62,7 @@ def on_inspect_concept(preset, block, t, branch, cid, progress=PROGRESS):
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        block: the SAE's block, e.g. "mid_block.attentions.0" or "transformer_blocks.14".
         t: the SAE's timestep in [0, 1] (1.0: the first denoising step).
         branch: "cond" or "uncond".
         cid: the concept id (the SAE latent's index).
@@ -86,7 +86,7 @@ def on_top_examples(preset, block, t, branch, cid, progress=PROGRESS):
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        block: the SAE's block, e.g. "mid_block.attentions.0" or "transformer_blocks.14".
         t: the SAE's timestep in [0, 1].
         branch: "cond" or "uncond".
         cid: the concept id.
@@ -107,7 +107,7 @@ def on_activation_map(preset, block, t, branch, cid, prompt, seed, progress=PROG
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        block: the SAE's block, e.g. "mid_block.attentions.0" or "transformer_blocks.14".
         t: the SAE's timestep in [0, 1]; the map is read at the step nearest to it.
         branch: "cond" or "uncond".
         cid: the concept id.
@@ -130,7 +130,7 @@ def on_timeline(preset, block, t, branch, cid, word, prompt, seed, progress=PROG
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block whose SAEs read the residual updates, e.g.
+        block: the denoiser block (U-Net or DiT) whose SAEs read the residual updates, e.g.
             "mid_block.attentions.0".
         t: the timestep in [0, 1] of the SAE that `cid` belongs to; that SAE reads every step.
         branch: "cond" or "uncond".
@@ -182,7 +182,7 @@ def on_feature_icon(preset, block, t, branch, cid, strength, seed, progress=PROG
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block of the SAE, e.g. "mid_block.attentions.0".
+        block: the SAE's block, e.g. "mid_block.attentions.0" or "transformer_blocks.14".
         t: the SAE's timestep in [0, 1].
         branch: "cond" or "uncond".
         cid: the concept id.

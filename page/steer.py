@@ -92,7 +92,7 @@ def on_steer(
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
         prompt: the text prompt.
         seed: the generation seed (the same for both images).
-        block: the U-Net block whose SAE edits the residual updates.
+        block: the denoiser block (U-Net or DiT) whose SAE edits the residual updates.
         branch: "cond", "uncond" or "both" (the guidance branches edited).
         concept_by: "word" (the concepts labelled `word`) or "cid" (the concept `cid`).
         word: the concept's word when `concept_by` is "word".
@@ -153,7 +153,7 @@ def on_steer_concepts(preset, block, branch, word, progress=PROGRESS):
 
     Args:
         preset: the model preset, e.g. "toy", "tiny" or "sd14".
-        block: the U-Net block whose SAEs edit.
+        block: the denoiser block (U-Net or DiT) whose SAEs edit.
         branch: "cond", "uncond" or "both".
         word: the concept's word.
 

@@ -13,8 +13,9 @@ CSS = (
 progress of a request shows on the same narrow line: its count of steps goes below the bar."""
 INTRO = (
     "# Concepts inside a diffusion model\n"
-    "Sparse autoencoders (SAEs) on the residual updates of the U-Net's transformer "
-    "blocks turn every position of every denoising step into a few concepts. "
+    "Sparse autoencoders (SAEs) on the residual updates of the transformer blocks of a "
+    "U-Net or a diffusion transformer turn every position of every denoising step into a "
+    "few concepts. "
     "**emergence**: where each word will appear, predicted from the first steps. "
     "**steer**: move or add a concept during one stage of generation. "
     "**inspect**: what one concept is. "

@@ -1,6 +1,10 @@
-"""Build the `tiny` preset's SAEs, concept dictionaries and top-example index into assets/.
+"""Build a tiny preset's SAEs, concept dictionaries and top-example index into assets/.
 
-    python -m scripts.build_tiny_assets
+    python -m scripts.build_tiny_assets                        # `tiny`, into assets/tiny/
+    python -m scripts.build_tiny_assets --preset tiny-flux     # into assets/tiny-flux/
+
+The presets are `tiny` (SD v1.4's U-Net layout) and the tiny diffusion transformers
+(`tiny-pixart`, `tiny-sd3`, `tiny-flux`).
 
 1. Trains the 9 SAEs (the preset's 3 hook points x t in {1.0, 0.5, 0.0}, `cond`) with
    `core.training.train`, on assets/prompts/tiny.txt, with the settings of the Makefile's demo run.
@@ -13,10 +17,11 @@
    the SAEs only make sense for (the weights are random, fixed by a seed and torch's
    initialisers; a test compares the fingerprint).
 
-The tiny model has random weights, so its images are noise and its dictionaries sparse
-and arbitrary: they exist to exercise the app and the tools offline, not to mean anything.
-The mid block has a 2x2 grid at 32 pixels: only backgrounds are large enough to match its
-latents. Takes a few minutes on a 2-core CPU and needs no network.
+A tiny model has random weights, so its images are noise and its dictionaries sparse and
+arbitrary: they exist to exercise the app and the tools offline, not to mean anything.
+The U-Net's mid block has a 2x2 grid at 32 pixels: only backgrounds are large enough to
+match its latents (a DiT's blocks all have the 8x8 patch grid). Takes a few minutes on a
+2-core CPU and needs no network.
 """
 
 import json
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 from core.annotate.shapes import ToyAnnotator
-from core.diffusion.pipelines import load_pipeline
+from core.diffusion.pipelines import BUILT, load_pipeline
 from core.diffusion.presets import ASSETS, get_preset
 from core.emergence.build_dictionary import quality_lines
 from core.emergence.concepts import save_dictionaries
@@ -42,8 +47,6 @@ from core.training.activations import read_prompts
 from core.training.train import RunConfig, train
 
 PROMPTS = ASSETS / "prompts" / "tiny.txt"
-OUT = ASSETS / "tiny" / "saes"
-BUILD_FILE = ASSETS / "tiny" / "build.json"
 TRAIN_SETTINGS = {"batch_size": 64, "buffer_size": 256, "lr": 1e-3}
 """As the Makefile's demo run: small batches, since a tiny image has few grid positions."""
 DICTIONARY_PROMPTS = 128
@@ -55,23 +58,31 @@ IOU_THRESHOLD = 0.2
 pixels and a grid cell of the down and up blocks covers 64."""
 
 
+def saes_folder(preset: str) -> Path:
+    return ASSETS / preset / "saes"
+
+
+def build_file(preset: str) -> Path:
+    """The build record of a tiny preset's assets."""
+    return ASSETS / preset / "build.json"
+
+
 def pipeline_fingerprint(pipe) -> dict[str, float]:
-    """Numbers that change when the tiny pipeline's random weights or vocabulary change."""
+    """Numbers that change when a tiny pipeline's random weights or vocabulary change."""
+    parts = [p for p in ("unet", "transformer", "vae", "text_encoder") if hasattr(pipe, p)]
     with torch.no_grad():
         return {
-            name: round(sum(float(p.double().abs().sum()) for p in module.parameters()), 3)
-            for name, module in (
-                ("unet", pipe.unet),
-                ("vae", pipe.vae),
-                ("text_encoder", pipe.text_encoder),
+            name: round(
+                sum(float(p.double().abs().sum()) for p in getattr(pipe, name).parameters()), 3
             )
+            for name in parts
         } | {"vocabulary": len(pipe.tokenizer)}
 
 
-def train_saes(out: Path) -> None:
+def train_saes(preset: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(
-            preset="tiny", prompts=str(PROMPTS), out=tmp, overwrite=True, **TRAIN_SETTINGS
+            preset=preset, prompts=str(PROMPTS), out=tmp, overwrite=True, **TRAIN_SETTINGS
         )
         bank = train(config)
     if bank is None:
@@ -80,8 +91,8 @@ def train_saes(out: Path) -> None:
     bank.save_pretrained(out)
 
 
-def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
-    preset = get_preset("tiny")
+def build_dictionaries(name: str, out: Path, prompts: Sequence[str]) -> dict:
+    preset = get_preset(name)
     pipe = load_pipeline(preset, device="cpu")
     bank = SAEBank.from_pretrained(out)
     word_vectors = load_word_vectors(BUNDLED_GLOVE)
@@ -117,25 +128,30 @@ def build_dictionaries(out: Path, prompts: Sequence[str]) -> dict:
 class TinyAssetsConfig:
     """Settings of `python -m scripts.build_tiny_assets`."""
 
+    preset: str = "tiny"
+    """Which tiny preset: tiny, tiny-pixart, tiny-sd3 or tiny-flux."""
     skip_training: bool = False
     """Reuse the saved SAEs."""
 
 
 def build_assets(config: TinyAssetsConfig) -> None:
     """Train the SAEs (unless skipped), build their dictionaries and write build.json."""
+    if config.preset not in BUILT:
+        raise ValueError(f"{config.preset!r} is not a tiny preset; choose {', '.join(BUILT)}")
     torch.manual_seed(0)
+    out = saes_folder(config.preset)
     if not config.skip_training:
-        train_saes(OUT)
+        train_saes(config.preset, out)
     prompts = read_prompts(PROMPTS)[:DICTIONARY_PROMPTS]
-    pipeline = build_dictionaries(OUT, prompts)
+    pipeline = build_dictionaries(config.preset, out, prompts)
     build = {
         "train_settings": TRAIN_SETTINGS,
         "dictionary_prompts": len(prompts),
         "dictionary_seed": DICTIONARY_SEED,
         "pipeline": pipeline,
     }
-    BUILD_FILE.write_text(json.dumps(build, indent=2) + "\n")
-    print(f"wrote {OUT} and {BUILD_FILE}")
+    build_file(config.preset).write_text(json.dumps(build, indent=2) + "\n")
+    print(f"wrote {out} and {build_file(config.preset)}")
 
 
 main = command(TinyAssetsConfig, build_assets, "python -m scripts.build_tiny_assets", __doc__)

@@ -24,6 +24,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from core.diffusion.layouts import denoiser_of
 from core.diffusion.tokenizer import write_clip_tokenizer
 from core.emergence.composition import LatentGrid
 from core.files import REPO_ROOT
@@ -239,7 +240,8 @@ def recorded_steps(recording) -> list:
 
 
 def hook_count(pipe) -> int:
-    modules = [pipe.unet, *dict(pipe.unet.named_modules()).values()]
+    denoiser = denoiser_of(pipe)
+    modules = [denoiser, *dict(denoiser.named_modules()).values()]
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
 
 

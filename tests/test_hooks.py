@@ -4,7 +4,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from core.diffusion.hooks import edit, record, transformer_blocks
+from core.diffusion.hooks import edit, record
+from core.diffusion.layouts import hook_points
 from core.diffusion.presets import SD14_BLOCKS
 from core.emergence.composition import latent_grid
 from core.sae.bank import SAEBank
@@ -28,7 +29,7 @@ def generate(pipe, prompts, steps=4, guidance=7.5, seeds=None):
 
 
 def test_tiny_unet_has_sd14_block_names(tiny_pipe):
-    names = transformer_blocks(tiny_pipe.unet)
+    names = hook_points(tiny_pipe.unet)
     assert len(names) == 16
     assert set(SD14_BLOCKS) <= set(names)
 

@@ -1,8 +1,10 @@
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PAPER_STAGES, PRESETS, SD14_BLOCKS, STAGES, get_preset
@@ -76,3 +78,22 @@ def test_sdxl_turbo_stages_put_each_of_its_four_steps_in_a_stage():
     assert [stage_at(t, PAPER_STAGES) for t in ts] == ["early", "early", "middle", "middle"]
     scheduler.set_timesteps(1)
     assert stage_at(float(scheduler.timesteps[0]) / 1000, stages) == "early"
+
+
+def test_sd3_stages_hold_the_papers_share_of_its_shifted_flow_matching_steps():
+    """The paper's windows hold 40%, 40% and 20% of DDIM's evenly spaced steps; SD3's shift
+    of 3 crowds its 40 steps near the noise, where its own windows give the same shares."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's and SD3.5's config
+    scheduler.set_timesteps(40)
+    ts = [float(timestep) / 1000 for timestep in scheduler.timesteps]
+    shares = Counter(stage_at(t, get_preset("sd3").stages) for t in ts)
+    assert shares == {"early": 16, "middle": 16, "final": 8}
+    paper = Counter(stage_at(t, PAPER_STAGES) for t in ts)
+    assert paper["early"] > 25  # the paper's windows would make most steps early
+
+
+def test_flux_schnells_four_steps_fall_one_two_one_into_the_stages():
+    """FLUX's pipeline passes sigmas 1, 0.75, 0.5, 0.25 for 4 steps (schnell: no shift)."""
+    ts = [1.0, 0.75, 0.5, 0.25]
+    stages = get_preset("flux").stages
+    assert [stage_at(t, stages) for t in ts] == ["early", "middle", "middle", "final"]

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from core.annotate.clipseg import centre_of_mass
 from core.annotate.shapes import StyleScorer, ToyAnnotator, ToySegmenter
 from core.diffusion.checksums import AssetError, read_checksums, shipped_files, verify_assets
-from core.diffusion.hooks import resolve_blocks
+from core.diffusion.layouts import resolve_blocks
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import SD14_BLOCKS, get_preset
 from core.files import REPO_ROOT
@@ -29,7 +29,13 @@ from core.sae.bank import SAEBank
 from core.shapes.world import VOCABULARY, dataset
 from core.steer.strength import load_strengths
 from core.toy.build import MAX_SHIPPED_MB, ToyRun, main, trained
-from core.toy.model import TOY_SCALES, build_toy_parts, parameter_count, toy_tokenizer
+from core.toy.model import (
+    TOY_SCALES,
+    TWIN_BLOCKS,
+    build_toy_parts,
+    parameter_count,
+    toy_tokenizer,
+)
 from core.toy.reproduce import SUBSET_FILE, differences, recorded, subset_rows
 from core.toy.training import PROBE_STEPS, TRAIN_SCALES, ToyTrainer, held_out
 from tests.helpers import command_help
@@ -113,6 +119,25 @@ def test_build_writes_a_loadable_pipeline_saes_dictionaries_and_a_report(built):
     assert "## Claims" in (run / "check" / "report.md").read_text()
 
 
+def test_the_dit_twin_reuses_the_toys_vae_and_text_encoder_and_runs_the_same_check(built, tmp_path):
+    run, _ = built
+    out = tmp_path / "twin"
+    args = ["all", "--scale", "smoke", "--out", str(out), "--denoiser", "pixart"]
+    assert main([*args, "--reuse", str(run / "pipeline")]) == 0
+    twin = PixArtAlphaPipeline.from_pretrained(out / "pipeline")
+    toy = StableDiffusionPipeline.from_pretrained(run / "pipeline")
+    for part in ("vae", "text_encoder"):
+        mine, theirs = getattr(twin, part).state_dict(), getattr(toy, part).state_dict()
+        assert all(torch.equal(mine[name], theirs[name]) for name in theirs), part
+    assert twin.vae.config.scaling_factor == toy.vae.config.scaling_factor
+    assert len(resolve_blocks(twin.transformer, TWIN_BLOCKS)) == 3
+    bank = SAEBank.from_pretrained(out / "saes")
+    assert {k.block for k in bank} == set(TWIN_BLOCKS)
+    assert {sae.cfg.layout for _, sae in bank.items()} == {"PixArt"}
+    summary = json.loads((out / "check" / "summary.json").read_text())
+    assert summary["captions"]["images"] == 3 and "claims" in summary
+
+
 def test_held_out_check_uses_no_training_caption(built):
     run, _ = built
     captions = json.loads((run / "check" / "summary.json").read_text())
@@ -184,7 +209,7 @@ def test_the_toy_preset_without_shipped_weights_says_how_to_build_them(tmp_path)
 
 
 def _weights(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
-    parts = {"vae": trainer.vae, "text": trainer.text_encoder, "unet": trainer.unet}
+    parts = {"vae": trainer.vae, "text": trainer.text_encoder, "unet": trainer.denoiser}
     return {f"{n}.{k}": v for n, m in parts.items() for k, v in m.state_dict().items()}
 
 

@@ -39,7 +39,7 @@ from core.views.steer import (
     strength_of,
     usable_controls,
 )
-from scripts.build_tiny_assets import BUILD_FILE, pipeline_fingerprint
+from scripts.build_tiny_assets import build_file, pipeline_fingerprint
 from tests.helpers import hook_count, random_sae
 
 UP = "up_blocks.1.attentions.0"
@@ -63,7 +63,7 @@ def processors(pipe) -> list[str]:
 
 
 def test_shipped_tiny_assets_match_the_tiny_pipeline(loaded):
-    build = json.loads(BUILD_FILE.read_text())
+    build = json.loads(build_file("tiny").read_text())
     assert build["pipeline"]["fingerprint"] == pipeline_fingerprint(loaded.pipe), (
         "the tiny pipeline changed since its SAEs were trained; run "
         "`python -m scripts.build_tiny_assets` and commit assets/tiny"

@@ -1,14 +1,16 @@
-"""Record and edit residual updates (or outputs) of a U-Net's transformer blocks during
-generation.
+"""Record and edit residual updates (or outputs) of a denoiser's blocks during generation.
 
 The residual update of a block is Delta = block output - block input. It is read (and,
-for edits, replaced) by PyTorch forward hooks on the named `Transformer2DModel` blocks;
-with `site="output"` (for SAEs trained on it, as SAeUron's are) the block's output itself is
-read and replaced instead, per block if `site` maps block names to sites;
-a pre-hook on the U-Net itself reads each call's timestep, so the current t
-(timestep / num_train_timesteps, 1 = noise) is known whatever the scheduler. Under
-classifier-free guidance diffusers runs the U-Net on the batch [uncond, cond]; each half
-is reported as its own branch.
+for edits, replaced) by PyTorch forward hooks on the named blocks: a U-Net's
+`Transformer2DModel`s or a diffusion transformer's blocks (`core.diffusion.layouts`: PixArt,
+SD3, FLUX, DiT), whose tokens are seen as feature maps on the patch grid, so that a
+record is [batch, channels, H, W] whatever the denoiser. With `site="output"` (for SAEs
+trained on it, as SAeUron's are) the block's output itself is read and replaced instead,
+per block if `site` maps block names to sites; with `stream="text"`, a joint block's text
+tokens instead of its image tokens. A pre-hook on the denoiser reads each call's timestep,
+so the current t (1 = noise) is known whatever the scheduler. Under classifier-free
+guidance a pipeline runs the denoiser on the batch [uncond, cond]; each half is reported as
+its own branch (a pipeline without it, as FLUX.1's, has the cond branch only).
 
     with record(pipe, ["mid_block.attentions.0"]) as rec:
         pipe("a cat", guidance_scale=7.5)
@@ -31,6 +33,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from core.diffusion.layouts import (
+    Block,
+    denoiser_of,
+    is_cfg_batch,
+    layout_of,
+    patch_grid,
+    resolve_blocks,
+)
 from core.sae.config import SITES
 
 BRANCHES = ("uncond", "cond")
@@ -65,25 +75,6 @@ class DeltaRecord(NamedTuple):
     site: str = "delta"
 
 
-def transformer_blocks(unet: nn.Module) -> list[str]:
-    """Names of every `Transformer2DModel` block of `unet`: the valid hook points."""
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
-
-
-def resolve_blocks(unet: nn.Module, blocks: Iterable[str]) -> dict[str, nn.Module]:
-    """Map block names to modules; an unknown name is an error listing the valid ones."""
-    valid = transformer_blocks(unet)
-    modules = dict(unet.named_modules())
-    resolved = {}
-    for name in blocks:
-        if name not in valid:
-            raise ValueError(f"unknown hook point {name!r}; valid ones are: {', '.join(valid)}")
-        resolved[name] = modules[name]
-    return resolved
-
-
 def block_sites(site: Sites, blocks: Iterable[str]) -> dict[str, str]:
     """The site of each block; an unknown site is an error naming the valid ones."""
     sites = {block: site if isinstance(site, str) else site[block] for block in blocks}
@@ -94,9 +85,15 @@ def block_sites(site: Sites, blocks: Iterable[str]) -> dict[str, str]:
 
 
 def num_train_timesteps(pipe) -> int:
-    """Length of the training schedule that t is measured against (1000 without a scheduler)."""
+    """Length of the training schedule that a scheduler's timesteps count (1000 without one)."""
     scheduler = getattr(pipe, "scheduler", None)
     return scheduler.config.num_train_timesteps if scheduler is not None else 1000
+
+
+def timestep_at_noise(pipe) -> float:
+    """The denoiser's timestep argument at t = 1: its layout's, or `num_train_timesteps`."""
+    fixed = layout_of(denoiser_of(pipe)).timestep_at_noise
+    return fixed if fixed is not None else num_train_timesteps(pipe)
 
 
 def schedule_t(pipe, timesteps: Sequence[float] | Tensor | None = None) -> list[float]:
@@ -112,8 +109,15 @@ def schedule_t(pipe, timesteps: Sequence[float] | Tensor | None = None) -> list[
 
 
 def step_index(ts: Sequence[float], t: float) -> int:
-    """Position of t among a schedule's ts (0 = first, noisiest step); -1 if not among them."""
-    return ts.index(t) if t in ts else -1
+    """Position of t among a schedule's ts (0 = first, noisiest step): the nearest, if within
+    half the smallest gap between steps (at most 0.01), so that a timestep passed in lower
+    precision (FLUX's t / 1000 in the pipeline's dtype) finds its step; else -1."""
+    if not ts:
+        return -1
+    distances = [abs(step_t - t) for step_t in ts]
+    index = distances.index(min(distances))
+    gaps = [abs(a - b) / 2 for a, b in zip(ts, ts[1:], strict=False) if a != b]
+    return index if distances[index] <= min([0.01, *gaps]) else -1
 
 
 def nearest_indices(ts: Sequence[float], targets: Iterable[float]) -> set[int]:
@@ -208,10 +212,13 @@ class Recording:
 class _Session(DenoiserHooks):
     """The hooks of one `record`/`edit` block and the state they share."""
 
-    def __init__(self, pipe, blocks: Iterable[str], *, at_t, edits, on_delta, cfg, timesteps, site):
-        unet = pipe.unet if hasattr(pipe, "unet") else pipe
-        super().__init__(unet, resolve_blocks(unet, blocks), num_train_timesteps(pipe))
+    def __init__(
+        self, pipe, blocks: Iterable[str], *, at_t, edits, on_delta, cfg, timesteps, site, stream
+    ):
+        denoiser = denoiser_of(pipe)
+        super().__init__(denoiser, resolve_blocks(denoiser, blocks), timestep_at_noise(pipe))
         self.sites = block_sites(site, self.modules)
+        self.blocks = {name: Block(type(m).__name__, stream) for name, m in self.modules.items()}
         self.pipe = pipe
         self.at_t = None if at_t is None else tuple(at_t)
         self.edits = edits or {}
@@ -219,18 +226,18 @@ class _Session(DenoiserHooks):
         self.cfg = cfg
         self.timesteps = timesteps
         self.step: StepInfo | None = None
+        self.grid: tuple[int, int] | None = None
         self.recording_now = False
 
-    def _uses_cfg(self) -> bool:
-        if self.cfg is not None:
-            return self.cfg
-        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+    def _uses_cfg(self, arguments: dict[str, object]) -> bool:
+        return self.cfg if self.cfg is not None else is_cfg_batch(self.pipe, arguments)
 
     def on_call(self, arguments: dict[str, object]) -> None:
         ts = schedule_t(self.pipe, self.timesteps)
         index = step_index(ts, self.t)
-        self.step = StepInfo(index, self.timestep, self.t)
-        self.branches = BRANCHES if self._uses_cfg() else ("cond",)
+        self.step = StepInfo(index, self.timestep, ts[index] if index >= 0 else self.t)
+        self.branches = BRANCHES if self._uses_cfg(arguments) else ("cond",)
+        self.grid = patch_grid(self.denoiser, arguments)
         selected = self.at_t is None or (index in nearest_indices(ts, self.at_t) if ts else False)
         self.recording_now = self.on_delta is not None and selected
 
@@ -238,8 +245,9 @@ class _Session(DenoiserHooks):
         edit = self.edits.get(name)
         if self.step is None or (edit is None and not self.recording_now):
             return None
-        hidden_in = args[0] if args else kwargs["hidden_states"]
-        hidden_out = output[0] if isinstance(output, tuple) else output.sample
+        block = self.blocks[name]
+        hidden_in = block.to_maps(block.input(args, kwargs), self.grid)
+        hidden_out = block.to_maps(block.output(output), self.grid)
         at_output = self.sites[name] == "output"
         # A copy, so that at either site the edits and records get a tensor of their own.
         delta = hidden_out.clone() if at_output else hidden_out - hidden_in
@@ -257,10 +265,7 @@ class _Session(DenoiserHooks):
                 self.on_delta(name, self.step, branch, rows)
         if edited is None:
             return None
-        if isinstance(output, tuple):
-            return (edited, *output[1:])
-        output.sample = edited
-        return output
+        return block.with_output(output, block.to_tokens(edited))
 
     def _rows(self, branch: str, batch: int) -> slice:
         size = batch // len(self.branches)
@@ -279,14 +284,16 @@ def hooked(
     cfg: bool | None = None,
     timesteps: Sequence[float] | None = None,
     site: Sites = "delta",
+    stream: str = "image",
 ) -> Iterator[None]:
     """The general form behind `record` and `edit`.
 
-    `pipe` is a diffusers pipeline or a bare U-Net. With a bare U-Net, say whether the
+    `pipe` is a diffusers pipeline or a bare denoiser. With a bare one, say whether the
     batch is [uncond, cond] (`cfg`) and, to select steps with `at_t`, pass `timesteps`.
     `at_t` restricts `on_delta` to the steps nearest those t values; edits run at
     every step and decide themselves (they receive t). `site` says what `on_delta` and the
-    edits see and return: the residual update ("delta") or the block's output ("output").
+    edits see and return: the residual update ("delta") or the block's output ("output");
+    `stream` which tokens of a joint block: its image tokens or its text tokens.
     """
     session = _Session(
         pipe,
@@ -297,6 +304,7 @@ def hooked(
         cfg=cfg,
         timesteps=timesteps,
         site=site,
+        stream=stream,
     )
     with session.attached():
         yield
@@ -311,9 +319,10 @@ def record(
     device: str | torch.device | None = "cpu",
     cfg: bool | None = None,
     site: Sites = "delta",
+    stream: str = "image",
 ) -> Iterator[Recording]:
     """Record residual updates of `blocks` (or their outputs, at the site "output") at every
-    step (or those nearest `at_t`).
+    step (or those nearest `at_t`); of a joint block's text tokens with `stream="text"`.
 
     Updates are copied to `device` (None keeps them where they are computed).
     """
@@ -325,15 +334,20 @@ def record(
         kept = delta.detach() if device is None else delta.detach().to(device)
         recording.records.append(DeltaRecord(step, block, branch, kept, sites[block]))
 
-    with hooked(pipe, sites, on_delta=keep, at_t=at_t, cfg=cfg, site=sites):
+    with hooked(pipe, sites, on_delta=keep, at_t=at_t, cfg=cfg, site=sites, stream=stream):
         yield recording
 
 
 @contextmanager
 def edit(
-    pipe, edits: dict[str, EditFn], *, cfg: bool | None = None, site: Sites = "delta"
+    pipe,
+    edits: dict[str, EditFn],
+    *,
+    cfg: bool | None = None,
+    site: Sites = "delta",
+    stream: str = "image",
 ) -> Iterator[None]:
     """Replace residual updates: `edits[block](delta, t, branch)` returns the new delta (at
-    the site "output", the block's new output)."""
-    with hooked(pipe, edits.keys(), edits=edits, cfg=cfg, site=site):
+    the site "output", the block's new output; of the text tokens with `stream="text"`)."""
+    with hooked(pipe, edits.keys(), edits=edits, cfg=cfg, site=site, stream=stream):
         yield

@@ -1,6 +1,6 @@
 """Turn a preset into a diffusers pipeline, exactly as a user with internet access would
-(`DiffusionPipeline.from_pretrained`), except for `tiny`, which is built from configs with
-random weights."""
+(`DiffusionPipeline.from_pretrained`), except for `tiny` and the tiny DiTs, which are built
+from configs with random weights."""
 
 from pathlib import Path
 
@@ -10,7 +10,20 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from core.diffusion.checksums import verify_assets
 from core.diffusion.presets import TINY_MODEL, Preset
 from core.diffusion.tiny import build_tiny_pipeline
+from core.diffusion.tiny_dit import (
+    build_tiny_flux_pipeline,
+    build_tiny_pixart_pipeline,
+    build_tiny_sd3_pipeline,
+)
 from core.runtime import ModelNotAvailableError, default_device
+
+BUILT = {
+    TINY_MODEL: build_tiny_pipeline,
+    "tiny-pixart": build_tiny_pixart_pipeline,
+    "tiny-sd3": build_tiny_sd3_pipeline,
+    "tiny-flux": build_tiny_flux_pipeline,
+}
+"""Models built from configs, by name."""
 
 
 def load_pipeline(
@@ -20,8 +33,8 @@ def load_pipeline(
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if preset.model == TINY_MODEL:
-        pipe = build_tiny_pipeline()
+    if preset.model in BUILT:
+        pipe = BUILT[preset.model]()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
@@ -35,9 +48,11 @@ def load_pipeline(
 
 
 def _from_pretrained(model: str, dtype: torch.dtype) -> DiffusionPipeline:
-    kwargs = {"dtype": dtype}
     try:
-        return DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
+        # no safety checker, where the pipeline has one (SD v1.4's)
+        index = DiffusionPipeline.load_config(model)
+        unchecked = {"safety_checker": None} if "safety_checker" in index else {}
+        return DiffusionPipeline.from_pretrained(model, dtype=dtype, **unchecked)
     except (OSError, ValueError) as error:
         raise ModelNotAvailableError(
             f"could not load the pipeline {model!r} ({type(error).__name__}): it is not in the "

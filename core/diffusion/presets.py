@@ -19,8 +19,35 @@ TOY_ASSETS = ASSETS / "toy"
 TOY_PROMPTS = Path("check") / "prompts.txt"
 """In a shipped toy model's folder: held-out captions, the preset's prompt file."""
 TINY_MODEL = "tiny"
-"""The model that is built from configs (`core.diffusion.tiny`) instead of loaded."""
+"""The U-Net model that is built from configs (`core.diffusion.tiny`) instead of loaded."""
+TINY_DIT_MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
+"""Diffusion-transformer models built from configs (`core.diffusion.tiny_dit`) instead of
+loaded."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
+PIXART_BLOCKS = ("transformer_blocks.7", "transformer_blocks.14", "transformer_blocks.21")
+"""PixArt-α's 28 blocks at a quarter, half and three quarters of its depth, standing in for
+the paper's early (down), middle (mid) and late (up) U-Net blocks: no SAE hook points are
+published for it."""
+SD3_BLOCKS = ("transformer_blocks.6", "transformer_blocks.12", "transformer_blocks.18")
+"""SD3.5 Medium's 24 joint blocks at a quarter, half and three quarters of its depth, as
+`PIXART_BLOCKS`."""
+FLUX_BLOCKS = (
+    "transformer_blocks.18",
+    "single_transformer_blocks.9",
+    "single_transformer_blocks.37",
+)
+"""FLUX.1's last dual-stream block (a third of its 57), a single-stream block half way and
+its last block: blocks of the FLUX SAEs published with fluxlens (Krea)."""
+TINY_DIT_BLOCKS = {
+    "tiny-pixart": ("transformer_blocks.1", "transformer_blocks.2", "transformer_blocks.3"),
+    "tiny-sd3": ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"),
+    "tiny-flux": (
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+        "single_transformer_blocks.1",
+    ),
+}
+"""Early, middle and late blocks of the small random DiTs, as their real models' presets."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +77,19 @@ TURBO_STAGES = Stages(
     {"early": (0.8, 1.0), "middle": (0.4, 0.8), "final": (0.0, 0.4)},
     {"early": 1.0, "middle": 0.6, "final": 0.2},
 )
-"""SDXL-Turbo's stages. Its 4 steps (trailing spacing) sit at t = 0.999, 0.749, 0.499 and
-0.249, where the paper's windows would leave "final" empty: here the first step is early,
-the next two middle and the last final; its default single step is early only, so its
-steer tab generates 4. SDLens's SAEs read every step, so the t of each stage's SAE picks
-nothing among them."""
-SD14_SAES_ENV = "SD14_SAES"
-"""Environment variable naming the `sd14` preset's SAE source (Hub repo or folder)."""
+"""SDXL-Turbo's and FLUX.1 [schnell]'s stages. Their 4 steps sit at t = 1 (0.999 for
+SDXL-Turbo's trailing timesteps), 0.75, 0.5 and 0.25, where the paper's windows would leave
+"final" empty: here the first step is early, the next two middle and the last final;
+SDXL-Turbo's default single step is early only, so its steer tab generates 4. SDLens's
+SAEs read every step, so the t of each stage's SAE picks nothing among them."""
+SD3_STAGES = Stages(
+    {"early": (0.82, 1.0), "middle": (0.43, 0.82), "final": (0.0, 0.43)},
+    {"early": 1.0, "middle": 0.75, "final": 0.0},
+)
+"""SD3's stages in its t (sigma, 1 = noise). Its flow-matching schedule with shift 3 puts a
+step at fraction s of the way from the end at sigma = 3s / (1 + 2s); the paper's windows
+and SAE times, fractions of DDIM's evenly spaced timesteps (0.6, 0.2; 1, 0.5, 0), map to
+sigma 0.82, 0.43 and 1, 0.75, 0."""
 
 
 SHAPES_PROMPTS = (
@@ -103,7 +136,8 @@ class Preset:
     guidance_scale: float
     """Default classifier-free guidance scale (<= 1 disables guidance)."""
     hook_points: tuple[str, ...]
-    """Names of the Transformer2DModel blocks whose residual updates are studied."""
+    """Names of the blocks whose residual updates are studied: a U-Net's Transformer2DModels
+    or a diffusion transformer's blocks (`core.diffusion.layouts`)."""
     app: AppDefaults
     """What the app's page opens with for this preset."""
     scheduler: str | None = "ddim"
@@ -129,6 +163,9 @@ class Preset:
     """A prompt file shipped for it: what the evaluations and an example index generate."""
     stages: Stages = PAPER_STAGES
     """The steering stages' t windows and the t of each one's SAE."""
+    sae_env: str | None = None
+    """Environment variable that names its SAE source (a Hub repo or folder), for a preset
+    whose SAEs a user trains."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -140,13 +177,14 @@ PRESETS: dict[str, Preset] = {
         hook_points=SD14_BLOCKS,
         app=AppDefaults(
             "Stable Diffusion v1.4, 512 px, DDIM 50 (paper 1); SAEs from the repo named by "
-            f"--sd14-saes or {SD14_SAES_ENV}; wants a GPU",
+            "--saes sd14=REPO or SD14_SAES; wants a GPU",
             block="up_blocks.1.attentions.0",
             steer_block="mid_block.attentions.0",
             word="cat",
         ),
         word_vectors="word2vec-google-news-300",
         resolution=512,
+        sae_env="SD14_SAES",
     ),
     "sdxl-turbo": Preset(
         name="sdxl-turbo",
@@ -223,6 +261,92 @@ PRESETS: dict[str, Preset] = {
         prompts=str(PROMPTS / "tiny.txt"),
     ),
 }
+
+
+def _dit_preset(name: str, model: str, about: str, blocks: tuple[str, ...], **fields) -> Preset:
+    """A preset for a diffusion transformer whose SAEs a user trains (named by
+    `<NAME>_SAES`), opening every tab on its middle block."""
+    return Preset(
+        name=name,
+        model=model,
+        hook_points=blocks,
+        app=AppDefaults(
+            f"{about}; SAEs from the repo named by --saes {name}=REPO or "
+            f"{name.upper()}_SAES; wants a GPU",
+            block=blocks[1],
+            steer_block=blocks[0],
+            word="cat",
+            prompts=("a photo of a cat next to a dog", "a red car in a city street"),
+        ),
+        scheduler=None,
+        word_vectors="word2vec-google-news-300",
+        sae_env=f"{name.upper()}_SAES",
+        **fields,
+    )
+
+
+def _tiny_dit_preset(model: str, layout: str) -> Preset:
+    """A small random DiT with the shipped SAEs (scripts/build_tiny_assets), as `tiny`."""
+    return Preset(
+        name=model,
+        model=model,
+        steps=10,
+        guidance_scale=0.0 if layout == "FLUX" else 4.5,
+        hook_points=TINY_DIT_BLOCKS[model],
+        app=AppDefaults(
+            f"random weights in {layout}'s diffusion-transformer layout, 32 px: images are noise "
+            "and concepts arbitrary; it runs offline in seconds and exercises every view",
+            block=TINY_DIT_BLOCKS[model][1],
+            steer_block=TINY_DIT_BLOCKS[model][1],
+            word="star",
+        ),
+        scheduler=None,
+        sae_source=str(ASSETS / model / "saes"),
+        resolution=32,
+        annotator="toy",
+        prompts=str(PROMPTS / "tiny.txt"),
+        stages=TURBO_STAGES if layout == "FLUX" else PAPER_STAGES,
+    )
+
+
+PRESETS.update(
+    {
+        "pixart": _dit_preset(
+            "pixart",
+            "PixArt-alpha/PixArt-XL-2-512x512",
+            "PixArt-α (a DiT of 28 blocks with cross-attention to T5), 512 px, DPM-Solver 20",
+            PIXART_BLOCKS,
+            steps=20,
+            guidance_scale=4.5,
+            resolution=512,
+        ),
+        "sd3": _dit_preset(
+            "sd3",
+            "stabilityai/stable-diffusion-3.5-medium",
+            "Stable Diffusion 3.5 Medium (24 joint image-text blocks), 512 px, flow matching 40",
+            SD3_BLOCKS,
+            steps=40,
+            guidance_scale=4.5,
+            resolution=512,
+            stages=SD3_STAGES,
+        ),
+        "flux": _dit_preset(
+            "flux",
+            "black-forest-labs/FLUX.1-schnell",
+            "FLUX.1 [schnell] (19 dual- and 38 single-stream blocks, guidance-distilled: no "
+            "uncond branch), 512 px, 4 steps",
+            FLUX_BLOCKS,
+            steps=4,
+            guidance_scale=0.0,
+            resolution=512,
+            stages=TURBO_STAGES,
+        ),
+        **{
+            model: _tiny_dit_preset(model, layout)
+            for model, layout in zip(TINY_DIT_MODELS, ("PixArt", "SD3", "FLUX"), strict=True)
+        },
+    }
+)
 
 
 class UnknownPresetError(KeyError, ValueError):

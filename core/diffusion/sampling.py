@@ -1,8 +1,37 @@
 """Generate images from prompts, each from its own seed, so that any image can be made again."""
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+
+from core.diffusion.layouts import denoiser_of
+
+EXACT_OPTIONS = {"use_resolution_binning": False, "clean_caption": False}
+"""Options of some pipelines (PixArt's), off where a pipeline takes them: binning would
+generate at the nearest of its trained sizes instead of the size asked for, and caption
+cleaning needs beautifulsoup4 and ftfy (not installed), without which the pipeline turns it
+off itself with a warning on every call."""
+
+
+def call_options(pipe) -> dict[str, object]:
+    """The `EXACT_OPTIONS` that this pipeline's call takes, and its `text_length`."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    options = {name: value for name, value in EXACT_OPTIONS.items() if name in parameters}
+    if "max_sequence_length" in parameters:
+        default = parameters["max_sequence_length"].default
+        options["max_sequence_length"] = text_length(pipe, default)
+    return options
+
+
+def text_length(pipe, default: int) -> int:
+    """The text tokens a DiT pipeline asks its T5 tokenizer for (its last one: PixArt's
+    `tokenizer`, FLUX's `tokenizer_2`, SD3's `tokenizer_3`): the pipeline's default, or
+    fewer where that tokenizer reads fewer (the toy DiT twin reads the toy's CLIP tokens,
+    77, where PixArt's pipeline asks for 120)."""
+    names = ("tokenizer_3", "tokenizer_2", "tokenizer")
+    tokenizer = next(getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None)
+    return min(default, tokenizer.model_max_length)
 
 
 def generate_images(
@@ -33,12 +62,17 @@ def generate_images(
         width=resolution,
         output_type=output_type,
         callback_on_step_end=callback_on_step_end,
+        **call_options(pipe),
     ).images
 
 
 def image_size(pipe, resolution: int | None = None) -> tuple[int, int]:
-    """(H, W) of the pipeline's images at side `resolution` (None: the pipeline's default)."""
-    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """(H, W) of the pipeline's images at side `resolution` (None: the pipeline's default,
+    its `default_sample_size` where it has one, as SD3's and FLUX's, else its denoiser's)."""
+    latent_side = getattr(pipe, "default_sample_size", None)
+    side = (
+        resolution or (latent_side or denoiser_of(pipe).config.sample_size) * pipe.vae_scale_factor
+    )
     return side, side
 
 

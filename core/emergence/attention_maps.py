@@ -4,7 +4,9 @@ DAAM (Tang et al., 2023) explains where a word acts by its cross-attention: at e
 cross-attention layer of the U-Net, the softmax attention of each image position to the
 word's tokens, averaged over heads, upsampled to one resolution and summed over layers.
 Here the sum is kept per denoising step, so it can be shown beside the SAE prediction of
-the same step.
+the same step. A diffusion transformer with cross-attention layers (PixArt's `attn2`) is
+traced the same way, on its patch grid; one whose image and text tokens attend jointly
+(SD3, FLUX) has no cross-attention to trace, and the trace says so.
 
     with trace_cross_attention(pipe, prompt, ["cat"]) as trace:
         pipe(prompt)
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.annotate.tags import singular_forms
-from core.diffusion.hooks import DenoiserHooks, num_train_timesteps
+from core.diffusion.hooks import DenoiserHooks, timestep_at_noise
+from core.diffusion.layouts import denoiser_of, is_cfg_batch, layout_of, patch_grid
 
 
 @dataclass
@@ -37,9 +40,11 @@ class AttentionTrace:
     missing: list[str]
     """Words asked for that the prompt does not contain."""
     steps: list[float] = field(default_factory=list)
-    """t of each traced U-Net call (1 = noise)."""
+    """t of each traced denoiser call (1 = noise)."""
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
     """word -> one [batch, h, w] map per step (stack them with `stacked`)."""
+    unavailable: str | None = None
+    """Why no word is traced, where the denoiser has no cross-attention layer."""
 
     def stacked(self, word: str) -> Tensor:
         """[steps, batch, h, w] heat map of `word`."""
@@ -70,24 +75,32 @@ def _surface_forms(word: str) -> list[str]:
     return [f for f in forms if f == word or word in singular_forms(f)]
 
 
+def cross_attention_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """The denoiser's cross-attention layers (`attn2`), by name."""
+    return {
+        name: module
+        for name, module in denoiser.named_modules()
+        if name.endswith("attn2") and hasattr(module, "get_processor")
+    }
+
+
 class _Tracer(DenoiserHooks):
-    """Hooks on the U-Net's cross-attention layers that add up the traced words' maps."""
+    """Hooks on the denoiser's cross-attention layers that add up the traced words' maps."""
 
     def __init__(self, trace: AttentionTrace, positions: dict[str, list[int]], branch: str, pipe):
-        layers = {
-            name: module
-            for name, module in pipe.unet.named_modules()
-            if name.endswith("attn2") and hasattr(module, "get_processor")
-        }
-        super().__init__(pipe.unet, layers, num_train_timesteps(pipe))
+        denoiser = denoiser_of(pipe)
+        super().__init__(denoiser, cross_attention_layers(denoiser), timestep_at_noise(pipe))
         self.trace = trace
         self.positions = positions
         self.branch = branch
         self.pipe = pipe
         self.latent_size: tuple[int, int] = (0, 0)
+        self.cfg = False
 
     def on_call(self, arguments: dict[str, object]) -> None:
-        self.latent_size = tuple(arguments["sample"].shape[-2:])
+        grid = patch_grid(self.denoiser, arguments)
+        self.latent_size = grid or tuple(arguments["sample"].shape[-2:])
+        self.cfg = is_cfg_batch(self.pipe, arguments)
         self.trace.steps.append(self.t)
         for word in self.positions:
             self.trace.maps.setdefault(word, []).append(None)
@@ -99,7 +112,7 @@ class _Tracer(DenoiserHooks):
             self.add(module, hidden_states, context)
 
     def _rows(self, batch: int) -> slice:
-        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+        if not self.cfg:
             return slice(0, batch)
         half = batch // 2
         return slice(half, batch) if self.branch == "cond" else slice(0, half)
@@ -133,7 +146,7 @@ class _Tracer(DenoiserHooks):
 def trace_cross_attention(
     pipe, prompt: str, words: Sequence[str], branch: str = "cond"
 ) -> Iterator[AttentionTrace]:
-    """Record the cross-attention heat map of each of `words` at every U-Net call.
+    """Record the cross-attention heat map of each of `words` at every denoiser call.
 
     `branch` picks the guidance half that is traced ("cond" attends to the prompt).
     Words missing from the prompt are listed in `trace.missing` and not traced.
@@ -143,6 +156,13 @@ def trace_cross_attention(
     positions = {w: token_positions(pipe.tokenizer, prompt, w) for w in dict.fromkeys(words)}
     found = {w: p for w, p in positions.items() if p}
     missing = [w for w in positions if w not in found]
-    trace = AttentionTrace(list(found), missing)
+    denoiser = denoiser_of(pipe)
+    if not cross_attention_layers(denoiser):
+        layout = layout_of(denoiser).name
+        why = f"{layout} has no cross-attention layer (its image and text tokens attend jointly)"
+        trace = AttentionTrace([], missing, unavailable=why)
+        found = {}
+    else:
+        trace = AttentionTrace(list(found), missing)
     with _Tracer(trace, found, branch, pipe).attached():
         yield trace

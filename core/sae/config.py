@@ -36,6 +36,11 @@ class SAEConfig:
     """Classifier-free-guidance branch the activations come from: "cond" or "uncond"."""
     site: str = "delta"
     """The activation of the block read: "delta" (the residual update) or "output" (SITES)."""
+    stream: str = "image"
+    """The block's tokens read: "image" (a U-Net's only stream) or a joint block's "text"."""
+    layout: str = ""
+    """The kind of denoiser the block belongs to (`core.diffusion.layouts`: "U-Net",
+    "PixArt", "SD3", "FLUX"); empty where a checkpoint does not say."""
     input_scale: float = 1.0
     """Scalar the training inputs were multiplied by. Informational: weights are in raw units."""
     seed: int | None = None

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.diffusion.hooks import BRANCHES, edit, resolve_blocks, schedule_t, step_index
+from core.diffusion.hooks import BRANCHES, edit, schedule_t, step_index
+from core.diffusion.layouts import check_sae_fits, denoiser_of
 from core.diffusion.presets import PAPER_STAGES, Stages
 from core.sae.bank import SAEBank, SAEKey
 from core.sae.model import TopKSAE
@@ -215,21 +216,17 @@ def _missing_stage_t(bank: SAEBank, blocks: Sequence[str], intervention: Interve
 
 
 def _check_bank(bank: SAEBank, pipe, block: str, branches: Sequence[str], site: str | None) -> None:
-    """The bank has SAEs for `block` on each of `branches`, all as wide as the block (and reading
-    `site`, if given)."""
-    channels = resolve_blocks(pipe.unet, [block])[block].config.in_channels
+    """The bank has SAEs for `block` on each of `branches`, all fitting the block (its kind of
+    denoiser, stream and width; reading `site`, if given)."""
+    denoiser = denoiser_of(pipe)
     for branch in branches:
         if not any(key.block == block and key.branch == branch for key in bank):
             raise ValueError(f"there is no SAE for {block} on the {branch} branch")
     for key, sae in bank.items():
-        if key.block == block and key.branch in branches and sae.cfg.d_in != channels:
-            raise ValueError(
-                f"the SAE for {block} (t={sae.cfg.t}, {sae.cfg.branch}) reads width "
-                f"{sae.cfg.d_in} but the block has {channels} channels; it was trained for "
-                "another block"
-            )
-        if site is not None:
-            sae.check_site(site)
+        if key.block == block and key.branch in branches:
+            check_sae_fits(sae.cfg, denoiser, block)
+            if site is not None:
+                sae.check_site(site)
 
 
 def _all_cids(cids: CIDs) -> list[int]:

@@ -13,6 +13,10 @@ Steps, each a subcommand that skips or resumes what an earlier run in `--out` fi
 `--scale cpu` is the recipe of the shipped weights: a 32x32 world, 86 minutes in all on a
 2-core CPU; `--scale full` a larger 64x64 one for a GPU; `--scale smoke`
 runs every step in 20 s (the tests use it).
+
+`--denoiser pixart` builds the DiT twin instead: a PixArt-layout transformer trained on the
+same world, reusing the VAE, tokenizer and text encoder of a trained toy (`--reuse`, the
+shipped one by default), with SAEs on its `TWIN_BLOCKS` and its middle block steered.
 """
 
 import json
@@ -27,18 +31,18 @@ from simple_parsing import field
 
 from core.annotate.labellers import TOY_WORLD
 from core.diffusion.checksums import CARD, SHIPPED, checksum_block, shipped_files
+from core.diffusion.layouts import denoiser_of
 from core.diffusion.pipelines import load_pipeline
-from core.diffusion.presets import SD14_BLOCKS, TOY_PROMPTS, get_preset
+from core.diffusion.presets import SD14_BLOCKS, TOY_ASSETS, TOY_PROMPTS, get_preset
 from core.emergence import build_dictionary
 from core.emergence.concepts import CONCEPTS_FILE, load_dictionaries
-from core.emergence.results import MID
 from core.emergence.strengths import CalibrationEdits, calibrate
 from core.emergence.words import load_word_vectors
 from core.runtime import command, default_device, device_name
 from core.sae.bank import SAEBank
 from core.steer.strength import STRENGTHS_FILE, load_strengths
 from core.toy.check import CheckSettings, heldout_scenes, labelled, report, run_check
-from core.toy.model import parameter_count
+from core.toy.model import TWIN_BLOCKS, parameter_count
 from core.toy.reproduce import SUBSET_FILE, record, subset_rows
 from core.toy.training import TRAIN_SCALES, ToyTrainConfig, ToyTrainer
 from core.training.activations import read_prompts
@@ -125,6 +129,16 @@ class ToyRun:
         return self.out / "pipeline"
 
     @property
+    def blocks(self) -> tuple[str, ...]:
+        """The hook points: SD v1.4's for the U-Net, the twin's early, middle and late."""
+        return TWIN_BLOCKS if self.training.denoiser == "pixart" else SD14_BLOCKS
+
+    @property
+    def steer_block(self) -> str:
+        """The block the check edits: the U-Net's mid block, the twin's middle one."""
+        return self.blocks[1]
+
+    @property
     def saes(self) -> Path:
         return self.out / "saes"
 
@@ -167,9 +181,10 @@ def train_model(run: ToyRun) -> bool:
         print("interrupted: saved a checkpoint; run the same command again to resume")
         return False
     pipe.to(torch.float16).save_pretrained(run.pipeline)
+    denoiser = denoiser_of(pipe)
     print(
-        f"saved the toy pipeline ({parameter_count(pipe.unet) / 1e6:.1f}M-parameter U-Net) "
-        f"to {run.pipeline}"
+        f"saved the toy pipeline ({parameter_count(denoiser) / 1e6:.1f}M-parameter "
+        f"{type(denoiser).__name__}) to {run.pipeline}"
     )
     return True
 
@@ -186,7 +201,7 @@ def train_saes(run: ToyRun) -> bool:
         prompts=str(run.prompts("sae")),
         out=str(work),
         t=(1.0, 0.5, 0.0),
-        blocks=SD14_BLOCKS,
+        blocks=run.blocks,
         branches=("cond",),
         gen_batch=a.gen_batch,
         batch_size=a.sae_batch,
@@ -231,11 +246,11 @@ def calibrate_strengths(run: ToyRun) -> bool:
         print(f"{run.saes} holds strengths already")
         return True
     pipe, bank, dictionaries = trained(run)
-    world = TOY_WORLD
+    world, block = TOY_WORLD, run.steer_block
     edits = CalibrationEdits(
-        objects=labelled(dictionaries, world.objects, MID),
+        objects=labelled(dictionaries, world.objects, block),
         template=world.template,
-        concepts=labelled(dictionaries, world.concepts, MID),
+        concepts=labelled(dictionaries, world.concepts, block),
         prompts=read_prompts(run.prompts("calibration")),
     )
     a = run.analysis
@@ -244,7 +259,7 @@ def calibrate_strengths(run: ToyRun) -> bool:
         bank,
         dictionaries,
         edits,
-        block=MID,
+        block=block,
         seed=run.check_settings.seed - 1000,
         steps=a.steps,
         guidance_scale=a.guidance_scale,
@@ -266,7 +281,11 @@ def trained(run: ToyRun, root: Path | None = None) -> tuple:
             f"--out {run.out}` (then saes and dictionary) first"
         )
     preset = get_preset(
-        "toy", model=str(pipeline), guidance_scale=run.analysis.guidance_scale, assets=None
+        "toy",
+        model=str(pipeline),
+        guidance_scale=run.analysis.guidance_scale,
+        assets=None,
+        hook_points=run.blocks,
     )
     pipe = load_pipeline(preset, device=run.device)
     dictionaries = load_dictionaries(saes, branches=["cond"])
@@ -285,9 +304,10 @@ def check(run: ToyRun) -> bool:
         dictionaries,
         words,
         run.check_settings,
-        SD14_BLOCKS,
+        run.blocks,
         out,
         load_strengths(run.saes),
+        run.steer_block,
     )
     run.check_report = report(results)
     (out / "report.md").write_text(run.check_report)
@@ -309,7 +329,8 @@ def ship(run: ToyRun, to: Path) -> bool:
         shutil.copy(run.out / "check" / "report.md", to / "check")
     write_prompts(to / TOY_PROMPTS, run.check_settings)
     pipe, bank, dictionaries = trained(run, to)
-    rows = subset_rows(pipe, bank, dictionaries, load_strengths(to / "saes"), run.check_settings)
+    strengths = load_strengths(to / "saes")
+    rows = subset_rows(pipe, bank, dictionaries, strengths, run.check_settings, run.steer_block)
     record(to / "check" / SUBSET_FILE, rows, run.check_settings)
     size = sum((to / p).stat().st_size for p in shipped_files(to)) / 1e6
     if size > MAX_SHIPPED_MB:
@@ -327,6 +348,14 @@ def write_prompts(path: Path, settings: CheckSettings) -> None:
     scenes = heldout_scenes(4 * PROMPTS, replace(settings, seed=settings.seed + 3000))
     captions = list(dict.fromkeys(scene.caption for scene in scenes))[:PROMPTS]
     path.write_text("".join(f"{caption}\n" for caption in captions))
+
+
+TITLES = {"unet": "Toy shapes-world model", "pixart": "Toy shapes-world model: its DiT twin"}
+KINDS = {
+    "unet": "A small Stable-Diffusion-shaped text-to-image model (trained from scratch)",
+    "pixart": "A PixArt-layout diffusion transformer (trained from scratch beside the toy "
+    "model's VAE, tokenizer and text encoder, which it reuses)",
+}
 
 
 def model_card(run: ToyRun, size_mb: float) -> str:
@@ -347,14 +376,13 @@ def model_card(run: ToyRun, size_mb: float) -> str:
             "tags: [stable-diffusion, sparse-autoencoder, interpretability, synthetic]",
             "---",
             "",
-            "# Toy shapes-world model",
+            f"# {TITLES[run.training.denoiser]}",
             "",
-            "A small Stable-Diffusion-shaped text-to-image model trained from scratch on rendered "
-            f"scenes of `core.shapes.world` (1 to {run.training.max_objects} coloured shapes on "
-            "a styled background), with "
-            "TopK SAEs on its `down_blocks.2.attentions.1`, `mid_block.attentions.0` and "
-            "`up_blocks.1.attentions.0` residual updates (t = 1.0, 0.5, 0.0, cond branch) and "
-            "their concept dictionaries, built with the shapes-world annotator.",
+            f"{KINDS[run.training.denoiser]} trained on rendered scenes of "
+            f"`core.shapes.world` (1 to {run.training.max_objects} coloured shapes on a styled "
+            f"background), with TopK SAEs on its {', '.join(f'`{b}`' for b in run.blocks)} "
+            "residual updates (t = 1.0, 0.5, 0.0, cond branch) and their concept dictionaries, "
+            "built with the shapes-world annotator.",
             "",
             "## How it was made",
             "",
@@ -401,6 +429,12 @@ class BuildConfig:
     denoiser_steps: int | None = None
     """Train the denoiser this many steps instead of fitting the scale's wall-clock budget
     (the model card records the count of the shipped run)."""
+    denoiser: str = field(default="unet", choices=("unet", "pixart"))
+    """unet: the toy model; pixart: its DiT twin (given twice the U-Net's budget)."""
+    reuse: str = str(TOY_ASSETS / "pipeline")
+    """The DiT twin's VAE, tokenizer and text encoder: a trained toy pipeline folder."""
+    twin_budget: float = 2.0
+    """The DiT twin's denoiser budget, in multiples of the U-Net recipe's."""
 
     def __post_init__(self) -> None:
         if self.step == "ship" and not self.to:
@@ -412,6 +446,8 @@ def build_toy(config: BuildConfig) -> bool:
     if config.overwrite:
         shutil.rmtree(config.out, ignore_errors=True)
     training = TRAIN_SCALES[config.scale]
+    if config.denoiser == "pixart":
+        training = twin_training(training, config.reuse, config.twin_budget)
     if config.vae_steps is not None:
         training = replace(training, vae_steps=config.vae_steps, vae_budget_s=None)
     if config.denoiser_steps is not None:
@@ -436,6 +472,13 @@ def build_toy(config: BuildConfig) -> bool:
         if not finished:
             return False
     return True
+
+
+def twin_training(unet: ToyTrainConfig, reuse: str, budget_scale: float) -> ToyTrainConfig:
+    """The twin's training: the U-Net recipe's world, batches and learning rate, for
+    `budget_scale` times its denoiser budget, reusing the toy pipeline at `reuse`."""
+    budget = unet.denoiser_budget_s and budget_scale * unet.denoiser_budget_s
+    return replace(unet, denoiser="pixart", reuse=reuse, denoiser_budget_s=budget)
 
 
 def record_timing(run: ToyRun, step: str, seconds: float) -> None:

@@ -181,10 +181,11 @@ def run_check(
     blocks: Sequence[str],
     out: Path,
     strengths: Mapping[str, Mapping[str, float]] | None = None,
+    steer_block: str = MID,
 ) -> dict:
-    """Run all four parts, write their CSV files into `out` and return the summary. Edits use
-    `strengths` (kind -> stage -> strength, e.g. calibrated by `core.emergence.strengths`),
-    else the paper's."""
+    """Run all four parts, write their CSV files into `out` and return the summary. Edits of
+    `steer_block` use `strengths` (kind -> stage -> strength, e.g. calibrated by
+    `core.emergence.strengths`), else the paper's."""
     strengths = strengths or {}
     lpips_distance, _ = load_lpips(pipe.device)
     s = settings
@@ -213,7 +214,7 @@ def run_check(
     )
     write_csv(out / "composition.csv", rows)
     results["composition"] = composition_summary(rows)
-    shapes = labelled(dictionaries, SHAPES, MID)
+    shapes = labelled(dictionaries, SHAPES, steer_block)
     results["spatial"] = []
     if shapes:
         rows = spatial_edit_rows(
@@ -222,7 +223,7 @@ def run_check(
             dictionaries,
             shapes,
             ToySegmenter(),
-            block=MID,
+            block=steer_block,
             template=TOY_WORLD.template,
             strengths=strengths.get("spatial"),
             lpips_distance=lpips_distance,
@@ -230,7 +231,7 @@ def run_check(
         )
         write_csv(out / "spatial.csv", rows)
         results["spatial"] = spatial_summary(rows)
-    styles = labelled(dictionaries, STYLES, MID)
+    styles = labelled(dictionaries, STYLES, steer_block)
     results["global"] = []
     if styles:
         rows = global_edit_rows(
@@ -240,7 +241,7 @@ def run_check(
             styles,
             edited,
             StyleScorer(),
-            block=MID,
+            block=steer_block,
             strengths=strengths.get("global"),
             lpips_distance=lpips_distance,
             **common,

@@ -12,6 +12,11 @@ hooks, SAEs and interventions work on it unchanged:
   latent resolution, see `ToyModelConfig.attention_at_top`);
 - DDIM with SD v1.4's noise schedule.
 
+Its DiT twin (`TwinConfig`) keeps that VAE, tokenizer and text encoder and replaces the
+U-Net with a `PixArtTransformer2DModel` of about as many parameters (PixArt-α's layout:
+self-attention, cross-attention to the text, adaLN-single; no skip connections), assembled
+as a `PixArtAlphaPipeline`.
+
 `TOY_SCALES["cpu"]` is what the shipped weights use: a 32x32 world (16x16 latents) whose
 2.5M-parameter U-Net trains on a 2-core CPU; `TOY_SCALES["full"]` is a 64x64 one for a GPU
 (about 11M parameters, 22 MB in fp16, which leaves room for its SAEs under 30 MB);
@@ -22,7 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.diffusion.tiny import SD14_SCHEDULER
@@ -136,6 +148,53 @@ def toy_unet(config: ToyModelConfig) -> UNet2DConditionModel:
         cross_attention_dim=config.text_width,
         attention_head_dim=config.attention_heads,
     )
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    """The DiT twin's transformer: PixArt-α's layout at the toy U-Net's size (2.3M against
+    its 2.4M parameters at the `cpu` scale)."""
+
+    width: int = 128
+    depth: int = 8
+    heads: int = 4
+    patch_size: int = 2
+    """Latent pixels per token side: 16x16 latents make an 8x8 grid of tokens."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TWIN_BLOCKS = ("transformer_blocks.2", "transformer_blocks.4", "transformer_blocks.6")
+"""The twin's early, middle and late blocks (a quarter, half and three quarters of its 8),
+standing in for the U-Net's down, mid and up hook points; the middle one is steered."""
+
+
+def toy_transformer(twin: TwinConfig, model: ToyModelConfig) -> PixArtTransformer2DModel:
+    return PixArtTransformer2DModel(
+        sample_size=model.image_size // 2 ** (len(model.vae_widths) - 1),
+        num_layers=twin.depth,
+        patch_size=twin.patch_size,
+        attention_head_dim=twin.width // twin.heads,
+        num_attention_heads=twin.heads,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=twin.width,
+        caption_channels=model.text_width,
+        norm_num_groups=min(model.norm_groups, twin.width),
+    )
+
+
+def assemble_twin(vae, text_encoder, tokenizer, transformer) -> PixArtAlphaPipeline:
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=toy_scheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def toy_scheduler() -> DDIMScheduler:

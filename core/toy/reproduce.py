@@ -39,9 +39,11 @@ def subset_rows(
     dictionaries: Mapping[SAEKey, ConceptDictionary],
     strengths: Mapping[str, Mapping[str, float]] | None,
     settings: CheckSettings,
+    block: str = MID,
 ) -> dict[str, Rows]:
     """Caption following on the first `CAPTIONS` held-out captions, one labelled shape moved
-    to two quadrants and one labelled style added to one caption, in every stage."""
+    to two quadrants and one labelled style added to one caption, in every stage (edits of
+    `block`)."""
     strengths = strengths or {}
     scenes = heldout_scenes(CAPTIONS + 1, settings)
     common = dict(
@@ -51,7 +53,7 @@ def subset_rows(
         resolution=settings.resolution,
     )
     rows = {"captions": caption_rows(pipe, scenes[:CAPTIONS], settings)}
-    shapes, styles = labelled(dictionaries, SHAPES, MID), labelled(dictionaries, STYLES, MID)
+    shapes, styles = labelled(dictionaries, SHAPES, block), labelled(dictionaries, STYLES, block)
     if shapes:
         rows["spatial"] = spatial_edit_rows(
             pipe,
@@ -59,7 +61,7 @@ def subset_rows(
             dictionaries,
             shapes[:1],
             ToySegmenter(),
-            block=MID,
+            block=block,
             quadrants=QUADRANTS,
             strengths=strengths.get("spatial"),
             template=TOY_WORLD.template,
@@ -73,7 +75,7 @@ def subset_rows(
             styles[:1],
             [scenes[CAPTIONS].caption],
             StyleScorer(),
-            block=MID,
+            block=block,
             strengths=strengths.get("global"),
             **common,
         )

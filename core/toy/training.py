@@ -10,6 +10,11 @@ Three phases, each leaving its result in `<out>/work/` so a restarted run skips 
    guidance works. The loss is weighted by min-SNR-5 (Hang et al., 2023) and the weights
    that are saved are an exponential moving average (EMA) of the trained ones.
 
+The DiT twin (`denoiser="pixart"`) reuses a trained toy's VAE, tokenizer and text encoder
+(`reuse`, frozen): its VAE phase is that VAE, its latents are scaled by that VAE's own
+factor, and its denoiser phase trains a PixArt-layout transformer alone, fed the text as
+PixArt's pipeline feeds it (the encoder's states with their attention mask).
+
 Training never sees the captions that `held_out` puts aside (a tenth of the world's), so
 that the check (`core.toy.check`) can ask for captions of every kind, one-object ones
 included, that the model has not learnt by heart.
@@ -42,10 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from core.diffusion.tiny import SD14_SCHEDULER
 from core.files import atomic_write
@@ -53,12 +59,16 @@ from core.shapes.world import RADIUS_RANGE, Scene, dataset
 from core.toy.model import (
     TOY_SCALES,
     ToyModelConfig,
+    TwinConfig,
     assemble_pipeline,
+    assemble_twin,
     build_toy_parts,
     toy_tokenizer,
+    toy_transformer,
 )
 
 PHASES = ("vae", "latents", "denoiser")
+DENOISERS = ("unet", "pixart")
 HELD_OUT = 0.1
 """Share of the world's captions that training never sees, so that the check can ask for
 captions of every kind (one-object ones included) the model has not learnt by heart."""
@@ -98,6 +108,21 @@ class ToyTrainConfig:
     """Wall-clock seconds for the denoiser phase (None: exactly `denoiser_steps` steps)."""
     save_every: int = 500
     log_every: int = 100
+    denoiser: str = "unet"
+    """"unet" (the toy model) or "pixart" (its DiT twin, `twin`)."""
+    twin: TwinConfig = TwinConfig()
+    """The twin's transformer (with `denoiser="pixart"`)."""
+    reuse: str | None = None
+    """A trained toy pipeline whose VAE, tokenizer and text encoder the twin keeps, frozen
+    (required with `denoiser="pixart"`)."""
+
+    def __post_init__(self) -> None:
+        if self.denoiser not in DENOISERS:
+            raise ValueError(
+                f"denoiser must be one of {', '.join(DENOISERS)}, got {self.denoiser!r}"
+            )
+        if self.denoiser == "pixart" and not self.reuse:
+            raise ValueError("the DiT twin needs `reuse`: a trained toy pipeline folder")
 
     def draw_scenes(self, n: int, seed: int, workers: int = 1) -> Iterator[Scene]:
         """`n` scenes of this run's world (its image size, object count and sizes)."""
@@ -216,12 +241,26 @@ class ToyTrainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.tokenizer = toy_tokenizer(self.work / "tokenizer")
-        self.vae, self.text_encoder, self.unet = build_toy_parts(
-            config.model, self.tokenizer, config.seed
-        )
+        self.tokenizer, self.vae, self.text_encoder, self.denoiser = self._parts()
         self._scenes: Scenes | None = None
         self.log: dict[str, float] = {}
+
+    def _parts(self) -> tuple:
+        """(tokenizer, VAE, text encoder, denoiser): all new, or for the twin the reused
+        toy's first three (the text encoder frozen) and a new transformer."""
+        cfg = self.config
+        if cfg.denoiser == "unet":
+            tokenizer = toy_tokenizer(self.work / "tokenizer")
+            return tokenizer, *build_toy_parts(cfg.model, tokenizer, cfg.seed)
+        reused = Path(cfg.reuse)
+        tokenizer = CLIPTokenizer.from_pretrained(reused / "tokenizer")
+        vae = AutoencoderKL.from_pretrained(reused / "vae").float()
+        text_encoder = CLIPTextModel.from_pretrained(reused / "text_encoder").float()
+        text_encoder.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            transformer = toy_transformer(cfg.twin, cfg.model)
+        return tokenizer, vae, text_encoder, transformer
 
     @property
     def scenes(self) -> Scenes:
@@ -229,9 +268,11 @@ class ToyTrainer:
             self._scenes = render_scenes(self.config)
         return self._scenes
 
-    def run(self, stop: Stop = _never) -> StableDiffusionPipeline | None:
+    def run(self, stop: Stop = _never) -> DiffusionPipeline | None:
         """Train what is not done yet; the pipeline (fp32, EMA weights), or None if stopped."""
         self._check_settings()
+        if self.config.reuse and not (self.work / "vae.safetensors").is_file():
+            save_file(self.vae.state_dict(), self.work / "vae.safetensors")  # trained already
         if not (self.work / "vae.safetensors").is_file():
             if not self._train("vae", stop, self._vae_loss()):
                 return None
@@ -244,7 +285,8 @@ class ToyTrainer:
         if not self._train("denoiser", stop, self._denoiser_loss(data)):
             return None
         self._write_log()
-        return assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet)
+        assemble = assemble_twin if self.config.denoiser == "pixart" else assemble_pipeline
+        return assemble(self.vae, self.text_encoder, self.tokenizer, self.denoiser)
 
     def _check_settings(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -261,7 +303,9 @@ class ToyTrainer:
             path.write_text(json.dumps(settings, indent=2))
 
     def _modules(self, phase: str) -> list[torch.nn.Module]:
-        return [self.vae] if phase == "vae" else [self.unet, self.text_encoder]
+        if phase == "vae":
+            return [self.vae]
+        return [self.denoiser] if self.config.reuse else [self.denoiser, self.text_encoder]
 
     def _train(self, phase: str, stop: Stop, loss_of: Callable) -> bool:
         """Train one phase from its last checkpoint; False if `stop()` cut it short."""
@@ -349,15 +393,18 @@ class ToyTrainer:
             posterior = self.vae.encode(to_unit_range(batch, self.device)).latent_dist
             chunks.append(posterior.mean.float().cpu())
         latents = torch.cat(chunks)
-        scale = 1 / latents.std()
-        tokens = self.tokenizer(
+        # a reused VAE keeps the scale it was trained with
+        scale = torch.tensor(
+            self.vae.config.scaling_factor if self.config.reuse else 1 / latents.std()
+        )
+        text = self.tokenizer(
             self.scenes.captions, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids
+        )
         self.log["vae_reconstruction_mse"] = self._reconstruction_mse(latents[:256])
         cached = (latents * scale).half().contiguous()
+        tensors = {"latents": cached, "tokens": text.input_ids.int(), "scaling_factor": scale}
         save_file(
-            {"latents": cached, "tokens": tokens.int(), "scaling_factor": scale},
-            self.work / "latents.safetensors",
+            tensors | {"masks": text.attention_mask.bool()}, self.work / "latents.safetensors"
         )
         self._write_log()
 
@@ -371,8 +418,11 @@ class ToyTrainer:
         """The loss of one step: min-SNR-weighted noise prediction on cached latents."""
         latents = data["latents"].to(self.device)
         tokens = data["tokens"].to(self.device, torch.long)
-        empty = self.tokenizer("", padding="max_length", return_tensors="pt").input_ids[0]
-        empty = empty.to(self.device)
+        masks = data.get("masks")  # the twin's text masks (caches before it lack them)
+        masks = None if masks is None else masks.to(self.device)
+        nothing = self.tokenizer("", padding="max_length", return_tensors="pt")
+        empty = nothing.input_ids[0].to(self.device)
+        empty_mask = nothing.attention_mask[0].bool().to(self.device)
         noise_schedule = DDPMScheduler(
             **{k: v for k, v in SD14_SCHEDULER.items() if k != "set_alpha_to_one"}
         )
@@ -386,19 +436,35 @@ class ToyTrainer:
             index = torch.randint(len(latents), (batch,), generator=generator, device=device)
             drop = torch.rand(batch, generator=generator, device=device) < cfg.caption_dropout
             ids = torch.where(drop[:, None], empty, tokens[index])
+            mask = None if masks is None else torch.where(drop[:, None], empty_mask, masks[index])
             x0 = latents[index].float()
             noise = torch.randn(x0.shape, generator=generator, device=device)
             t = torch.randint(timesteps, (batch,), generator=generator, device=device)
             noisy = noise_schedule.add_noise(x0, noise, t)
             with self._autocast():
-                context = self.text_encoder(ids)[0]
-                prediction = self.unet(
-                    noisy.contiguous(memory_format=torch.channels_last), t, context
-                ).sample
+                prediction = self._predict(noisy, t, ids, mask)
             per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3))
             return (per_sample * weight[t]).mean()
 
         return loss
+
+    def _predict(self, noisy: torch.Tensor, t: torch.Tensor, ids, mask) -> torch.Tensor:
+        """The denoiser's noise prediction, given the text as its pipeline gives it: the
+        U-Net the encoder's states; PixArt's transformer the (frozen) encoder's states of
+        the masked tokens and the mask."""
+        if self.config.denoiser == "unet":
+            context = self.text_encoder(ids)[0]
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+            return self.denoiser(noisy, t, context).sample
+        with torch.no_grad():
+            context = self.text_encoder(ids, attention_mask=mask)[0]
+        return self.denoiser(
+            noisy,
+            encoder_hidden_states=context,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
 
     def _autocast(self):
         enabled = self.device.type == "cuda"

@@ -27,7 +27,8 @@ from accelerate import PartialState
 from simple_parsing import field
 from tqdm.auto import tqdm
 
-from core.diffusion.hooks import BRANCHES, resolve_blocks
+from core.diffusion.hooks import BRANCHES
+from core.diffusion.layouts import denoiser_of, layout_of, resolve_blocks
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
 from core.runtime import command
@@ -162,10 +163,12 @@ class RunConfig(TrainConfig):
 class Run:
     """One training run's state: a buffer and a trainer per key, and the next round."""
 
-    def __init__(self, config: RunConfig, keys: Sequence[SAEKey], model_name: str):
+    def __init__(
+        self, config: RunConfig, keys: Sequence[SAEKey], model_name: str, layout: str = ""
+    ):
         self.config = config
         """The run's settings; `Checkpointer` stores them under this name."""
-        self.keys, self.model_name = list(keys), model_name
+        self.keys, self.model_name, self.layout = list(keys), model_name, layout
         self.state = PartialState()
         self.cfg = config.train_config()
         self.buffers: dict[SAEKey, ShuffleBuffer] = {}
@@ -221,6 +224,7 @@ class Run:
             sae = trainer.export()
             sae.stats = combine_stats(sae.stats)
             sae.cfg.metrics["skipped_rows"] = agree_sum(self.buffers[key].skipped)
+            sae.cfg.layout = self.layout
             bank.add(sae)
         return bank
 
@@ -280,7 +284,7 @@ def make_source(
         raise ValueError(f"{len(prompts)} prompts for {state.num_processes} processes")
     preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
     pipe = load_pipeline(preset, device=config.device or str(state.device))
-    resolve_blocks(pipe.unet, {k.block for k in keys})
+    resolve_blocks(denoiser_of(pipe), {k.block for k in keys})
     return GenerationSource(
         pipe,
         prompts,
@@ -333,7 +337,9 @@ def train(config: RunConfig) -> SAEBank | None:
     keys = [SAEKey(b, t, br) for b in blocks for t in times for br in config.branches]
     source = make_source(config, keys, state)
     checkpoints = prepare_output(config, state)
-    run = Run(config, keys, model_name=config.model or preset.model)
+    pipe = getattr(source, "pipe", None)  # None when reading shards
+    layout = layout_of(denoiser_of(pipe)).name if pipe is not None else ""
+    run = Run(config, keys, model_name=config.model or preset.model, layout=layout)
     if config.resume:
         check_resumable(config, checkpoints.saved_state(), state.num_processes)
         checkpoints.load(run)

@@ -137,7 +137,9 @@ def run_emergence(
         branch=branch,
     )
     references, notes = _references(loaded, image, prompt, targets, predictions)
-    if attention.missing:
+    if attention.unavailable:
+        notes.append(f"no cross-attention map: {attention.unavailable}")
+    elif attention.missing:
         notes.append(
             f"not in the prompt, so no cross-attention map: {', '.join(attention.missing)}"
         )

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from core.diffusion.presets import SD14_SAES_ENV, Preset, get_preset
+from core.diffusion.layouts import check_sae_fits, denoiser_of, layout_of
+from core.diffusion.presets import PRESETS, Preset, get_preset
 from core.diffusion.sampling import generate_images, image_size, on_each_step
 from core.emergence.concepts import (
     ConceptDictionary,
@@ -145,6 +146,11 @@ class Loaded:
     def check_recorded(self, block: str, branch: str) -> None:
         """That a generation runs `branch`, so that it can be recorded or edited, and
         `check_block`."""
+        if branch == "uncond" and not layout_of(denoiser_of(self.pipe)).batched_cfg:
+            raise ValueError(
+                "The uncond branch does not exist here: this model's guidance is distilled "
+                "into it (FLUX.1), so every step runs the cond branch only."
+            )
         if branch == "uncond" and self.preset.guidance_scale <= 1:
             raise ValueError("The uncond branch exists only with classifier-free guidance.")
         self.check_block(block, branch)
@@ -167,7 +173,7 @@ class ModelCache:
         max_loaded: int = 2,
         presets: Mapping[str, Preset] | None = None,
     ) -> None:
-        sources = {"sd14": os.environ.get(SD14_SAES_ENV) or None}
+        sources = {name: os.environ.get(p.sae_env) for name, p in PRESETS.items() if p.sae_env}
         sources.update({k: v for k, v in (sae_sources or {}).items() if v})
         self.sae_sources = {k: v for k, v in sources.items() if v}
         self.presets = dict(presets or {})
@@ -230,9 +236,9 @@ class ModelCache:
     def _load(self, preset: Preset) -> Loaded:
         if not preset.sae_source:
             raise ValueError(
-                f"The preset {preset.name!r} has no SAEs configured; set {SD14_SAES_ENV} (or "
-                "pass --sd14-saes) to a Hub repo or folder of SAEs, or train them with "
-                "`python -m core.training.train`."
+                f"The preset {preset.name!r} has no SAEs configured; set {preset.sae_env} (or "
+                f"pass --saes {preset.name}=REPO) to a Hub repo or folder of SAEs, or train "
+                "them with `python -m core.training.train`."
             )
         from core.diffusion.pipelines import load_pipeline
 
@@ -245,6 +251,8 @@ class ModelCache:
         except SAELoadError as error:
             message = f"the SAEs of the preset {preset.name!r} are not available: {error.args[0]}"
             raise ValueError(message) from error
+        for key, sae in bank.items():
+            check_sae_fits(sae.cfg, denoiser_of(pipe), key.block)
         notes = []
         try:
             dictionaries = load_dictionaries(preset.sae_source, preset.hook_points)

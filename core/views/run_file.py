@@ -146,6 +146,7 @@ def _description(result: EmergenceResult, preset: str) -> dict:
             "words": result.attention.words,
             "missing": result.attention.missing,
             "t": result.attention.steps,
+            "unavailable": result.attention.unavailable,
         },
         "notes": result.notes,
         "settings": {
@@ -164,6 +165,7 @@ def _result(run: dict, tensors: dict[str, Tensor]) -> tuple[str, EmergenceResult
         traced["missing"],
         traced["t"],
         {word: list(tensors[f"attention/{word}"].unbind()) for word in traced["words"]},
+        traced.get("unavailable"),  # absent from files written before DiTs were served
     )
     result = EmergenceResult(
         run["prompt"],
