@@ -5,7 +5,7 @@ timestep argument, and an edit moves the block's output by exactly what it adds.
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from core.diffusion.hooks import edit, record, step_index
 from core.diffusion.layouts import Block, block_width, denoiser_of, hook_points, layout_of
@@ -169,3 +169,20 @@ def test_a_timestep_in_lower_precision_finds_its_step():
     assert step_index(ts, bf16) == 1
     assert step_index(ts, 0.5) == -1  # between two steps: none of them
     assert step_index([], 0.5) == -1
+
+
+def test_a_class_conditioned_dit_called_directly_is_recorded_on_its_grid():
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    latents, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad(), record(dit, ["transformer_blocks.1"], cfg=False) as rec:
+        dit(latents, timestep=torch.tensor([500, 500]), class_labels=labels)
+    (only,) = rec.records
+    assert only.delta.shape == (2, 16, 4, 4) and only.step.t == 0.5  # 8x8 latents, patch 2
