@@ -20,9 +20,6 @@ TOY_PROMPTS = Path("check") / "prompts.txt"
 """In a shipped toy model's folder: held-out captions, the preset's prompt file."""
 TINY_MODEL = "tiny"
 """The U-Net model that is built from configs (`core.diffusion.tiny`) instead of loaded."""
-TINY_DIT_MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
-"""Diffusion-transformer models built from configs (`core.diffusion.tiny_dit`) instead of
-loaded."""
 SD14_BLOCKS = ("down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.1.attentions.0")
 PIXART_BLOCKS = ("transformer_blocks.7", "transformer_blocks.14", "transformer_blocks.21")
 """PixArt-α's 28 blocks at a quarter, half and three quarters of its depth, standing in for
@@ -38,16 +35,19 @@ FLUX_BLOCKS = (
 )
 """FLUX.1's last dual-stream block (a third of its 57), a single-stream block half way and
 its last block: blocks of the FLUX SAEs published with fluxlens (Krea)."""
-TINY_DIT_BLOCKS = {
-    "tiny-pixart": ("transformer_blocks.1", "transformer_blocks.2", "transformer_blocks.3"),
-    "tiny-sd3": ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"),
+TINY_DITS = {
+    "tiny-pixart": (
+        "PixArt",
+        ("transformer_blocks.1", "transformer_blocks.2", "transformer_blocks.3"),
+    ),
+    "tiny-sd3": ("SD3", ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2")),
     "tiny-flux": (
-        "transformer_blocks.1",
-        "single_transformer_blocks.0",
-        "single_transformer_blocks.1",
+        "FLUX",
+        ("transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"),
     ),
 }
-"""Early, middle and late blocks of the small random DiTs, as their real models' presets."""
+"""The small random DiTs built from configs (`core.diffusion.tiny_dit`) instead of loaded:
+name -> (layout, its early, middle and late blocks, as the real models' presets have)."""
 
 
 @dataclass(frozen=True)
@@ -285,19 +285,19 @@ def _dit_preset(name: str, model: str, about: str, blocks: tuple[str, ...], **fi
     )
 
 
-def _tiny_dit_preset(model: str, layout: str) -> Preset:
+def _tiny_dit_preset(model: str, layout: str, blocks: tuple[str, ...]) -> Preset:
     """A small random DiT with the shipped SAEs (scripts/build_tiny_assets), as `tiny`."""
     return Preset(
         name=model,
         model=model,
         steps=10,
         guidance_scale=0.0 if layout == "FLUX" else 4.5,
-        hook_points=TINY_DIT_BLOCKS[model],
+        hook_points=blocks,
         app=AppDefaults(
             f"random weights in {layout}'s diffusion-transformer layout, 32 px: images are noise "
             "and concepts arbitrary; it runs offline in seconds and exercises every view",
-            block=TINY_DIT_BLOCKS[model][1],
-            steer_block=TINY_DIT_BLOCKS[model][1],
+            block=blocks[1],
+            steer_block=blocks[1],
             word="star",
         ),
         scheduler=None,
@@ -342,8 +342,8 @@ PRESETS.update(
             stages=TURBO_STAGES,
         ),
         **{
-            model: _tiny_dit_preset(model, layout)
-            for model, layout in zip(TINY_DIT_MODELS, ("PixArt", "SD3", "FLUX"), strict=True)
+            model: _tiny_dit_preset(model, layout, blocks)
+            for model, (layout, blocks) in TINY_DITS.items()
         },
     }
 )

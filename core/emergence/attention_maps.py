@@ -87,9 +87,15 @@ def cross_attention_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
 class _Tracer(DenoiserHooks):
     """Hooks on the denoiser's cross-attention layers that add up the traced words' maps."""
 
-    def __init__(self, trace: AttentionTrace, positions: dict[str, list[int]], branch: str, pipe):
-        denoiser = denoiser_of(pipe)
-        super().__init__(denoiser, cross_attention_layers(denoiser), timestep_at_noise(pipe))
+    def __init__(
+        self,
+        trace: AttentionTrace,
+        positions: dict[str, list[int]],
+        branch: str,
+        pipe,
+        layers: dict[str, nn.Module],
+    ):
+        super().__init__(denoiser_of(pipe), layers, timestep_at_noise(pipe))
         self.trace = trace
         self.positions = positions
         self.branch = branch
@@ -157,12 +163,13 @@ def trace_cross_attention(
     found = {w: p for w, p in positions.items() if p}
     missing = [w for w in positions if w not in found]
     denoiser = denoiser_of(pipe)
-    if not cross_attention_layers(denoiser):
+    layers = cross_attention_layers(denoiser)
+    if layers:
+        trace = AttentionTrace(list(found), missing)
+    else:
         layout = layout_of(denoiser).name
         why = f"{layout} has no cross-attention layer (its image and text tokens attend jointly)"
         trace = AttentionTrace([], missing, unavailable=why)
-        found = {}
-    else:
-        trace = AttentionTrace(list(found), missing)
-    with _Tracer(trace, found, branch, pipe).attached():
+    traced = {w: found[w] for w in trace.words}  # none where there is no layer to trace
+    with _Tracer(trace, traced, branch, pipe, layers).attached():
         yield trace

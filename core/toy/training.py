@@ -393,19 +393,19 @@ class ToyTrainer:
             posterior = self.vae.encode(to_unit_range(batch, self.device)).latent_dist
             chunks.append(posterior.mean.float().cpu())
         latents = torch.cat(chunks)
-        # a reused VAE keeps the scale it was trained with
-        scale = torch.tensor(
-            self.vae.config.scaling_factor if self.config.reuse else 1 / latents.std()
-        )
+        reused = torch.tensor(self.vae.config.scaling_factor)  # the scale it was trained with
+        scale = reused if self.config.reuse else 1 / latents.std()
         text = self.tokenizer(
             self.scenes.captions, padding="max_length", truncation=True, return_tensors="pt"
         )
         self.log["vae_reconstruction_mse"] = self._reconstruction_mse(latents[:256])
-        cached = (latents * scale).half().contiguous()
-        tensors = {"latents": cached, "tokens": text.input_ids.int(), "scaling_factor": scale}
-        save_file(
-            tensors | {"masks": text.attention_mask.bool()}, self.work / "latents.safetensors"
-        )
+        tensors = {
+            "latents": (latents * scale).half().contiguous(),
+            "tokens": text.input_ids.int(),
+            "masks": text.attention_mask.bool(),
+            "scaling_factor": scale,
+        }
+        save_file(tensors, self.work / "latents.safetensors")
         self._write_log()
 
     @torch.no_grad()
