@@ -80,6 +80,25 @@ def test_the_training_command_trains_saes_on_a_dit_block(trained):
         assert cfg.metrics["num_steps"] > 0
 
 
+def test_the_training_command_reads_a_joint_blocks_text_stream(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    block = get_preset("tiny-sd3").hook_points[1]
+    settings = dict(prompts=str(tmp_path / "prompts.txt"), blocks=(block,), stream="text", t=(1.0,))
+    settings.update(expansion_factor=4, k=4, batch_size=64, buffer_size=256)
+    bank = train(RunConfig(out=str(tmp_path / "sd3"), preset="tiny-sd3", **settings))
+    denoiser = denoiser_of(load_pipeline(get_preset("tiny-sd3"), device="cpu"))
+    ((_, sae),) = bank.items()
+    module = dict(denoiser.named_modules())[block]
+    assert (sae.cfg.stream, sae.cfg.d_in) == ("text", block_width(module, "text"))
+    check_sae_fits(sae.cfg, denoiser, block, "text")
+    with pytest.raises(ValueError, match="reads the text stream, not the image one"):
+        check_sae_fits(sae.cfg, denoiser, block)
+    pixart = RunConfig(out=str(tmp_path / "pixart"), preset="tiny-pixart", **settings)
+    with pytest.raises(ValueError, match="a BasicTransformerBlock has no text stream"):
+        train(pixart)
+    assert not (tmp_path / "pixart").exists()
+
+
 def test_a_dictionary_and_a_composition_map_on_the_patch_grid(trained):
     preset, pipe, bank, dictionaries, vectors = trained
     block = preset.hook_points[1]

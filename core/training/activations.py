@@ -98,7 +98,8 @@ class GenerationSource:
 
     Each key is fed the steps nearest its t; with `shared_t`, the keys are time-shared (t
     None) and each is fed every step whose t lies in that range, subsampled by
-    `pooled_selection` to as many rows per image as `shared_steps` steps give.
+    `pooled_selection` to as many rows per image as `shared_steps` steps give. `stream`
+    names the tokens read (`hooked`'s argument).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class GenerationSource:
         world_size: int = 1,
         shared_t: tuple[float, float] | None = None,
         shared_steps: int = 1,
+        stream: str = "image",
     ):
         if any((key.t is None) != (shared_t is not None) for key in keys):
             raise ValueError("keys with t None (time-shared) go with shared_t, and only they")
@@ -131,6 +133,7 @@ class GenerationSource:
         self.pooled = steps_in_range(schedule, shared_t) if shared_t else []
         """Indices of the steps pooled for time-shared keys."""
         self.shared_steps = shared_steps
+        self.stream = stream
         if shared_t and not self.pooled:
             raise ValueError(
                 f"no step of the {steps}-step schedule has t in [{shared_t[0]:g}, "
@@ -170,7 +173,7 @@ class GenerationSource:
                 rows = pooled_rows(step, delta) if self.pooled else to_rows(delta.float())
                 collected.setdefault(key, []).append(rows)
 
-        with hooked(self.pipe, self.blocks, on_delta=keep, at_t=self.targets):
+        with hooked(self.pipe, self.blocks, on_delta=keep, at_t=self.targets, stream=self.stream):
             generate_images(
                 self.pipe,
                 [self.prompts[i] for i in prompt_indices],

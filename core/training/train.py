@@ -28,7 +28,7 @@ from simple_parsing import field
 from tqdm.auto import tqdm
 
 from core.diffusion.hooks import BRANCHES
-from core.diffusion.layouts import denoiser_of, layout_of, resolve_blocks
+from core.diffusion.layouts import STREAMS, block_width, denoiser_of, layout_of, resolve_blocks
 from core.diffusion.pipelines import load_pipeline
 from core.diffusion.presets import PRESETS, get_preset
 from core.runtime import command
@@ -61,6 +61,7 @@ RESUME_MUST_MATCH = (
     "column",
     "limit",
     "blocks",
+    "stream",
     "t",
     "shared_t",
     "shared_steps",
@@ -104,6 +105,9 @@ class RunConfig(TrainConfig):
     """Use at most this many prompts."""
     blocks: tuple[str, ...] | None = None
     """Hook points (default: the preset's)."""
+    stream: str = field(default="image", choices=STREAMS)
+    """Which tokens of the blocks to read: the image's, or a joint block's (SD3, FLUX) text
+    tokens, recorded as a [tokens x 1] grid (the spatial views need the image stream)."""
     t: tuple[float, ...] = (1.0, 0.5, 0.0)
     """Denoising times to train SAEs for (1 = noise)."""
     shared_t: tuple[float, float] | None = field(default=None, metavar="LOW HIGH")
@@ -225,6 +229,7 @@ class Run:
             sae.stats = combine_stats(sae.stats)
             sae.cfg.metrics["skipped_rows"] = agree_sum(self.buffers[key].skipped)
             sae.cfg.layout = self.layout
+            sae.cfg.stream = self.config.stream
             bank.add(sae)
         return bank
 
@@ -284,7 +289,8 @@ def make_source(
         raise ValueError(f"{len(prompts)} prompts for {state.num_processes} processes")
     preset = get_preset(config.preset, **({"model": config.model} if config.model else {}))
     pipe = load_pipeline(preset, device=config.device or str(state.device))
-    resolve_blocks(denoiser_of(pipe), {k.block for k in keys})
+    for module in resolve_blocks(denoiser_of(pipe), {k.block for k in keys}).values():
+        block_width(module, config.stream)  # refuses a stream the block does not have
     return GenerationSource(
         pipe,
         prompts,
@@ -298,6 +304,7 @@ def make_source(
         world_size=state.num_processes,
         shared_t=config.shared_t,
         shared_steps=config.shared_steps,
+        stream=config.stream,
     )
 
 
