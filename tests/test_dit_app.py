@@ -44,6 +44,11 @@ def test_every_tab_gives_results_on_a_tiny_dit(models, preset):
     assert "target words:" in summary
     traced = preset == "tiny-pixart"  # the one layout with cross-attention layers
     assert ("no cross-attention map" in summary) != traced
+    attention_captions = [caption for _, caption in panels[3::4]]  # the fourth of each word's
+    assert attention_captions and all(
+        caption.endswith("cross-attention" if traced else "no cross-attention layer")
+        for caption in attention_captions
+    ), attention_captions
 
     word = chosen.app.word
     steer = dict(

@@ -250,7 +250,8 @@ def _if_empty(mask: torch.Tensor) -> str:
 def _attention_panel(result: EmergenceResult, word: str, index: int) -> tuple[Image.Image, str]:
     if word not in result.attention.maps:
         blank = heat_map(np.full((1, 1), np.nan), 0, 1, ATTENTION_LABEL)
-        return blank, f"{word}: not in the prompt"
+        why = "no cross-attention layer" if result.attention.unavailable else "not in the prompt"
+        return blank, f"{word}: {why}"
     heat = normalised(result.attention.stacked(word)[index, 0])
     return heat_map(heat, 0, 1, ATTENTION_LABEL), f"{word}: cross-attention"
 
