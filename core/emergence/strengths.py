@@ -10,6 +10,12 @@ edits have an effect. It searches the ladder by bisection (a stronger edit is as
 change the image at least as much). The result is saved as `strengths.json` beside the
 SAEs, where the app and the toy model's check read it.
 
+A spatial edit's change is measured from what it tends to as its strength goes to 0 (the
+concept removed everywhere, `AT_ZERO`), not from the unedited image: on the toy's DiT twin
+that removal alone moved pixels by 0.025-0.069 (on the toy U-Net by 1.3e-5 at most), so
+measuring from the unedited image calibrated a removal, not a move. What the removal
+changes is kept in `Calibration.at_zero`.
+
 An edit whose mean change is below `NO_EFFECT` (one grey level of 255) had no effect: a
 success rate over such edits says nothing about the edit, and the check reports a claim
 resting on them as untested.
@@ -18,6 +24,7 @@ resting on them as untested.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,6 +46,11 @@ from core.steer.strength import STRENGTHS_FILE
 LADDER = tuple(float(2**i) for i in range(-4, 17))
 """Strengths tried, 1/16 to 65,536 (doubling)."""
 
+AT_ZERO = {"spatial": ("ablate", 1.0)}
+"""Kinds whose edits do not tend to no edit as their strength goes to 0, and the edit (kind,
+strength) they tend to: a spatial edit still sets the concept to 0 everywhere, the ablation
+at strength 1."""
+
 
 @dataclass
 class Calibration:
@@ -49,9 +61,14 @@ class Calibration:
     target: float
     """The median pixel change a strength had to reach."""
     tried: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    """kind -> stage -> {strength: median pixel change of the edits}."""
+    """kind -> stage -> {strength: median pixel change of the edits from the unedited images, or
+    for a kind of `AT_ZERO` from the edit it tends to at strength 0}."""
+    at_zero: dict[str, dict[str, float]] = field(default_factory=dict)
+    """kind (of `AT_ZERO`) -> stage -> median pixel change of the edit it tends to at strength
+    0 from the unedited images."""
     notes: list[str] = field(default_factory=list)
-    """Stages where no strength of the ladder reached the target (its largest is kept)."""
+    """Stages where no strength of the ladder reached the target (its largest is kept), or its
+    smallest already passed it."""
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / STRENGTHS_FILE
@@ -108,35 +125,53 @@ def calibrate(
             if concept in found
         ],
     }
-    before: dict[tuple[str, int], object] = {}
 
-    def change(kind: str, stage: str, strength: float) -> float:
-        """Median pixel change of the kind's calibration edits at `strength` in `stage`."""
-        changes = []
+    def images(kind: str, edit_kind: str | None, stage: str = "", strength: float = 0.0) -> list:
+        """The kind's calibration images, edited as `edit_kind` at `strength` in `stage` (None:
+        unedited)."""
+        out = []
         for i, (prompt, cids, region) in enumerate(jobs[kind]):
             args = (pipe, prompt, seed + i, steps, guidance_scale, resolution)
-            if (prompt, seed + i) not in before:
-                before[prompt, seed + i] = generate_image(*args)
-            edit = Intervention(kind, cids, strength, stage, (branch,), region)
-            with intervene(pipe, bank, block, edit, size):
-                changes.append(pixel_difference(before[prompt, seed + i], generate_image(*args)))
-        return float(np.median(changes))
+            edit = edit_kind and Intervention(edit_kind, cids, strength, stage, (branch,), region)
+            with intervene(pipe, bank, block, edit, size) if edit else nullcontext():
+                out.append(generate_image(*args))
+        return out
+
+    def change(reference: list, kind: str, stage: str, strength: float) -> float:
+        return median_change(reference, images(kind, kind, stage, strength))
 
     calibration = Calibration({}, target)
     for kind, kind_jobs in jobs.items():
         if not kind_jobs:
             calibration.notes.append(f"no {kind} edit to calibrate: none of its words is labelled")
             continue
+        unedited = images(kind, None)
         for stage in stages:
+            reference = unedited
+            if kind in AT_ZERO:
+                zero_kind, zero_strength = AT_ZERO[kind]
+                reference = images(kind, zero_kind, stage, zero_strength)
+                calibration.at_zero.setdefault(kind, {})[stage] = median_change(unedited, reference)
             tried = calibration.tried.setdefault(kind, {}).setdefault(stage, {})
-            strength = first_reaching(partial(change, kind, stage), target, tried)
+            strength = first_reaching(partial(change, reference, kind, stage), target, tried)
             if tried[f"{strength:g}"] < target:
                 calibration.notes.append(
                     f"{kind} edits in the {stage} stage change the image by less than "
                     f"{target:.3g} even at strength {strength:g}"
                 )
+            elif strength == LADDER[0]:
+                calibration.notes.append(
+                    f"{kind} edits in the {stage} stage change the image by "
+                    f"{tried[f'{strength:g}']:.3g} already at strength {strength:g}, the "
+                    "ladder's smallest: a weaker one may be the right one"
+                )
             calibration.strengths.setdefault(kind, {})[stage] = strength
     return calibration
+
+
+def median_change(before: Sequence, after: Sequence) -> float:
+    """The median over image pairs of their mean absolute pixel change."""
+    return float(np.median([pixel_difference(a, b) for a, b in zip(before, after, strict=True)]))
 
 
 def first_reaching(
