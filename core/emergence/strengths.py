@@ -10,11 +10,11 @@ edits have an effect. It searches the ladder by bisection (a stronger edit is as
 change the image at least as much). The result is saved as `strengths.json` beside the
 SAEs, where the app and the toy model's check read it.
 
-A spatial edit's change is measured from what it tends to as its strength goes to 0 (the
-concept removed everywhere, `AT_ZERO`), not from the unedited image: on the toy's DiT twin
-that removal alone moved pixels by 0.025-0.069 (on the toy U-Net by 1.3e-5 at most), so
-measuring from the unedited image calibrated a removal, not a move. What the removal
-changes is kept in `Calibration.at_zero`.
+A spatial edit's change is measured from what it tends to as its strength goes to 0 (its
+kind's `zero_limit`: the concept removed everywhere), not from the unedited image: on the
+toy's DiT twin that removal alone moved pixels by 0.025-0.069 (on the toy U-Net by 1.3e-5
+at most), so measuring from the unedited image calibrated a removal, not a move. What the
+removal changes is kept in `Calibration.at_zero`.
 
 An edit whose mean change is below `NO_EFFECT` (one grey level of 255) had no effect: a
 success rate over such edits says nothing about the edit, and the check reports a claim
@@ -40,16 +40,12 @@ from core.files import write_json
 from core.quadrants import QUADRANTS
 from core.sae.bank import SAEBank, SAEKey
 from core.steer.intervene import Intervention, intervene
+from core.steer.kinds import get_kind
 from core.steer.regions import quadrant_mask
 from core.steer.strength import STRENGTHS_FILE
 
 LADDER = tuple(float(2**i) for i in range(-4, 17))
 """Strengths tried, 1/16 to 65,536 (doubling)."""
-
-AT_ZERO = {"spatial": ("ablate", 1.0)}
-"""Kinds whose edits do not tend to no edit as their strength goes to 0, and the edit (kind,
-strength) they tend to: a spatial edit still sets the concept to 0 everywhere, the ablation
-at strength 1."""
 
 
 @dataclass
@@ -62,10 +58,10 @@ class Calibration:
     """The median pixel change a strength had to reach."""
     tried: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """kind -> stage -> {strength: median pixel change of the edits from the unedited images, or
-    for a kind of `AT_ZERO` from the edit it tends to at strength 0}."""
+    for a kind with a `zero_limit` from that edit}."""
     at_zero: dict[str, dict[str, float]] = field(default_factory=dict)
-    """kind (of `AT_ZERO`) -> stage -> median pixel change of the edit it tends to at strength
-    0 from the unedited images."""
+    """kind (with a `zero_limit`) -> stage -> median pixel change of that edit from the
+    unedited images."""
     notes: list[str] = field(default_factory=list)
     """Stages where no strength of the ladder reached the target (its largest is kept), or its
     smallest already passed it."""
@@ -147,10 +143,10 @@ def calibrate(
             continue
         unedited = images(kind, None)
         for stage in stages:
-            reference = unedited
-            if kind in AT_ZERO:
-                zero_kind, zero_strength = AT_ZERO[kind]
-                reference = images(kind, zero_kind, stage, zero_strength)
+            reference, limit = unedited, get_kind(kind).zero_limit
+            if limit:
+                limit_kind, limit_strength = limit
+                reference = images(kind, limit_kind, stage, limit_strength)
                 calibration.at_zero.setdefault(kind, {})[stage] = median_change(unedited, reference)
             tried = calibration.tried.setdefault(kind, {}).setdefault(stage, {})
             strength = first_reaching(partial(change, reference, kind, stage), target, tried)

@@ -62,6 +62,9 @@ class Kind:
     """Whether a preset's proposed strength (`AppDefaults.strength`) applies to it."""
     mean_unit: str = ""
     """What beta multiplies where the SAE ships mean activations; empty: they do not enter."""
+    zero_limit: tuple[str, float] | None = None
+    """The edit (kind, strength) this kind's edits tend to as beta goes to 0, where that is not
+    no edit; `intervene` makes a strength of 0 no edit for every kind."""
 
 
 def spatial(codes: Codes, beta: float, inside: Tensor | None) -> Tensor:
@@ -105,6 +108,7 @@ SPATIAL = register(
         {"early": 4000.0, "middle": 400.0, "final": 1000.0},
         needs_region=True,
         mean_unit=MEAN_UNIT,
+        zero_limit=("ablate", 1.0),  # every Z_ijc of C set to 0: -Z_ijc everywhere
     )
 )
 GLOBAL = register(
